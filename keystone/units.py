@@ -1,0 +1,84 @@
+"""Go-style durations (``500ms``, ``1m30s``) and byte sizes (``128M``, ``2GiB``)."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration string into seconds.
+
+    Accepts what Go's ``time.ParseDuration`` accepts (``300ms``, ``1.5h``, ``2h45m``, ``0``),
+    plus a bare number of seconds for convenience. Raises ``ValueError`` with the text.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    sign = 1.0
+    if s[0] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return sign * float(s)
+    pos = 0
+    total = 0.0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if not m:
+            raise ValueError(f"invalid duration {text!r} (expected e.g. 500ms, 30s, 5m, 1h)")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way Go prints short durations (``1m30s``, ``250ms``)."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    whole = int(seconds)
+    h, rem = divmod(whole, 3600)
+    m, s = divmod(rem, 60)
+    out = ""
+    if h:
+        out += f"{h}h"
+    if m:
+        out += f"{m}m"
+    if s or not out:
+        out += f"{s}s"
+    return out
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+_SIZE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size: an int, or ``512``, ``64K``, ``128M``, ``2G``, ``1GiB``.
+
+    Single-letter suffixes are binary (as ``docker`` and cgroups read them), so ``128M`` is
+    128 MiB; ``MB`` with the ``B`` is decimal.
+    """
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("size must not be negative")
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"invalid size {text!r} (expected e.g. 512K, 128M, 2G)")
+    number, unit, binary = m.group(1), m.group(2).lower(), m.group(3)
+    decimal = text.strip().endswith(("B", "b")) and not binary and unit != ""
+    base = 1000 if decimal else 1024
+    return int(float(number) * base ** _SIZE_POWER[unit])
