@@ -1,0 +1,120 @@
+"""The seam between the agent and everything that drives it (HTTP API, tests).
+
+``AgentControl`` is what the API server calls. Every method is safe to call from any thread:
+the agent marshals the work onto its event loop and blocks the caller until it is done (or the
+timeout given passes). Return values are plain JSON-ready dicts and lists whose shapes are the
+Go Keystone's API bodies (GO-COMPAT.md) plus our additions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, BinaryIO, Protocol
+
+JSON = dict[str, Any]
+
+
+class NotFound(LookupError):
+    """The named component, recipe or revision does not exist (HTTP 404)."""
+
+
+class Conflict(RuntimeError):
+    """The request conflicts with the current state, e.g. a recipe already stored (HTTP 409)."""
+
+
+class AgentControl(Protocol):
+    """Operations the agent offers to its API and CLI.
+
+    Errors: ``NotFound`` -> 404, ``Conflict`` -> 409, ``keystone.errors.ValidationError`` and
+    other ``Refused`` -> 400/422 with the message, ``TimeoutError`` -> 504,
+    ``keystone.errors.KeystoneError`` -> 500 with the message.
+    """
+
+    def health(self) -> JSON:
+        """``{status, uptime, time_utc, version, revision, device}``; status is ``ok`` or ``degraded``."""
+        ...
+
+    def components(self) -> list[JSON]:
+        """``[{name, state, restarts, last_health, pid, recipe, version, healthy, since, error}]``."""
+        ...
+
+    def stop_component(self, name: str) -> None:
+        """Stop one component (it stays stopped until restarted or the plan is re-applied)."""
+        ...
+
+    def restart_component(self, name: str, *, wait: str | None, timeout: float, dry: bool) -> JSON:
+        """Restart one component and its hard/soft dependents.
+
+        ``wait`` is ``None``, ``"pid"`` or ``"health"``. Returns ``{component, pid, dependents}``,
+        or for a dry run ``{stopOrder, startOrder}``. Raises ``TimeoutError`` past ``timeout``.
+        """
+        ...
+
+    def recipes(self) -> list[JSON]:
+        """The recipe store: ``[{name, version, sha256, path}]``."""
+        ...
+
+    def upload_recipe(self, text: str, *, force: bool) -> JSON:
+        """Validate and store a recipe; ``Conflict`` if that name/version exists and not force."""
+        ...
+
+    def delete_recipe(self, name: str, version: str) -> None:
+        """Remove a stored recipe; ``NotFound`` if absent; ``Conflict`` if the applied plan uses it."""
+        ...
+
+    def plan_status(self) -> JSON:
+        """``{planPath, status, error, unknownFields, lastReconcile, components}``."""
+        ...
+
+    def plan_graph(self) -> JSON:
+        """``{nodes, edges, order}`` of the applied plan (``order`` is a list of layers)."""
+        ...
+
+    def apply_plan(self, text: str, *, dry: bool) -> JSON:
+        """Validate a plan given as TOML text and apply it (asynchronously; 202) or dry-run it.
+
+        Recipes are referenced as ``name:version`` from the store (the API never reads a path a
+        client names). Returns ``{status, actions, layers}``.
+        """
+        ...
+
+    def reconcile(self) -> JSON:
+        """Start again what the applied plan says should run and does not: ``{repaired: [...]}``."""
+        ...
+
+    def stop_plan(self) -> None:
+        """Stop every component in reverse order; the plan stays stopped across restarts."""
+        ...
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """Prometheus exposition (body, content type)."""
+        ...
+
+    # --- GitOps (sync engine) ---------------------------------------------------------------
+
+    def revision(self) -> JSON:
+        """``{applied, last_known_good, source, signer, applied_at, last_sync, suspended}``."""
+        ...
+
+    def sync(self, *, dry_run: bool, allow_rollback: bool) -> JSON:
+        """Run one sync now, joining one in flight; returns the sync result record."""
+        ...
+
+    def history(self, *, limit: int) -> list[JSON]:
+        """Newest first: syncs, deployments, rollbacks, imports."""
+        ...
+
+    def rollback(self, *, to: str | None) -> JSON:
+        """Deploy the last known-good revision (or ``to``) again."""
+        ...
+
+    def suspend(self) -> JSON:
+        """Stop polling the source; running components are untouched."""
+        ...
+
+    def resume(self) -> JSON:
+        """Start polling again."""
+        ...
+
+    def import_bundle(self, stream: BinaryIO, length: int | None) -> JSON:
+        """Import a bundle streamed in the request body and deploy it."""
+        ...
