@@ -1,0 +1,287 @@
+"""Deployment plans: ``[[components]]`` with ``name`` and ``recipe``, resolved to recipes.
+
+``load_plan`` reads a plan file; ``resolve_plan`` loads the recipes it names (a path inside the
+plan root, or ``name:version`` from the recipe store) and validates the dependency graph. The
+result, a ``DesiredPlan``, is what the deployer and the sync engine work with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keystone.dag import Graph, build_graph
+from keystone.errors import ValidationError
+from keystone.recipe import Recipe, check_segment, parse_recipe
+from keystone.tomlsrc import Reader
+
+STORE_REF = re.compile(r"^([A-Za-z0-9._+-]+):([A-Za-z0-9._+-]+)$")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One ``[[components]]`` entry as written."""
+
+    name: str
+    recipe: str
+    enabled: bool = True
+    file: str = ""
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """A parsed plan file."""
+
+    entries: tuple[PlanEntry, ...]
+    file: str
+    unknown_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Component:
+    """A component of a desired plan: its name, recipe and where both came from."""
+
+    name: str
+    recipe: Recipe
+    origin: str  # the plan file that declared it
+    recipe_ref: str  # as written in the plan
+
+    @property
+    def version(self) -> str:
+        return self.recipe.version
+
+    def content_hash(self) -> str:
+        return self.recipe.content_hash()
+
+
+@dataclass(frozen=True)
+class DesiredPlan:
+    """A validated plan: components by name, and their graph."""
+
+    components: Mapping[str, Component]
+    graph: Graph
+    sources: tuple[str, ...] = ()
+    unknown_fields: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def empty(cls) -> DesiredPlan:
+        return cls({}, build_graph({}))
+
+    def recipes(self) -> dict[str, Recipe]:
+        return {n: c.recipe for n, c in self.components.items()}
+
+
+def parse_plan(text: str, *, file: str) -> PlanFile:
+    """Parse plan TOML; duplicate names and unsafe names are errors naming file and line."""
+    r = Reader.from_text(text, file=file)
+    r.table((), {"components"})
+    entries: list[PlanEntry] = []
+    seen: dict[str, int | None] = {}
+    for path, _ in r.tables(("components",), {"name", "recipe", "enabled"}):
+        name = r.text((*path, "name"), required=True)
+        recipe = r.text((*path, "recipe"), required=True)
+        assert name is not None and recipe is not None
+        why = check_segment(name)
+        if why:
+            raise r.error((*path, "name"), f"{why}, got {name!r}")
+        line = r.index.line(path)
+        if name in seen:
+            raise r.error(
+                (*path, "name"), f"duplicate component name {name!r} (first at line {seen[name]})"
+            )
+        seen[name] = line
+        if not recipe.strip():
+            raise r.error((*path, "recipe"), "must not be empty")
+        entries.append(
+            PlanEntry(name, recipe, r.flag((*path, "enabled"), default=True), file, line)
+        )
+    return PlanFile(tuple(entries), file, tuple(r.unknown_messages()))
+
+
+def load_plan(path: Path, *, display: str | None = None) -> PlanFile:
+    """Read and parse a plan file."""
+    name = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValidationError("plan file not found", file=name) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"cannot read plan: {exc}", file=name) from None
+    return parse_plan(text, file=name)
+
+
+def merge_entries(files: list[PlanFile]) -> tuple[list[PlanEntry], list[str]]:
+    """Merge plan files in order: a later entry with the same name replaces the earlier one
+    whole, and ``enabled = false`` removes it. Returns entries and collected unknown fields."""
+    merged: dict[str, PlanEntry] = {}
+    unknown: list[str] = []
+    for pf in files:
+        unknown.extend(pf.unknown_fields)
+        for e in pf.entries:
+            merged.pop(e.name, None)
+            if e.enabled:
+                merged[e.name] = e
+    return list(merged.values()), unknown
+
+
+RecipeReader = Callable[[PlanEntry], tuple[str, str]]
+"""Returns ``(recipe TOML text, display name)`` for a plan entry, raising ValidationError."""
+
+
+def resolve_entries(
+    entries: list[PlanEntry],
+    read: RecipeReader,
+    *,
+    environ: Mapping[str, str] | None = None,
+    sources: tuple[str, ...] = (),
+    unknown: list[str] | None = None,
+) -> DesiredPlan:
+    """Load the recipe of every entry and validate the graph."""
+    comps: dict[str, Component] = {}
+    unknown_all = list(unknown or [])
+    for e in entries:
+        text, display = read(e)
+        recipe = parse_recipe(
+            text, file=display, environ=environ if environ is not None else os.environ
+        )
+        unknown_all.extend(recipe.unknown_fields)
+        comps[e.name] = Component(e.name, recipe, e.file, e.recipe)
+    graph = build_graph(
+        {n: c.recipe for n, c in comps.items()}, origin={n: c.origin for n, c in comps.items()}
+    )
+    return DesiredPlan(comps, graph, sources, tuple(unknown_all), graph.warnings)
+
+
+def safe_join(
+    root: Path, rel: str, *, file: str | None = None, line: int | None = None, field: str = "recipe"
+) -> Path:
+    """``root / rel`` if it stays inside ``root`` (symlinks resolved), else a ValidationError."""
+    if not rel or (rel.startswith("/") and not Path(rel).resolve().is_relative_to(root.resolve())):
+        raise ValidationError(
+            f"path {rel!r} is outside the plan root {root}", file=file, line=line, field=field
+        )
+    candidate = (root / rel).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise ValidationError(
+            f"path {rel!r} escapes the plan root {root}", file=file, line=line, field=field
+        )
+    return candidate
+
+
+class FileRecipes:
+    """Reads recipes named by plan entries from the filesystem and the recipe store.
+
+    A relative path is looked up under the plan root (the working directory or the fleet
+    repository root) and then next to the plan file; it must not leave either.
+    """
+
+    def __init__(self, root: Path, store: RecipeStore | None = None) -> None:
+        self.root = root
+        self.store = store
+
+    def __call__(self, e: PlanEntry) -> tuple[str, str]:
+        m = STORE_REF.match(e.recipe)
+        if m and "/" not in e.recipe:
+            if self.store is None:
+                raise ValidationError(
+                    f"recipe {e.recipe!r} names the recipe store, which is not available here",
+                    file=e.file, line=e.line, field="recipe",
+                )  # fmt: skip
+            path = self.store.path(m.group(1), m.group(2))
+            if path is None:
+                raise ValidationError(
+                    f"recipe {e.recipe!r} is not in the recipe store (upload it first)",
+                    file=e.file, line=e.line, field="recipe",
+                )  # fmt: skip
+            return path.read_text(encoding="utf-8"), f"store:{e.recipe}"
+        plan_dir = Path(e.file).parent if e.file else self.root
+        tried: list[Path] = []
+        for base in (self.root, plan_dir):
+            p = safe_join(base, e.recipe, file=e.file, line=e.line)
+            tried.append(p)
+            if p.is_file():
+                try:
+                    return p.read_text(encoding="utf-8"), _display(p)
+                except (PermissionError, UnicodeDecodeError) as exc:
+                    raise ValidationError(
+                        f"cannot read recipe {p}: {exc}", file=e.file, line=e.line, field="recipe"
+                    ) from None
+        raise ValidationError(
+            f"recipe file not found: {e.recipe} (looked in {', '.join(sorted({str(t) for t in tried}))})",
+            file=e.file, line=e.line, field="recipe",
+        )  # fmt: skip
+
+
+def _display(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def load_desired(plan_path: Path, *, root: Path | None = None, store: RecipeStore | None = None,
+                 environ: Mapping[str, str] | None = None) -> DesiredPlan:  # fmt: skip
+    """Load a local plan file and its recipes into a validated DesiredPlan."""
+    pf = load_plan(plan_path)
+    entries, unknown = merge_entries([pf])
+    return resolve_entries(
+        entries,
+        FileRecipes(root or Path.cwd(), store),
+        environ=environ,
+        sources=(str(plan_path),),
+        unknown=unknown,
+    )
+
+
+class RecipeStore:
+    """Recipes uploaded through the API: ``<dir>/<name>/<version>.recipe.toml``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str, version: str) -> Path | None:
+        if check_segment(name) or check_segment(version):
+            return None
+        p = self.root / name / f"{version}.recipe.toml"
+        return p if p.is_file() else None
+
+    def list(self) -> list[tuple[str, str, Path]]:
+        out = []
+        if self.root.is_dir():
+            for d in sorted(self.root.iterdir()):
+                for f in sorted(d.glob("*.recipe.toml")):
+                    out.append((d.name, f.name[: -len(".recipe.toml")], f))
+        return out
+
+    def put(
+        self, text: str, *, force: bool, environ: Mapping[str, str] | None = None
+    ) -> tuple[Recipe, Path, bool]:
+        """Validate and store; returns (recipe, path, replaced). Raises FileExistsError."""
+        from keystone.state import atomic_write
+
+        recipe = parse_recipe(
+            text, file="uploaded recipe", environ=environ if environ is not None else os.environ
+        )
+        p = self.root / recipe.name / f"{recipe.version}.recipe.toml"
+        existed = p.exists()
+        if existed and not force:
+            raise FileExistsError(
+                f"recipe {recipe.name}:{recipe.version} is already stored (use force)"
+            )
+        atomic_write(p, text.encode())
+        return recipe, p, existed
+
+    def delete(self, name: str, version: str) -> bool:
+        p = self.path(name, version)
+        if p is None:
+            return False
+        p.unlink()
+        with contextlib.suppress(OSError):
+            p.parent.rmdir()
+        return True

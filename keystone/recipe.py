@@ -1,0 +1,528 @@
+"""Component recipes: the Go Keystone's TOML format (GO-COMPAT.md), as frozen dataclasses.
+
+``load_recipe`` parses and validates one recipe file. Errors name the file, the line, the field
+and what was expected. Unknown keys are collected (``Recipe.unknown_fields``): a dry run and a
+sync refuse them, a local apply warns. ``${VAR}`` / ``${VAR:-default}`` in ``command``, ``args``
+and ``env`` is expanded from the given environment when the recipe is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from keystone.env import SubstitutionError, substitute
+from keystone.errors import ValidationError
+from keystone.semver import Constraint, Version
+from keystone.tomlsrc import Path_, Reader
+from keystone.units import parse_duration, parse_size
+
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._+-]{1,128}$")
+
+
+def validate_check(check: str) -> str | None:
+    """Why a health ``check`` string is not usable, or None if it is."""
+    from urllib.parse import urlsplit
+
+    if check.startswith("cmd:"):
+        return None if check[4:].strip() else "expected a shell command after cmd:"
+    try:
+        url = urlsplit(check)
+        port = url.port
+    except ValueError as exc:
+        return f"invalid check URL {check!r}: {exc}"
+    if url.scheme in ("http", "https"):
+        return None if url.hostname else f"expected a host in {check!r}"
+    if url.scheme == "tcp":
+        if not url.hostname or port is None:
+            return f"expected tcp://host:port, got {check!r}"
+        return None
+    return f"expected http(s)://..., tcp://host:port or cmd:<shell>, got {check!r}"
+
+
+def check_segment(value: str) -> str | None:
+    """Why ``value`` is not a safe path segment, or None if it is."""
+    if not SAFE_SEGMENT.match(value):
+        return "expected 1-128 characters of [A-Za-z0-9._+-]"
+    if value in (".", "..") or ".." in value:
+        return "must not be '.' or '..' or contain '..'"
+    return None
+
+
+class DependencyType(StrEnum):
+    """How a dependency constrains start order and restarts."""
+
+    HARD = "hard"
+    SOFT = "soft"
+    ORDERING = "ordering"
+
+    @property
+    def cascades(self) -> bool:
+        """Whether a restart of the dependency restarts the dependent."""
+        return self is not DependencyType.ORDERING
+
+
+class RestartPolicy(StrEnum):
+    """When the supervisor restarts an exited process."""
+
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class Metadata:
+    name: str
+    version: str
+    description: str = ""
+    publisher: str = ""
+    type: str = ""
+
+
+@dataclass(frozen=True)
+class Dependency:
+    name: str
+    version: str = ""
+    type: DependencyType = DependencyType.HARD
+    line: int | None = None
+
+    def allows(self, version: str) -> bool:
+        """True if ``version`` satisfies this dependency's constraint (non-semver: exact match)."""
+        if not self.version:
+            return True
+        try:
+            return Constraint.parse(self.version).allows(Version.parse(version))
+        except ValueError:
+            return self.version == version
+
+
+@dataclass(frozen=True)
+class Artifact:
+    uri: str
+    sha256: str | None = None
+    sig_uri: str | None = None
+    cert_uri: str | None = None
+    unpack: bool = False
+    github_token: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Install:
+    script: str = ""
+    require_privilege: bool = False
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Exec:
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    check: str
+    interval: float = 10.0
+    timeout: float = 3.0
+    failure_threshold: int = 3
+    start_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Security:
+    user: str | None = None
+    no_new_privileges: bool = False
+    capabilities: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    type: str = "process"
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    max_retries: int = 5
+    stop_timeout: float = 10.0
+    exec: Exec | None = None
+    health: Health | None = None
+    security: Security = field(default_factory=Security)
+
+
+@dataclass(frozen=True)
+class Reload:
+    signal: str | None = None
+    script: str | None = None
+    grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    script: str = ""
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    open_files: int | None = None
+    memory_limit: int | None = None
+    cpu_quota: float | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One validated recipe."""
+
+    metadata: Metadata
+    dependencies: tuple[Dependency, ...] = ()
+    artifacts: tuple[Artifact, ...] = ()
+    install: Install = field(default_factory=Install)
+    run: Run = field(default_factory=Run)
+    reload: Reload | None = None
+    shutdown: Shutdown | None = None
+    resources: Resources = field(default_factory=Resources)
+    source: str = ""
+    unknown_fields: tuple[str, ...] = ()
+    text: str = field(default="", repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    def content_hash(self) -> str:
+        """SHA-256 over everything that changes what runs (not the file name or comments)."""
+        data = asdict(self)
+        for key in ("source", "unknown_fields", "text"):
+            data.pop(key, None)
+        for dep in data["dependencies"]:
+            dep.pop("line", None)
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+_TOP = {"metadata", "dependencies", "artifacts", "datasets", "lifecycle", "resources"}
+_ARTIFACT = {"uri", "sha256", "sig_uri", "cert_uri", "unpack", "github_token", "headers", "delta"}
+_DATASET = {
+    "name", "manifest", "sig_uri", "cert_uri", "refresh", "max_age", "keep", "required",
+    "headers", "github_token",
+}  # fmt: skip
+_CONTAINER = {
+    "image", "runtime", "pull_policy", "network_mode", "user", "privileged", "hostname", "env",
+    "labels", "mounts", "ports", "resources",
+}  # fmt: skip
+_SIGNALS = {"SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGQUIT"}
+_HEX64 = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
+
+
+def _duration(r: Reader, path: Path_, default: float, *, minimum: float = 0.0) -> float:
+    value = r.get(path)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise r.error(path, 'expected a duration such as "500ms", "30s" or "5m"')
+    try:
+        seconds = parse_duration(str(value))
+    except ValueError as exc:
+        raise r.error(path, str(exc)) from None
+    if seconds < minimum:
+        raise r.error(path, f"expected at least {minimum}s, got {value!r}")
+    return seconds
+
+
+def _sub(r: Reader, path: Path_, text: str, environ: Mapping[str, str]) -> str:
+    try:
+        return substitute(text, environ)
+    except SubstitutionError as exc:
+        raise r.error(path, str(exc)) from None
+
+
+def parse_recipe(text: str, *, file: str, environ: Mapping[str, str] | None = None) -> Recipe:
+    """Parse and validate recipe TOML ``text`` (``file`` is used in messages)."""
+    env = environ if environ is not None else {}
+    r = Reader.from_text(text, file=file)
+    r.table((), _TOP)
+
+    r.table(("metadata",), {"name", "version", "description", "publisher", "type"}, required=True)
+    meta = Metadata(
+        name=_segment(r, ("metadata", "name")),
+        version=_segment(r, ("metadata", "version")),
+        description=r.text(("metadata", "description")) or "",
+        publisher=r.text(("metadata", "publisher")) or "",
+        type=r.text(("metadata", "type")) or "",
+    )
+
+    deps: list[Dependency] = []
+    for path, _ in r.tables(("dependencies",), {"name", "version", "type"}):
+        name = r.text((*path, "name"), required=True)
+        assert name is not None
+        kind = (r.text((*path, "type")) or "hard").lower()
+        try:
+            dtype = DependencyType(kind)
+        except ValueError:
+            raise r.error(
+                (*path, "type"), f"expected hard, soft or ordering, got {kind!r}"
+            ) from None
+        constraint = r.text((*path, "version")) or ""
+        if constraint:
+            try:
+                Constraint.parse(constraint)
+            except ValueError as exc:
+                raise r.error((*path, "version"), str(exc)) from None
+        deps.append(Dependency(name, constraint, dtype, r.index.line(path)))
+
+    artifacts: list[Artifact] = []
+    for path, tbl in r.tables(("artifacts",), _ARTIFACT):
+        uri = r.text((*path, "uri"), required=True)
+        assert uri is not None
+        sha = r.text((*path, "sha256"))
+        if sha:
+            m = _HEX64.match(sha)
+            if not m:
+                raise r.error(
+                    (*path, "sha256"), "expected 64 hex digits (optionally prefixed sha256:)"
+                )
+            sha = m.group(1).lower()
+        if "delta" in tbl:
+            r.table((*path, "delta"), {"server", "sha256", "format"})
+            raise r.error(
+                (*path, "delta"),
+                "delta updates are not yet supported by this agent; remove [artifacts.delta]",
+            )
+        artifacts.append(
+            Artifact(
+                uri=uri,
+                sha256=sha or None,
+                sig_uri=r.text((*path, "sig_uri")),
+                cert_uri=r.text((*path, "cert_uri")),
+                unpack=r.flag((*path, "unpack")),
+                github_token=r.text((*path, "github_token")) or None,
+                headers=r.str_table((*path, "headers")),
+            )
+        )
+
+    for path, _ in r.tables(("datasets",), _DATASET):
+        raise r.error(path, "datasets are not yet supported by this agent; remove [[datasets]]")
+
+    r.table(("lifecycle",), {"install", "run", "reload", "shutdown"})
+    install = Install()
+    if r.table(("lifecycle", "install"), {"script", "require_privilege", "timeout"}) is not None:
+        install = Install(
+            script=r.text(("lifecycle", "install", "script")) or "",
+            require_privilege=r.flag(("lifecycle", "install", "require_privilege")),
+            timeout=_duration(r, ("lifecycle", "install", "timeout"), 0.0) or None,
+        )
+
+    run_path: Path_ = ("lifecycle", "run")
+    r.table(
+        run_path,
+        {
+            "type",
+            "restart_policy",
+            "max_retries",
+            "stop_timeout",
+            "exec",
+            "health",
+            "security",
+            "container",
+        },
+        required=True,
+    )
+    run_type = r.text((*run_path, "type")) or "process"
+    if run_type not in ("process", "container"):
+        raise r.error((*run_path, "type"), f"expected process or container, got {run_type!r}")
+    if r.table((*run_path, "container"), _CONTAINER) is not None or run_type == "container":
+        raise r.error(
+            (*run_path, "type"),
+            'container components are not yet supported by this agent (run type "process")',
+        )
+    policy_text = r.text((*run_path, "restart_policy")) or "always"
+    try:
+        policy = RestartPolicy(policy_text)
+    except ValueError:
+        raise r.error(
+            (*run_path, "restart_policy"),
+            f"expected always, on-failure or never, got {policy_text!r}",
+        ) from None
+    max_retries = r.integer((*run_path, "max_retries"), default=5, minimum=0)
+    assert max_retries is not None
+
+    exec_: Exec | None = None
+    ep: Path_ = (*run_path, "exec")
+    if r.table(ep, {"command", "args", "env"}) is not None:
+        command = r.text((*ep, "command"), required=True)
+        assert command is not None
+        if not command.strip():
+            raise r.error((*ep, "command"), "must not be empty")
+        args = r.str_list((*ep, "args")) or ()
+        envt = r.str_table((*ep, "env"))
+        for key in envt:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise r.error(
+                    (*ep, "env", key),
+                    "expected an environment variable name [A-Za-z_][A-Za-z0-9_]*",
+                )
+        exec_ = Exec(
+            command=_sub(r, (*ep, "command"), command, env),
+            args=tuple(_sub(r, (*ep, "args"), a, env) for a in args),
+            env={k: _sub(r, (*ep, "env", k), v, env) for k, v in envt.items()},
+        )
+    else:
+        raise r.error(run_path, "a process component needs [lifecycle.run.exec] with a command")
+
+    health: Health | None = None
+    hp: Path_ = (*run_path, "health")
+    if (
+        r.table(hp, {"check", "interval", "timeout", "failure_threshold", "start_timeout"})
+        is not None
+    ):
+        check = r.text((*hp, "check"), required=True)
+        assert check is not None
+        check = _sub(r, (*hp, "check"), check, env)
+        why = validate_check(check)
+        if why:
+            raise r.error((*hp, "check"), why)
+        threshold = r.integer((*hp, "failure_threshold"), default=3, minimum=1)
+        assert threshold is not None
+        health = Health(
+            check=check,
+            interval=_duration(r, (*hp, "interval"), 10.0, minimum=0.05),
+            timeout=_duration(r, (*hp, "timeout"), 3.0, minimum=0.05),
+            failure_threshold=threshold,
+            start_timeout=_duration(r, (*hp, "start_timeout"), 60.0, minimum=0.1),
+        )
+
+    sp: Path_ = (*run_path, "security")
+    security = Security()
+    if r.table(sp, {"user", "no_new_privileges", "capabilities"}) is not None:
+        caps = r.str_list((*sp, "capabilities"))
+        if caps is not None:
+            norm: list[str] = []
+            for c in caps:
+                name = c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()
+                if not re.match(r"^CAP_[A-Z_]+$", name):
+                    raise r.error((*sp, "capabilities"), f"not a capability name: {c!r}")
+                norm.append(name)
+            caps = tuple(norm)
+        user = r.text((*sp, "user"))
+        if user is not None and not re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", user):
+            raise r.error((*sp, "user"), "expected user, uid, user:group or uid:gid")
+        security = Security(
+            user=user, no_new_privileges=r.flag((*sp, "no_new_privileges")), capabilities=caps
+        )
+
+    run = Run(
+        type=run_type,
+        restart_policy=policy,
+        max_retries=max_retries,
+        stop_timeout=_duration(r, (*run_path, "stop_timeout"), 10.0),
+        exec=exec_,
+        health=health,
+        security=security,
+    )
+
+    reload: Reload | None = None
+    rp: Path_ = ("lifecycle", "reload")
+    if r.table(rp, {"signal", "script", "grace"}) is not None:
+        sig = r.text((*rp, "signal"))
+        if sig is not None:
+            sig = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
+            if sig not in _SIGNALS:
+                raise r.error((*rp, "signal"), "expected SIGHUP, SIGUSR1 or SIGUSR2")
+        script = r.text((*rp, "script"))
+        if not sig and not script:
+            raise r.error(rp, "expected signal or script")
+        reload = Reload(signal=sig, script=script, grace=_duration(r, (*rp, "grace"), 30.0))
+
+    shutdown: Shutdown | None = None
+    shp: Path_ = ("lifecycle", "shutdown")
+    if r.table(shp, {"script", "timeout"}) is not None:
+        shutdown = Shutdown(
+            script=r.text((*shp, "script")) or "", timeout=_duration(r, (*shp, "timeout"), 30.0)
+        )
+
+    resources = Resources()
+    rsp: Path_ = ("resources",)
+    if r.table(rsp, {"open_files", "memory_limit", "cpu_quota"}) is not None:
+        mem_raw = r.get((*rsp, "memory_limit"))
+        mem: int | None = None
+        if mem_raw is not None:
+            if isinstance(mem_raw, bool) or not isinstance(mem_raw, str | int):
+                raise r.error(
+                    (*rsp, "memory_limit"), 'expected a size such as "128M" or a number of bytes'
+                )
+            try:
+                mem = parse_size(mem_raw)
+            except ValueError as exc:
+                raise r.error((*rsp, "memory_limit"), str(exc)) from None
+        resources = Resources(
+            open_files=r.integer((*rsp, "open_files"), minimum=1),
+            memory_limit=mem,
+            cpu_quota=_cpu_quota(r, (*rsp, "cpu_quota")),
+        )
+
+    return Recipe(
+        metadata=meta,
+        dependencies=tuple(deps),
+        artifacts=tuple(artifacts),
+        install=install,
+        run=run,
+        reload=reload,
+        shutdown=shutdown,
+        resources=resources,
+        source=file,
+        unknown_fields=tuple(r.unknown_messages()),
+        text=text,
+    )
+
+
+def _segment(r: Reader, path: Path_) -> str:
+    value = r.text(path, required=True)
+    assert value is not None
+    why = check_segment(value)
+    if why:
+        raise r.error(path, f"{why}, got {value!r}")
+    return value
+
+
+def _cpu_quota(r: Reader, path: Path_) -> float | None:
+    """``cpu_quota``: cores as a number (``0.5``) or a string (``"0.5"``, ``"50%"``)."""
+    value: Any = r.get(path)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, str) and value.strip().endswith("%"):
+            cores = float(value.strip()[:-1]) / 100.0
+        else:
+            cores = float(value)
+    except ValueError:
+        raise r.error(
+            path, f'expected cores as a number (0.5) or a percentage ("50%"), got {value!r}'
+        ) from None
+    if cores <= 0:
+        raise r.error(path, "expected a positive quota")
+    return cores
+
+
+def load_recipe(
+    path: Path, *, environ: Mapping[str, str] | None = None, display: str | None = None
+) -> Recipe:
+    """Read and parse a recipe file; a missing or unreadable file is a ValidationError naming it."""
+    name = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValidationError("recipe file not found", file=name) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"cannot read recipe: {exc}", file=name) from None
+    return parse_recipe(text, file=name, environ=environ)

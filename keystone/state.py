@@ -1,0 +1,119 @@
+"""Atomic persistence of the agent's state and an append-only history.
+
+Every write goes to a temp file in the same directory, is fsynced, renamed over the target, and
+the directory is fsynced: a crash at any instant leaves the previous or the new file, never a
+torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Atomically write ``value`` as pretty JSON."""
+    atomic_write(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """Read JSON, returning ``default`` when the file does not exist.
+
+    A file that does not parse is renamed aside (``.corrupt``) and ``default`` returned, so one
+    bad write by another tool cannot keep the agent from starting.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        os.replace(path, path.with_name(path.name + f".corrupt-{int(time.time())}"))
+        return default
+
+
+class History:
+    """An append-only JSON-lines log of syncs, deployments and rollbacks, newest last on disk."""
+
+    def __init__(self, path: Path, *, max_bytes: int = 4 << 20) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append one record (a ``time`` field is added) and fsync it."""
+        rec = {"time": time.time(), **record}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(rec, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._trim()
+        return rec
+
+    def _trim(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size <= self.max_bytes:
+            return
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        keep: list[bytes] = []
+        total = 0
+        for line in reversed(lines):
+            total += len(line)
+            if total > self.max_bytes // 2:
+                break
+            keep.append(line)
+        atomic_write(self.path, b"".join(reversed(keep)))
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Records oldest first; a torn last line (crash mid-append) is skipped."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        for line in data.splitlines():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+    def newest(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ``limit`` records, newest first."""
+        recs = list(self.records())
+        return list(reversed(recs[-limit:])) if limit > 0 else []
