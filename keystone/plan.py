@@ -285,3 +285,34 @@ class RecipeStore:
         with contextlib.suppress(OSError):
             p.parent.rmdir()
         return True
+
+
+def plan_to_json(plan: DesiredPlan) -> dict[str, object]:
+    """A self-contained snapshot of a desired plan (recipes included), for the state file."""
+    return {
+        "sources": list(plan.sources),
+        "components": [
+            {
+                "name": c.name,
+                "recipe_ref": c.recipe_ref,
+                "origin": c.origin,
+                "recipe_source": c.recipe.source,
+                "recipe_text": c.recipe.text,
+            }
+            for c in plan.components.values()
+        ],
+    }
+
+
+def plan_from_json(data: Mapping[str, object], *, environ: Mapping[str, str]) -> DesiredPlan:
+    """Rebuild a DesiredPlan from ``plan_to_json`` output."""
+    comps = data.get("components") or []
+    assert isinstance(comps, list)
+    texts: dict[str, tuple[str, str]] = {}
+    entries: list[PlanEntry] = []
+    for c in comps:
+        entries.append(PlanEntry(c["name"], c["recipe_ref"], True, c.get("origin", ""), None))
+        texts[c["name"]] = (c["recipe_text"], c.get("recipe_source") or c["recipe_ref"])
+    sources = data.get("sources") or []
+    assert isinstance(sources, list)
+    return resolve_entries(entries, lambda e: texts[e.name], environ=environ, sources=tuple(sources))

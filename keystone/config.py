@@ -1,0 +1,225 @@
+"""Agent configuration: ``agent.toml``, environment variables and command-line flags.
+
+Every key has a default, so ``keystone agent`` alone runs. Precedence: flag, then environment,
+then file (DESIGN section 6).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from keystone.errors import ValidationError
+from keystone.recipe import check_segment
+from keystone.tomlsrc import Path_, Reader
+from keystone.units import parse_duration
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: str = "git"  # git | http
+    url: str = ""
+    ref: str = "refs/heads/main"
+    interval: float = 60.0
+    jitter: float = 10.0
+    soak: float = 30.0
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    allowed_signers: Path | None = None
+    gpg_home: Path | None = None
+    revoked_keys: Path | None = None
+    verify: str = "tip"  # tip | all
+    max_age: float = 0.0
+    allow_unsigned_artifacts: bool = True
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = "127.0.0.1:8080"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = field(default_factory=socket.gethostname)
+    labels: tuple[str, ...] = ()
+    source: SourceConfig | None = None
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    runtime: Path = Path("runtime")
+    reconcile_interval: float = 0.0
+    reconcile_jitter: float | None = None
+    bundle_watch: tuple[str, ...] = ()
+    file: str | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.runtime / "state"
+
+
+def _dur(r: Reader, path: Path_, default: float) -> float:
+    raw = r.get(path)
+    if raw is None:
+        return default
+    if not isinstance(raw, str):
+        raise r.error(path, 'expected a duration string such as "60s"')
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise r.error(path, str(exc)) from None
+
+
+def _path(r: Reader, path: Path_, base: Path) -> Path | None:
+    raw = r.text(path)
+    if raw is None or raw == "":
+        return None
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def parse_config(text: str, *, file: str, base: Path | None = None) -> AgentConfig:
+    """Parse ``agent.toml``; relative paths are relative to the file's directory."""
+    r = Reader.from_text(text, file=file)
+    base = base or Path(file).parent
+    r.table((), {"device", "source", "trust", "api", "paths", "reconcile", "bundles"})
+    r.table(("device",), {"id", "labels"})
+    cfg = AgentConfig()
+    dev_id = r.text(("device", "id"))
+    if dev_id is not None:
+        why = check_segment(dev_id)
+        if why:
+            raise r.error(("device", "id"), f"{why}, got {dev_id!r}")
+        cfg = replace(cfg, device_id=dev_id)
+    labels = r.str_list(("device", "labels"))
+    if labels is not None:
+        for i, label in enumerate(labels):
+            why = check_segment(label)
+            if why:
+                raise r.error(("device", "labels", i), f"label {label!r}: {why}")
+        cfg = replace(cfg, labels=labels)
+    if (
+        r.table(("source",), {"type", "url", "ref", "interval", "jitter", "soak", "timeout"})
+        is not None
+    ):
+        kind = r.text(("source", "type")) or "git"
+        if kind not in ("git", "http"):
+            raise r.error(("source", "type"), f"expected git or http, got {kind!r}")
+        url = r.text(("source", "url"), required=True) or ""
+        ref = r.text(("source", "ref")) or "refs/heads/main"
+        cfg = replace(
+            cfg,
+            source=SourceConfig(
+                type=kind,
+                url=url,
+                ref=ref,
+                interval=_dur(r, ("source", "interval"), 60.0),
+                jitter=_dur(r, ("source", "jitter"), 10.0),
+                soak=_dur(r, ("source", "soak"), 30.0),
+                timeout=_dur(r, ("source", "timeout"), 120.0),
+            ),
+        )
+    if (
+        r.table(
+            ("trust",),
+            {
+                "allowed_signers",
+                "gpg_home",
+                "revoked_keys",
+                "verify",
+                "max_age",
+                "allow_unsigned_artifacts",
+            },
+        )
+        is not None
+    ):
+        verify = r.text(("trust", "verify")) or "tip"
+        if verify not in ("tip", "all"):
+            raise r.error(("trust", "verify"), f"expected tip or all, got {verify!r}")
+        cfg = replace(
+            cfg,
+            trust=TrustConfig(
+                allowed_signers=_path(r, ("trust", "allowed_signers"), base),
+                gpg_home=_path(r, ("trust", "gpg_home"), base),
+                revoked_keys=_path(r, ("trust", "revoked_keys"), base),
+                verify=verify,
+                max_age=_dur(r, ("trust", "max_age"), 0.0),
+                allow_unsigned_artifacts=r.flag(
+                    ("trust", "allow_unsigned_artifacts"), default=True
+                ),
+            ),
+        )
+    if r.table(("api",), {"listen", "tls_cert", "tls_key", "client_ca"}) is not None:
+        cfg = replace(
+            cfg,
+            api=ApiConfig(
+                listen=r.text(("api", "listen")) or "127.0.0.1:8080",
+                tls_cert=_path(r, ("api", "tls_cert"), base),
+                tls_key=_path(r, ("api", "tls_key"), base),
+                client_ca=_path(r, ("api", "client_ca"), base),
+            ),
+        )
+    if r.table(("paths",), {"runtime"}) is not None:
+        rt = _path(r, ("paths", "runtime"), base)
+        if rt is not None:
+            cfg = replace(cfg, runtime=rt)
+    if r.table(("reconcile",), {"interval", "jitter"}) is not None:
+        cfg = replace(
+            cfg,
+            reconcile_interval=_dur(r, ("reconcile", "interval"), 0.0),
+            reconcile_jitter=_dur(r, ("reconcile", "jitter"), 0.0)
+            if r.get(("reconcile", "jitter"))
+            else None,
+        )
+    if r.table(("bundles",), {"watch"}) is not None:
+        cfg = replace(cfg, bundle_watch=r.str_list(("bundles", "watch")) or ())
+    unknown = r.unknown_messages()
+    if unknown:
+        raise ValidationError("; ".join(unknown) + " (remove or fix these keys)", file=file)
+    return replace(cfg, file=file)
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load ``path`` (or defaults) and apply environment overrides."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        cfg = AgentConfig()
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValidationError("config file not found", file=str(path)) from None
+        cfg = parse_config(text, file=str(path), base=path.resolve().parent)
+    if env.get("KEYSTONE_DEVICE_ID"):
+        cfg = replace(cfg, device_id=env["KEYSTONE_DEVICE_ID"])
+    if env.get("KEYSTONE_LABELS"):
+        cfg = replace(
+            cfg, labels=tuple(x.strip() for x in env["KEYSTONE_LABELS"].split(",") if x.strip())
+        )
+    if env.get("KEYSTONE_RUNTIME"):
+        cfg = replace(cfg, runtime=Path(env["KEYSTONE_RUNTIME"]))
+    if env.get("KEYSTONE_RECONCILE_INTERVAL"):
+        try:
+            cfg = replace(
+                cfg, reconcile_interval=parse_duration(env["KEYSTONE_RECONCILE_INTERVAL"])
+            )
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="KEYSTONE_RECONCILE_INTERVAL") from None
+    if env.get("KEYSTONE_RECONCILE_JITTER"):
+        try:
+            cfg = replace(cfg, reconcile_jitter=parse_duration(env["KEYSTONE_RECONCILE_JITTER"]))
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="KEYSTONE_RECONCILE_JITTER") from None
+    if env.get("KEYSTONE_CLOCK_POLICY") and env["KEYSTONE_CLOCK_POLICY"] not in (
+        "high-water",
+        "strict",
+    ):
+        raise ValidationError("expected high-water or strict", field="KEYSTONE_CLOCK_POLICY")
+    return cfg

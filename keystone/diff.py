@@ -1,0 +1,63 @@
+"""The change set between the applied plan and a desired plan (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keystone.plan import DesiredPlan
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    """What a deployment does, by component name.
+
+    ``changed`` components have a new recipe content hash; ``restarted`` ones are unchanged
+    themselves but depend (along hard or soft edges, transitively) on a changed one.
+    """
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    restarted: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.restarted)
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": list(self.changed),
+            "restarted": list(self.restarted),
+            "unchanged": list(self.unchanged),
+        }
+
+    def summary(self) -> str:
+        parts = []
+        for label, names in (
+            ("added", self.added),
+            ("changed", self.changed),
+            ("restarted", self.restarted),
+            ("removed", self.removed),
+        ):
+            if names:
+                parts.append(f"{label}: {', '.join(names)}")
+        return "; ".join(parts) or "no changes"
+
+
+def diff_plans(current: DesiredPlan, desired: DesiredPlan) -> ChangeSet:
+    """Compare two plans by component name and recipe content hash."""
+    cur, new = current.components, desired.components
+    added = sorted(set(new) - set(cur))
+    removed = sorted(set(cur) - set(new))
+    changed = sorted(
+        n for n in set(cur) & set(new) if cur[n].content_hash() != new[n].content_hash()
+    )
+    cascade = desired.graph.dependents(changed) if changed else set()
+    restarted = sorted(n for n in cascade if n in cur and n not in changed)
+    unchanged = sorted(set(cur) & set(new) - set(changed) - set(restarted))
+    return ChangeSet(
+        tuple(added), tuple(removed), tuple(changed), tuple(restarted), tuple(unchanged)
+    )

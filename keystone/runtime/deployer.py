@@ -1,0 +1,339 @@
+"""The DAG deployer: applies a desired plan layer by layer and rolls back on failure.
+
+Order of a deployment: prepare every artifact the change set needs (nothing running is touched
+yet); stop removed components in reverse layer order; stop changed components and their hard/soft
+dependents in reverse layer order; start added, changed and restarted components layer by layer,
+in parallel within a layer, each layer only once the previous one is healthy. If a component does
+not become healthy within its deadline, every touched component goes back to its previous version
+in reverse order and the failure names the component and the reason. Previous versions keep their
+work dirs (``components/<name>/<version>``), so a rollback starts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loguru import logger
+
+from keystone.diff import ChangeSet, diff_plans
+from keystone.errors import DeploymentFailed
+from keystone.plan import Component, DesiredPlan
+from keystone.runtime.process import ProcessRunner
+from keystone.runtime.supervisor import RUNNING, RestartTuning, State, Supervisor, component_paths
+
+
+class ArtifactPreparer(Protocol):
+    """Fetches and verifies artifacts before a deployment touches anything."""
+
+    async def prepare(self, components: Sequence[Component]) -> None:
+        """Fetch and verify the artifacts of ``components``; raise a KeystoneError to refuse."""
+        ...
+
+    async def install(self, component: Component, workdir: Path) -> None:
+        """Place the prepared artifacts of ``component`` into its work dir."""
+        ...
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a deployment, in order."""
+
+    action: str  # "stop" or "start"
+    component: str
+    version: str
+    layer: int
+    reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "action": self.action,
+            "component": self.component,
+            "version": self.version,
+            "layer": self.layer,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class DeployResult:
+    """What a deployment did."""
+
+    ok: bool
+    changes: ChangeSet
+    actions: list[Action]
+    failed: str | None = None
+    reason: str | None = None
+    rolled_back: bool = False
+    rollback_errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "changes": self.changes.to_json(),
+            "actions": [a.to_json() for a in self.actions],
+            "failed": self.failed,
+            "reason": self.reason,
+            "rolled_back": self.rolled_back,
+            "rollback_errors": self.rollback_errors,
+        }
+
+
+def plan_actions(current: DesiredPlan, desired: DesiredPlan) -> tuple[ChangeSet, list[Action]]:
+    """The ordered actions that take ``current`` to ``desired`` (a dry run; pure)."""
+    changes = diff_plans(current, desired)
+    actions: list[Action] = []
+    cur_layers = current.graph.layers
+    for layer_no in range(len(cur_layers) - 1, -1, -1):
+        for name in reversed(cur_layers[layer_no]):
+            if name in changes.removed:
+                actions.append(Action("stop", name, current.components[name].version, layer_no, "removed"))
+    bounce = set(changes.changed) | set(changes.restarted)
+    for layer_no in range(len(cur_layers) - 1, -1, -1):
+        for name in reversed(cur_layers[layer_no]):
+            if name in bounce:
+                why = "changed" if name in changes.changed else "dependency changed"
+                actions.append(Action("stop", name, current.components[name].version, layer_no, why))
+    starting = set(changes.added) | bounce
+    for layer_no, layer in enumerate(desired.graph.layers):
+        for name in layer:
+            if name in starting:
+                why = (
+                    "added"
+                    if name in changes.added
+                    else "changed"
+                    if name in changes.changed
+                    else "dependency changed"
+                )
+                actions.append(Action("start", name, desired.components[name].version, layer_no, why))
+    return changes, actions
+
+
+class Deployer:
+    """Owns the supervisors of the applied plan and moves them to a desired plan."""
+
+    def __init__(
+        self,
+        runner: ProcessRunner,
+        runtime_dir: Path,
+        *,
+        preparer: ArtifactPreparer | None = None,
+        tuning: RestartTuning | None = None,
+        install_timeout: float = 120.0,
+        on_change: Callable[[Supervisor], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.runtime_dir = runtime_dir
+        self.preparer = preparer
+        self.tuning = tuning or RestartTuning()
+        self.install_timeout = install_timeout
+        self.on_change = on_change
+        self.applied: DesiredPlan = DesiredPlan.empty()
+        self.supervisors: dict[str, Supervisor] = {}
+        self.lock = asyncio.Lock()
+
+    def make_supervisor(self, component: Component) -> Supervisor:
+        """A supervisor for ``component`` in its versioned work dir."""
+        return Supervisor(
+            component,
+            self.runner,
+            component_paths(self.runtime_dir, component.name, component.version),
+            tuning=self.tuning,
+            install_timeout=self.install_timeout,
+            on_change=self.on_change,
+        )
+
+    def dry_run(self, desired: DesiredPlan) -> tuple[ChangeSet, list[Action]]:
+        """The actions a deployment of ``desired`` would take; nothing is done."""
+        return plan_actions(self.applied, desired)
+
+    async def deploy(self, desired: DesiredPlan) -> DeployResult:
+        """Apply ``desired``; on failure roll back and raise nothing (see ``DeployResult``).
+
+        Artifact preparation errors propagate (KeystoneError) before anything is touched.
+        """
+        async with self.lock:
+            return await self._deploy(desired)
+
+    async def _deploy(self, desired: DesiredPlan) -> DeployResult:
+        current = self.applied
+        changes, actions = plan_actions(current, desired)
+        result = DeployResult(True, changes, actions)
+        if changes.empty:
+            self.applied = desired
+            for name, comp in desired.components.items():
+                if name in self.supervisors:
+                    self.supervisors[name].component = comp
+            return result
+        starting = [desired.components[a.component] for a in actions if a.action == "start"]
+        fresh = [c for c in starting if c.name not in changes.restarted]
+        if self.preparer is not None and fresh:
+            await self.preparer.prepare(fresh)
+
+        old: dict[str, Supervisor] = {}
+        started: list[Supervisor] = []
+        try:
+            for a in actions:
+                if a.action != "stop":
+                    continue
+                sup = self.supervisors.get(a.component)
+                if sup is not None:
+                    old[a.component] = sup
+                    await sup.stop(reason=a.reason)
+            for layer_no, layer in enumerate(desired.graph.layers):
+                batch = [a for a in actions if a.action == "start" and a.layer == layer_no]
+                if not batch:
+                    continue
+                sups = []
+                for a in batch:
+                    comp = desired.components[a.component]
+                    sup = self.make_supervisor(comp)
+                    if self.preparer is not None and comp.recipe.artifacts:
+                        await self.preparer.install(comp, sup.paths.workdir)
+                    sups.append(sup)
+                    started.append(sup)
+                    self.supervisors[comp.name] = sup
+                await asyncio.gather(*(s.start() for s in sups))
+                failure = await self._wait_layer(sups)
+                if failure is not None:
+                    result.ok = False
+                    result.failed, result.reason = failure
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an OS error mid-deployment: still roll back
+            logger.exception("deployment failed unexpectedly")
+            result.ok = False
+            result.reason = f"{type(exc).__name__}: {exc}"
+        if result.ok:
+            for name in changes.removed:
+                self.supervisors.pop(name, None)
+            self.applied = desired
+            return result
+        logger.error("deployment failed: {}: {}; rolling back", result.failed, result.reason)
+        result.rollback_errors = await self._rollback(current, started, old)
+        result.rolled_back = True
+        return result
+
+    async def _wait_layer(self, sups: list[Supervisor]) -> tuple[str, str] | None:
+        """Wait until every supervisor is healthy; the first failure wins."""
+
+        async def one(s: Supervisor) -> tuple[str, str] | None:
+            health = s.component.recipe.run.health
+            deadline = (health.start_timeout if health else self.tuning.settle) + 5.0
+            ok = await s.wait_for(lambda st: st is not State.STARTING and st is not State.INSTALLING
+                                  and st is not State.PENDING, deadline)  # fmt: skip
+            if ok and s.state is State.HEALTHY:
+                return None
+            if not ok:
+                return s.name, f"not healthy within {deadline:g}s"
+            return s.name, f"{s.state.value}: {s.error or 'no reason given'}"
+
+        tasks = [asyncio.ensure_future(one(s)) for s in sups]
+        try:
+            for fut in asyncio.as_completed(tasks):
+                failure = await fut
+                if failure is not None:
+                    return failure
+        finally:
+            for t in tasks:
+                t.cancel()
+        return None
+
+    async def _rollback(self, previous: DesiredPlan, started: list[Supervisor], old: dict[str, Supervisor]) -> list[str]:
+        errors: list[str] = []
+        for sup in reversed(started):
+            await sup.stop(reason="rollback")
+            if self.supervisors.get(sup.name) is sup:
+                del self.supervisors[sup.name]
+        for layer in previous.graph.layers:
+            sups = [old[n] for n in layer if n in old]
+            for s in sups:
+                self.supervisors[s.name] = s
+            if not sups:
+                continue
+            await asyncio.gather(*(s.start() for s in sups))
+            failure = await self._wait_layer(sups)
+            if failure is not None:
+                errors.append(f"{failure[0]}: {failure[1]}")
+        self.applied = previous
+        return errors
+
+    def raise_for(self, result: DeployResult) -> None:
+        """Raise DeploymentFailed for a failed result."""
+        if not result.ok:
+            raise DeploymentFailed(
+                f"deployment failed: component {result.failed}: {result.reason}; rolled back to the previous plan",
+                component=result.failed,
+            )
+
+    async def stop_all(self, *, reason: str = "stop") -> None:
+        """Stop every component in reverse layer order."""
+        async with self.lock:
+            for layer in reversed(self.applied.graph.layers):
+                await asyncio.gather(*(self.supervisors[n].stop(reason=reason) for n in layer if n in self.supervisors))
+            for name, sup in list(self.supervisors.items()):
+                if name not in self.applied.components:
+                    await sup.stop(reason=reason)
+
+    async def start_all(self) -> DeployResult:
+        """Start every component of the applied plan that is not running (after ``stop_all``)."""
+        async with self.lock:
+            return await self._start_missing(repair_only=False)
+
+    async def reconcile(self) -> list[str]:
+        """Start again what the applied plan says should run and does not; returns their names."""
+        async with self.lock:
+            result = await self._start_missing(repair_only=True)
+            return [a.component for a in result.actions]
+
+    async def _start_missing(self, *, repair_only: bool) -> DeployResult:
+        actions: list[Action] = []
+        failure: tuple[str, str] | None = None
+        for layer_no, layer in enumerate(self.applied.graph.layers):
+            sups = []
+            for name in layer:
+                sup = self.supervisors.get(name)
+                if sup is None:
+                    sup = self.make_supervisor(self.applied.components[name])
+                    self.supervisors[name] = sup
+                elif sup.state in RUNNING or sup.state is State.BACKOFF:
+                    continue
+                elif repair_only and not sup.wanted and sup.state is not State.FAILED:
+                    continue
+                actions.append(Action("start", name, sup.version, layer_no, "repair" if repair_only else "start"))
+                sups.append(sup)
+            if sups:
+                await asyncio.gather(*(s.start() for s in sups))
+                failure = failure or await self._wait_layer(sups)
+        changes = ChangeSet((), (), (), (), tuple(self.applied.components))
+        return DeployResult(failure is None, changes, actions, *(failure or (None, None)))
+
+    async def restart_component(self, name: str, *, wait_health: bool, timeout: float) -> tuple[int | None, list[str]]:
+        """Restart ``name`` and its hard/soft dependents; returns (pid, dependents)."""
+        async with self.lock:
+            graph = self.applied.graph
+            dependents = sorted(graph.dependents([name]), key=lambda n: (graph.layer_of(n), n))
+            for n in reversed(dependents):
+                await self.supervisors[n].stop(reason=f"dependency {name} restarting")
+            sup = self.supervisors[name]
+            await sup.stop(reason="restart")
+            await sup.start()
+            sup.restarts += 1
+            if wait_health:
+                ok = await sup.wait_for(lambda st: st is not State.STARTING, timeout)
+                if not ok:
+                    raise TimeoutError(f"{name} not healthy within {timeout:g}s")
+            for n in dependents:
+                await self.supervisors[n].start()
+            return sup.pid, dependents
+
+    def restart_order(self, name: str) -> tuple[list[str], list[str]]:
+        """(stopOrder, startOrder) of a restart of ``name`` (dry run)."""
+        graph = self.applied.graph
+        deps = sorted(graph.dependents([name]), key=lambda n: (graph.layer_of(n), n))
+        start = [name, *deps]
+        return list(reversed(start)), start
