@@ -1,0 +1,144 @@
+"""Offline tools on a fleet checkout: render a device's plan, diff two revisions, verify a
+commit, and collect what a bundle must carry. No agent is needed; nothing is deployed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keystone.errors import ValidationError
+from keystone.plan import DesiredPlan
+from keystone.runtime.deployer import plan_actions
+
+
+@dataclass
+class Checkout:
+    """A fleet repository on disk (a checkout or a bare repository)."""
+
+    path: Path
+
+    def mirror(self) -> Any:
+        from keystone.sources.git import GitMirror
+
+        return GitMirror(self.path, create=False)
+
+    def tree(self, rev: str | None) -> tuple[Any, str]:
+        """A file reader for ``rev`` (None: the working tree as it is) and a label for it."""
+        from keystone.sources.base import DirectoryReader
+
+        if rev is None:
+            if not self.path.is_dir():
+                raise ValidationError(f"{self.path} is not a directory", field="--repo")
+            return DirectoryReader(self.path), "working tree"
+        m = self.mirror()
+        sha = m.resolve(rev)
+        return m.file_source(sha), sha
+
+
+def environ() -> dict[str, str]:
+    from keystone.agent import substitution_env
+
+    return substitution_env()
+
+
+def resolve_at(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> tuple[DesiredPlan, str]:
+    """The desired plan of a device at ``rev`` of ``repo``."""
+    from keystone.sync.resolve import resolve
+
+    tree, label = Checkout(repo).tree(rev)
+    return resolve(tree, device_id=device, labels=labels, environ=environ(), revision=label if rev else ""), label
+
+
+def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
+    """What a device with these labels would run, with each component's origin."""
+    from keystone.sync.resolve import render as render_rows
+
+    plan, label = resolve_at(repo, rev, device=device, labels=labels)
+    return {
+        "revision": label,
+        "device": device,
+        "labels": list(labels),
+        "plan_files": list(plan.sources),
+        "layers": [list(layer) for layer in plan.graph.layers],
+        "components": render_rows(plan),
+        "warnings": list(plan.warnings),
+        "unknown_fields": list(plan.unknown_fields),
+    }
+
+
+def diff(repo: Path, rev_a: str, rev_b: str, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
+    """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order."""
+    a, la = resolve_at(repo, rev_a, device=device, labels=labels)
+    b, lb = resolve_at(repo, rev_b, device=device, labels=labels)
+    changes, actions = plan_actions(a, b)
+    return {"from": la, "to": lb, "changes": changes.to_json(), "actions": [x.to_json() for x in actions]}
+
+
+def verify(repo: Path, rev: str, *, allowed_signers: Path | None, gpg_home: Path | None = None,
+           revoked_keys: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """The signature verdict of commit ``rev``, as the agent would judge it."""
+    from keystone.trust import CommitVerifier, TrustPolicy
+
+    m = Checkout(repo).mirror()
+    sha = m.resolve(rev)
+    verdict = CommitVerifier(TrustPolicy(allowed_signers, gpg_home, revoked_keys)).verify(m.raw_commit(sha), revision=sha)
+    return {
+        "revision": sha,
+        "ok": verdict.ok,
+        "format": verdict.format,
+        "signer": verdict.signer,
+        "fingerprint": verdict.fingerprint,
+        "reason": verdict.reason,
+    }
+
+
+def all_labels(repo: Path, rev: str | None) -> list[str]:
+    """Every label that has a plan in the repository."""
+    tree, _ = Checkout(repo).tree(rev)
+    return [name for name, is_dir in tree.listdir("labels") if is_dir and tree.read(f"labels/{name}/plan.toml") is not None]
+
+
+def bundle_artifacts(repo: Path, rev: str, *, label_sets: Sequence[Sequence[str]], work: Path) -> list[tuple[str, Path, str]]:
+    """Every artifact the selected plans need at ``rev``, as ``(sha256, file, name)``.
+
+    Repo-relative artifacts are exported from the commit; remote ones are downloaded (and
+    verified against their pinned sha256) into ``work``.
+    """
+    import hashlib
+
+    from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore
+
+    m = Checkout(repo).mirror()
+    sha = m.resolve(rev)
+    tree = m.file_source(sha)
+    store = ArtifactStore(ArtifactPolicy.from_env(work / "cache", dict(__import__("os").environ)))
+    seen: dict[str, tuple[str, Path, str]] = {}
+    for labels in label_sets:
+        plan, _ = resolve_at(repo, sha, device="bundle", labels=labels)
+        for comp in plan.components.values():
+            for art in comp.recipe.artifacts:
+                if "://" not in art.uri:
+                    dest = Path(tempfile.mkdtemp(dir=work)) / Path(art.uri).name
+                    tree.export(art.uri, dest)
+                    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+                    if art.sha256 and art.sha256 != digest:
+                        raise ValidationError(
+                            f"artifact {art.uri} of {comp.name} hashes to {digest}, the recipe pins {art.sha256}",
+                            file=comp.recipe.source, field="artifacts.sha256",
+                        )  # fmt: skip
+                    seen.setdefault(digest, (digest, dest, art.uri))
+                else:
+                    if not art.sha256:
+                        raise ValidationError(
+                            f"artifact {art.uri} of {comp.name} has no sha256; a bundle carries only pinned artifacts",
+                            file=comp.recipe.source, field="artifacts.sha256",
+                        )  # fmt: skip
+                    if art.sha256 in seen:
+                        continue
+                    prepared = store.prepare(art, component=comp.name)
+                    seen[art.sha256] = (art.sha256, prepared.path, art.uri)
+    return sorted(seen.values())

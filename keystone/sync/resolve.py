@@ -1,0 +1,114 @@
+"""The desired plan of one device, read from one verified revision of the fleet repository.
+
+A device's plan is the merge, in this order, of ``plans/default.toml``, each
+``labels/<label>/plan.toml`` in the order the device lists its labels, then
+``devices/<id>/plan.toml`` (DESIGN section 3). A later entry with the same component name
+replaces the earlier one whole; ``enabled = false`` removes it. Recipe paths are relative to the
+repository root and may not leave it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from keystone.errors import ValidationError
+from keystone.plan import STORE_REF, DesiredPlan, PlanEntry, PlanFile, merge_entries, parse_plan, resolve_entries
+from keystone.recipe import check_segment
+
+
+class Tree(Protocol):
+    """Read access to one revision's files."""
+
+    def read(self, path: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist."""
+        ...
+
+
+def repo_path(path: str, *, file: str | None = None, line: int | None = None, field: str = "recipe") -> str:
+    """Normalise a repo-relative path; refuse absolute paths and any that leave the root."""
+    if not path or path.startswith("/") or "\\" in path:
+        raise ValidationError(f"path {path!r} must be relative to the repository root", file=file, line=line, field=field)
+    norm = posixpath.normpath(path)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise ValidationError(f"path {path!r} leaves the repository root", file=file, line=line, field=field)
+    return norm
+
+
+def plan_files(device_id: str, labels: Sequence[str]) -> list[str]:
+    """The plan files of a device, in merge order."""
+    for label in labels:
+        why = check_segment(label)
+        if why:
+            raise ValidationError(f"label {label!r}: {why}", field="device.labels")
+    why = check_segment(device_id)
+    if why:
+        raise ValidationError(f"device id {device_id!r}: {why}", field="device.id")
+    return ["plans/default.toml", *(f"labels/{label}/plan.toml" for label in labels), f"devices/{device_id}/plan.toml"]
+
+
+def _text(data: bytes, file: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("not UTF-8 text", file=file) from None
+
+
+def resolve(
+    tree: Tree,
+    *,
+    device_id: str,
+    labels: Sequence[str],
+    environ: Mapping[str, str],
+    revision: str = "",
+) -> DesiredPlan:
+    """The validated DesiredPlan of this device at ``revision`` (``tree``).
+
+    Each component's ``origin`` is the plan file it came from. Raises ValidationError naming
+    the file, line and revision for anything that does not validate.
+    """
+    files: list[PlanFile] = []
+    found: list[str] = []
+    for path in plan_files(device_id, labels):
+        data = tree.read(path)
+        if data is None:
+            continue
+        found.append(path)
+        files.append(parse_plan(_text(data, path), file=path))
+    entries, unknown = merge_entries(files)
+
+    def read(e: PlanEntry) -> tuple[str, str]:
+        if STORE_REF.match(e.recipe) and "/" not in e.recipe and not e.recipe.endswith(".toml"):
+            raise ValidationError(
+                f"recipe {e.recipe!r}: a fleet repository names recipes by path (e.g. recipes/x.recipe.toml)",
+                file=e.file, line=e.line, field="recipe",
+            )  # fmt: skip
+        path = repo_path(e.recipe, file=e.file, line=e.line)
+        data = tree.read(path)
+        if data is None:
+            at = f" at {revision[:12]}" if revision else ""
+            raise ValidationError(f"recipe file not found{at}: {path}", file=e.file, line=e.line, field="recipe")
+        return _text(data, path), path
+
+    try:
+        return resolve_entries(entries, read, environ=environ, sources=tuple(found), unknown=unknown)
+    except ValidationError as exc:
+        if revision and exc.file and "@" not in exc.file:
+            raise ValidationError(exc.reason, file=f"{exc.file}@{revision[:12]}", line=exc.line, field=exc.field) from None
+        raise
+
+
+def render(plan: DesiredPlan) -> list[dict[str, object]]:
+    """Per component: name, recipe, version, recipe file and the plan file it came from."""
+    return [
+        {
+            "name": c.name,
+            "recipe": c.recipe.name,
+            "version": c.version,
+            "recipe_file": c.recipe.source,
+            "from": c.origin,
+            "layer": plan.graph.layer_of(c.name),
+        }
+        for c in sorted(plan.components.values(), key=lambda c: (plan.graph.layer_of(c.name), c.name))
+    ]

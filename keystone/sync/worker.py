@@ -1,0 +1,208 @@
+"""The short-lived sync worker: fetch, verify and resolve in a process of its own.
+
+``python -m keystone.sync.worker`` reads one JSON request on stdin and writes one JSON answer on
+stdout. dulwich, cryptography and httpx are imported here and die with the process, so the
+resident agent stays small (DESIGN section 12); a crash in a pack or TOML parser cannot take the
+supervisor down. Refusals are answers, not crashes: ``{"ok": false, "error": {...}}``.
+
+Operations:
+    fetch          fetch the source, verify the tip, resolve the device plan
+    verify-rev     verify and resolve a revision the mirror already has (rollback, restart)
+    import-bundle  add a bundle's objects to the mirror, then as verify-rev on its tip
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from keystone.errors import KeystoneError, RollbackRefused, StaleRevision, ValidationError
+
+APPLIED_REF = "refs/keystone/applied"
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    kind = getattr(exc, "kind", "bug")
+    return {"type": type(exc).__name__, "kind": kind, "message": str(exc)}
+
+
+def _mirror(req: dict[str, Any]) -> Any:
+    from keystone.sources.git import GitMirror
+
+    return GitMirror(Path(req["runtime"]) / "repo")
+
+
+def _verifier(req: dict[str, Any]) -> Any:
+    from keystone.trust import CommitVerifier, TrustPolicy
+
+    t = req.get("trust") or {}
+
+    def p(key: str) -> Path | None:
+        return Path(t[key]) if t.get(key) else None
+
+    return CommitVerifier(TrustPolicy(allowed_signers=p("allowed_signers"), gpg_home=p("gpg_home"),
+                                      revoked_keys=p("revoked_keys")))  # fmt: skip
+
+
+def verify_and_resolve(req: dict[str, Any], mirror: Any, tip: str) -> dict[str, Any]:
+    """Verify ``tip`` (signature, ancestry, freshness) and resolve this device's plan there."""
+    from keystone.plan import plan_to_json
+    from keystone.sync.resolve import resolve
+
+    trust = req.get("trust") or {}
+    verifier = _verifier(req)
+    verdict = verifier.require(mirror.raw_commit(tip), revision=tip)
+    applied = req.get("applied")
+    anchor = applied or mirror.ref(APPLIED_REF)
+    if anchor and not mirror.has(anchor):
+        anchor = None if req.get("allow_rollback") else anchor
+    if anchor and not req.get("allow_rollback"):
+        if not mirror.has(anchor):
+            raise RollbackRefused(
+                f"cannot prove that {tip[:12]} descends from the applied revision {anchor[:12]}, which this "
+                "device no longer has; sync once with --allow-rollback to re-anchor"
+            )
+        if not mirror.is_ancestor(anchor, tip):
+            raise RollbackRefused(
+                f"revision {tip[:12]} does not descend from the applied revision {anchor[:12]} "
+                "(a force-push or an older commit); refused. Use --allow-rollback for one sync to accept it"
+            )
+    if trust.get("verify") == "all":
+        base = anchor if anchor and mirror.has(anchor) and mirror.is_ancestor(anchor, tip) else None
+        for rev in mirror.commits_between(base, tip):
+            if rev != tip:
+                verifier.require(mirror.raw_commit(rev), revision=rev)
+    commit_time = mirror.commit_time(tip)
+    max_age = float(trust.get("max_age") or 0)
+    if max_age > 0 and time.time() - commit_time > max_age:
+        age = time.time() - commit_time
+        raise StaleRevision(
+            f"revision {tip[:12]} was committed {age / 3600:.1f}h ago, older than max_age {max_age / 3600:.1f}h"
+        )
+    device = req.get("device") or {}
+    tree = mirror.file_source(tip)
+    environ = dict(req.get("environ") or {})
+    desired = resolve(tree, device_id=device.get("id", ""), labels=device.get("labels") or [], environ=environ, revision=tip)
+    if desired.unknown_fields and req.get("refuse_unknown", True):
+        raise ValidationError(
+            f"revision {tip[:12]} has unknown fields: " + "; ".join(desired.unknown_fields)
+        )
+    checkout = _export_artifacts(req, tree, tip, desired)
+    return {
+        "ok": True,
+        "revision": tip,
+        "signer": verdict.signer,
+        "fingerprint": verdict.fingerprint,
+        "signature": verdict.format,
+        "commit_time": commit_time,
+        "plan": plan_to_json(desired),
+        "checkout": str(checkout),
+        "warnings": list(desired.warnings),
+    }
+
+
+def _export_artifacts(req: dict[str, Any], tree: Any, tip: str, desired: Any) -> Path:
+    """Copy the repo-relative artifact files of the plan out of the verified tree."""
+    from keystone.sync.resolve import repo_path
+
+    root = Path(req["runtime"]) / "checkouts" / tip
+    done = root / ".complete"
+    if done.exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for comp in desired.components.values():
+        for art in comp.recipe.artifacts:
+            for uri in (art.uri, art.sig_uri, art.cert_uri):
+                if not uri or "://" in uri:
+                    continue
+                rel = repo_path(uri, file=comp.recipe.source, field="artifacts.uri")
+                dest = root / rel
+                if dest.exists():
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tree.export(rel, dest)
+    done.write_text(tip + "\n")
+    return root
+
+
+def op_fetch(req: dict[str, Any]) -> dict[str, Any]:
+    from keystone.sources.git import GitSource
+
+    src = req["source"]
+    mirror = _mirror(req)
+    result = GitSource(src["url"], src.get("ref") or "refs/heads/main", mirror, timeout=float(src.get("timeout") or 60)).fetch()
+    base = {"source": result.source, "bytes": result.bytes_received, "changed": result.changed}
+    tip = result.revision
+    if tip == req.get("applied") and not req.get("force"):
+        return {"ok": True, "up_to_date": True, "revision": tip, **base}
+    if tip in (req.get("known_bad") or {}) and not req.get("force"):
+        return {"ok": True, "known_bad": True, "revision": tip, **base}
+    try:
+        out = verify_and_resolve(req, mirror, tip)
+    except KeystoneError as exc:
+        return {"ok": False, "revision": tip, "error": _error(exc), **base}
+    return {**out, **base}
+
+
+def op_verify_rev(req: dict[str, Any]) -> dict[str, Any]:
+    mirror = _mirror(req)
+    tip = mirror.resolve(req["rev"])
+    try:
+        return verify_and_resolve(req, mirror, tip)
+    except KeystoneError as exc:
+        return {"ok": False, "revision": tip, "error": _error(exc)}
+
+
+def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
+    from keystone.sources.bundle import import_bundle
+
+    mirror = _mirror(req)
+    info = import_bundle(Path(req["bundle"]), mirror, max_bytes=int(req.get("max_bytes") or (4 << 30)))
+    base = {"source": req.get("source_label") or f"bundle:{Path(req['bundle']).name}", "bytes": info.size,
+            "changed": True, "bundle_kind": info.kind, "bundle_artifacts": [a.sha256 for a in info.artifacts]}  # fmt: skip
+    tip = info.revision
+    if tip == req.get("applied") and not req.get("force"):
+        return {"ok": True, "up_to_date": True, "revision": tip, **base}
+    try:
+        out = verify_and_resolve(req, mirror, tip)
+    except KeystoneError as exc:
+        return {"ok": False, "revision": tip, "error": _error(exc), **base}
+    return {**out, **base}
+
+
+def op_mark_applied(req: dict[str, Any]) -> dict[str, Any]:
+    """Record the anti-rollback anchor in the mirror (survives loss of the state dir)."""
+    mirror = _mirror(req)
+    mirror.set_ref(APPLIED_REF, req["rev"])
+    return {"ok": True}
+
+
+OPS = {
+    "fetch": op_fetch,
+    "verify-rev": op_verify_rev,
+    "import-bundle": op_import_bundle,
+    "mark-applied": op_mark_applied,
+}
+
+
+def main() -> int:
+    """Read one request, answer it, exit 0 (a crash exits 1 with a traceback on stderr)."""
+    req = json.loads(sys.stdin.read())
+    try:
+        answer = OPS[req["op"]](req)
+    except KeystoneError as exc:
+        answer = {"ok": False, "error": _error(exc)}
+    except Exception as exc:
+        traceback.print_exc()
+        answer = {"ok": False, "error": {"type": type(exc).__name__, "kind": "bug", "message": str(exc)}}
+    sys.stdout.write(json.dumps(answer))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
