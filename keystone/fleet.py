@@ -4,6 +4,7 @@ commit, and collect what a bundle must carry. No agent is needed; nothing is dep
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,7 +103,13 @@ def all_labels(repo: Path, rev: str | None) -> list[str]:
     return [name for name, is_dir in tree.listdir("labels") if is_dir and tree.read(f"labels/{name}/plan.toml") is not None]
 
 
-def bundle_artifacts(repo: Path, rev: str, *, label_sets: Sequence[Sequence[str]], work: Path) -> list[tuple[str, Path, str]]:
+def all_devices(repo: Path, rev: str | None) -> list[str]:
+    """Every device id that has a plan of its own in the repository."""
+    tree, _ = Checkout(repo).tree(rev)
+    return [name for name, is_dir in tree.listdir("devices") if is_dir and tree.read(f"devices/{name}/plan.toml") is not None]
+
+
+def bundle_artifacts(repo: Path, rev: str, *, targets: Sequence[tuple[str, Sequence[str]]], work: Path) -> list[tuple[str, Path, str]]:
     """Every artifact the selected plans need at ``rev``, as ``(sha256, file, name)``.
 
     Repo-relative artifacts are exported from the commit; remote ones are downloaded (and
@@ -115,10 +122,10 @@ def bundle_artifacts(repo: Path, rev: str, *, label_sets: Sequence[Sequence[str]
     m = Checkout(repo).mirror()
     sha = m.resolve(rev)
     tree = m.file_source(sha)
-    store = ArtifactStore(ArtifactPolicy.from_env(work / "cache", dict(__import__("os").environ)))
+    store = ArtifactStore(ArtifactPolicy.from_env(work / "cache", dict(os.environ)))
     seen: dict[str, tuple[str, Path, str]] = {}
-    for labels in label_sets:
-        plan, _ = resolve_at(repo, sha, device="bundle", labels=labels)
+    for device, labels in targets:
+        plan, _ = resolve_at(repo, sha, device=device, labels=labels)
         for comp in plan.components.values():
             for art in comp.recipe.artifacts:
                 if "://" not in art.uri:
