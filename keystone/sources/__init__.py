@@ -1,0 +1,68 @@
+"""Where revisions come from: git remotes, bundles, and the local mirror they land in.
+
+The public surface, importable without loading dulwich (it is imported inside the functions
+that need it, so the resident agent stays small):
+
+* :class:`FetchResult`, :class:`Source`, :class:`FileSource`, :class:`DirectoryReader` (base)
+* :class:`GitMirror`, :class:`TreeReader`, :class:`GitSource` (git)
+* :class:`BundleInfo`, :class:`BundleArtifact`, :func:`create_bundle`, :func:`inspect_bundle`,
+  :func:`import_bundle`, :func:`extract_bundle_artifact`, :func:`write_git_bundle` (bundle)
+"""
+
+from __future__ import annotations
+
+from keystone.sources.base import (
+    DirectoryReader,
+    FetchResult,
+    FileSource,
+    HistoryLimitExceeded,
+    IncompleteHistory,
+    PackTooLarge,
+    RemoteRefNotFound,
+    Source,
+    UnknownRevision,
+    redact_url,
+    split_repo_path,
+)
+from keystone.sources.bundle import (
+    BundleArtifact,
+    BundleInfo,
+    create_bundle,
+    extract_bundle_artifact,
+    import_bundle,
+    inspect_bundle,
+    write_git_bundle,
+)
+from keystone.sources.git import (
+    DEFAULT_MAX_PACK_BYTES,
+    FETCHED_REF,
+    GitMirror,
+    GitSource,
+    TreeReader,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PACK_BYTES",
+    "FETCHED_REF",
+    "BundleArtifact",
+    "BundleInfo",
+    "DirectoryReader",
+    "FetchResult",
+    "FileSource",
+    "GitMirror",
+    "GitSource",
+    "HistoryLimitExceeded",
+    "IncompleteHistory",
+    "PackTooLarge",
+    "RemoteRefNotFound",
+    "Source",
+    "TreeReader",
+    "UnknownRevision",
+    "create_bundle",
+    "extract_bundle_artifact",
+    "import_bundle",
+    "inspect_bundle",
+    "redact_url",
+    "split_repo_path",
+    "write_git_bundle",
+]
