@@ -284,6 +284,13 @@ def _scan_tar(f: BinaryIO, file_size: int, where: str) -> list[_Member]:
         if len(header) < _BLOCK:
             raise BundleError(f"{where}: truncated (the tar archive ends in the middle)")
         if header == b"\0" * _BLOCK:
+            # The end: two zero blocks (tar may pad to a 10 KiB record), and nothing else.
+            f.seek(pos)
+            tail = f.read(min(file_size - pos, 20 * _BLOCK + 1))
+            if len(tail) < 2 * _BLOCK or len(tail) > 20 * _BLOCK or tail.strip(b"\0"):
+                raise BundleError(
+                    f"{where}: truncated or damaged after its last member (offset {pos})"
+                )
             return members
         stored = _octal(header[148:156], "checksum", where)
         computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
@@ -565,7 +572,8 @@ def import_bundle(
             mirror.ingest_pack(pack.read, max_bytes=max_bytes, what=f"the pack in {where}")
         except PackRejected as exc:
             raise BundleError(
-                f"{where}: {exc.reason}; nothing was imported and the device's refs are unchanged"
+                f"{where}: {exc.reason}; nothing was imported (the device's refs are unchanged); "
+                "copy the bundle again, or re-create it"
             ) from exc
         except PackTooLarge as exc:
             raise BundleError(f"{where}: {exc}") from exc

@@ -617,7 +617,7 @@ def _describe_pack_error(exc: BaseException) -> str:
     from dulwich.errors import ApplyDeltaError, ChecksumMismatch, ObjectFormatException
 
     if isinstance(exc, ChecksumMismatch):
-        return f"pack checksum mismatch ({exc}); the data was damaged in transit or on the medium"
+        return f"pack checksum mismatch ({exc}): the data was damaged or cut short"
     if isinstance(exc, ApplyDeltaError):
         return f"a delta in the pack does not apply ({exc})"
     if isinstance(exc, ObjectFormatException):
