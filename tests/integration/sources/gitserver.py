@@ -205,7 +205,10 @@ def serve_git(root: Path, *, log: list[str] | None = None) -> Iterator[str]:
         The base URL, ``http://127.0.0.1:PORT`` (no trailing slash).
     """
     server = _GitHTTPServer(Path(root), log)
-    thread = threading.Thread(target=server.serve_forever, name="git-http", daemon=True)
+    # serve_forever checks for shutdown() between requests every poll_interval seconds.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="git-http", daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
