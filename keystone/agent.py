@@ -80,7 +80,6 @@ class Agent:
         self.stopped = False
         self.ledger: dict[str, Any] = {}
         self.sync_engine: Any = None
-        self.preparer_bundle: Path | None = None
         self._save_pending = False
         self._shutdown: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -104,7 +103,6 @@ class Agent:
         checkout of the revision), and whether its recipes came signed (sha256 required)."""
         self.preparer.repo_root = root if root is not None else Path.cwd()
         self.preparer.require_sha256 = signed
-        self.preparer.bundle = self.preparer_bundle
 
     def _init_metrics(self) -> None:
         from keystone.metrics import Metrics

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -42,18 +41,22 @@ class WorkerPreparer:
         self.allow_unsigned = allow_unsigned
         self.repo_root: Path = Path.cwd()
         self.require_sha256 = False
-        self.bundle: Path | None = None
         self.timeout = 1800.0 + 60.0
         self._prepared: dict[str, list[dict[str, Any]]] = {}
 
     def policy(self) -> dict[str, Any]:
-        return {
-            "cache_dir": str(self.runtime / "artifacts"),
-            "repo_root": str(self.repo_root),
-            "allow_unsigned": self.allow_unsigned,
-            "require_sha256": self.require_sha256,
-            "state_dir": str(self.runtime / "state"),
-        }
+        """The artifact policy for the worker: the Go environment variables plus our settings."""
+        from keystone.runtime.artifacts import ArtifactPolicy
+
+        policy = ArtifactPolicy.from_env(
+            self.runtime / "artifacts",
+            os.environ,
+            repo_root=self.repo_root,
+            allow_unsigned=self.allow_unsigned,
+            require_sha256=self.require_sha256,
+            state_dir=self.runtime / "state",
+        )
+        return policy.to_json()
 
     async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         result = await self.runner.run(
@@ -83,38 +86,30 @@ class WorkerPreparer:
         if not items:
             return
         request: dict[str, Any] = {"policy": self.policy(), "artifacts": items}
-        if self.bundle is not None:
-            request["bundle"] = str(self.bundle)
         answer = await self._call(request)
         if answer.get("error"):
             _raise(answer["error"])
         by_component: dict[str, list[dict[str, Any]]] = {}
-        for item, prepared in zip(items, answer.get("prepared") or [], strict=False):
-            uri = str(item["artifact"]["uri"])  # type: ignore[index]
-            name = uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or prepared.get("sha256", "artifact")
-            by_component.setdefault(str(item["component"]), []).append({**prepared, "name": name})
+        for prepared in answer.get("prepared") or []:
+            by_component.setdefault(str(prepared["component"]), []).append(prepared)
         for c in components:
             if c.recipe.artifacts:
                 self._prepared[c.content_hash()] = by_component.get(c.name, [])
 
     async def install(self, component: Component, workdir: Path) -> None:
         """Copy prepared artifacts into ``workdir`` (the cached originals stay immutable)."""
+        from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, PreparedArtifact
+
         prepared = self._prepared.get(component.content_hash())
         if prepared is None:
             await self.prepare([component])
             prepared = self._prepared.get(component.content_hash(), [])
-        workdir.mkdir(parents=True, exist_ok=True)
-        for p in prepared:
-            unpacked = p.get("unpacked")
-            if unpacked:
-                shutil.copytree(unpacked, workdir, dirs_exist_ok=True, symlinks=True)
-            else:
-                name = p.get("name") or Path(p["path"]).name
-                dest = workdir / name
-                tmp = dest.with_name(f".{dest.name}.partial")
-                shutil.copyfile(p["path"], tmp)
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, dest)
+        store = ArtifactStore(ArtifactPolicy.from_json(self.policy()))
+        try:
+            for p in prepared:
+                store.install(PreparedArtifact.from_json(p), workdir)
+        finally:
+            store.close()
 
     async def gc(self, keep: set[str]) -> dict[str, Any]:
         """Evict least recently used cache entries beyond the limit, never those in ``keep``."""

@@ -219,8 +219,9 @@ class SyncEngine:
     async def _sync(self, *, dry_run: bool, allow_rollback: bool, trigger: str, retry: bool) -> dict[str, Any]:
         t0 = time.monotonic()
         known_bad = {} if retry else self.ledger.get("failed", {})
+        op = "http-fetch" if self.source is not None and self.source.type == "http" else "fetch"
         answer = await self._worker(
-            self._request("fetch", allow_rollback=allow_rollback, known_bad=known_bad, force=allow_rollback or retry)
+            self._request(op, allow_rollback=allow_rollback, known_bad=known_bad, force=allow_rollback or retry)
         )
         return await self._after_verify(answer, dry_run=dry_run, trigger=trigger, t0=t0, allow_rollback=allow_rollback)
 
@@ -230,12 +231,7 @@ class SyncEngine:
         async def go() -> dict[str, Any]:
             t0 = time.monotonic()
             answer = await self._worker(self._request("import-bundle", bundle=str(path), allow_rollback=allow_rollback))
-            if answer.get("ok") and answer.get("bundle_artifacts"):
-                self.agent.preparer_bundle = path
-            try:
-                return await self._after_verify(answer, dry_run=False, trigger="bundle", t0=t0, allow_rollback=allow_rollback)
-            finally:
-                self.agent.preparer_bundle = None
+            return await self._after_verify(answer, dry_run=False, trigger="bundle", t0=t0, allow_rollback=allow_rollback)
 
         return await self._locked(go)
 

@@ -158,7 +158,7 @@ def op_verify_rev(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
-    from keystone.sources.bundle import import_bundle
+    from keystone.sources.bundle import extract_bundle_artifact, import_bundle
 
     mirror = _mirror(req)
     info = import_bundle(Path(req["bundle"]), mirror, max_bytes=int(req.get("max_bytes") or (4 << 30)))
@@ -169,9 +169,102 @@ def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "up_to_date": True, "revision": tip, **base}
     try:
         out = verify_and_resolve(req, mirror, tip)
+        # Only a verified revision's artifacts enter the cache, each hash-checked on the way.
+        cache = Path(req["runtime"]) / "artifacts" / "sha256"
+        for art in info.artifacts:
+            if not (cache / art.sha256).exists():
+                extract_bundle_artifact(Path(req["bundle"]), art.sha256, cache / art.sha256)
     except KeystoneError as exc:
         return {"ok": False, "revision": tip, "error": _error(exc), **base}
     return {**out, **base}
+
+
+def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+    """Fetch the bundle URL conditionally; resume a partial download; bound the size.
+
+    Returns (path of a complete new bundle, or None when unchanged (304), wire stats).
+    """
+    import httpx
+
+    from keystone.errors import BundleError, SourceUnreachable
+    from keystone.state import read_json, write_json
+
+    src = req["source"]
+    url = src["url"]
+    runtime = Path(req["runtime"])
+    limit = int(req.get("max_bytes") or (4 << 30))
+    state_path = runtime / "state" / "http-source.json"
+    state = read_json(state_path, {}) or {}
+    if state.get("url") != url:
+        state = {"url": url}
+    work = runtime / "bundles" / "http"
+    work.mkdir(parents=True, exist_ok=True)
+    partial = work / "download.partial"
+    headers: dict[str, str] = {}
+    have = partial.stat().st_size if partial.exists() and state.get("partial_etag") else 0
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        headers["If-Range"] = state["partial_etag"]
+    elif state.get("etag") or state.get("last_modified"):
+        if state.get("etag"):
+            headers["If-None-Match"] = state["etag"]
+        if state.get("last_modified"):
+            headers["If-Modified-Since"] = state["last_modified"]
+    stats: dict[str, Any] = {"requests": 1, "bytes": 0, "status": None, "resumed_from": have}
+    deadline = time.monotonic() + float(src.get("timeout") or 120) * 10
+    timeout = httpx.Timeout(float(src.get("timeout") or 60), connect=15.0)
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=True) as client, client.stream("GET", url, headers=headers) as resp:
+            stats["status"] = resp.status_code
+            if resp.status_code == 304:
+                return None, stats
+            if resp.status_code not in (200, 206):
+                raise SourceUnreachable(f"bundle URL {url} answered HTTP {resp.status_code}")
+            append = resp.status_code == 206 and have > 0
+            total = have if append else 0
+            declared = resp.headers.get("Content-Length")
+            if declared and int(declared) + total > limit:
+                raise BundleError(f"bundle at {url} is {int(declared) + total} bytes, over the limit of {limit}")
+            etag = resp.headers.get("ETag")
+            state.update({"partial_etag": etag} if etag else {})
+            write_json(state_path, state)
+            with partial.open("ab" if append else "wb") as out:
+                for chunk in resp.iter_bytes(1 << 20):
+                    total += len(chunk)
+                    stats["bytes"] += len(chunk)
+                    if total > limit:
+                        raise BundleError(f"bundle at {url} is over the limit of {limit} bytes; download stopped")
+                    if time.monotonic() > deadline:
+                        raise SourceUnreachable(f"bundle download from {url} took too long; will resume")
+                    out.write(chunk)
+            last_modified = resp.headers.get("Last-Modified")
+    except BundleError:
+        partial.unlink(missing_ok=True)
+        state.pop("partial_etag", None)
+        write_json(state_path, state)
+        raise
+    except httpx.HTTPError as exc:
+        raise SourceUnreachable(f"bundle URL {url} unreachable: {exc}; a partial download resumes next poll") from exc
+    done = work / "current.bundle"
+    partial.replace(done)
+    state.pop("partial_etag", None)
+    state.update({"etag": etag, "last_modified": last_modified, "fetched_at": time.time()})
+    write_json(state_path, state)
+    return done, stats
+
+
+def op_http_fetch(req: dict[str, Any]) -> dict[str, Any]:
+    """Poll an HTTP bundle source; an unchanged bundle costs one conditional request."""
+    try:
+        path, stats = http_download(req)
+    except KeystoneError as exc:
+        return {"ok": False, "error": _error(exc), "source": req["source"]["url"]}
+    if path is None:
+        applied = req.get("applied")
+        return {"ok": True, "up_to_date": True, "revision": applied, "source": req["source"]["url"], "http": stats,
+                "bytes": stats["bytes"], "changed": False}  # fmt: skip
+    out = op_import_bundle({**req, "bundle": str(path), "source_label": req["source"]["url"]})
+    return {**out, "http": stats, "bytes": stats["bytes"]}
 
 
 def op_mark_applied(req: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +278,7 @@ OPS = {
     "fetch": op_fetch,
     "verify-rev": op_verify_rev,
     "import-bundle": op_import_bundle,
+    "http-fetch": op_http_fetch,
     "mark-applied": op_mark_applied,
 }
 
