@@ -991,7 +991,8 @@ def _hash_file(path: Path) -> tuple[str, int]:
 class ArtifactStore:
     """Fetch, verify, cache, unpack, install and collect artifacts under one policy.
 
-    Use as a context manager (or call :meth:`close`) to release the HTTP client.
+    Each :meth:`prepare` opens its HTTP client and closes it before returning, so a store holds
+    no sockets between calls; the context manager form is kept for symmetry.
 
     Args:
         policy: where and how.
@@ -1018,7 +1019,7 @@ class ArtifactStore:
         self.close()
 
     def close(self) -> None:
-        """Close the HTTP client."""
+        """Close the HTTP client if one is open (prepare closes its own)."""
         self._downloader.close()
 
     # layout
@@ -1082,7 +1083,9 @@ class ArtifactStore:
                 "(allow_unsigned_artifacts = false); sign it (docs/trust.md) and add sig_uri",
                 "missing-signature",
             )
-        with self._locked(fcntl.LOCK_SH):
+        # One HTTP client per prepare (artifact, signature, certificate share its connections);
+        # closing it here leaves no socket open between syncs.
+        with self._locked(fcntl.LOCK_SH), contextlib.closing(self._downloader):
             sha, size, tmp = self._obtain(artifact, pinned, label, component)
             try:
                 if pinned is not None and sha != pinned:
@@ -1256,6 +1259,8 @@ class ArtifactStore:
             path.unlink(missing_ok=True)
         for path in meta.glob("cert-*"):
             path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            meta.rmdir()  # only if nothing else (the unpacked size) is left in it
 
     def _verify_signature(
         self, artifact: ArtifactLike, sha: str, label: str, component: str
@@ -1341,6 +1346,8 @@ class ArtifactStore:
                     # The publisher may have re-signed since we cached the files: fetch afresh.
                     self._drop_aux(sha)
                     continue
+                # Keep no files of a refused signature: a fixed one at the same URI is fetched.
+                self._drop_aux(sha)
                 raise refuse(f"signature {sig_label} refused: {exc}", exc.reason) from exc
         raise AssertionError("unreachable")
 
@@ -1414,7 +1421,7 @@ class ArtifactStore:
     def _entries(self) -> list[tuple[str, int, float]]:
         """``(sha, bytes, last_used)`` for every cached blob or tree."""
         shas: set[str] = set()
-        for sub in ("sha256", "unpacked", "meta"):
+        for sub in ("sha256", "unpacked"):
             d = self.root / sub
             if d.is_dir():
                 shas.update(n for n in os.listdir(d) if _HEX64.match(n))
@@ -1452,7 +1459,7 @@ class ArtifactStore:
         return sum(size for _sha, size, _used in self._entries())
 
     def cached(self) -> list[str]:
-        """The sha256s in the cache."""
+        """The sha256s whose blob or unpacked tree is in the cache."""
         return sorted(sha for sha, _size, _used in self._entries())
 
     def gc(self, keep: Set[str]) -> GcReport:
@@ -1475,6 +1482,11 @@ class ArtifactStore:
                 for name in os.listdir(unpacked_root):
                     if name.startswith(".staging-"):
                         remove_tree(unpacked_root / name)
+            meta_root = self.root / "meta"
+            if meta_root.is_dir():
+                for name in os.listdir(meta_root):
+                    if not self.blob_path(name).exists() and not self.unpacked_path(name).exists():
+                        remove_tree(meta_root / name)  # signature files of nothing cached
             entries = self._entries()
             total = sum(size for _sha, size, _used in entries)
             limit = self.policy.cache_limit_bytes
