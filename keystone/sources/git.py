@@ -28,7 +28,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from dulwich.client import GitClient
     from dulwich.object_store import BaseObjectStore
     from dulwich.objects import ObjectID, ShaFile
+    from dulwich.pack import Pack
     from dulwich.repo import Repo
 
 __all__ = [
@@ -168,6 +169,11 @@ class GitMirror:
             os.chmod(staging, 0o755)
             # rename() replaces an empty directory but never a populated one.
             os.rename(staging, path)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Another process created the mirror first; use theirs.
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -414,48 +420,36 @@ class GitMirror:
         """Return the parent commit ids of ``rev``, first parent first."""
         return self._commit_fields(self.resolve(rev))[0]
 
-    def _ancestors(self, start: str, limit: int, purpose: str) -> set[str]:
-        seen = {start}
-        todo = [start]
-        while todo:
-            sha = todo.pop()
-            for parent in self._parents_checked(sha):
-                if parent not in seen:
-                    seen.add(parent)
-                    if len(seen) > limit:
-                        raise HistoryLimitExceeded(
-                            f"{purpose}: history of {start} has more than {limit} commits; "
-                            "raise the walk limit"
-                        )
-                    todo.append(parent)
-        return seen
-
-    def _parents_checked(self, sha: str) -> tuple[str, ...]:
+    def _parents_checked(self, sha: str) -> tuple[tuple[str, ...], int]:
+        """Return (parents, commit time) of ``sha``; a missing commit is IncompleteHistory."""
         try:
-            return self._commit_fields(sha)[0]
+            parents, when, _tree = self._commit_fields(sha)
         except UnknownRevision as exc:
             raise IncompleteHistory(
                 f"the mirror at {self.path} lacks commit {sha}, an ancestor of the revision "
                 "being checked; fetch again or import a full bundle"
             ) from exc
+        return parents, when
 
     def is_ancestor(
         self, ancestor: str, descendant: str, *, limit: int = DEFAULT_WALK_LIMIT
     ) -> bool:
         """Return whether ``ancestor`` is ``descendant`` or one of its ancestors.
 
-        Same answer as ``git merge-base --is-ancestor``. The walk visits at most ``limit``
-        commits and raises :class:`HistoryLimitExceeded` rather than guess.
+        Same answer as ``git merge-base --is-ancestor``. The walk goes newest commit first, so a
+        true answer costs about the number of commits made since ``ancestor``; a false one
+        walks the whole history of ``descendant``. It visits at most ``limit`` commits and
+        raises :class:`HistoryLimitExceeded` rather than guess.
         """
         target = self.resolve(ancestor)
         start = self.resolve(descendant)
         if target == start:
             return True
         seen = {start}
-        todo = [start]
-        while todo:
-            sha = todo.pop()
-            for parent in self._parents_checked(sha):
+        heap = [(-self._parents_checked(start)[1], start)]
+        while heap:
+            _t, sha = heapq.heappop(heap)
+            for parent in self._parents_checked(sha)[0]:
                 if parent == target:
                     return True
                 if parent not in seen:
@@ -465,7 +459,7 @@ class GitMirror:
                             f"ancestry check {target[:12]}..{start[:12]}: walked more than "
                             f"{limit} commits without an answer; raise the walk limit"
                         )
-                    todo.append(parent)
+                    heapq.heappush(heap, (-self._parents_checked(parent)[1], parent))
         return False
 
     def commits_between(
@@ -473,34 +467,80 @@ class GitMirror:
     ) -> list[str]:
         """Return the commits reachable from ``new`` and not from ``old``, newest first.
 
-        The set is ``git rev-list old..new`` (``git rev-list new`` when ``old`` is None); the
-        order is by committer time, newest first, as ``git rev-list`` prints it. Used to check
-        every commit since the applied revision (``verify = "all"``).
+        The answer of ``git rev-list new ^old`` (``git rev-list new`` when ``old`` is None), in
+        the same order: by committer time, newest first. Used to check every commit since the
+        applied revision (``verify = "all"``).
+
+        Both sides are walked together, newest first, marking what each reaches (git's own
+        method), and the walk stops once nothing left to visit is newer than the oldest commit
+        found: the cost is about the number of new commits, not the length of the history.
+        Should committer clocks have gone backwards, the error is on the safe side: a commit
+        may be listed that ``old`` already had, never the other way round.
+
+        Raises:
+            HistoryLimitExceeded: more than ``limit`` commits would be visited.
         """
-        new_sha = self.resolve(new)
-        excluded: set[str] = set()
-        if old is not None:
-            excluded = self._ancestors(self.resolve(old), limit, "commits_between")
-        out: list[str] = []
-        seen = {new_sha}
-        counter = 0
+        new_bit, old_bit = 1, 2
+        flags: dict[str, int] = {}
+        times: dict[str, int] = {}
+        queued: set[str] = set()
         heap: list[tuple[int, int, str]] = []
-        if new_sha not in excluded:
-            heap.append((-self._commit_fields(new_sha)[1], counter, new_sha))
+        order: list[str] = []
+        listed: set[str] = set()
+        counter = 0
+        interesting = 0  # queued commits not (yet) reachable from old
+        oldest_new: int | None = None
+        parents_of: dict[str, tuple[str, ...]] = {}
+
+        def load(sha: str) -> None:
+            parents_of[sha], times[sha] = self._parents_checked(sha)
+
+        def mark(sha: str, bit: int) -> None:
+            nonlocal counter, interesting
+            prev = flags.get(sha, 0)
+            if prev | bit == prev:
+                return
+            flags[sha] = prev | bit
+            if sha in queued:
+                if bit == old_bit:
+                    interesting -= 1
+                return
+            if prev & old_bit:
+                return  # already excluded, and its parents with it
+            if sha not in times:
+                load(sha)
+            counter += 1
+            heapq.heappush(heap, (-times[sha], counter, sha))
+            queued.add(sha)
+            if not flags[sha] & old_bit:
+                interesting += 1
+
+        mark(self.resolve(new), new_bit)
+        if old is not None:
+            mark(self.resolve(old), old_bit)
+        visits = 0
         while heap:
+            newest = -heap[0][0]
+            if interesting == 0 and (oldest_new is None or newest < oldest_new):
+                break
             _t, _n, sha = heapq.heappop(heap)
-            out.append(sha)
-            if len(out) > limit:
+            queued.discard(sha)
+            bits = flags[sha]
+            if not bits & old_bit:
+                interesting -= 1
+                if sha not in listed:
+                    listed.add(sha)
+                    order.append(sha)
+                    oldest_new = times[sha] if oldest_new is None else min(oldest_new, times[sha])
+            visits += 1
+            if visits > 2 * limit:
                 raise HistoryLimitExceeded(
-                    f"commits_between: more than {limit} commits since {old}; raise the limit"
+                    f"commits_between {old}..{new}: walked more than {limit} commits; raise "
+                    "the walk limit"
                 )
-            for parent in self._parents_checked(sha):
-                if parent in seen or parent in excluded:
-                    continue
-                seen.add(parent)
-                counter += 1
-                heapq.heappush(heap, (-self._commit_fields(parent)[1], counter, parent))
-        return out
+            for parent in parents_of[sha]:
+                mark(parent, bits)
+        return [sha for sha in order if flags[sha] == new_bit]
 
     # -- trees --------------------------------------------------------------------------------
 
@@ -577,14 +617,19 @@ class GitMirror:
                         raise
                     except Exception as exc:
                         raise PackRejected(_describe_pack_error(exc)) from exc
-                    ids = [_hex(sha) for sha in pack]
-                    if ids:
-                        _check_connected(quarantine, ids)
+                    count = len(pack)
+                    if count:
+                        try:
+                            _check_connected(quarantine, pack)
+                        except PackRejected:
+                            raise
+                        except Exception as exc:
+                            raise PackRejected(_describe_pack_error(exc)) from exc
                 finally:
                     quarantine.close()
-                if ids:
+                if count:
                     self._adopt_packs(qdir / "pack")
-                return len(ids)
+                return count
             finally:
                 shutil.rmtree(qdir, ignore_errors=True)
 
@@ -630,17 +675,20 @@ def _describe_pack_error(exc: BaseException) -> str:
     return f"the pack is damaged or truncated ({type(exc).__name__}: {text})"
 
 
-def _check_connected(store: BaseObjectStore, ids: Sequence[str]) -> None:
-    """Refuse a pack whose commits, trees or tags point at objects that do not exist."""
+def _check_connected(store: BaseObjectStore, pack: Pack) -> None:
+    """Refuse a pack whose commits, trees or tags point at objects that do not exist.
+
+    Objects already in the mirror were checked when they arrived, so only the links leaving
+    the new pack need a lookup. The pack is read once, sequentially.
+    """
     from dulwich.objects import Commit, ObjectID, Tag, Tree
 
-    new = set(ids)
+    new = set(pack)
 
     def present(sha: bytes) -> bool:
-        return _hex(sha) in new or ObjectID(sha) in store
+        return sha in new or ObjectID(sha) in store
 
-    for hexsha in ids:
-        obj = store[ObjectID(hexsha.encode("ascii"))]
+    for obj in pack.iterobjects():
         missing: list[tuple[str, bytes]] = []
         if isinstance(obj, Commit):
             missing += [("tree", obj.tree)] if not present(obj.tree) else []
@@ -657,8 +705,8 @@ def _check_connected(store: BaseObjectStore, ids: Sequence[str]) -> None:
         if missing:
             what, sha = missing[0]
             raise PackRejected(
-                f"{obj.type_name.decode()} {hexsha} refers to {what} {_hex(sha)}, which is "
-                "neither in the pack nor in the mirror (an incomplete pack or a missing "
+                f"{obj.type_name.decode()} {_hex(obj.id)} refers to {what} {_hex(sha)}, which "
+                "is neither in the pack nor in the mirror (an incomplete pack or a missing "
                 "prerequisite)"
             )
 
@@ -1012,6 +1060,13 @@ class GitSource:
             check_deadline()
 
         try:
+            if _is_local(client):
+                # dulwich's local client walks the whole pack even when nothing is wanted;
+                # reading the refs first keeps an unchanged poll cheap.
+                advertised = client.get_refs(os.fsencode(path)).refs
+                known = {k: v for k, v in advertised.items() if v is not None}
+                if not determine_wants(known):
+                    return str(state["tip"]), 0
             client.fetch_pack(
                 path,
                 determine_wants,
@@ -1200,6 +1255,12 @@ class GitSource:
             return SourceUnreachable(f"cannot reach {where}: {reason}; {then}")
         text = str(exc) or type(exc).__name__
         return SourceUnreachable(f"fetch from {where} failed: {text}; {then}")
+
+
+def _is_local(client: GitClient) -> bool:
+    from dulwich.client import LocalGitClient
+
+    return isinstance(client, LocalGitClient)
 
 
 def _local_client() -> GitClient:
