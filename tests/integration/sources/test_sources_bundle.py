@@ -114,6 +114,19 @@ class TestBundlesMadeByGit:
         assert info.revision == fleet.rev("side")
 
 
+class TestSameRevisionAnyMedium:
+    def test_fetch_after_bundle_import_is_unchanged(
+        self, fleet: FleetRepo, mirror: GitMirror, two_revisions: tuple[str, str], tmp_path: Path
+    ) -> None:
+        """A bundle of the remote's tip leaves nothing for the next git fetch to download."""
+        _old, new = two_revisions
+        out = tmp_path / "usb.kbundle"
+        create_bundle(out, fleet.work, "main", None, [])
+        assert import_bundle(out, mirror, max_bytes=MAX).revision == new
+        result = GitSource(str(fleet.bare), "main", mirror).fetch()
+        assert (result.revision, result.changed, result.bytes_received) == (new, False, 0)
+
+
 class TestBundlesWeWrite:
     def test_full_bundle_verifies_and_clones(
         self, fleet: FleetRepo, two_revisions: tuple[str, str], tmp_path: Path

@@ -6,6 +6,8 @@ import contextlib
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,6 +307,51 @@ class TestUnreachable:
         """A URL Keystone cannot fetch from is a ValidationError, not a retry loop."""
         with pytest.raises(ValidationError):
             GitSource(url, "main", mirror).fetch()
+
+
+class TestDeadline:
+    def test_total_deadline_abandons_the_fetch(
+        self, fleet: FleetRepo, mirror: GitMirror, http_base: str
+    ) -> None:
+        """Past total_timeout the fetch is abandoned as SourceUnreachable; nothing is stored."""
+        fleet.commit({"a": "1"})
+        source = GitSource(f"{http_base}/fleet.git", "main", mirror, total_timeout=1e-6)
+        with pytest.raises(SourceUnreachable, match="took longer than"):
+            source.fetch()
+        assert mirror.ref(FETCHED_REF) is None
+
+
+FETCH_CHILD = """
+import sys
+from pathlib import Path
+from keystone.sources import GitMirror, GitSource
+with GitMirror(Path(sys.argv[1])) as mirror:
+    print(GitSource(sys.argv[2], "main", mirror).fetch().revision)
+"""
+
+
+class TestConcurrentWriters:
+    def test_two_processes_fetching_into_one_mirror(self, fleet: FleetRepo, tmp_path: Path) -> None:
+        """Two worker processes fetching at once both succeed and leave one clean mirror."""
+        fleet.commit({"blob": os.urandom(200_000)})
+        tip = fleet.commit({"a": "1"})
+        repo = tmp_path / "runtime" / "repo"
+        GitMirror(repo).close()
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", FETCH_CHILD, str(repo), str(fleet.bare)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
+        outputs = [child.communicate(timeout=120) for child in children]
+        assert [c.returncode for c in children] == [0, 0], outputs
+        assert [out.decode().strip() for out, _err in outputs] == [tip, tip]
+        with GitMirror(repo) as mirror:
+            assert mirror.ref(FETCHED_REF) == tip
+            assert not [p for p in repo.iterdir() if p.name.startswith("keystone-incoming-")]
+            run_git("fsck", "--strict", "--no-dangling", cwd=repo, env=fleet.env)
 
 
 class TestForeignRepositoryIsInert:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -125,6 +126,79 @@ class TestAncestry:
             mirror.is_ancestor(history["U"], history["E"], limit=3)
         with pytest.raises(HistoryLimitExceeded):
             mirror.commits_between(None, history["E"], limit=3)
+
+
+def _random_history(fleet: FleetRepo, seed: int, count: int, skew: bool) -> list[str]:
+    """Commits with random parents (forks and merges), made with `git commit-tree`.
+
+    With ``skew``, one commit in five has a committer time far in the past, as a device with
+    a wrong clock would write it. The last commit merges every tip, so one ref holds them all.
+    """
+    rng = random.Random(seed)
+    tree = fleet.git("write-tree").strip()
+    commits: list[str] = []
+    tips: set[str] = set()
+    for i in range(count):
+        parents = rng.sample(commits, k=min(len(commits), rng.choice([1, 1, 1, 2])))
+        when = BASE + 60 * i - (86400 * rng.randint(1, 30) if skew and rng.random() < 0.2 else 0)
+        stamp = {"GIT_COMMITTER_DATE": f"{when} +0000", "GIT_AUTHOR_DATE": f"{when} +0000"}
+        args = ["commit-tree", tree, "-m", f"c{i}"]
+        for parent in parents:
+            args += ["-p", parent]
+        sha = fleet.git(*args, env=stamp).strip()
+        commits.append(sha)
+        tips.difference_update(parents)
+        tips.add(sha)
+    args = ["commit-tree", tree, "-m", "all"]
+    for tip in sorted(tips):
+        args += ["-p", tip]
+    top = fleet.git(*args, env={"GIT_COMMITTER_DATE": f"{BASE + 60 * count} +0000"}).strip()
+    fleet.git("update-ref", "refs/heads/main", top)
+    fleet.push()
+    return [*commits, top]
+
+
+BASE = 1_700_000_000
+
+
+class TestAncestryOnRandomHistories:
+    @pytest.mark.parametrize("seed", [1, 2, 3])
+    def test_matches_git_on_sampled_pairs(
+        self, seed: int, fleet: FleetRepo, mirror: GitMirror
+    ) -> None:
+        """On random forked and merged histories, both walks agree with git for sampled pairs."""
+        commits = _random_history(fleet, seed, 60, skew=False)
+        _fetch(fleet, mirror)
+        rng = random.Random(seed)
+        for _ in range(40):
+            old, new = rng.choice(commits), rng.choice(commits)
+            expected = fleet.git("rev-list", new, f"^{old}").split()
+            assert mirror.commits_between(old, new) == expected, (old, new)
+            proc = subprocess.run(
+                ["git", "merge-base", "--is-ancestor", old, new], cwd=fleet.work, env=fleet.env,
+                capture_output=True, check=False,
+            )  # fmt: skip
+            assert mirror.is_ancestor(old, new) is (proc.returncode == 0)
+
+    @pytest.mark.parametrize("seed", [4, 5])
+    def test_skewed_clocks_never_hide_a_new_commit(
+        self, seed: int, fleet: FleetRepo, mirror: GitMirror
+    ) -> None:
+        """With committer clocks that go backwards, every truly new commit is still listed."""
+        commits = _random_history(fleet, seed, 60, skew=True)
+        _fetch(fleet, mirror)
+        rng = random.Random(seed)
+        exact_answers = 0
+        for _ in range(40):
+            old, new = rng.choice(commits), rng.choice(commits)
+            truth = set(fleet.git("rev-list", new).split()) - set(
+                fleet.git("rev-list", old).split()
+            )
+            ours = mirror.commits_between(old, new)
+            assert truth <= set(ours), (old, new)
+            assert len(ours) == len(set(ours))
+            exact_answers += set(ours) == truth
+        assert exact_answers >= 20  # the rest list a few extra (already-applied) commits
 
 
 class TestResolve:
