@@ -98,8 +98,9 @@ def parse_plan(text: str, *, file: str) -> PlanFile:
         seen[name] = line
         if not recipe.strip():
             raise r.error((*path, "recipe"), "must not be empty")
+        recipe_line = r.index.line((*path, "recipe"))
         entries.append(
-            PlanEntry(name, recipe, r.flag((*path, "enabled"), default=True), file, line)
+            PlanEntry(name, recipe, r.flag((*path, "enabled"), default=True), file, recipe_line)
         )
     return PlanFile(tuple(entries), file, tuple(r.unknown_messages()))
 
