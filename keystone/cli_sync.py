@@ -185,3 +185,151 @@ def bundle_inspect(
     sig = data.get("signature")
     if sig is not None and not sig["ok"]:
         raise typer.Exit(3)
+
+
+# --- commands that talk to the running agent ------------------------------------------------
+
+AddrOpt = Annotated[str, typer.Option("--addr", envvar="KEYSTONE_ADDR", help="agent API address")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="KEYSTONE_API_TOKEN", help="API token")]
+SshOpt = Annotated[str | None, typer.Option("--ssh", envvar="KEYSTONE_SSH", help="tunnel through ssh [user@]host[:port]")]
+DEFAULT_ADDR = "http://127.0.0.1:8080"
+
+
+def _call(addr: str, token: str | None, ssh: str | None, method: str, path: str, *, params: dict[str, str] | None = None,
+          body: bytes | None = None, timeout: float = 600.0, content_type: str = "application/json") -> Any:  # fmt: skip
+    from keystone.client import api_call
+
+    return api_call(addr, token, ssh, method, path, params=params, body=body, timeout=timeout, content_type=content_type)
+
+
+SYNC_EXIT = {"applied": 0, "up-to-date": 0, "dry-run": 0, "rolled-back": 4, "refused": 3, "known-bad": 3,
+             "unreachable": 1, "error": 1}  # fmt: skip
+
+
+def _sync_human(d: dict[str, Any]) -> str:
+    out = [f"result:    {d['result']}", f"revision:  {d.get('revision') or '-'}"]
+    if d.get("previous") and d.get("previous") != d.get("revision"):
+        out.append(f"previous:  {d['previous']}")
+    if d.get("signer"):
+        out.append(f"signer:    {d['signer']} {d.get('fingerprint') or ''}".rstrip())
+    if d.get("source"):
+        out.append(f"source:    {d['source']}")
+    ch = d.get("changes")
+    if ch:
+        for key in ("added", "changed", "restarted", "removed"):
+            if ch.get(key):
+                out.append(f"{key + ':':<10} {', '.join(ch[key])}")
+        if not any(ch.get(k) for k in ("added", "changed", "restarted", "removed")):
+            out.append("changes:   none")
+    if d.get("error"):
+        out.append(f"reason:    {d['error']}")
+    out.append(f"took:      {d.get('duration', 0):.2f}s")
+    return "\n".join(out)
+
+
+def sync_cmd(
+    once: Annotated[bool, typer.Option("--once", help="one sync now (the agent keeps polling on its own)")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry", help="fetch, verify and diff; deploy nothing")] = False,
+    allow_rollback: Annotated[bool, typer.Option("--allow-rollback", help="accept a tip that does not descend from the applied revision, this once")] = False,
+    retry: Annotated[bool, typer.Option("--retry", help="try a revision that failed before again")] = False,
+    addr: AddrOpt = DEFAULT_ADDR,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sync the running agent now: fetch, verify, diff and deploy. Prints revision, signer, changes."""
+    params = {"dry": str(dry_run).lower(), "allow_rollback": str(allow_rollback).lower(), "retry": str(retry).lower()}
+    data = _call(addr, token, ssh, "POST", "/v1/sync", params=params)
+    emit(data, as_json, _sync_human)
+    raise typer.Exit(SYNC_EXIT.get(str(data.get("result")), 1))
+
+
+def history_cmd(
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 20,
+    addr: AddrOpt = DEFAULT_ADDR,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Syncs, deployments, rollbacks and imports, newest first."""
+    data = _call(addr, token, ssh, "GET", "/v1/history", params={"limit": str(limit)})
+
+    def human(rows: list[dict[str, Any]]) -> str:
+        table = [[_when(r.get("time")), r.get("kind", ""), r.get("result", ""), _short(r.get("revision")),
+                  (r.get("error") or (r.get("changes") and _changes_brief(r["changes"])) or "")[:90]] for r in rows]  # fmt: skip
+        return _table(table, ["TIME", "KIND", "RESULT", "REVISION", "DETAIL"]) if rows else "no history yet"
+
+    emit(data, as_json, human)
+
+
+def _changes_brief(ch: dict[str, list[str]]) -> str:
+    parts = [f"{k} {','.join(v)}" for k, v in ch.items() if v and k != "unchanged"]
+    return "; ".join(parts)
+
+
+def rollback_cmd(
+    to: Annotated[str | None, typer.Option("--to", help="revision to go back to (default: last known-good)")] = None,
+    addr: AddrOpt = DEFAULT_ADDR,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deploy the last known-good revision (or --to REV) again; it is verified like any other."""
+    data = _call(addr, token, ssh, "POST", "/v1/rollback", params={"to": to} if to else None)
+    emit(data, as_json, _sync_human)
+    raise typer.Exit(SYNC_EXIT.get(str(data.get("result")), 1))
+
+
+def suspend_cmd(addr: AddrOpt = DEFAULT_ADDR, token: TokenOpt = None, ssh: SshOpt = None, as_json: JsonOpt = False) -> None:
+    """Stop polling the source; running components are untouched."""
+    emit(_call(addr, token, ssh, "POST", "/v1/suspend"), as_json, lambda d: "polling suspended")
+
+
+def resume_cmd(addr: AddrOpt = DEFAULT_ADDR, token: TokenOpt = None, ssh: SshOpt = None, as_json: JsonOpt = False) -> None:
+    """Start polling again."""
+    emit(_call(addr, token, ssh, "POST", "/v1/resume"), as_json, lambda d: "polling resumed")
+
+
+@bundle_app.command("import")
+def bundle_import(
+    path: Annotated[Path, typer.Argument(help="bundle file (keystone bundle create, or git bundle create)")],
+    stage: Annotated[bool, typer.Option("--stage", help="do not contact the agent: stage for its next start")] = False,
+    runtime: Annotated[Path | None, typer.Option("--runtime", envvar="KEYSTONE_RUNTIME", help="agent runtime dir (for --stage)")] = None,
+    addr: AddrOpt = DEFAULT_ADDR,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a bundle into the running agent (verified exactly as a git sync), or stage it."""
+    from keystone.errors import AgentUnreachable
+    from keystone.sync.imports import stage_bundle
+
+    if not path.is_file():
+        raise typer.BadParameter(f"{path}: no such file", param_hint="PATH")
+    if not stage:
+        try:
+            data = _call(addr, token, ssh, "POST", "/v1/bundles:import", body=path.read_bytes(),
+                         content_type="application/octet-stream")  # fmt: skip
+        except AgentUnreachable:
+            if runtime is None and not Path("runtime").is_dir():
+                raise
+            stage = True
+        else:
+            emit(data, as_json, _sync_human)
+            raise typer.Exit(SYNC_EXIT.get(str(data.get("result")), 1))
+    from keystone.offline import runtime_dir
+
+    staged = stage_bundle(runtime or runtime_dir(), path)
+    emit({"result": "staged", "path": str(staged)}, as_json,
+         lambda d: f"no agent answered; staged {path} as {d['path']}: the agent imports it when it starts")  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    """Add the GitOps commands to the main app."""
+    app.add_typer(plan_app, name="plan")
+    app.add_typer(bundle_app, name="bundle")
+    app.command("sync")(sync_cmd)
+    app.command("history")(history_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.command("suspend")(suspend_cmd)
+    app.command("resume")(resume_cmd)
