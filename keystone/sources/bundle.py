@@ -32,6 +32,7 @@ Prerequisites are checked against the mirror first. Refs change only after every
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -527,11 +528,13 @@ def import_bundle(
 ) -> BundleInfo:
     """Add a bundle's commits to the mirror and point ``refs/keystone/fetched`` at its tip.
 
-    In order: the headers are read and cross-checked; a Keystone bundle's ``repo.bundle`` is
-    hashed against its manifest; every prerequisite must already be a commit in the mirror; the
-    pack is then ingested through the mirror's quarantine (checksum, objects, connectivity); the
-    tip must be a commit in the mirror. Only then does the ref move. Any failure leaves the
-    mirror's refs as they were. Artifacts are not touched: use :func:`extract_bundle_artifact`.
+    In order: the headers are read and cross-checked; every prerequisite must already be a
+    commit in the mirror; a Keystone bundle's ``repo.bundle`` is hashed against its manifest;
+    the pack is then ingested through the mirror's quarantine (checksum, objects,
+    connectivity); the tip must be a commit in the mirror. Only then does the ref move. Any
+    failure leaves the mirror's refs as they were. Artifacts are not touched: use
+    :func:`extract_bundle_artifact`. An annotated tag as the tip is peeled: the returned
+    ``revision`` is always a commit.
 
     Args:
         path: The bundle file (Keystone or plain git bundle).
@@ -549,18 +552,18 @@ def import_bundle(
         layout = _open_layout(f, size, where, ref)
         info = layout.info
         repo = layout.repo
+        for prerequisite in info.prerequisites:
+            if not mirror.has(prerequisite):
+                raise BundleError(
+                    f"{where}: the bundle needs commit {prerequisite} which this device does "
+                    "not have; import a full bundle or one made since a revision the device has"
+                )
         if layout.repo_sha256 is not None:
             digest = _hash_section(_Section(f, repo.offset, repo.size))
             if digest != layout.repo_sha256:
                 raise BundleError(
                     f"{where}: {REPO_MEMBER} is damaged (sha256 {digest} does not match the "
                     "manifest); copy the bundle again"
-                )
-        for prerequisite in info.prerequisites:
-            if not mirror.has(prerequisite):
-                raise BundleError(
-                    f"{where}: the bundle needs commit {prerequisite} which this device does "
-                    "not have; import a full bundle or one made since a revision the device has"
                 )
         pack_len = repo.size - layout.git.length
         if pack_len > max_bytes:
@@ -586,8 +589,9 @@ def import_bundle(
         raise BundleError(
             f"{where}: the bundle does not contain its tip commit {info.revision} for {info.ref}"
         )
-    mirror.set_ref(FETCHED_REF, info.revision)
-    return info
+    revision = mirror.resolve(info.revision)
+    mirror.set_ref(FETCHED_REF, revision)
+    return dataclasses.replace(info, revision=revision)
 
 
 def extract_bundle_artifact(path: Path, sha256: str, dest: Path) -> None:

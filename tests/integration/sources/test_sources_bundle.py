@@ -91,6 +91,16 @@ class TestBundlesMadeByGit:
         assert bundle.read_bytes().startswith(b"# v3 git bundle\n")
         assert import_bundle(bundle, mirror, max_bytes=MAX).revision == two_revisions[1]
 
+    def test_annotated_tag_bundle_yields_the_commit(
+        self, fleet: FleetRepo, mirror: GitMirror, two_revisions: tuple[str, str], tmp_path: Path
+    ) -> None:
+        """A bundle of an annotated tag imports; the revision is the tagged commit."""
+        fleet.git("tag", "-a", "-m", "release", "v1", "--no-sign")
+        bundle = _git_bundle(fleet, tmp_path / "tag.bundle", "v1")
+        info = import_bundle(bundle, mirror, max_bytes=MAX)
+        assert (info.ref, info.revision) == ("refs/tags/v1", two_revisions[1])
+        assert mirror.ref(FETCHED_REF) == two_revisions[1]
+
     def test_missing_prerequisite_is_refused_first(
         self, fleet: FleetRepo, mirror: GitMirror, two_revisions: tuple[str, str], tmp_path: Path
     ) -> None:
