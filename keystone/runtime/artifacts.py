@@ -190,7 +190,7 @@ class ArtifactArchiveError(_ArtifactContext, UnsafeArchiveError):
 class ArtifactDownloadError(_ArtifactContext, ArtifactFetchError):
     """A download that failed after its retries (network, server, deadline): retry later.
 
-    ``reason``: ``network``, ``http-status``, ``deadline``, ``too-slow``, ``not-found``.
+    ``reason``: ``network``, ``http-status``, ``deadline``, ``too-slow``, ``not-found``, ``io``.
     """
 
 
@@ -1178,6 +1178,15 @@ class ArtifactStore:
                     assert location.path is not None
                     self._copy_local(location.path, sink, limit, label, component, uri)
                 fh.flush()
+            except OSError as exc:  # disk full, a medium pulled out mid-copy
+                path.unlink(missing_ok=True)
+                raise ArtifactDownloadError(
+                    f"{label}: I/O error while fetching into the cache {self.root} "
+                    f"({exc.strerror or exc}); the agent will try again at the next sync",
+                    reason="io",
+                    component=component,
+                    uri=redact_uri(uri),
+                ) from exc
             except BaseException:
                 path.unlink(missing_ok=True)
                 raise
@@ -1198,7 +1207,7 @@ class ArtifactStore:
         except OSError as exc:
             raise ArtifactDownloadError(
                 f"{label}: cannot read {path} ({exc.strerror})",
-                reason="network",
+                reason="io",
                 component=component,
                 uri=redact_uri(uri),
             ) from exc

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loguru import logger
+
 from keystone.errors import UsageError, VerificationError
 
 HIGH_WATER = "high-water"
@@ -201,7 +203,11 @@ class TrustedClock:
         reading = self.read()
         # Persist only when the mark lags by a minute or more: a verification burst costs one write.
         if reading.system > reading.mark + MARK_WRITE_INTERVAL_S:
-            self.observe(reading.system)
+            try:
+                self.observe(reading.system)
+            except OSError as exc:
+                # Judging still works from the reading; only the protection for later is lost.
+                logger.warning("cannot persist the trust clock mark in {}: {}", self.state_dir, exc)
             reading = ClockReading(system=reading.system, build=reading.build, mark=reading.system)
         if self.policy == STRICT and not reading.trusted:
             raise ClockBehind(
