@@ -518,7 +518,12 @@ def unpack(
                 f"archive {label}: cannot be read ({exc}); nothing was unpacked", reason="damaged"
             ) from exc
         os.chmod(staging, 0o555)
-        os.rename(staging, dest)
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            if dest.is_dir():  # another process unpacked the same archive meanwhile
+                raise FileExistsError(dest) from None
+            raise
     except BaseException:
         remove_tree(staging)
         raise
