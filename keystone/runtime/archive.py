@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from keystone.errors import UnsafeArchiveError
+from keystone.state import fsync_dir
 
 DEFAULT_MAX_EXTRACT_BYTES = 2 * 1024**3
 DEFAULT_MAX_FILES = 100_000
@@ -528,9 +529,5 @@ def unpack(
         remove_tree(staging)
         raise
     with contextlib.suppress(OSError):
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(dest.parent)
     return result

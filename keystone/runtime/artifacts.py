@@ -60,6 +60,7 @@ from keystone.runtime.archive import (
     unpack,
 )
 from keystone.runtime.clock import CLOCK_POLICIES, HIGH_WATER, ClockBehind, TrustedClock
+from keystone.state import fsync_dir, write_json
 from keystone.units import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -954,11 +955,7 @@ def _content_range(value: str) -> tuple[int, int | None]:
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
 
 def _copy_file(src: Path, dst_fd: int) -> None:
@@ -1379,9 +1376,7 @@ class ArtifactStore:
             ) from exc
         meta = self._meta(sha)
         meta.mkdir(parents=True, exist_ok=True)
-        (meta / "unpacked.json").write_text(
-            json.dumps({"bytes": result.bytes, "files": result.files}), encoding="utf-8"
-        )
+        write_json(meta / "unpacked.json", {"bytes": result.bytes, "files": result.files})
         return dest
 
     def _touch(self, sha: str) -> None:

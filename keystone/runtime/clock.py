@@ -19,8 +19,6 @@ clock is behind what the device has already seen.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 from loguru import logger
 
 from keystone.errors import UsageError, VerificationError
+from keystone.state import write_json
 
 HIGH_WATER = "high-water"
 STRICT = "strict"
@@ -176,23 +175,7 @@ class TrustedClock:
         path = self.mark_path
         if path is None or when <= self.mark():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"high_water": when, "utc": _iso(when)}) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=".trust-clock.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json(path, {"high_water": when, "utc": _iso(when)})
 
     def verification_time(self) -> ClockReading:
         """Return the reading to judge certificates by, advancing the mark first.
