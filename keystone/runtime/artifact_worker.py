@@ -50,7 +50,6 @@ from keystone.runtime.artifacts import (
     GcReport,
     PreparedArtifact,
     clock_trusted,
-    normalize_sha256,
     public_error_type,
     redact_uri,
 )
@@ -317,19 +316,6 @@ async def prepare_in_worker_async(
         raise
     assert proc.returncode is not None
     return parse_answer(stdout, stderr, proc.returncode)
-
-
-def gc_keep_from(shas: Sequence[str | None]) -> list[str]:
-    """Normalize pins (``sha256:`` prefixes, case) for ``gc_keep``, dropping unset ones."""
-    out = []
-    for sha in shas:
-        try:
-            value = normalize_sha256(sha)
-        except ValueError:
-            continue
-        if value is not None:
-            out.append(value)
-    return out
 
 
 if __name__ == "__main__":
