@@ -238,6 +238,7 @@ class Agent:
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
             self.plan_path = source
+            self._background_task(self._gc())
         if record:
             self._record_deploy("apply", result, source=source)
         elif self.metrics is not None:
@@ -279,6 +280,30 @@ class Agent:
         if self.api is not None:
             self.api.stop()
         return 0
+
+    async def _gc(self) -> None:
+        """Trim the artifact cache, keeping what the applied and last known-good plans need."""
+        applied = self.deployer.applied.components.values()
+        keep = {a.sha256 for c in applied for a in c.recipe.artifacts if a.sha256}
+        keep |= {p["sha256"] for c in applied for p in self.preparer.prepared_for(c)}
+        lkg = self.ledger.get("lkg_plan") or {}
+        for comp in lkg.get("components") or []:
+            try:
+                from keystone.recipe import parse_recipe
+
+                recipe = parse_recipe(comp["recipe_text"], file=comp.get("recipe_source", ""), environ=substitution_env())
+            except KeystoneError:
+                continue
+            keep |= {a.sha256 for a in recipe.artifacts if a.sha256}
+        if not any(c.recipe.artifacts for c in self.deployer.applied.components.values()) and not keep:
+            return
+        try:
+            report = await self.preparer.gc(keep)
+        except KeystoneError as exc:
+            logger.warning("artifact cache GC failed: {}", exc)
+            return
+        if self.metrics is not None and report.get("remaining_bytes") is not None:
+            self.metrics.set_cache_bytes(int(report["remaining_bytes"]))
 
     def request_shutdown(self) -> None:
         if self.loop is not None and self._shutdown is not None:

@@ -111,6 +111,10 @@ class WorkerPreparer:
         finally:
             store.close()
 
+    def prepared_for(self, component: Component) -> list[dict[str, Any]]:
+        """What ``prepare`` produced for this component version (empty if nothing)."""
+        return list(self._prepared.get(component.content_hash(), []))
+
     async def gc(self, keep: set[str]) -> dict[str, Any]:
         """Evict least recently used cache entries beyond the limit, never those in ``keep``."""
         answer = await self._call({"policy": self.policy(), "artifacts": [], "gc_keep": sorted(keep)})

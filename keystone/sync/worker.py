@@ -83,6 +83,7 @@ def verify_and_resolve(req: dict[str, Any], mirror: Any, tip: str) -> dict[str, 
         raise StaleRevision(
             f"revision {tip[:12]} was committed {age / 3600:.1f}h ago, older than max_age {max_age / 3600:.1f}h"
         )
+    _observe_time(req, commit_time)
     device = req.get("device") or {}
     tree = mirror.file_source(tip)
     environ = dict(req.get("environ") or {})
@@ -103,6 +104,16 @@ def verify_and_resolve(req: dict[str, Any], mirror: Any, tip: str) -> dict[str, 
         "checkout": str(checkout),
         "warnings": list(desired.warnings),
     }
+
+
+def _observe_time(req: dict[str, Any], when: float) -> None:
+    """A verified commit's time is evidence of the current time: advance the trusted clock."""
+    import os
+
+    from keystone.runtime.artifacts import ArtifactPolicy, observe_trusted_time
+
+    runtime = Path(req["runtime"])
+    observe_trusted_time(ArtifactPolicy.from_env(runtime / "artifacts", os.environ, state_dir=runtime / "state"), when)
 
 
 def _export_artifacts(req: dict[str, Any], tree: Any, tip: str, desired: Any) -> Path:
