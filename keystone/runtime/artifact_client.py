@@ -65,6 +65,7 @@ class WorkerPreparer:
             env=dict(os.environ),
             timeout=self.timeout,
             input=json.dumps(request).encode(),
+            max_output=64 << 20,
         )
         if result.timed_out:
             raise errors.ArtifactFetchError(f"artifact preparation timed out after {self.timeout:g}s")

@@ -203,6 +203,7 @@ class SyncEngine:
             env=dict(os.environ),
             timeout=timeout,
             input=json.dumps(request).encode(),
+            max_output=64 << 20,
         )
         if result.timed_out:
             return {"ok": False, "error": {"type": "Timeout", "kind": "retryable",
