@@ -51,7 +51,9 @@ def substitution_env() -> dict[str, str]:
 class Agent:
     """One device's agent. Implements ``keystone.control.AgentControl``."""
 
-    def __init__(self, config: AgentConfig, *, http: str | None = None, tuning: RestartTuning | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, *, http: str | None = None, tuning: RestartTuning | None = None
+    ) -> None:
         self.config = config
         self.runtime = config.runtime.resolve()
         self.listen = http or config.api.listen
@@ -60,7 +62,7 @@ class Agent:
         for sub in ("state", "components", "logs", "artifacts", "recipes"):
             (self.runtime / sub).mkdir(parents=True, exist_ok=True)
         self.snapshot_path = self.runtime / "state" / "agent.json"
-        self.history = History(self.runtime / "state" / "history.jsonl")
+        self.events = History(self.runtime / "state" / "history.jsonl")
         self.store = RecipeStore(self.runtime / "recipes")
         self.runner = ProcessRunner(cgroup_root=detect_cgroup_root())
         install_timeout = parse_duration(os.environ.get("KEYSTONE_INSTALL_TIMEOUT", "2m"))
@@ -73,7 +75,7 @@ class Agent:
             on_change=self._on_component_change,
         )
         self.plan_path = ""
-        self.plan_status = "idle"
+        self.plan_state = "idle"
         self.plan_error: str | None = None
         self.unknown_fields: list[str] = []
         self.last_reconcile: float | None = None
@@ -111,7 +113,9 @@ class Agent:
 
     def _on_component_change(self, sup: Supervisor) -> None:
         if self.metrics is not None:
-            self.metrics.set_component(sup.name, sup.state.value, sup.healthy, sup.restarts, sup.pid)
+            self.metrics.set_component(
+                sup.name, sup.state.value, sup.healthy, sup.restarts, sup.pid
+            )
         if self.sync_engine is not None:
             self.sync_engine.on_component_change(sup)
         self.save_soon()
@@ -193,7 +197,12 @@ class Agent:
             cgroup = Path(rec["cgroup"]) if rec.get("cgroup") else None
             handle = self.runner.adopt(name, rec["pid"], rec["pgid"], rec["start_ticks"], cgroup)
             comp = plan.components.get(name)
-            if handle is not None and comp is not None and comp.content_hash() == rec.get("hash") and not self.stopped:
+            if (
+                handle is not None
+                and comp is not None
+                and comp.content_hash() == rec.get("hash")
+                and not self.stopped
+            ):
                 sup = self.deployer.make_supervisor(comp)
                 self.deployer.supervisors[name] = sup
                 sup.adopt(handle)
@@ -213,7 +222,7 @@ class Agent:
             if result.rolled_back:
                 self.metrics.rollback("ok" if not result.rollback_errors else "failed")
         if kind != "restore" or not result.ok:
-            self.history.append({"kind": kind, "result": outcome, **result.to_json(), **extra})
+            self.events.append({"kind": kind, "result": outcome, **result.to_json(), **extra})
 
     async def apply(self, plan: DesiredPlan, *, source: str, record: bool = True) -> DeployResult:
         """Deploy ``plan`` (a validated DesiredPlan) and record the outcome.
@@ -221,20 +230,22 @@ class Agent:
         ``record=False`` leaves the history entry to the caller (the sync engine writes one
         record per sync with the revision).
         """
-        self.plan_status = "applying"
+        self.plan_state = "applying"
         self.plan_error = None
         self.unknown_fields = list(plan.unknown_fields)
         self.stopped = False
         try:
             result = await self.deployer.deploy(plan)
         except KeystoneError as exc:
-            self.plan_status = "failed"
+            self.plan_state = "failed"
             self.plan_error = str(exc)
             if record:
-                self.history.append({"kind": "apply", "result": "refused", "error": str(exc), "source": source})
+                self.events.append(
+                    {"kind": "apply", "result": "refused", "error": str(exc), "source": source}
+                )
             self._save_soon()
             raise
-        self.plan_status = "running" if result.ok else "failed"
+        self.plan_state = "running" if result.ok else "failed"
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
             self.plan_path = source
@@ -260,11 +271,17 @@ class Agent:
             result = await self.apply(initial, source=initial_source)
             if not result.ok:
                 logger.error("initial plan failed: {}: {}", result.failed, result.reason)
-        self.plan_status = "stopped" if self.stopped else ("running" if self.deployer.applied.components else "idle")
+        self.plan_state = (
+            "stopped"
+            if self.stopped
+            else ("running" if self.deployer.applied.components else "idle")
+        )
         self._start_notifier()
         self._start_sync()
         self._start_reconcile_timer()
-        logger.info("agent ready: {} component(s); API on {}", len(self.deployer.supervisors), self.listen)
+        logger.info(
+            "agent ready: {} component(s); API on {}", len(self.deployer.supervisors), self.listen
+        )
         await self._shutdown.wait()
         logger.info("shutting down: stopping components in reverse order")
         if self.notifier is not None:
@@ -291,11 +308,18 @@ class Agent:
             try:
                 from keystone.recipe import parse_recipe
 
-                recipe = parse_recipe(comp["recipe_text"], file=comp.get("recipe_source", ""), environ=substitution_env())
+                recipe = parse_recipe(
+                    comp["recipe_text"],
+                    file=comp.get("recipe_source", ""),
+                    environ=substitution_env(),
+                )
             except KeystoneError:
                 continue
             keep |= {a.sha256 for a in recipe.artifacts if a.sha256}
-        if not any(c.recipe.artifacts for c in self.deployer.applied.components.values()) and not keep:
+        if (
+            not any(c.recipe.artifacts for c in self.deployer.applied.components.values())
+            and not keep
+        ):
             return
         try:
             report = await self.preparer.gc(keep)
@@ -323,7 +347,9 @@ class Agent:
         if api.tls_cert and api.tls_key:
             tls = TlsConfig(cert=api.tls_cert, key=api.tls_key, client_ca=api.client_ca)
         token = resolve_token(self.runtime, os.environ)
-        self.api = ApiServer(self, listen=self.listen, token=token, token_file=self.runtime / "api.token", tls=tls)
+        self.api = ApiServer(
+            self, listen=self.listen, token=token, token_file=self.runtime / "api.token", tls=tls
+        )
         self.api.start()
 
     def _start_notifier(self) -> None:
@@ -355,7 +381,11 @@ class Agent:
         async def loop() -> None:
             from keystone.sync.scheduler import device_offset
 
-            jitter = self.config.reconcile_jitter if self.config.reconcile_jitter is not None else interval * 0.1
+            jitter = (
+                self.config.reconcile_jitter
+                if self.config.reconcile_jitter is not None
+                else interval * 0.1
+            )
             await asyncio.sleep(device_offset(self.config.device_id, jitter))
             while True:
                 await self.repair()
@@ -374,7 +404,7 @@ class Agent:
             self.metrics.reconcile("ok", time.monotonic() - t0, len(repaired))
         if repaired:
             logger.info("repaired: {}", ", ".join(repaired))
-            self.history.append({"kind": "repair", "result": "ok", "components": repaired})
+            self.events.append({"kind": "repair", "result": "ok", "components": repaired})
         return repaired
 
     # --- AgentControl (called from API threads) ---------------------------------------------
@@ -402,7 +432,9 @@ class Agent:
         }
 
     def components(self) -> list[JSON]:
-        return [s.to_json() for s in sorted(self.deployer.supervisors.values(), key=lambda s: s.name)]
+        return [
+            s.to_json() for s in sorted(self.deployer.supervisors.values(), key=lambda s: s.name)
+        ]
 
     def _sup(self, name: str) -> Supervisor:
         sup = self.deployer.supervisors.get(name)
@@ -422,20 +454,32 @@ class Agent:
 
         async def go() -> tuple[int | None, list[str]]:
             return await asyncio.wait_for(
-                self.deployer.restart_component(name, wait_health=wait == "health", timeout=timeout), timeout
+                self.deployer.restart_component(
+                    name, wait_health=wait == "health", timeout=timeout
+                ),
+                timeout,
             )
 
         try:
             pid, dependents = self._call(go, timeout + 5)
         except TimeoutError as exc:
             raise TimeoutError(f"restart of {name} did not finish within {timeout:g}s") from exc
-        return {"component": name, "pid": pid if pid is not None else sup.pid, "dependents": dependents}
+        return {
+            "component": name,
+            "pid": pid if pid is not None else sup.pid,
+            "dependents": dependents,
+        }
 
     def recipes(self) -> list[JSON]:
         import hashlib
 
         return [
-            {"name": n, "version": v, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "path": str(p)}
+            {
+                "name": n,
+                "version": v,
+                "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                "path": str(p),
+            }
             for n, v, p in self.store.list()
         ]
 
@@ -444,19 +488,26 @@ class Agent:
             recipe, path, replaced = self.store.put(text, force=force, environ=substitution_env())
         except FileExistsError as exc:
             raise Conflict(str(exc)) from None
-        return {"name": recipe.name, "version": recipe.version, "path": str(path), "replaced": replaced}
+        return {
+            "name": recipe.name,
+            "version": recipe.version,
+            "path": str(path),
+            "replaced": replaced,
+        }
 
     def delete_recipe(self, name: str, version: str) -> None:
         for comp in self.deployer.applied.components.values():
             if comp.recipe_ref == f"{name}:{version}":
-                raise Conflict(f"recipe {name}:{version} is used by component {comp.name} of the applied plan")
+                raise Conflict(
+                    f"recipe {name}:{version} is used by component {comp.name} of the applied plan"
+                )
         if not self.store.delete(name, version):
             raise NotFound(f"recipe {name}:{version} is not in the store")
 
     def plan_status(self) -> JSON:
         return {
             "planPath": self.plan_path,
-            "status": "stopped" if self.stopped else self.plan_status,
+            "status": "stopped" if self.stopped else self.plan_state,
             "error": self.plan_error,
             "unknownFields": self.unknown_fields,
             "lastReconcile": self.last_reconcile,
@@ -479,11 +530,15 @@ class Agent:
                 raise ValidationError(
                     f"recipe {e.recipe!r}: the API takes store references name:version only; "
                     "upload recipes first (keystone upload-recipe)",
-                    file=e.file, line=e.line, field="recipe",
-                )  # fmt: skip
+                    file=e.file,
+                    line=e.line,
+                    field="recipe",
+                )
             return store_only(e)
 
-        return resolve_entries(entries, reader, environ=substitution_env(), sources=("api",), unknown=unknown)
+        return resolve_entries(
+            entries, reader, environ=substitution_env(), sources=("api",), unknown=unknown
+        )
 
     def apply_plan(self, text: str, *, dry: bool) -> JSON:
         plan = self._plan_from_text(text)
@@ -514,8 +569,8 @@ class Agent:
         async def go() -> None:
             self.stopped = True
             await self.deployer.stop_all(reason="plan stopped by operator")
-            self.plan_status = "stopped"
-            self.history.append({"kind": "stop-plan", "result": "ok"})
+            self.plan_state = "stopped"
+            self.events.append({"kind": "stop-plan", "result": "ok"})
             self._save()
 
         self._call(go)
@@ -534,7 +589,9 @@ class Agent:
     def _polling_engine(self) -> Any:
         eng = self._engine()
         if self.config.source is None or not self.config.source.url:
-            raise UsageError("no [source] is configured on this agent; set [source] url in agent.toml")
+            raise UsageError(
+                "no [source] is configured on this agent; set [source] url in agent.toml"
+            )
         return eng
 
     def revision(self) -> JSON:
@@ -543,11 +600,16 @@ class Agent:
 
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         eng = self._polling_engine()
-        result: JSON = self._call(lambda: eng.sync_now(dry_run=dry_run, allow_rollback=allow_rollback, trigger="manual", retry=retry), None)
+        result: JSON = self._call(
+            lambda: eng.sync_now(
+                dry_run=dry_run, allow_rollback=allow_rollback, trigger="manual", retry=retry
+            ),
+            None,
+        )
         return result
 
     def history(self, *, limit: int) -> list[JSON]:
-        return self.history.newest(limit)
+        return self.events.newest(limit)
 
     def rollback(self, *, to: str | None) -> JSON:
         eng = self._engine()

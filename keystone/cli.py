@@ -36,13 +36,27 @@ def _root() -> None:
 @app.command("agent")
 def agent_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="agent.toml")] = None,
-    http: Annotated[str | None, typer.Option("--http", help="API listen address (default 127.0.0.1:8080)")] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="run the built-in db -> cache -> api stack")] = False,
-    apply: Annotated[Path | None, typer.Option("--apply", help="apply this plan file at start")] = None,
-    runtime: Annotated[Path | None, typer.Option("--runtime", envvar="KEYSTONE_RUNTIME", help="runtime dir")] = None,
-    labels: Annotated[str | None, typer.Option("--labels", help="device labels, comma separated")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="device id (default: hostname)")] = None,
-    log_json: Annotated[bool, typer.Option("--log-json", help="JSON log lines for journald/collectors")] = False,
+    http: Annotated[
+        str | None, typer.Option("--http", help="API listen address (default 127.0.0.1:8080)")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="run the built-in db -> cache -> api stack")
+    ] = False,
+    apply: Annotated[
+        Path | None, typer.Option("--apply", help="apply this plan file at start")
+    ] = None,
+    runtime: Annotated[
+        Path | None, typer.Option("--runtime", envvar="KEYSTONE_RUNTIME", help="runtime dir")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="device labels, comma separated")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="device id (default: hostname)")
+    ] = None,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="JSON log lines for journald/collectors")
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT."""
@@ -84,7 +98,9 @@ def agent_cmd(
 @app.command("serve-artifacts")
 def serve_artifacts_cmd(
     root: Annotated[Path, typer.Option("--root", help="directory to serve")] = Path("artifacts"),
-    addr: Annotated[str, typer.Option("--addr", help="listen address; ':9000' means all interfaces")] = ":9000",
+    addr: Annotated[
+        str, typer.Option("--addr", help="listen address; ':9000' means all interfaces")
+    ] = ":9000",
 ) -> None:
     """Serve artifact files over HTTP with Range, ETag and /healthz (the Go keystoneserver)."""
     from keystone.runtime.artifacts import serve_artifacts

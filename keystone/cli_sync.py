@@ -37,7 +37,9 @@ def _when(t: Any) -> str:
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -45,8 +47,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def plan_render(
     repo: RepoOpt = Path("."),
     labels: LabelsOpt = "",
-    device: Annotated[str, typer.Option("--device", help="device id (for devices/<id>/plan.toml)")] = "any-device",
-    rev: Annotated[str | None, typer.Option("--rev", help="commit or ref (default: the working tree)")] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="device id (for devices/<id>/plan.toml)")
+    ] = "any-device",
+    rev: Annotated[
+        str | None, typer.Option("--rev", help="commit or ref (default: the working tree)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the plan a device would run, and the file each component came from."""
@@ -55,10 +61,20 @@ def plan_render(
     data = fleet.render(repo, rev, device=device, labels=_labels(labels))
 
     def human(d: dict[str, Any]) -> str:
-        out = [f"revision: {d['revision']}   device: {d['device']}   labels: {', '.join(d['labels']) or '-'}",
-               f"plan files: {', '.join(d['plan_files']) or 'none'}", ""]  # fmt: skip
-        rows = [[str(c["layer"]), c["name"], c["recipe"], c["version"], c["recipe_file"], c["from"]] for c in d["components"]]
-        out.append(_table(rows, ["LAYER", "COMPONENT", "RECIPE", "VERSION", "RECIPE FILE", "FROM"]) if rows else "no components")
+        out = [
+            f"revision: {d['revision']}   device: {d['device']}   labels: {', '.join(d['labels']) or '-'}",
+            f"plan files: {', '.join(d['plan_files']) or 'none'}",
+            "",
+        ]
+        rows = [
+            [str(c["layer"]), c["name"], c["recipe"], c["version"], c["recipe_file"], c["from"]]
+            for c in d["components"]
+        ]
+        out.append(
+            _table(rows, ["LAYER", "COMPONENT", "RECIPE", "VERSION", "RECIPE FILE", "FROM"])
+            if rows
+            else "no components"
+        )
         out += [f"warning: {w}" for w in d["warnings"] + d["unknown_fields"]]
         return "\n".join(out)
 
@@ -88,8 +104,15 @@ def plan_diff(
             out.append(f"  {key:<10} {', '.join(ch[key]) or '-'}")
         if d["actions"]:
             out.append("")
-            out.append(_table([[a["action"], a["component"], a["version"], str(a["layer"]), a["reason"]] for a in d["actions"]],
-                              ["ACTION", "COMPONENT", "VERSION", "LAYER", "WHY"]))  # fmt: skip
+            out.append(
+                _table(
+                    [
+                        [a["action"], a["component"], a["version"], str(a["layer"]), a["reason"]]
+                        for a in d["actions"]
+                    ],
+                    ["ACTION", "COMPONENT", "VERSION", "LAYER", "WHY"],
+                )
+            )
         return "\n".join(out)
 
     emit(data, as_json, human)
@@ -100,10 +123,18 @@ def bundle_create(
     out: Annotated[Path, typer.Argument(help="bundle file to write")],
     repo: RepoOpt = Path("."),
     rev: Annotated[str, typer.Option("--rev", help="commit or ref to carry")] = "HEAD",
-    since: Annotated[str | None, typer.Option("--since", help="incremental: commit the devices already have")] = None,
-    labels: Annotated[str | None, typer.Option("--labels", help="carry artifacts for these labels")] = None,
-    all_labels: Annotated[bool, typer.Option("--all-labels", help="carry artifacts for every label")] = False,
-    device: Annotated[list[str] | None, typer.Option("--device", help="also carry what this device's plan needs")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="incremental: commit the devices already have")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="carry artifacts for these labels")
+    ] = None,
+    all_labels: Annotated[
+        bool, typer.Option("--all-labels", help="carry artifacts for every label")
+    ] = False,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="also carry what this device's plan needs")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write one file with the fleet repo at REV and every artifact its plans need."""
@@ -127,11 +158,26 @@ def bundle_create(
         bar = _Progress(enabled=not as_json)
         info = create_bundle(out, repo, sha, since, [(s, p) for s, p, _ in arts], progress=bar)
         bar.done()
-    data = {"bundle": str(out), "revision": info.revision, "ref": info.ref, "prerequisites": list(info.prerequisites),
-            "artifacts": [{"sha256": a.sha256, "size": a.size, "name": a.name} for a in info.artifacts],
-            "size": info.size}  # fmt: skip
-    emit(data, as_json, lambda d: f"wrote {d['bundle']}: {_short(d['revision'])}, {len(d['artifacts'])} artifact(s), {d['size']} bytes"
-         + (f", needs {', '.join(_short(p) for p in d['prerequisites'])}" if d["prerequisites"] else ""))  # fmt: skip
+    data = {
+        "bundle": str(out),
+        "revision": info.revision,
+        "ref": info.ref,
+        "prerequisites": list(info.prerequisites),
+        "artifacts": [{"sha256": a.sha256, "size": a.size, "name": a.name} for a in info.artifacts],
+        "size": info.size,
+    }
+    emit(
+        data,
+        as_json,
+        lambda d: (
+            f"wrote {d['bundle']}: {_short(d['revision'])}, {len(d['artifacts'])} artifact(s), {d['size']} bytes"
+            + (
+                f", needs {', '.join(_short(p) for p in d['prerequisites'])}"
+                if d["prerequisites"]
+                else ""
+            )
+        ),
+    )
 
 
 class _Progress:
@@ -148,7 +194,11 @@ class _Progress:
             return
         self.last = time.monotonic()
         frac = done / total if total else 1.0
-        typer.echo(f"\r[{'#' * int(frac * 30):<30}] {frac * 100:5.1f}% {done >> 20}/{total >> 20} MiB", err=True, nl=False)
+        typer.echo(
+            f"\r[{'#' * int(frac * 30):<30}] {frac * 100:5.1f}% {done >> 20}/{total >> 20} MiB",
+            err=True,
+            nl=False,
+        )
 
     def done(self) -> None:
         if self.enabled:
@@ -158,7 +208,9 @@ class _Progress:
 @bundle_app.command("inspect")
 def bundle_inspect(
     path: Annotated[Path, typer.Argument(help="bundle file")],
-    allowed_signers: Annotated[Path | None, typer.Option("--allowed-signers", help="check the signature against this file")] = None,
+    allowed_signers: Annotated[
+        Path | None, typer.Option("--allowed-signers", help="check the signature against this file")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Revision, signer, prerequisites, components per label and artifacts of a bundle."""
@@ -167,12 +219,16 @@ def bundle_inspect(
     data = inspect(path, allowed_signers=allowed_signers)
 
     def human(d: dict[str, Any]) -> str:
-        out = [f"bundle:        {d['path']} ({d['kind']}, {d['size']} bytes)",
-               f"revision:      {d['revision']} ({d['ref']})",
-               f"prerequisites: {', '.join(_short(p) for p in d['prerequisites']) or 'none (full bundle)'}"]  # fmt: skip
+        out = [
+            f"bundle:        {d['path']} ({d['kind']}, {d['size']} bytes)",
+            f"revision:      {d['revision']} ({d['ref']})",
+            f"prerequisites: {', '.join(_short(p) for p in d['prerequisites']) or 'none (full bundle)'}",
+        ]
         sig = d.get("signature")
         if sig:
-            out.append(f"signature:     {'good' if sig['ok'] else 'BAD'} ({sig['format']}) {sig.get('signer') or ''} {sig['reason']}")
+            out.append(
+                f"signature:     {'good' if sig['ok'] else 'BAD'} ({sig['format']}) {sig.get('signer') or ''} {sig['reason']}"
+            )
         for label, comps in d.get("components", {}).items():
             out.append(f"components [{label}]: {', '.join(comps) or '-'}")
         for a in d["artifacts"]:
@@ -190,20 +246,53 @@ def bundle_inspect(
 # --- commands that talk to the running agent ------------------------------------------------
 
 AddrOpt = Annotated[str, typer.Option("--addr", envvar="KEYSTONE_ADDR", help="agent API address")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="KEYSTONE_API_TOKEN", help="API token")]
-SshOpt = Annotated[str | None, typer.Option("--ssh", envvar="KEYSTONE_SSH", help="tunnel through ssh [user@]host[:port]")]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="KEYSTONE_API_TOKEN", help="API token")
+]
+SshOpt = Annotated[
+    str | None,
+    typer.Option("--ssh", envvar="KEYSTONE_SSH", help="tunnel through ssh [user@]host[:port]"),
+]
 DEFAULT_ADDR = "http://127.0.0.1:8080"
 
 
-def _call(addr: str, token: str | None, ssh: str | None, method: str, path: str, *, params: dict[str, str] | None = None,
-          body: bytes | None = None, timeout: float = 600.0, content_type: str = "application/json") -> Any:  # fmt: skip
+def _call(
+    addr: str,
+    token: str | None,
+    ssh: str | None,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 600.0,
+    content_type: str = "application/json",
+) -> Any:
     from keystone.client import api_call
 
-    return api_call(addr, token, ssh, method, path, params=params, body=body, timeout=timeout, content_type=content_type)
+    return api_call(
+        addr,
+        token,
+        ssh,
+        method,
+        path,
+        params=params,
+        body=body,
+        timeout=timeout,
+        content_type=content_type,
+    )
 
 
-SYNC_EXIT = {"applied": 0, "up-to-date": 0, "dry-run": 0, "rolled-back": 4, "refused": 3, "known-bad": 3,
-             "unreachable": 1, "error": 1}  # fmt: skip
+SYNC_EXIT = {
+    "applied": 0,
+    "up-to-date": 0,
+    "dry-run": 0,
+    "rolled-back": 4,
+    "refused": 3,
+    "known-bad": 3,
+    "unreachable": 1,
+    "error": 1,
+}
 
 
 def _sync_human(d: dict[str, Any]) -> str:
@@ -228,17 +317,33 @@ def _sync_human(d: dict[str, Any]) -> str:
 
 
 def sync_cmd(
-    once: Annotated[bool, typer.Option("--once", help="one sync now (the agent keeps polling on its own)")] = True,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry", help="fetch, verify and diff; deploy nothing")] = False,
-    allow_rollback: Annotated[bool, typer.Option("--allow-rollback", help="accept a tip that does not descend from the applied revision, this once")] = False,
-    retry: Annotated[bool, typer.Option("--retry", help="try a revision that failed before again")] = False,
+    once: Annotated[
+        bool, typer.Option("--once", help="one sync now (the agent keeps polling on its own)")
+    ] = True,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "--dry", help="fetch, verify and diff; deploy nothing")
+    ] = False,
+    allow_rollback: Annotated[
+        bool,
+        typer.Option(
+            "--allow-rollback",
+            help="accept a tip that does not descend from the applied revision, this once",
+        ),
+    ] = False,
+    retry: Annotated[
+        bool, typer.Option("--retry", help="try a revision that failed before again")
+    ] = False,
     addr: AddrOpt = DEFAULT_ADDR,
     token: TokenOpt = None,
     ssh: SshOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Sync the running agent now: fetch, verify, diff and deploy. Prints revision, signer, changes."""
-    params = {"dry": str(dry_run).lower(), "allow_rollback": str(allow_rollback).lower(), "retry": str(retry).lower()}
+    params = {
+        "dry": str(dry_run).lower(),
+        "allow_rollback": str(allow_rollback).lower(),
+        "retry": str(retry).lower(),
+    }
     data = _call(addr, token, ssh, "POST", "/v1/sync", params=params)
     emit(data, as_json, _sync_human)
     raise typer.Exit(SYNC_EXIT.get(str(data.get("result")), 1))
@@ -255,9 +360,21 @@ def history_cmd(
     data = _call(addr, token, ssh, "GET", "/v1/history", params={"limit": str(limit)})
 
     def human(rows: list[dict[str, Any]]) -> str:
-        table = [[_when(r.get("time")), r.get("kind", ""), r.get("result", ""), _short(r.get("revision")),
-                  (r.get("error") or (r.get("changes") and _changes_brief(r["changes"])) or "")[:90]] for r in rows]  # fmt: skip
-        return _table(table, ["TIME", "KIND", "RESULT", "REVISION", "DETAIL"]) if rows else "no history yet"
+        table = [
+            [
+                _when(r.get("time")),
+                r.get("kind", ""),
+                r.get("result", ""),
+                _short(r.get("revision")),
+                (r.get("error") or (r.get("changes") and _changes_brief(r["changes"])) or "")[:90],
+            ]
+            for r in rows
+        ]
+        return (
+            _table(table, ["TIME", "KIND", "RESULT", "REVISION", "DETAIL"])
+            if rows
+            else "no history yet"
+        )
 
     emit(data, as_json, human)
 
@@ -268,7 +385,9 @@ def _changes_brief(ch: dict[str, list[str]]) -> str:
 
 
 def rollback_cmd(
-    to: Annotated[str | None, typer.Option("--to", help="revision to go back to (default: last known-good)")] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="revision to go back to (default: last known-good)")
+    ] = None,
     addr: AddrOpt = DEFAULT_ADDR,
     token: TokenOpt = None,
     ssh: SshOpt = None,
@@ -280,21 +399,40 @@ def rollback_cmd(
     raise typer.Exit(SYNC_EXIT.get(str(data.get("result")), 1))
 
 
-def suspend_cmd(addr: AddrOpt = DEFAULT_ADDR, token: TokenOpt = None, ssh: SshOpt = None, as_json: JsonOpt = False) -> None:
+def suspend_cmd(
+    addr: AddrOpt = DEFAULT_ADDR,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Stop polling the source; running components are untouched."""
     emit(_call(addr, token, ssh, "POST", "/v1/suspend"), as_json, lambda d: "polling suspended")
 
 
-def resume_cmd(addr: AddrOpt = DEFAULT_ADDR, token: TokenOpt = None, ssh: SshOpt = None, as_json: JsonOpt = False) -> None:
+def resume_cmd(
+    addr: AddrOpt = DEFAULT_ADDR,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Start polling again."""
     emit(_call(addr, token, ssh, "POST", "/v1/resume"), as_json, lambda d: "polling resumed")
 
 
 @bundle_app.command("import")
 def bundle_import(
-    path: Annotated[Path, typer.Argument(help="bundle file (keystone bundle create, or git bundle create)")],
-    stage: Annotated[bool, typer.Option("--stage", help="do not contact the agent: stage for its next start")] = False,
-    runtime: Annotated[Path | None, typer.Option("--runtime", envvar="KEYSTONE_RUNTIME", help="agent runtime dir (for --stage)")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="bundle file (keystone bundle create, or git bundle create)")
+    ],
+    stage: Annotated[
+        bool, typer.Option("--stage", help="do not contact the agent: stage for its next start")
+    ] = False,
+    runtime: Annotated[
+        Path | None,
+        typer.Option(
+            "--runtime", envvar="KEYSTONE_RUNTIME", help="agent runtime dir (for --stage)"
+        ),
+    ] = None,
     addr: AddrOpt = DEFAULT_ADDR,
     token: TokenOpt = None,
     ssh: SshOpt = None,
@@ -308,8 +446,15 @@ def bundle_import(
         raise typer.BadParameter(f"{path}: no such file", param_hint="PATH")
     if not stage:
         try:
-            data = _call(addr, token, ssh, "POST", "/v1/bundles:import", body=path.read_bytes(),
-                         content_type="application/octet-stream")  # fmt: skip
+            data = _call(
+                addr,
+                token,
+                ssh,
+                "POST",
+                "/v1/bundles:import",
+                body=path.read_bytes(),
+                content_type="application/octet-stream",
+            )
         except AgentUnreachable:
             if runtime is None and not Path("runtime").is_dir():
                 raise
@@ -320,8 +465,13 @@ def bundle_import(
     from keystone.offline import runtime_dir
 
     staged = stage_bundle(runtime or runtime_dir(), path)
-    emit({"result": "staged", "path": str(staged)}, as_json,
-         lambda d: f"no agent answered; staged {path} as {d['path']}: the agent imports it when it starts")  # fmt: skip
+    emit(
+        {"result": "staged", "path": str(staged)},
+        as_json,
+        lambda d: (
+            f"no agent answered; staged {path} as {d['path']}: the agent imports it when it starts"
+        ),
+    )
 
 
 def register(app: typer.Typer) -> None:

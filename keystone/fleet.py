@@ -46,12 +46,16 @@ def environ() -> dict[str, str]:
     return substitution_env()
 
 
-def resolve_at(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> tuple[DesiredPlan, str]:
+def resolve_at(
+    repo: Path, rev: str | None, *, device: str, labels: Sequence[str]
+) -> tuple[DesiredPlan, str]:
     """The desired plan of a device at ``rev`` of ``repo``."""
     from keystone.sync.resolve import resolve
 
     tree, label = Checkout(repo).tree(rev)
-    return resolve(tree, device_id=device, labels=labels, environ=environ(), revision=label if rev else ""), label
+    return resolve(
+        tree, device_id=device, labels=labels, environ=environ(), revision=label if rev else ""
+    ), label
 
 
 def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
@@ -71,22 +75,37 @@ def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -
     }
 
 
-def diff(repo: Path, rev_a: str, rev_b: str, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
+def diff(
+    repo: Path, rev_a: str, rev_b: str, *, device: str, labels: Sequence[str]
+) -> dict[str, Any]:
     """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order."""
     a, la = resolve_at(repo, rev_a, device=device, labels=labels)
     b, lb = resolve_at(repo, rev_b, device=device, labels=labels)
     changes, actions = plan_actions(a, b)
-    return {"from": la, "to": lb, "changes": changes.to_json(), "actions": [x.to_json() for x in actions]}
+    return {
+        "from": la,
+        "to": lb,
+        "changes": changes.to_json(),
+        "actions": [x.to_json() for x in actions],
+    }
 
 
-def verify(repo: Path, rev: str, *, allowed_signers: Path | None, gpg_home: Path | None = None,
-           revoked_keys: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def verify(
+    repo: Path,
+    rev: str,
+    *,
+    allowed_signers: Path | None,
+    gpg_home: Path | None = None,
+    revoked_keys: Path | None = None,
+) -> dict[str, Any]:
     """The signature verdict of commit ``rev``, as the agent would judge it."""
     from keystone.trust import CommitVerifier, TrustPolicy
 
     m = Checkout(repo).mirror()
     sha = m.resolve(rev)
-    verdict = CommitVerifier(TrustPolicy(allowed_signers, gpg_home, revoked_keys)).verify(m.raw_commit(sha), revision=sha)
+    verdict = CommitVerifier(TrustPolicy(allowed_signers, gpg_home, revoked_keys)).verify(
+        m.raw_commit(sha), revision=sha
+    )
     return {
         "revision": sha,
         "ok": verdict.ok,
@@ -100,16 +119,26 @@ def verify(repo: Path, rev: str, *, allowed_signers: Path | None, gpg_home: Path
 def all_labels(repo: Path, rev: str | None) -> list[str]:
     """Every label that has a plan in the repository."""
     tree, _ = Checkout(repo).tree(rev)
-    return [name for name, is_dir in tree.listdir("labels") if is_dir and tree.read(f"labels/{name}/plan.toml") is not None]
+    return [
+        name
+        for name, is_dir in tree.listdir("labels")
+        if is_dir and tree.read(f"labels/{name}/plan.toml") is not None
+    ]
 
 
 def all_devices(repo: Path, rev: str | None) -> list[str]:
     """Every device id that has a plan of its own in the repository."""
     tree, _ = Checkout(repo).tree(rev)
-    return [name for name, is_dir in tree.listdir("devices") if is_dir and tree.read(f"devices/{name}/plan.toml") is not None]
+    return [
+        name
+        for name, is_dir in tree.listdir("devices")
+        if is_dir and tree.read(f"devices/{name}/plan.toml") is not None
+    ]
 
 
-def bundle_artifacts(repo: Path, rev: str, *, targets: Sequence[tuple[str, Sequence[str]]], work: Path) -> list[tuple[str, Path, str]]:
+def bundle_artifacts(
+    repo: Path, rev: str, *, targets: Sequence[tuple[str, Sequence[str]]], work: Path
+) -> list[tuple[str, Path, str]]:
     """Every artifact the selected plans need at ``rev``, as ``(sha256, file, name)``.
 
     Repo-relative artifacts are exported from the commit; remote ones are downloaded (and
@@ -135,15 +164,17 @@ def bundle_artifacts(repo: Path, rev: str, *, targets: Sequence[tuple[str, Seque
                     if art.sha256 and art.sha256 != digest:
                         raise ValidationError(
                             f"artifact {art.uri} of {comp.name} hashes to {digest}, the recipe pins {art.sha256}",
-                            file=comp.recipe.source, field="artifacts.sha256",
-                        )  # fmt: skip
+                            file=comp.recipe.source,
+                            field="artifacts.sha256",
+                        )
                     seen.setdefault(digest, (digest, dest, art.uri))
                 else:
                     if not art.sha256:
                         raise ValidationError(
                             f"artifact {art.uri} of {comp.name} has no sha256; a bundle carries only pinned artifacts",
-                            file=comp.recipe.source, field="artifacts.sha256",
-                        )  # fmt: skip
+                            file=comp.recipe.source,
+                            field="artifacts.sha256",
+                        )
                     if art.sha256 in seen:
                         continue
                     prepared = store.prepare(art, component=comp.name)

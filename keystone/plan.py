@@ -192,14 +192,18 @@ class FileRecipes:
             if self.store is None:
                 raise ValidationError(
                     f"recipe {e.recipe!r} names the recipe store, which is not available here",
-                    file=e.file, line=e.line, field="recipe",
-                )  # fmt: skip
+                    file=e.file,
+                    line=e.line,
+                    field="recipe",
+                )
             path = self.store.path(m.group(1), m.group(2))
             if path is None:
                 raise ValidationError(
                     f"recipe {e.recipe!r} is not in the recipe store (upload it first)",
-                    file=e.file, line=e.line, field="recipe",
-                )  # fmt: skip
+                    file=e.file,
+                    line=e.line,
+                    field="recipe",
+                )
             return path.read_text(encoding="utf-8"), f"store:{e.recipe}"
         plan_dir = Path(e.file).parent if e.file else self.root
         tried: list[Path] = []
@@ -215,8 +219,10 @@ class FileRecipes:
                     ) from None
         raise ValidationError(
             f"recipe file not found: {e.recipe} (looked in {', '.join(sorted({str(t) for t in tried}))})",
-            file=e.file, line=e.line, field="recipe",
-        )  # fmt: skip
+            file=e.file,
+            line=e.line,
+            field="recipe",
+        )
 
 
 def _display(p: Path) -> str:
@@ -226,8 +232,13 @@ def _display(p: Path) -> str:
         return str(p)
 
 
-def load_desired(plan_path: Path, *, root: Path | None = None, store: RecipeStore | None = None,
-                 environ: Mapping[str, str] | None = None) -> DesiredPlan:  # fmt: skip
+def load_desired(
+    plan_path: Path,
+    *,
+    root: Path | None = None,
+    store: RecipeStore | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DesiredPlan:
     """Load a local plan file and its recipes into a validated DesiredPlan."""
     pf = load_plan(plan_path)
     entries, unknown = merge_entries([pf])
@@ -316,4 +327,6 @@ def plan_from_json(data: Mapping[str, object], *, environ: Mapping[str, str]) ->
         texts[c["name"]] = (c["recipe_text"], c.get("recipe_source") or c["recipe_ref"])
     sources = data.get("sources") or []
     assert isinstance(sources, list)
-    return resolve_entries(entries, lambda e: texts[e.name], environ=environ, sources=tuple(sources))
+    return resolve_entries(
+        entries, lambda e: texts[e.name], environ=environ, sources=tuple(sources)
+    )

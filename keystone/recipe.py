@@ -212,13 +212,31 @@ class Recipe:
 _TOP = {"metadata", "dependencies", "artifacts", "datasets", "lifecycle", "resources"}
 _ARTIFACT = {"uri", "sha256", "sig_uri", "cert_uri", "unpack", "github_token", "headers", "delta"}
 _DATASET = {
-    "name", "manifest", "sig_uri", "cert_uri", "refresh", "max_age", "keep", "required",
-    "headers", "github_token",
-}  # fmt: skip
+    "name",
+    "manifest",
+    "sig_uri",
+    "cert_uri",
+    "refresh",
+    "max_age",
+    "keep",
+    "required",
+    "headers",
+    "github_token",
+}
 _CONTAINER = {
-    "image", "runtime", "pull_policy", "network_mode", "user", "privileged", "hostname", "env",
-    "labels", "mounts", "ports", "resources",
-}  # fmt: skip
+    "image",
+    "runtime",
+    "pull_policy",
+    "network_mode",
+    "user",
+    "privileged",
+    "hostname",
+    "env",
+    "labels",
+    "mounts",
+    "ports",
+    "resources",
+}
 _SIGNALS = {"SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGQUIT"}
 _HEX64 = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
 

@@ -31,15 +31,24 @@ def main(argv: list[str] | None = None) -> int:
                 if resp.status != 200:
                     raise OSError(f"HTTP {resp.status}")
         except OSError as exc:
-            print(f"{args.name}: dependency {url} is not healthy: {exc}", file=sys.stderr, flush=True)
+            print(
+                f"{args.name}: dependency {url} is not healthy: {exc}", file=sys.stderr, flush=True
+            )
             return 1
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        def do_GET(self) -> None:
             if self.path == "/healthz":
-                body = {"status": "ok", "service": args.name, "uptime": round(time.time() - started, 1)}
+                body = {
+                    "status": "ok",
+                    "service": args.name,
+                    "uptime": round(time.time() - started, 1),
+                }
             else:
-                body = {"hello": "from " + args.name, "version": os.environ.get("KEYSTONE_VERSION", "")}
+                body = {
+                    "hello": "from " + args.name,
+                    "version": os.environ.get("KEYSTONE_VERSION", ""),
+                }
             data = json.dumps(body).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -53,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = HTTPServer(("127.0.0.1", args.port), Handler)
     except OSError as exc:
-        print(f"{args.name}: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}", file=sys.stderr, flush=True)
+        print(
+            f"{args.name}: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     signal.signal(signal.SIGTERM, lambda *_: (server.server_close(), sys.exit(0)))
     print(f"{args.name}: listening on 127.0.0.1:{args.port}", flush=True)

@@ -25,7 +25,11 @@ from keystone.runtime.process import ProcessRunner
 def _raise(err: dict[str, Any]) -> None:
     cls = getattr(errors, str(err.get("type", "")), None)
     message = str(err.get("message", "artifact preparation failed"))
-    if isinstance(cls, type) and issubclass(cls, errors.KeystoneError) and cls is not errors.DeploymentFailed:
+    if (
+        isinstance(cls, type)
+        and issubclass(cls, errors.KeystoneError)
+        and cls is not errors.DeploymentFailed
+    ):
         if issubclass(cls, errors.ValidationError):
             raise errors.ValidationError(message)
         raise cls(message)
@@ -35,7 +39,9 @@ def _raise(err: dict[str, Any]) -> None:
 class WorkerPreparer:
     """Prepares artifacts in a short-lived worker and installs them into work dirs."""
 
-    def __init__(self, runner: ProcessRunner, runtime: Path, *, allow_unsigned: bool = True) -> None:
+    def __init__(
+        self, runner: ProcessRunner, runtime: Path, *, allow_unsigned: bool = True
+    ) -> None:
         self.runner = runner
         self.runtime = runtime
         self.allow_unsigned = allow_unsigned
@@ -68,13 +74,17 @@ class WorkerPreparer:
             max_output=64 << 20,
         )
         if result.timed_out:
-            raise errors.ArtifactFetchError(f"artifact preparation timed out after {self.timeout:g}s")
+            raise errors.ArtifactFetchError(
+                f"artifact preparation timed out after {self.timeout:g}s"
+            )
         try:
             answer: dict[str, Any] = json.loads(result.stdout.decode() or "null") or {}
         except json.JSONDecodeError:
             answer = {}
         if not answer:
-            raise errors.ArtifactFetchError(f"artifact worker exited {result.returncode} without an answer")
+            raise errors.ArtifactFetchError(
+                f"artifact worker exited {result.returncode} without an answer"
+            )
         return answer
 
     async def prepare(self, components: Sequence[Component]) -> None:
@@ -118,5 +128,7 @@ class WorkerPreparer:
 
     async def gc(self, keep: set[str]) -> dict[str, Any]:
         """Evict least recently used cache entries beyond the limit, never those in ``keep``."""
-        answer = await self._call({"policy": self.policy(), "artifacts": [], "gc_keep": sorted(keep)})
+        answer = await self._call(
+            {"policy": self.policy(), "artifacts": [], "gc_keep": sorted(keep)}
+        )
         return dict(answer.get("gc") or {})

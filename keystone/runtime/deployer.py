@@ -90,13 +90,17 @@ def plan_actions(current: DesiredPlan, desired: DesiredPlan) -> tuple[ChangeSet,
     for layer_no in range(len(cur_layers) - 1, -1, -1):
         for name in reversed(cur_layers[layer_no]):
             if name in changes.removed:
-                actions.append(Action("stop", name, current.components[name].version, layer_no, "removed"))
+                actions.append(
+                    Action("stop", name, current.components[name].version, layer_no, "removed")
+                )
     bounce = set(changes.changed) | set(changes.restarted)
     for layer_no in range(len(cur_layers) - 1, -1, -1):
         for name in reversed(cur_layers[layer_no]):
             if name in bounce:
                 why = "changed" if name in changes.changed else "dependency changed"
-                actions.append(Action("stop", name, current.components[name].version, layer_no, why))
+                actions.append(
+                    Action("stop", name, current.components[name].version, layer_no, why)
+                )
     starting = set(changes.added) | bounce
     for layer_no, layer in enumerate(desired.graph.layers):
         for name in layer:
@@ -108,7 +112,9 @@ def plan_actions(current: DesiredPlan, desired: DesiredPlan) -> tuple[ChangeSet,
                     if name in changes.changed
                     else "dependency changed"
                 )
-                actions.append(Action("start", name, desired.components[name].version, layer_no, why))
+                actions.append(
+                    Action("start", name, desired.components[name].version, layer_no, why)
+                )
     return changes, actions
 
 
@@ -183,7 +189,7 @@ class Deployer:
                 if sup is not None:
                     old[a.component] = sup
                     await sup.stop(reason=a.reason)
-            for layer_no, layer in enumerate(desired.graph.layers):
+            for layer_no, _layer in enumerate(desired.graph.layers):
                 batch = [a for a in actions if a.action == "start" and a.layer == layer_no]
                 if not batch:
                     continue
@@ -224,8 +230,14 @@ class Deployer:
         async def one(s: Supervisor) -> tuple[str, str] | None:
             health = s.component.recipe.run.health
             deadline = (health.start_timeout if health else self.tuning.settle) + 5.0
-            ok = await s.wait_for(lambda st: st is not State.STARTING and st is not State.INSTALLING
-                                  and st is not State.PENDING, deadline)  # fmt: skip
+            ok = await s.wait_for(
+                lambda st: (
+                    st is not State.STARTING
+                    and st is not State.INSTALLING
+                    and st is not State.PENDING
+                ),
+                deadline,
+            )
             if ok and s.state is State.HEALTHY:
                 return None
             if not ok:
@@ -243,7 +255,9 @@ class Deployer:
                 t.cancel()
         return None
 
-    async def _rollback(self, previous: DesiredPlan, started: list[Supervisor], old: dict[str, Supervisor]) -> list[str]:
+    async def _rollback(
+        self, previous: DesiredPlan, started: list[Supervisor], old: dict[str, Supervisor]
+    ) -> list[str]:
         errors: list[str] = []
         for sup in reversed(started):
             await sup.stop(reason="rollback")
@@ -274,7 +288,13 @@ class Deployer:
         """Stop every component in reverse layer order."""
         async with self.lock:
             for layer in reversed(self.applied.graph.layers):
-                await asyncio.gather(*(self.supervisors[n].stop(reason=reason) for n in layer if n in self.supervisors))
+                await asyncio.gather(
+                    *(
+                        self.supervisors[n].stop(reason=reason)
+                        for n in layer
+                        if n in self.supervisors
+                    )
+                )
             for name, sup in list(self.supervisors.items()):
                 if name not in self.applied.components:
                     await sup.stop(reason=reason)
@@ -300,11 +320,17 @@ class Deployer:
                 if sup is None:
                     sup = self.make_supervisor(self.applied.components[name])
                     self.supervisors[name] = sup
-                elif sup.state in RUNNING or sup.state is State.BACKOFF:
+                elif (
+                    sup.state in RUNNING
+                    or sup.state is State.BACKOFF
+                    or (repair_only and not sup.wanted and sup.state is not State.FAILED)
+                ):
                     continue
-                elif repair_only and not sup.wanted and sup.state is not State.FAILED:
-                    continue
-                actions.append(Action("start", name, sup.version, layer_no, "repair" if repair_only else "start"))
+                actions.append(
+                    Action(
+                        "start", name, sup.version, layer_no, "repair" if repair_only else "start"
+                    )
+                )
                 sups.append(sup)
             if sups:
                 await asyncio.gather(*(s.start() for s in sups))
@@ -312,7 +338,9 @@ class Deployer:
         changes = ChangeSet((), (), (), (), tuple(self.applied.components))
         return DeployResult(failure is None, changes, actions, *(failure or (None, None)))
 
-    async def restart_component(self, name: str, *, wait_health: bool, timeout: float) -> tuple[int | None, list[str]]:
+    async def restart_component(
+        self, name: str, *, wait_health: bool, timeout: float
+    ) -> tuple[int | None, list[str]]:
         """Restart ``name`` and its hard/soft dependents; returns (pid, dependents)."""
         async with self.lock:
             graph = self.applied.graph

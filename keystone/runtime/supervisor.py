@@ -93,7 +93,9 @@ def component_paths(runtime: Path, name: str, version: str) -> Paths:
     return Paths(runtime / "components" / name / version, runtime / "logs" / name)
 
 
-def clean_env(component: Component, workdir: Path, passthrough: Mapping[str, str] | None = None) -> dict[str, str]:
+def clean_env(
+    component: Component, workdir: Path, passthrough: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The whole environment of a component: a few basics and its recipe's ``env``.
 
     Never the agent's own environment (which holds its API token and other secrets).
@@ -215,8 +217,19 @@ class Supervisor:
         if error is not None or new in (State.HEALTHY, State.STARTING, State.INSTALLING):
             self.error = error
         if new is not old:
-            log = logger.warning if new in (State.FAILED, State.UNHEALTHY, State.BACKOFF) else logger.info
-            log("{} {}: {} -> {}{}", self.name, self.version, old, new, f" ({error})" if error else "")
+            log = (
+                logger.warning
+                if new in (State.FAILED, State.UNHEALTHY, State.BACKOFF)
+                else logger.info
+            )
+            log(
+                "{} {}: {} -> {}{}",
+                self.name,
+                self.version,
+                old,
+                new,
+                f" ({error})" if error else "",
+            )
         self._changed.set()
         self._changed = asyncio.Event()
         if self.on_change:
@@ -264,9 +277,13 @@ class Supervisor:
         self._set(State.INSTALLING)
         timeout = self.component.recipe.install.timeout or self.install_timeout
         log = self.paths.logdir / "install.log"
-        result = await self.runner.run(["/bin/sh", "-c", script], cwd=workdir, env=self.env, timeout=timeout, log=log)
+        result = await self.runner.run(
+            ["/bin/sh", "-c", script], cwd=workdir, env=self.env, timeout=timeout, log=log
+        )
         if result.timed_out:
-            raise ProcessError(f"{self.name}: install script timed out after {timeout:g}s (log: {log})")
+            raise ProcessError(
+                f"{self.name}: install script timed out after {timeout:g}s (log: {log})"
+            )
         if result.returncode != 0:
             raise ProcessError(
                 f"{self.name}: install script failed with exit status {result.returncode}: {tail(log) or 'no output'}"
@@ -281,7 +298,9 @@ class Supervisor:
         user = sec.user
         caps = sec.capabilities
         if not self.as_root and (user or caps is not None):
-            logger.warning("{}: not running as root; security.user/capabilities are not applied", self.name)
+            logger.warning(
+                "{}: not running as root; security.user/capabilities are not applied", self.name
+            )
             user, caps = None, None
         return SpawnSpec(
             name=self.name,
@@ -381,7 +400,11 @@ class Supervisor:
         failures = 0
         while self.handle is handle and self.state in RUNNING:
             result = await probe(
-                health.check, timeout=health.timeout, runner=self.runner, cwd=self.paths.workdir, env=self.env
+                health.check,
+                timeout=health.timeout,
+                runner=self.runner,
+                cwd=self.paths.workdir,
+                env=self.env,
             )
             if self.handle is not handle or self.state not in RUNNING:
                 return
@@ -451,7 +474,9 @@ class Supervisor:
                         log=self.paths.logdir / "shutdown.log",
                     )
                     if result.returncode != 0:
-                        logger.warning("{}: shutdown script exited {}", self.name, result.returncode)
+                        logger.warning(
+                            "{}: shutdown script exited {}", self.name, result.returncode
+                        )
                 await self.runner.stop(handle, timeout=recipe.run.stop_timeout)
             self.handle = None
             self._set(State.STOPPED, reason)
@@ -471,9 +496,12 @@ class Supervisor:
             self.runner.signal(self.handle, getattr(signal, rel.signal), group=False)
         elif rel.script:
             await self.runner.run(
-                ["/bin/sh", "-c", rel.script], cwd=self.paths.workdir, env=self.env, timeout=rel.grace,
+                ["/bin/sh", "-c", rel.script],
+                cwd=self.paths.workdir,
+                env=self.env,
+                timeout=rel.grace,
                 log=self.paths.logdir / "reload.log",
-            )  # fmt: skip
+            )
 
     async def close(self) -> None:
         """Cancel background tasks without touching the process (agent shutdown leaves none)."""

@@ -33,10 +33,23 @@ from keystone.sync.scheduler import SyncScheduler
 if TYPE_CHECKING:
     from keystone.agent import Agent
 
-TRUST_FAILURES = {"SignatureError": "signature", "RollbackRefused": "rollback", "StaleRevision": "stale",
-                  "VerificationError": "verification"}  # fmt: skip
-EXIT_BY_RESULT = {"applied": 0, "up-to-date": 0, "dry-run": 0, "rolled-back": 4, "refused": 3,
-                  "unreachable": 1, "error": 1, "known-bad": 3, "suspended": 0}  # fmt: skip
+TRUST_FAILURES = {
+    "SignatureError": "signature",
+    "RollbackRefused": "rollback",
+    "StaleRevision": "stale",
+    "VerificationError": "verification",
+}
+EXIT_BY_RESULT = {
+    "applied": 0,
+    "up-to-date": 0,
+    "dry-run": 0,
+    "rolled-back": 4,
+    "refused": 3,
+    "unreachable": 1,
+    "error": 1,
+    "known-bad": 3,
+    "suspended": 0,
+}
 
 
 class SyncEngine:
@@ -65,16 +78,31 @@ class SyncEngine:
             attempts = int(journal.get("attempts", 1))
             rev = journal.get("revision", "")
             if attempts >= 2:
-                self._mark_failed(rev, "deployment interrupted twice (agent killed mid-deployment)", "rolled-back")
+                self._mark_failed(
+                    rev, "deployment interrupted twice (agent killed mid-deployment)", "rolled-back"
+                )
                 self.ledger.pop("journal", None)
-            logger.warning("a deployment of {} was interrupted; running the previous plan", rev[:12])
-            self.agent.history.append({"kind": "recovery", "result": "rolled-back", "revision": rev,
-                                       "error": "agent stopped during deployment; converged on the previous plan"})  # fmt: skip
-        if self.ledger.get("applied") and self.ledger.get("applied") != self.ledger.get("last_known_good"):
+            logger.warning(
+                "a deployment of {} was interrupted; running the previous plan", rev[:12]
+            )
+            self.agent.events.append(
+                {
+                    "kind": "recovery",
+                    "result": "rolled-back",
+                    "revision": rev,
+                    "error": "agent stopped during deployment; converged on the previous plan",
+                }
+            )
+        if self.ledger.get("applied") and self.ledger.get("applied") != self.ledger.get(
+            "last_known_good"
+        ):
             self._start_soak(set(self.agent.deployer.applied.components))
         if self.source is not None and self.source.url:
             self.scheduler = SyncScheduler(
-                self.tick, interval=self.source.interval, jitter=self.source.jitter, device_id=self.agent.config.device_id
+                self.tick,
+                interval=self.source.interval,
+                jitter=self.source.jitter,
+                device_id=self.agent.config.device_id,
             )
             self.scheduler.start(paused=bool(self.ledger.get("suspended")))
         self.agent.background(self._import_staged())
@@ -155,12 +183,24 @@ class SyncEngine:
             self.scheduler.record(reachable=result["result"] != "unreachable")
         await self.agent.repair()
 
-    async def sync_now(self, *, dry_run: bool, allow_rollback: bool, trigger: str, retry: bool = False) -> dict[str, Any]:
+    async def sync_now(
+        self, *, dry_run: bool, allow_rollback: bool, trigger: str, retry: bool = False
+    ) -> dict[str, Any]:
         """Run one sync; a plain manual trigger joins the one in flight (coalesce, never reject)."""
-        if self._inflight is not None and not self._inflight.done() and not dry_run and not allow_rollback and not retry:
+        if (
+            self._inflight is not None
+            and not self._inflight.done()
+            and not dry_run
+            and not allow_rollback
+            and not retry
+        ):
             return await asyncio.shield(self._inflight)
         task = asyncio.get_running_loop().create_task(
-            self._locked(lambda: self._sync(dry_run=dry_run, allow_rollback=allow_rollback, trigger=trigger, retry=retry))
+            self._locked(
+                lambda: self._sync(
+                    dry_run=dry_run, allow_rollback=allow_rollback, trigger=trigger, retry=retry
+                )
+            )
         )
         if not dry_run:
             self._inflight = task
@@ -180,10 +220,18 @@ class SyncEngine:
         return {
             "op": op,
             "runtime": str(self.agent.runtime),
-            "source": {"type": self.source.type, "url": self.source.url, "ref": self.source.ref,
-                       "timeout": self.source.timeout} if self.source else None,  # fmt: skip
+            "source": {
+                "type": self.source.type,
+                "url": self.source.url,
+                "ref": self.source.ref,
+                "timeout": self.source.timeout,
+            }
+            if self.source
+            else None,
             "trust": {
-                "allowed_signers": str(cfg.trust.allowed_signers) if cfg.trust.allowed_signers else None,
+                "allowed_signers": str(cfg.trust.allowed_signers)
+                if cfg.trust.allowed_signers
+                else None,
                 "gpg_home": str(cfg.trust.gpg_home) if cfg.trust.gpg_home else None,
                 "revoked_keys": str(cfg.trust.revoked_keys) if cfg.trust.revoked_keys else None,
                 "verify": cfg.trust.verify,
@@ -206,33 +254,58 @@ class SyncEngine:
             max_output=64 << 20,
         )
         if result.timed_out:
-            return {"ok": False, "error": {"type": "Timeout", "kind": "retryable",
-                                           "message": f"sync worker timed out after {timeout:g}s"}}  # fmt: skip
+            return {
+                "ok": False,
+                "error": {
+                    "type": "Timeout",
+                    "kind": "retryable",
+                    "message": f"sync worker timed out after {timeout:g}s",
+                },
+            }
         try:
             answer: dict[str, Any] = json.loads(result.stdout.decode() or "null") or {}
         except json.JSONDecodeError:
             answer = {}
         if not answer:
-            return {"ok": False, "error": {"type": "WorkerCrash", "kind": "bug",
-                                           "message": f"sync worker exited {result.returncode} without an answer"}}  # fmt: skip
+            return {
+                "ok": False,
+                "error": {
+                    "type": "WorkerCrash",
+                    "kind": "bug",
+                    "message": f"sync worker exited {result.returncode} without an answer",
+                },
+            }
         return answer
 
-    async def _sync(self, *, dry_run: bool, allow_rollback: bool, trigger: str, retry: bool) -> dict[str, Any]:
+    async def _sync(
+        self, *, dry_run: bool, allow_rollback: bool, trigger: str, retry: bool
+    ) -> dict[str, Any]:
         t0 = time.monotonic()
         known_bad = {} if retry else self.ledger.get("failed", {})
         op = "http-fetch" if self.source is not None and self.source.type == "http" else "fetch"
         answer = await self._worker(
-            self._request(op, allow_rollback=allow_rollback, known_bad=known_bad, force=allow_rollback or retry)
+            self._request(
+                op,
+                allow_rollback=allow_rollback,
+                known_bad=known_bad,
+                force=allow_rollback or retry,
+            )
         )
-        return await self._after_verify(answer, dry_run=dry_run, trigger=trigger, t0=t0, allow_rollback=allow_rollback)
+        return await self._after_verify(
+            answer, dry_run=dry_run, trigger=trigger, t0=t0, allow_rollback=allow_rollback
+        )
 
     async def import_bundle(self, path: Path, *, allow_rollback: bool = False) -> dict[str, Any]:
         """Import a bundle file (USB, HTTP, API upload) and deploy its revision."""
 
         async def go() -> dict[str, Any]:
             t0 = time.monotonic()
-            answer = await self._worker(self._request("import-bundle", bundle=str(path), allow_rollback=allow_rollback))
-            return await self._after_verify(answer, dry_run=False, trigger="bundle", t0=t0, allow_rollback=allow_rollback)
+            answer = await self._worker(
+                self._request("import-bundle", bundle=str(path), allow_rollback=allow_rollback)
+            )
+            return await self._after_verify(
+                answer, dry_run=False, trigger="bundle", t0=t0, allow_rollback=allow_rollback
+            )
 
         return await self._locked(go)
 
@@ -243,32 +316,81 @@ class SyncEngine:
             t0 = time.monotonic()
             target = to or self.ledger.get("last_known_good")
             if not target:
-                return self._finish({"result": "refused", "error": "no last known-good revision to roll back to"}, t0, "rollback")
-            answer = await self._worker(self._request("verify-rev", rev=target, allow_rollback=True))
-            return await self._after_verify(answer, dry_run=False, trigger="rollback", t0=t0, allow_rollback=True)
+                return self._finish(
+                    {"result": "refused", "error": "no last known-good revision to roll back to"},
+                    t0,
+                    "rollback",
+                )
+            answer = await self._worker(
+                self._request("verify-rev", rev=target, allow_rollback=True)
+            )
+            return await self._after_verify(
+                answer, dry_run=False, trigger="rollback", t0=t0, allow_rollback=True
+            )
 
         return await self._locked(go)
 
-    async def _after_verify(self, answer: dict[str, Any], *, dry_run: bool, trigger: str, t0: float,
-                            allow_rollback: bool) -> dict[str, Any]:  # fmt: skip
+    async def _after_verify(
+        self,
+        answer: dict[str, Any],
+        *,
+        dry_run: bool,
+        trigger: str,
+        t0: float,
+        allow_rollback: bool,
+    ) -> dict[str, Any]:
         rev = answer.get("revision")
-        base: dict[str, Any] = {"revision": rev, "previous": self.ledger.get("applied"), "trigger": trigger,
-                                "source": answer.get("source"), "bytes": answer.get("bytes", 0)}  # fmt: skip
+        base: dict[str, Any] = {
+            "revision": rev,
+            "previous": self.ledger.get("applied"),
+            "trigger": trigger,
+            "source": answer.get("source"),
+            "bytes": answer.get("bytes", 0),
+        }
         if not answer.get("ok"):
             err = answer.get("error") or {}
             kind = err.get("kind")
-            result = "unreachable" if kind == "retryable" else "refused" if kind == "refused" else "error"
+            result = (
+                "unreachable"
+                if kind == "retryable"
+                else "refused"
+                if kind == "refused"
+                else "error"
+            )
             if result == "refused" and rev:
                 self._mark_failed(rev, err.get("message", ""), "refused")
             kind_label = TRUST_FAILURES.get(err.get("type", ""))
             if kind_label and self.agent.metrics is not None:
                 self.agent.metrics.signature_failure(kind_label)
-            return self._finish({**base, "result": result, "error": err.get("message"), "error_type": err.get("type")}, t0, trigger)
+            return self._finish(
+                {
+                    **base,
+                    "result": result,
+                    "error": err.get("message"),
+                    "error_type": err.get("type"),
+                },
+                t0,
+                trigger,
+            )
         if answer.get("up_to_date"):
-            return self._finish({**base, "result": "up-to-date", "signer": self.ledger.get("signer")}, t0, trigger, quiet=True)
+            return self._finish(
+                {**base, "result": "up-to-date", "signer": self.ledger.get("signer")},
+                t0,
+                trigger,
+                quiet=True,
+            )
         if answer.get("known_bad"):
             reason = (self.ledger.get("failed", {}).get(rev) or {}).get("reason", "")
-            return self._finish({**base, "result": "known-bad", "error": f"revision {rev[:12]} failed before ({reason}); not retried until a new commit arrives (or sync --retry)"}, t0, trigger, quiet=True)  # fmt: skip
+            return self._finish(
+                {
+                    **base,
+                    "result": "known-bad",
+                    "error": f"revision {str(rev)[:12]} failed before ({reason}); not retried until a new commit arrives (or sync --retry)",
+                },
+                t0,
+                trigger,
+                quiet=True,
+            )
         from keystone.agent import substitution_env
 
         try:
@@ -277,15 +399,27 @@ class SyncEngine:
             self._mark_failed(rev or "", str(exc), "refused")
             return self._finish({**base, "result": "refused", "error": str(exc)}, t0, trigger)
         changes, actions = plan_actions(self.agent.deployer.applied, desired)
-        base.update({"signer": answer.get("signer"), "fingerprint": answer.get("fingerprint"),
-                     "changes": changes.to_json(), "actions": [a.to_json() for a in actions],
-                     "warnings": answer.get("warnings", [])})  # fmt: skip
+        base.update(
+            {
+                "signer": answer.get("signer"),
+                "fingerprint": answer.get("fingerprint"),
+                "changes": changes.to_json(),
+                "actions": [a.to_json() for a in actions],
+                "warnings": answer.get("warnings", []),
+            }
+        )
         if dry_run:
             return self._finish({**base, "result": "dry-run"}, t0, trigger, quiet=True)
         return await self._deploy(answer, desired, base, t0, trigger)
 
-    async def _deploy(self, answer: dict[str, Any], desired: DesiredPlan, base: dict[str, Any], t0: float,
-                      trigger: str) -> dict[str, Any]:  # fmt: skip
+    async def _deploy(
+        self,
+        answer: dict[str, Any],
+        desired: DesiredPlan,
+        base: dict[str, Any],
+        t0: float,
+        trigger: str,
+    ) -> dict[str, Any]:
         rev: str = answer["revision"]
         agent = self.agent
         previous_plan = plan_to_json(agent.deployer.applied)
@@ -296,7 +430,9 @@ class SyncEngine:
         self.ledger["journal"] = {"revision": rev, "attempts": attempts, "started": time.time()}
         agent.save_now()
         self._cancel_soak()
-        agent.set_artifact_root(Path(answer["checkout"]) if answer.get("checkout") else None, signed=True)
+        agent.set_artifact_root(
+            Path(answer["checkout"]) if answer.get("checkout") else None, signed=True
+        )
         try:
             result = await agent.apply(desired, source=f"git:{rev[:12]}", record=False)
         except KeystoneError as exc:
@@ -311,12 +447,26 @@ class SyncEngine:
             reason = f"component {result.failed}: {result.reason}"
             self._mark_failed(rev, reason, "rolled-back")
             agent.save_now()
-            return self._finish({**base, "result": "rolled-back", "error": reason, "failed_component": result.failed}, t0, trigger)
-        self.ledger.update({
-            "applied": rev, "applied_at": time.time(), "signer": answer.get("signer"),
-            "fingerprint": answer.get("fingerprint"), "source": answer.get("source"),
-            "applied_plan_checkout": answer.get("checkout"),
-        })  # fmt: skip
+            return self._finish(
+                {
+                    **base,
+                    "result": "rolled-back",
+                    "error": reason,
+                    "failed_component": result.failed,
+                },
+                t0,
+                trigger,
+            )
+        self.ledger.update(
+            {
+                "applied": rev,
+                "applied_at": time.time(),
+                "signer": answer.get("signer"),
+                "fingerprint": answer.get("fingerprint"),
+                "source": answer.get("source"),
+                "applied_plan_checkout": answer.get("checkout"),
+            }
+        )
         self.ledger.get("failed", {}).pop(rev, None)
         agent.save_now()
         self._mark_anchor(rev)
@@ -325,23 +475,49 @@ class SyncEngine:
         self._start_soak(set(desired.components))
         return self._finish({**base, "result": "applied"}, t0, trigger)
 
-    def _finish(self, record: dict[str, Any], t0: float, trigger: str, *, quiet: bool = False) -> dict[str, Any]:
-        record = {**record, "time": time.time(), "duration": round(time.monotonic() - t0, 3), "trigger": trigger}
-        self.ledger["last_sync"] = {k: record.get(k) for k in ("time", "result", "revision", "error", "trigger", "duration")}
+    def _finish(
+        self, record: dict[str, Any], t0: float, trigger: str, *, quiet: bool = False
+    ) -> dict[str, Any]:
+        record = {
+            **record,
+            "time": time.time(),
+            "duration": round(time.monotonic() - t0, 3),
+            "trigger": trigger,
+        }
+        self.ledger["last_sync"] = {
+            k: record.get(k) for k in ("time", "result", "revision", "error", "trigger", "duration")
+        }
         record["exit_code"] = EXIT_BY_RESULT.get(record["result"], 1)
         if self.agent.metrics is not None:
-            self.agent.metrics.sync(record["result"], self.source.type if self.source else "bundle", record["duration"])
-        log = logger.info if record["result"] in ("applied", "up-to-date", "dry-run") else logger.warning
-        log("sync ({}): {} {}{}", trigger, record["result"], (record.get("revision") or "")[:12],
-            f": {record['error']}" if record.get("error") else "")  # fmt: skip
+            self.agent.metrics.sync(
+                record["result"], self.source.type if self.source else "bundle", record["duration"]
+            )
+        log = (
+            logger.info
+            if record["result"] in ("applied", "up-to-date", "dry-run")
+            else logger.warning
+        )
+        log(
+            "sync ({}): {} {}{}",
+            trigger,
+            record["result"],
+            (record.get("revision") or "")[:12],
+            f": {record['error']}" if record.get("error") else "",
+        )
         if not quiet or trigger != "schedule":
-            self.agent.history.append({"kind": "sync", **{k: v for k, v in record.items() if k != "exit_code"}})
+            self.agent.events.append(
+                {"kind": "sync", **{k: v for k, v in record.items() if k != "exit_code"}}
+            )
         self.agent.save_soon()
         return record
 
     def _mark_failed(self, rev: str, reason: str, kind: str) -> None:
         if rev:
-            self.ledger.setdefault("failed", {})[rev] = {"reason": reason, "kind": kind, "time": time.time()}
+            self.ledger.setdefault("failed", {})[rev] = {
+                "reason": reason,
+                "kind": kind,
+                "time": time.time(),
+            }
 
     def _mark_anchor(self, rev: str) -> None:
         async def go() -> None:
@@ -367,8 +543,12 @@ class SyncEngine:
         """Called on every component state change; ends a soak when one stops being healthy."""
         if self._soak_task is None or self._soak_task.done() or sup.name not in self._soak_plan:
             return
-        if sup.state in (State.UNHEALTHY, State.BACKOFF, State.FAILED) or (sup.state is State.STOPPED and sup.wanted):
-            self._soak_reason = f"component {sup.name} became {sup.state.value} during the soak: {sup.error or ''}".rstrip(": ")
+        if sup.state in (State.UNHEALTHY, State.BACKOFF, State.FAILED) or (
+            sup.state is State.STOPPED and sup.wanted
+        ):
+            self._soak_reason = f"component {sup.name} became {sup.state.value} during the soak: {sup.error or ''}".rstrip(
+                ": "
+            )
             self._soak_event.set()
 
     async def _soak(self) -> None:
@@ -381,32 +561,53 @@ class SyncEngine:
             self.ledger["lkg_plan"] = plan_to_json(self.agent.deployer.applied)
             self.ledger["lkg_checkout"] = self.ledger.get("applied_plan_checkout")
             logger.info("revision {} is last known-good after a {:g}s soak", (rev or "")[:12], soak)
-            self.agent.history.append({"kind": "soak", "result": "ok", "revision": rev})
+            self.agent.events.append({"kind": "soak", "result": "ok", "revision": rev})
             self.agent.save_now()
             return
         await self._soak_failed(rev or "", self._soak_reason or "unhealthy during soak")
 
     async def _soak_failed(self, rev: str, reason: str) -> None:
         async with self._lock:
-            logger.error("revision {} failed its soak ({}); rolling back to last known-good", rev[:12], reason)
+            logger.error(
+                "revision {} failed its soak ({}); rolling back to last known-good",
+                rev[:12],
+                reason,
+            )
             self._mark_failed(rev, reason, "rolled-back")
             from keystone.agent import substitution_env
 
             lkg = self.ledger.get("last_known_good")
-            plan = plan_from_json(self.ledger.get("lkg_plan") or {"components": []}, environ=substitution_env())
+            plan = plan_from_json(
+                self.ledger.get("lkg_plan") or {"components": []}, environ=substitution_env()
+            )
             checkout = self.ledger.get("lkg_checkout")
             self.agent.set_artifact_root(Path(checkout) if checkout else None, signed=True)
             try:
-                result = await self.agent.apply(plan, source=f"git:{(lkg or 'none')[:12]}", record=False)
+                result = await self.agent.apply(
+                    plan, source=f"git:{(lkg or 'none')[:12]}", record=False
+                )
             finally:
                 self.agent.set_artifact_root(None, signed=False)
             self.ledger.update({"applied": lkg, "applied_at": time.time()})
             if self.agent.metrics is not None:
                 self.agent.metrics.rollback("ok" if result.ok else "failed")
-            self.agent.history.append({"kind": "rollback", "result": "rolled-back" if result.ok else "failed",
-                                       "revision": rev, "to": lkg, "error": reason})  # fmt: skip
-            self.ledger["last_sync"] = {"time": time.time(), "result": "rolled-back", "revision": rev, "error": reason,
-                                        "trigger": "soak", "duration": 0}  # fmt: skip
+            self.agent.events.append(
+                {
+                    "kind": "rollback",
+                    "result": "rolled-back" if result.ok else "failed",
+                    "revision": rev,
+                    "to": lkg,
+                    "error": reason,
+                }
+            )
+            self.ledger["last_sync"] = {
+                "time": time.time(),
+                "result": "rolled-back",
+                "revision": rev,
+                "error": reason,
+                "trigger": "soak",
+                "duration": 0,
+            }
             self.agent.save_now()
 
     # --- suspend ----------------------------------------------------------------------------
@@ -415,7 +616,7 @@ class SyncEngine:
         self.ledger["suspended"] = True
         if self.scheduler is not None:
             self.scheduler.pause()
-        self.agent.history.append({"kind": "suspend", "result": "ok"})
+        self.agent.events.append({"kind": "suspend", "result": "ok"})
         self.agent.save_now()
         return {"suspended": True}
 
@@ -423,7 +624,7 @@ class SyncEngine:
         self.ledger["suspended"] = False
         if self.scheduler is not None:
             self.scheduler.resume()
-        self.agent.history.append({"kind": "resume", "result": "ok"})
+        self.agent.events.append({"kind": "resume", "result": "ok"})
         self.agent.save_now()
         return {"suspended": False}
 

@@ -36,7 +36,9 @@ def receive_bundle(runtime: Path, stream: BinaryIO, length: int | None) -> Path:
     """Stream an uploaded bundle to ``runtime/bundles/incoming`` within the size bound."""
     limit = max_bundle_bytes()
     if length is not None and length > limit:
-        raise BundleError(f"bundle of {length} bytes is over the limit of {limit} bytes (KEYSTONE_MAX_BUNDLE_BYTES)")
+        raise BundleError(
+            f"bundle of {length} bytes is over the limit of {limit} bytes (KEYSTONE_MAX_BUNDLE_BYTES)"
+        )
     dest = incoming_dir(runtime) / f"upload-{int(time.time() * 1000)}-{os.getpid()}.bundle"
     total = 0
     with dest.open("wb") as out:
@@ -51,7 +53,9 @@ def receive_bundle(runtime: Path, stream: BinaryIO, length: int | None) -> Path:
             if total > limit:
                 out.close()
                 dest.unlink(missing_ok=True)
-                raise BundleError(f"bundle is over the limit of {limit} bytes (KEYSTONE_MAX_BUNDLE_BYTES)")
+                raise BundleError(
+                    f"bundle is over the limit of {limit} bytes (KEYSTONE_MAX_BUNDLE_BYTES)"
+                )
             out.write(chunk)
     if length is not None and total != length:
         dest.unlink(missing_ok=True)
@@ -95,5 +99,9 @@ def watched_bundles(patterns: list[str]) -> list[Path]:
             if p.is_file() and p.suffix in (".bundle", ".ksb"):
                 out.append(p)
             elif p.is_dir():
-                out.extend(sorted(x for x in p.iterdir() if x.is_file() and x.suffix in (".bundle", ".ksb")))
+                out.extend(
+                    sorted(
+                        x for x in p.iterdir() if x.is_file() and x.suffix in (".bundle", ".ksb")
+                    )
+                )
     return out

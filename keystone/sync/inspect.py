@@ -30,7 +30,9 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
         "components": {},
     }
     if info.prerequisites:
-        data["error"] = "incremental bundle: signer and plans are checked on a device that has its prerequisites"
+        data["error"] = (
+            "incremental bundle: signer and plans are checked on a device that has its prerequisites"
+        )
         return data
     with tempfile.TemporaryDirectory(prefix="keystone-inspect-") as tmp:
         mirror = GitMirror(Path(tmp) / "repo")
@@ -42,8 +44,13 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
                 from keystone.trust import CommitVerifier, TrustPolicy
 
                 v = CommitVerifier(TrustPolicy(allowed_signers)).verify(raw, revision=info.revision)
-                data["signature"] = {"ok": v.ok, "format": v.format, "signer": v.signer,
-                                     "fingerprint": v.fingerprint, "reason": v.reason}  # fmt: skip
+                data["signature"] = {
+                    "ok": v.ok,
+                    "format": v.format,
+                    "signer": v.signer,
+                    "fingerprint": v.fingerprint,
+                    "reason": v.reason,
+                }
             tree = mirror.file_source(info.revision)
             from keystone.agent import substitution_env
             from keystone.sync.resolve import resolve
@@ -51,8 +58,13 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
             labels = [name for name, is_dir in tree.listdir("labels") if is_dir]
             for label in ["(default)", *labels]:
                 try:
-                    plan = resolve(tree, device_id="any-device", labels=[] if label == "(default)" else [label],
-                                   environ=substitution_env(), revision=info.revision)  # fmt: skip
+                    plan = resolve(
+                        tree,
+                        device_id="any-device",
+                        labels=[] if label == "(default)" else [label],
+                        environ=substitution_env(),
+                        revision=info.revision,
+                    )
                     data["components"][label] = sorted(plan.components)
                 except KeystoneError as exc:
                     data["components"][label] = [f"invalid: {exc}"]

@@ -14,7 +14,15 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from keystone.errors import ValidationError
-from keystone.plan import STORE_REF, DesiredPlan, PlanEntry, PlanFile, merge_entries, parse_plan, resolve_entries
+from keystone.plan import (
+    STORE_REF,
+    DesiredPlan,
+    PlanEntry,
+    PlanFile,
+    merge_entries,
+    parse_plan,
+    resolve_entries,
+)
 from keystone.recipe import check_segment
 
 
@@ -26,13 +34,22 @@ class Tree(Protocol):
         ...
 
 
-def repo_path(path: str, *, file: str | None = None, line: int | None = None, field: str = "recipe") -> str:
+def repo_path(
+    path: str, *, file: str | None = None, line: int | None = None, field: str = "recipe"
+) -> str:
     """Normalise a repo-relative path; refuse absolute paths and any that leave the root."""
     if not path or path.startswith("/") or "\\" in path:
-        raise ValidationError(f"path {path!r} must be relative to the repository root", file=file, line=line, field=field)
+        raise ValidationError(
+            f"path {path!r} must be relative to the repository root",
+            file=file,
+            line=line,
+            field=field,
+        )
     norm = posixpath.normpath(path)
     if norm == ".." or norm.startswith("../") or norm == ".":
-        raise ValidationError(f"path {path!r} leaves the repository root", file=file, line=line, field=field)
+        raise ValidationError(
+            f"path {path!r} leaves the repository root", file=file, line=line, field=field
+        )
     return norm
 
 
@@ -45,7 +62,11 @@ def plan_files(device_id: str, labels: Sequence[str]) -> list[str]:
     why = check_segment(device_id)
     if why:
         raise ValidationError(f"device id {device_id!r}: {why}", field="device.id")
-    return ["plans/default.toml", *(f"labels/{label}/plan.toml" for label in labels), f"devices/{device_id}/plan.toml"]
+    return [
+        "plans/default.toml",
+        *(f"labels/{label}/plan.toml" for label in labels),
+        f"devices/{device_id}/plan.toml",
+    ]
 
 
 def _text(data: bytes, file: str) -> str:
@@ -82,20 +103,28 @@ def resolve(
         if STORE_REF.match(e.recipe) and "/" not in e.recipe and not e.recipe.endswith(".toml"):
             raise ValidationError(
                 f"recipe {e.recipe!r}: a fleet repository names recipes by path (e.g. recipes/x.recipe.toml)",
-                file=e.file, line=e.line, field="recipe",
-            )  # fmt: skip
+                file=e.file,
+                line=e.line,
+                field="recipe",
+            )
         path = repo_path(e.recipe, file=e.file, line=e.line)
         data = tree.read(path)
         if data is None:
             at = f" at {revision[:12]}" if revision else ""
-            raise ValidationError(f"recipe file not found{at}: {path}", file=e.file, line=e.line, field="recipe")
+            raise ValidationError(
+                f"recipe file not found{at}: {path}", file=e.file, line=e.line, field="recipe"
+            )
         return _text(data, path), path
 
     try:
-        return resolve_entries(entries, read, environ=environ, sources=tuple(found), unknown=unknown)
+        return resolve_entries(
+            entries, read, environ=environ, sources=tuple(found), unknown=unknown
+        )
     except ValidationError as exc:
         if revision and exc.file and "@" not in exc.file:
-            raise ValidationError(exc.reason, file=f"{exc.file}@{revision[:12]}", line=exc.line, field=exc.field) from None
+            raise ValidationError(
+                exc.reason, file=f"{exc.file}@{revision[:12]}", line=exc.line, field=exc.field
+            ) from None
         raise
 
 
@@ -110,5 +139,7 @@ def render(plan: DesiredPlan) -> list[dict[str, object]]:
             "from": c.origin,
             "layer": plan.graph.layer_of(c.name),
         }
-        for c in sorted(plan.components.values(), key=lambda c: (plan.graph.layer_of(c.name), c.name))
+        for c in sorted(
+            plan.components.values(), key=lambda c: (plan.graph.layer_of(c.name), c.name)
+        )
     ]

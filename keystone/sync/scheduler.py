@@ -8,9 +8,8 @@ unreachable the next poll backs off exponentially, up to 16 intervals or 30 minu
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
@@ -29,13 +28,15 @@ def backoff_delay(interval: float, failures: int, *, cap: float = 1800.0) -> flo
     """Delay before the next poll after ``failures`` consecutive unreachable polls."""
     if failures <= 0:
         return interval
-    return min(max(cap, interval), interval * 2 ** min(failures, 4))
+    return float(min(max(cap, interval), interval * 2 ** min(failures, 4)))
 
 
 class SyncScheduler:
     """Runs ``tick`` every ``interval`` seconds after a per-device offset; pausable."""
 
-    def __init__(self, tick: Callable[[], Awaitable[Any]], *, interval: float, jitter: float, device_id: str) -> None:
+    def __init__(
+        self, tick: Callable[[], Awaitable[Any]], *, interval: float, jitter: float, device_id: str
+    ) -> None:
         self.tick = tick
         self.interval = interval
         self.offset = device_offset(device_id, jitter)
@@ -46,8 +47,8 @@ class SyncScheduler:
     def start(self, *, paused: bool = False) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-        self._scheduler = AsyncIOScheduler(timezone=timezone.utc)
-        first = datetime.now(timezone.utc) + timedelta(seconds=self.offset)
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        first = datetime.now(UTC) + timedelta(seconds=self.offset)
         self._job = self._scheduler.add_job(
             self._run,
             "interval",
@@ -78,7 +79,7 @@ class SyncScheduler:
     def _reschedule(self, delay: float) -> None:
         if self._job is None or self._job.next_run_time is None:
             return
-        self._job.modify(next_run_time=datetime.now(timezone.utc) + timedelta(seconds=delay))
+        self._job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
 
     def next_run(self) -> float | None:
         """Epoch seconds of the next poll, or None when paused."""

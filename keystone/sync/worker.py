@@ -44,8 +44,13 @@ def _verifier(req: dict[str, Any]) -> Any:
     def p(key: str) -> Path | None:
         return Path(t[key]) if t.get(key) else None
 
-    return CommitVerifier(TrustPolicy(allowed_signers=p("allowed_signers"), gpg_home=p("gpg_home"),
-                                      revoked_keys=p("revoked_keys")))  # fmt: skip
+    return CommitVerifier(
+        TrustPolicy(
+            allowed_signers=p("allowed_signers"),
+            gpg_home=p("gpg_home"),
+            revoked_keys=p("revoked_keys"),
+        )
+    )
 
 
 def verify_and_resolve(req: dict[str, Any], mirror: Any, tip: str) -> dict[str, Any]:
@@ -87,7 +92,13 @@ def verify_and_resolve(req: dict[str, Any], mirror: Any, tip: str) -> dict[str, 
     device = req.get("device") or {}
     tree = mirror.file_source(tip)
     environ = dict(req.get("environ") or {})
-    desired = resolve(tree, device_id=device.get("id", ""), labels=device.get("labels") or [], environ=environ, revision=tip)
+    desired = resolve(
+        tree,
+        device_id=device.get("id", ""),
+        labels=device.get("labels") or [],
+        environ=environ,
+        revision=tip,
+    )
     if desired.unknown_fields and req.get("refuse_unknown", True):
         raise ValidationError(
             f"revision {tip[:12]} has unknown fields: " + "; ".join(desired.unknown_fields)
@@ -113,7 +124,10 @@ def _observe_time(req: dict[str, Any], when: float) -> None:
     from keystone.runtime.artifacts import ArtifactPolicy, observe_trusted_time
 
     runtime = Path(req["runtime"])
-    observe_trusted_time(ArtifactPolicy.from_env(runtime / "artifacts", os.environ, state_dir=runtime / "state"), when)
+    observe_trusted_time(
+        ArtifactPolicy.from_env(runtime / "artifacts", os.environ, state_dir=runtime / "state"),
+        when,
+    )
 
 
 def _export_artifacts(req: dict[str, Any], tree: Any, tip: str, desired: Any) -> Path:
@@ -145,7 +159,12 @@ def op_fetch(req: dict[str, Any]) -> dict[str, Any]:
 
     src = req["source"]
     mirror = _mirror(req)
-    result = GitSource(src["url"], src.get("ref") or "refs/heads/main", mirror, timeout=float(src.get("timeout") or 60)).fetch()
+    result = GitSource(
+        src["url"],
+        src.get("ref") or "refs/heads/main",
+        mirror,
+        timeout=float(src.get("timeout") or 60),
+    ).fetch()
     base = {"source": result.source, "bytes": result.bytes_received, "changed": result.changed}
     tip = result.revision
     if tip == req.get("applied") and not req.get("force"):
@@ -172,9 +191,16 @@ def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
     from keystone.sources.bundle import extract_bundle_artifact, import_bundle
 
     mirror = _mirror(req)
-    info = import_bundle(Path(req["bundle"]), mirror, max_bytes=int(req.get("max_bytes") or (4 << 30)))
-    base = {"source": req.get("source_label") or f"bundle:{Path(req['bundle']).name}", "bytes": info.size,
-            "changed": True, "bundle_kind": info.kind, "bundle_artifacts": [a.sha256 for a in info.artifacts]}  # fmt: skip
+    info = import_bundle(
+        Path(req["bundle"]), mirror, max_bytes=int(req.get("max_bytes") or (4 << 30))
+    )
+    base = {
+        "source": req.get("source_label") or f"bundle:{Path(req['bundle']).name}",
+        "bytes": info.size,
+        "changed": True,
+        "bundle_kind": info.kind,
+        "bundle_artifacts": [a.sha256 for a in info.artifacts],
+    }
     tip = info.revision
     if tip == req.get("applied") and not req.get("force"):
         return {"ok": True, "up_to_date": True, "revision": tip, **base}
@@ -225,7 +251,10 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
     deadline = time.monotonic() + float(src.get("timeout") or 120) * 10
     timeout = httpx.Timeout(float(src.get("timeout") or 60), connect=15.0)
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=True) as client, client.stream("GET", url, headers=headers) as resp:
+        with (
+            httpx.Client(timeout=timeout, follow_redirects=True) as client,
+            client.stream("GET", url, headers=headers) as resp,
+        ):
             stats["status"] = resp.status_code
             if resp.status_code == 304:
                 return None, stats
@@ -235,7 +264,9 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
             total = have if append else 0
             declared = resp.headers.get("Content-Length")
             if declared and int(declared) + total > limit:
-                raise BundleError(f"bundle at {url} is {int(declared) + total} bytes, over the limit of {limit}")
+                raise BundleError(
+                    f"bundle at {url} is {int(declared) + total} bytes, over the limit of {limit}"
+                )
             etag = resp.headers.get("ETag")
             state.update({"partial_etag": etag} if etag else {})
             write_json(state_path, state)
@@ -244,9 +275,13 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
                     total += len(chunk)
                     stats["bytes"] += len(chunk)
                     if total > limit:
-                        raise BundleError(f"bundle at {url} is over the limit of {limit} bytes; download stopped")
+                        raise BundleError(
+                            f"bundle at {url} is over the limit of {limit} bytes; download stopped"
+                        )
                     if time.monotonic() > deadline:
-                        raise SourceUnreachable(f"bundle download from {url} took too long; will resume")
+                        raise SourceUnreachable(
+                            f"bundle download from {url} took too long; will resume"
+                        )
                     out.write(chunk)
             last_modified = resp.headers.get("Last-Modified")
     except BundleError:
@@ -255,7 +290,9 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
         write_json(state_path, state)
         raise
     except httpx.HTTPError as exc:
-        raise SourceUnreachable(f"bundle URL {url} unreachable: {exc}; a partial download resumes next poll") from exc
+        raise SourceUnreachable(
+            f"bundle URL {url} unreachable: {exc}; a partial download resumes next poll"
+        ) from exc
     done = work / "current.bundle"
     partial.replace(done)
     state.pop("partial_etag", None)
@@ -272,8 +309,15 @@ def op_http_fetch(req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": _error(exc), "source": req["source"]["url"]}
     if path is None:
         applied = req.get("applied")
-        return {"ok": True, "up_to_date": True, "revision": applied, "source": req["source"]["url"], "http": stats,
-                "bytes": stats["bytes"], "changed": False}  # fmt: skip
+        return {
+            "ok": True,
+            "up_to_date": True,
+            "revision": applied,
+            "source": req["source"]["url"],
+            "http": stats,
+            "bytes": stats["bytes"],
+            "changed": False,
+        }
     out = op_import_bundle({**req, "bundle": str(path), "source_label": req["source"]["url"]})
     return {**out, "http": stats, "bytes": stats["bytes"]}
 
@@ -303,7 +347,10 @@ def main() -> int:
         answer = {"ok": False, "error": _error(exc)}
     except Exception as exc:
         traceback.print_exc()
-        answer = {"ok": False, "error": {"type": type(exc).__name__, "kind": "bug", "message": str(exc)}}
+        answer = {
+            "ok": False,
+            "error": {"type": type(exc).__name__, "kind": "bug", "message": str(exc)},
+        }
     sys.stdout.write(json.dumps(answer))
     sys.stdout.flush()
     return 0

@@ -9,7 +9,14 @@ import pytest
 from keystone.dag import build_graph
 from keystone.diff import diff_plans
 from keystone.errors import GraphError, ValidationError
-from keystone.plan import DesiredPlan, PlanEntry, load_desired, merge_entries, parse_plan, resolve_entries
+from keystone.plan import (
+    DesiredPlan,
+    PlanEntry,
+    load_desired,
+    merge_entries,
+    parse_plan,
+    resolve_entries,
+)
 from keystone.recipe import Recipe, parse_recipe
 from keystone.runtime.deployer import plan_actions
 
@@ -51,14 +58,21 @@ class TestGraph:
 
     def test_parallel_layer(self) -> None:
         """Independent components share a layer."""
-        g = build_graph({"a": recipe("a"), "b": recipe("b"), "c": recipe("c", deps=dep("a") + dep("b"))})
+        g = build_graph(
+            {"a": recipe("a"), "b": recipe("b"), "c": recipe("c", deps=dep("a") + dep("b"))}
+        )
         assert g.layers == (("a", "b"), ("c",))
 
     def test_cycle_is_printed(self) -> None:
         """A cycle names every member in order."""
         with pytest.raises(GraphError, match=r"dependency cycle: api -> db -> cache -> api"):
-            build_graph({"db": recipe("db", deps=dep("cache")), "cache": recipe("cache", deps=dep("api")),
-                         "api": recipe("api", deps=dep("db"))})  # fmt: skip
+            build_graph(
+                {
+                    "db": recipe("db", deps=dep("cache")),
+                    "cache": recipe("cache", deps=dep("api")),
+                    "api": recipe("api", deps=dep("db")),
+                }
+            )
 
     def test_missing_hard_dependency(self) -> None:
         """A missing hard dependency is named with the component that needs it."""
@@ -122,26 +136,42 @@ class TestChangeSet:
     def test_first_apply_starts_everything_in_layers(self) -> None:
         """From nothing, every component starts, layer by layer."""
         _, actions = plan_actions(DesiredPlan.empty(), plan(STACK))
-        assert [(a.component, a.layer) for a in actions] == [("db", 0), ("cache", 1), ("api", 2), ("ui", 3)]
+        assert [(a.component, a.layer) for a in actions] == [
+            ("db", 0),
+            ("cache", 1),
+            ("api", 2),
+            ("ui", 3),
+        ]
 
 
 class TestPlanFiles:
     def test_go_plan_loads(self, tmp_path: Path) -> None:
         """The Go README's plan (recipe path relative to the working dir) loads."""
         (tmp_path / "configs/examples").mkdir(parents=True)
-        (tmp_path / "configs/examples/com.example.hello.recipe.toml").write_text(recipe("com.example.hello").text)
+        (tmp_path / "configs/examples/com.example.hello.recipe.toml").write_text(
+            recipe("com.example.hello").text
+        )
         p = tmp_path / "configs/examples/plan.toml"
-        p.write_text('[[components]]\nname = "hello"\nrecipe = "configs/examples/com.example.hello.recipe.toml"\n')
+        p.write_text(
+            '[[components]]\nname = "hello"\nrecipe = "configs/examples/com.example.hello.recipe.toml"\n'
+        )
         d = load_desired(p, root=tmp_path, environ={})
         assert list(d.components) == ["hello"]
         # ... and relative to the plan file as well.
         p.write_text('[[components]]\nname = "hello"\nrecipe = "com.example.hello.recipe.toml"\n')
-        assert list(load_desired(p, root=tmp_path / "elsewhere", environ={}).components) == ["hello"]
+        assert list(load_desired(p, root=tmp_path / "elsewhere", environ={}).components) == [
+            "hello"
+        ]
 
     def test_duplicate_names(self) -> None:
         """Duplicate component names are refused with both lines."""
-        text = '[[components]]\nname = "a"\nrecipe = "x"\n\n[[components]]\nname = "a"\nrecipe = "y"\n'
-        with pytest.raises(ValidationError, match=r"plan.toml:6: components\[1\].name: duplicate component name 'a' \(first at line 1\)"):
+        text = (
+            '[[components]]\nname = "a"\nrecipe = "x"\n\n[[components]]\nname = "a"\nrecipe = "y"\n'
+        )
+        with pytest.raises(
+            ValidationError,
+            match=r"plan.toml:6: components\[1\].name: duplicate component name 'a' \(first at line 1\)",
+        ):
             parse_plan(text, file="plan.toml")
 
     def test_escaping_path(self, tmp_path: Path) -> None:
@@ -155,7 +185,10 @@ class TestPlanFiles:
         """A missing recipe file is named with the plan line."""
         p = tmp_path / "plan.toml"
         p.write_text('[[components]]\nname = "a"\nrecipe = "missing.recipe.toml"\n')
-        with pytest.raises(ValidationError, match=r"plan.toml:3: recipe: recipe file not found: missing.recipe.toml"):
+        with pytest.raises(
+            ValidationError,
+            match=r"plan.toml:3: recipe: recipe file not found: missing.recipe.toml",
+        ):
             load_desired(p, root=tmp_path, environ={})
 
     def test_unknown_plan_field(self) -> None:
@@ -165,7 +198,13 @@ class TestPlanFiles:
 
     def test_merge_overlay(self) -> None:
         """A later entry replaces an earlier one whole; enabled = false removes it."""
-        base = parse_plan('[[components]]\nname = "a"\nrecipe = "a1"\n[[components]]\nname = "b"\nrecipe = "b"\n', file="d")
-        over = parse_plan('[[components]]\nname = "a"\nrecipe = "a2"\n[[components]]\nname = "b"\nrecipe = "b"\nenabled = false\n', file="l")
+        base = parse_plan(
+            '[[components]]\nname = "a"\nrecipe = "a1"\n[[components]]\nname = "b"\nrecipe = "b"\n',
+            file="d",
+        )
+        over = parse_plan(
+            '[[components]]\nname = "a"\nrecipe = "a2"\n[[components]]\nname = "b"\nrecipe = "b"\nenabled = false\n',
+            file="l",
+        )
         entries, _ = merge_entries([base, over])
         assert [(e.name, e.recipe, e.file) for e in entries] == [("a", "a2", "l")]

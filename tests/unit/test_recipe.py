@@ -109,7 +109,11 @@ class TestGoFormat:
     def test_every_field_loads(self) -> None:
         """Every table and field of GO-COMPAT's recipe reference parses into the model."""
         r = parse_recipe(FULL_RECIPE, file="api.recipe.toml", environ={"DB_URL": "postgres://db"})
-        assert [d.type for d in r.dependencies] == [DependencyType.HARD, DependencyType.SOFT, DependencyType.ORDERING]
+        assert [d.type for d in r.dependencies] == [
+            DependencyType.HARD,
+            DependencyType.SOFT,
+            DependencyType.ORDERING,
+        ]
         assert r.artifacts[0].headers == {"Accept": "application/vnd.github+json"}
         assert r.artifacts[0].github_token is None
         assert r.run.exec is not None
@@ -135,26 +139,53 @@ class TestGoFormat:
 
 
 BAD = [
-    ("max_retries = 7", "max_retries = 7.0", "lifecycle.run.max_retries", "expected an integer, got float"),
+    (
+        "max_retries = 7",
+        "max_retries = 7.0",
+        "lifecycle.run.max_retries",
+        "expected an integer, got float",
+    ),
     ("[[artifacts]]", "[artifacts]", "artifacts", "expected an array of tables"),
     ('type = "hard"', 'type = "strong"', "dependencies[0].type", "expected hard, soft or ordering"),
     ('version = "1.2.0"', 'version = "../1.2"', "metadata.version", "[A-Za-z0-9._+-]"),
     ('name = "com.example.api"', 'name = "a/b"', "metadata.name", "[A-Za-z0-9._+-]"),
-    ('restart_policy = "on-failure"', 'restart_policy = "sometimes"', "lifecycle.run.restart_policy", "expected always"),
-    ('interval = "5s"', 'interval = "5 parsecs"', "lifecycle.run.health.interval", "invalid duration"),
-    ('check = "http://127.0.0.1:8081/healthz"', 'check = "ftp://x"', "lifecycle.run.health.check", "expected http"),
+    (
+        'restart_policy = "on-failure"',
+        'restart_policy = "sometimes"',
+        "lifecycle.run.restart_policy",
+        "expected always",
+    ),
+    (
+        'interval = "5s"',
+        'interval = "5 parsecs"',
+        "lifecycle.run.health.interval",
+        "invalid duration",
+    ),
+    (
+        'check = "http://127.0.0.1:8081/healthz"',
+        'check = "ftp://x"',
+        "lifecycle.run.health.check",
+        "expected http",
+    ),
     ('memory_limit = "128M"', 'memory_limit = "lots"', "resources.memory_limit", "invalid size"),
-    ('open_files = 4096', 'open_files = "4096"', "resources.open_files", "expected an integer"),
-    ('unpack = true', 'unpack = "yes"', "artifacts[0].unpack", "expected true or false"),
+    ("open_files = 4096", 'open_files = "4096"', "resources.open_files", "expected an integer"),
+    ("unpack = true", 'unpack = "yes"', "artifacts[0].unpack", "expected true or false"),
     ('sha256 = "0123', 'sha256 = "zz23', "artifacts[0].sha256", "64 hex digits"),
-    ('no_new_privileges = true', 'no_new_privileges = 1', "lifecycle.run.security.no_new_privileges", "true or false"),
+    (
+        "no_new_privileges = true",
+        "no_new_privileges = 1",
+        "lifecycle.run.security.no_new_privileges",
+        "true or false",
+    ),
     ('signal = "SIGHUP"', 'signal = "SIGKILL"', "lifecycle.reload.signal", "SIGHUP"),
 ]
 
 
 class TestBadRecipes:
     @pytest.mark.parametrize(("old", "new", "field", "message"), BAD)
-    def test_error_names_file_line_field(self, old: str, new: str, field: str, message: str) -> None:
+    def test_error_names_file_line_field(
+        self, old: str, new: str, field: str, message: str
+    ) -> None:
         """Each mistyped field is refused with file, line, field and what was expected."""
         text = FULL_RECIPE.replace(old, new, 1)
         assert text != FULL_RECIPE
@@ -184,15 +215,20 @@ class TestBadRecipes:
 
     def test_missing_variable(self) -> None:
         """An unset ${VAR} without default is an error naming the variable and field."""
-        with pytest.raises(ValidationError, match=r"lifecycle\.run\.exec\.args: \$\{DB_URL\} is not set"):
+        with pytest.raises(
+            ValidationError, match=r"lifecycle\.run\.exec\.args: \$\{DB_URL\} is not set"
+        ):
             parse_recipe(FULL_RECIPE, file="api.recipe.toml", environ={})
 
     def test_datasets_and_delta_refused_by_name(self) -> None:
         """Datasets and delta updates are parsed and refused as not yet supported."""
         with pytest.raises(ValidationError, match="datasets are not yet supported"):
-            parse_recipe(GO_README_RECIPE + '\n[[datasets]]\nname = "maps"\nmanifest = "m.json"\n', file="r")
+            parse_recipe(
+                GO_README_RECIPE + '\n[[datasets]]\nname = "maps"\nmanifest = "m.json"\n', file="r"
+            )
         delta = GO_README_RECIPE.replace(
-            "unpack = true", 'unpack = true\n[artifacts.delta]\nserver = "https://d"\nformat = "bsdiff+zstd"'
+            "unpack = true",
+            'unpack = true\n[artifacts.delta]\nserver = "https://d"\nformat = "bsdiff+zstd"',
         )
         with pytest.raises(ValidationError, match="delta updates are not yet supported"):
             parse_recipe(delta, file="r")
@@ -205,7 +241,10 @@ class TestBadRecipes:
     def test_missing_exec(self) -> None:
         """A recipe without a command says which table is missing."""
         with pytest.raises(ValidationError, match=r"lifecycle\.run\.exec"):
-            parse_recipe('[metadata]\nname = "a"\nversion = "1"\n[lifecycle.run]\nmax_retries = 1\n', file="r")
+            parse_recipe(
+                '[metadata]\nname = "a"\nversion = "1"\n[lifecycle.run]\nmax_retries = 1\n',
+                file="r",
+            )
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing recipe file is named."""

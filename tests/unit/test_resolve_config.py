@@ -28,7 +28,9 @@ def recipe(name: str, version: str = "1.0.0") -> str:
 
 
 def entry(name: str, recipe_path: str, enabled: bool = True) -> str:
-    return f'[[components]]\nname = "{name}"\nrecipe = "{recipe_path}"\n' + ("" if enabled else "enabled = false\n")
+    return f'[[components]]\nname = "{name}"\nrecipe = "{recipe_path}"\n' + (
+        "" if enabled else "enabled = false\n"
+    )
 
 
 FLEET = {
@@ -38,7 +40,8 @@ FLEET = {
     "recipes/uplink.recipe.toml": recipe("uplink"),
     "plans/default.toml": entry("hello", "recipes/hello.recipe.toml"),
     "labels/gateway/plan.toml": entry("sensor", "recipes/sensor.recipe.toml"),
-    "labels/berlin/plan.toml": entry("uplink", "recipes/uplink.recipe.toml") + entry("hello", "recipes/hello2.recipe.toml"),
+    "labels/berlin/plan.toml": entry("uplink", "recipes/uplink.recipe.toml")
+    + entry("hello", "recipes/hello2.recipe.toml"),
     "devices/gw-1/plan.toml": entry("uplink", "recipes/uplink.recipe.toml", enabled=False),
 }
 
@@ -48,15 +51,30 @@ class TestResolve:
         ("device", "labels", "want"),
         [
             ("x", [], {"hello": ("1.0.0", "plans/default.toml")}),
-            ("x", ["gateway"], {"hello": ("1.0.0", "plans/default.toml"), "sensor": ("1.0.0", "labels/gateway/plan.toml")}),
-            ("x", ["gateway", "berlin"], {"hello": ("2.0.0", "labels/berlin/plan.toml"),
-                                          "sensor": ("1.0.0", "labels/gateway/plan.toml"),
-                                          "uplink": ("1.0.0", "labels/berlin/plan.toml")}),
+            (
+                "x",
+                ["gateway"],
+                {
+                    "hello": ("1.0.0", "plans/default.toml"),
+                    "sensor": ("1.0.0", "labels/gateway/plan.toml"),
+                },
+            ),
+            (
+                "x",
+                ["gateway", "berlin"],
+                {
+                    "hello": ("2.0.0", "labels/berlin/plan.toml"),
+                    "sensor": ("1.0.0", "labels/gateway/plan.toml"),
+                    "uplink": ("1.0.0", "labels/berlin/plan.toml"),
+                },
+            ),
             ("gw-1", ["berlin"], {"hello": ("2.0.0", "labels/berlin/plan.toml")}),
             ("x", ["unknown-label"], {"hello": ("1.0.0", "plans/default.toml")}),
         ],
-    )  # fmt: skip
-    def test_merge_order_and_provenance(self, device: str, labels: list[str], want: dict[str, tuple[str, str]]) -> None:
+    )
+    def test_merge_order_and_provenance(
+        self, device: str, labels: list[str], want: dict[str, tuple[str, str]]
+    ) -> None:
         """default, then labels in order, then the device; each component names its file."""
         plan = resolve(Tree(FLEET), device_id=device, labels=labels, environ={})
         assert {n: (c.version, c.origin) for n, c in plan.components.items()} == want
@@ -64,7 +82,10 @@ class TestResolve:
     def test_missing_recipe_names_revision(self) -> None:
         """A plan naming a missing recipe says which file, line and revision."""
         files = {"plans/default.toml": entry("a", "recipes/nope.recipe.toml")}
-        with pytest.raises(ValidationError, match=r"plans/default.toml@abcdef012345:3: recipe: recipe file not found at abcdef012345"):
+        with pytest.raises(
+            ValidationError,
+            match=r"plans/default.toml@abcdef012345:3: recipe: recipe file not found at abcdef012345",
+        ):
             resolve(Tree(files), device_id="d", labels=[], environ={}, revision="abcdef0123456789")
 
     @pytest.mark.parametrize("bad", ["../outside.toml", "/etc/passwd", "recipes/../../x.toml"])
@@ -107,17 +128,21 @@ class TestConfig:
         )
         assert cfg.device_id == "gw-001" and cfg.labels == ("gateway", "site-berlin")
         assert cfg.source is not None and cfg.source.interval == 60 and cfg.source.soak == 30
-        assert cfg.trust.allowed_signers == tmp_path / "allowed_signers" and cfg.trust.max_age == 86400
+        assert (
+            cfg.trust.allowed_signers == tmp_path / "allowed_signers" and cfg.trust.max_age == 86400
+        )
         assert cfg.runtime == tmp_path / "rt" and cfg.api.listen == "127.0.0.1:9090"
 
     @pytest.mark.parametrize(
         ("text", "message"),
-        [('[source]\ntype = "svn"\nurl = "x"\n', "expected git or http"),
-         ('[trust]\nverify = "some"\n', "expected tip or all"),
-         ('[source]\nurl = "x"\ninterval = "soon"\n', "source.interval"),
-         ('[device]\nlables = ["a"]\n', "unknown field device.lables"),
-         ('[device]\nlabels = ["../x"]\n', "label")],
-    )  # fmt: skip
+        [
+            ('[source]\ntype = "svn"\nurl = "x"\n', "expected git or http"),
+            ('[trust]\nverify = "some"\n', "expected tip or all"),
+            ('[source]\nurl = "x"\ninterval = "soon"\n', "source.interval"),
+            ('[device]\nlables = ["a"]\n', "unknown field device.lables"),
+            ('[device]\nlabels = ["../x"]\n', "label"),
+        ],
+    )
     def test_bad_config(self, text: str, message: str) -> None:
         """A bad config names the file, line and field."""
         with pytest.raises(ValidationError, match=message):

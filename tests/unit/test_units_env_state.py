@@ -15,7 +15,16 @@ from keystone.units import format_duration, parse_duration, parse_size
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("1h", 3600), ("1h30m", 5400), ("1.5h", 5400), ("0", 0), ("10", 10)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        ("0", 0),
+        ("10", 10),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     """Go duration strings parse to seconds."""
@@ -35,7 +44,15 @@ def test_format_duration() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("512", 512), ("64K", 65536), ("128M", 128 << 20), ("2G", 2 << 30), ("1GiB", 1 << 30), ("1MB", 10**6)]
+    ("text", "size"),
+    [
+        ("512", 512),
+        ("64K", 65536),
+        ("128M", 128 << 20),
+        ("2G", 2 << 30),
+        ("1GiB", 1 << 30),
+        ("1MB", 10**6),
+    ],
 )
 def test_parse_size(text: str, size: int) -> None:
     """Sizes parse with binary single-letter suffixes."""
@@ -44,11 +61,23 @@ def test_parse_size(text: str, size: int) -> None:
 
 @pytest.mark.parametrize(
     ("constraint", "version", "ok"),
-    [("^1.2", "1.9.0", True), ("^1.2", "2.0.0", False), ("~1.2", "1.2.9", True), ("~1.2", "1.3.0", False),
-     (">=1.0, <2.0", "1.5", True), ("1.x", "1.7.3", True), ("1.x", "2.0", False), ("", "0.0.1", True),
-     ("1.2 - 1.4", "1.4.9", True), ("1.2 - 1.4", "1.5.0", False), ("<1.0 || >=3", "3.1", True),
-     ("!=1.2.3", "1.2.3", False), ("^0.2.3", "0.3.0", False), ("1.2.3", "1.2.3", True)],
-)  # fmt: skip
+    [
+        ("^1.2", "1.9.0", True),
+        ("^1.2", "2.0.0", False),
+        ("~1.2", "1.2.9", True),
+        ("~1.2", "1.3.0", False),
+        (">=1.0, <2.0", "1.5", True),
+        ("1.x", "1.7.3", True),
+        ("1.x", "2.0", False),
+        ("", "0.0.1", True),
+        ("1.2 - 1.4", "1.4.9", True),
+        ("1.2 - 1.4", "1.5.0", False),
+        ("<1.0 || >=3", "3.1", True),
+        ("!=1.2.3", "1.2.3", False),
+        ("^0.2.3", "0.3.0", False),
+        ("1.2.3", "1.2.3", True),
+    ],
+)
 def test_semver(constraint: str, version: str, ok: bool) -> None:
     """Constraints follow the Masterminds syntax the Go recipes use."""
     assert Constraint.parse(constraint).allows(version) is ok
@@ -64,7 +93,7 @@ def test_substitute() -> None:
 
 def test_dotenv() -> None:
     """.env lines: comments, export, quotes."""
-    text = '# c\nexport A=1\nB="two words"\nC=\'x y\'\nD=plain # trailing\n\nbad line\n'
+    text = "# c\nexport A=1\nB=\"two words\"\nC='x y'\nD=plain # trailing\n\nbad line\n"
     assert parse_dotenv(text) == {"A": "1", "B": "two words", "C": "x y", "D": "plain"}
 
 

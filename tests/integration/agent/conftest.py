@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,11 +40,26 @@ class AgentProc:
         self.log = self.cwd / f"agent-{self.port}-{len(list(self.cwd.glob('agent-*.log')))}.log"
         env = {**os.environ, "KEYSTONE_RUNTIME": str(self.runtime), **self.env}
         env.pop("KEYSTONE_API_TOKEN", None) if "KEYSTONE_API_TOKEN" not in self.env else None
-        cmd = [sys.executable, "-m", "keystone", "agent", "--http", f"127.0.0.1:{self.port}",
-               "--runtime", str(self.runtime), *self.args]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        cmd = [
+            sys.executable,
+            "-m",
+            "keystone",
+            "agent",
+            "--http",
+            f"127.0.0.1:{self.port}",
+            "--runtime",
+            str(self.runtime),
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.cwd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
+        )
         if wait:
-            wait_until(lambda: self.healthz() is not None or self.exited(), timeout=30, what="agent /healthz")
+            wait_until(
+                lambda: self.healthz() is not None or self.exited(),
+                timeout=30,
+                what="agent /healthz",
+            )
             assert not self.exited(), self.output()
         return self
 
@@ -64,9 +80,15 @@ class AgentProc:
     def token(self) -> str:
         return (self.runtime / "api.token").read_text().strip()
 
-    def api(self, method: str, path: str, body: bytes | None = None, *, timeout: float = 60) -> tuple[int, Any]:
-        req = urllib.request.Request(self.addr + path, data=body, method=method,
-                                     headers={"Authorization": f"Bearer {self.token()}"})  # fmt: skip
+    def api(
+        self, method: str, path: str, body: bytes | None = None, *, timeout: float = 60
+    ) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            self.addr + path,
+            data=body,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token()}"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
@@ -86,7 +108,9 @@ class AgentProc:
     def wait_states(self, want: dict[str, str], timeout: float = 30) -> dict[str, dict[str, Any]]:
         def check() -> dict[str, dict[str, Any]] | None:
             comps = self.components()
-            return comps if all(comps.get(n, {}).get("state") == s for n, s in want.items()) else None
+            return (
+                comps if all(comps.get(n, {}).get("state") == s for n, s in want.items()) else None
+            )
 
         return wait_until(check, timeout=timeout, what=f"components {want}")
 
@@ -103,8 +127,14 @@ class AgentProc:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "KEYSTONE_ADDR": self.addr, "KEYSTONE_RUNTIME": str(self.runtime)}
         env.pop("KEYSTONE_API_TOKEN", None)
-        return subprocess.run([sys.executable, "-m", "keystone", *args], cwd=self.cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "keystone", *args],
+            cwd=self.cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture
@@ -112,8 +142,15 @@ def make_agent(tmp_path: Path) -> Iterator[Any]:
     """Factory for agents; every agent and its components are stopped at teardown."""
     agents: list[AgentProc] = []
 
-    def make(*args: str, runtime: Path | None = None, env: dict[str, str] | None = None, port: int | None = None) -> AgentProc:
-        a = AgentProc(tmp_path, runtime or tmp_path / "runtime", port or free_port(), list(args), env or {})
+    def make(
+        *args: str,
+        runtime: Path | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> AgentProc:
+        a = AgentProc(
+            tmp_path, runtime or tmp_path / "runtime", port or free_port(), list(args), env or {}
+        )
         agents.append(a)
         return a
 
@@ -131,7 +168,5 @@ def make_agent(tmp_path: Path) -> Iterator[Any]:
         snap = a.runtime / "state" / "agent.json"
         if snap.exists():
             for rec in (json.loads(snap.read_text()).get("processes") or {}).values():
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(rec["pgid"], signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass

@@ -28,9 +28,20 @@ class Fleet:
             self.ports[name] = free_port()
         return self.ports[name]
 
-    def recipe(self, name: str, *, version: str = "1.0.0", deps: list[tuple[str, str]] | None = None,
-               health: bool = True, extra_args: list[str] | None = None, policy: str = "always",
-               max_retries: int = 5, start_timeout: str = "10s", extra: str = "", install: str = "") -> Path:  # fmt: skip
+    def recipe(
+        self,
+        name: str,
+        *,
+        version: str = "1.0.0",
+        deps: list[tuple[str, str]] | None = None,
+        health: bool = True,
+        extra_args: list[str] | None = None,
+        policy: str = "always",
+        max_retries: int = 5,
+        start_timeout: str = "10s",
+        extra: str = "",
+        install: str = "",
+    ) -> Path:
         args = [str(SVC), "--name", name, "--log", str(self.log), "--tag", version]
         if health:
             args += ["--port", str(self.port(name))]
@@ -53,7 +64,9 @@ class Fleet:
         return path
 
     def plan(self, names: list[str], file: str = "plan.toml") -> Path:
-        text = "".join(f'[[components]]\nname = "{n}"\nrecipe = "{n}.recipe.toml"\n\n' for n in names)
+        text = "".join(
+            f'[[components]]\nname = "{n}"\nrecipe = "{n}.recipe.toml"\n\n' for n in names
+        )
         path = self.root / file
         path.write_text(text)
         return path

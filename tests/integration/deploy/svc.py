@@ -1,6 +1,6 @@
 """A test component: records its start, serves /healthz, can crash or stay unhealthy on purpose.
 
-    svc.py --name NAME --port N --log FILE [--unhealthy] [--exit-after S --code C] [--ignore-term]
+svc.py --name NAME --port N --log FILE [--unhealthy] [--exit-after S --code C] [--ignore-term]
 """
 
 import argparse
@@ -24,8 +24,18 @@ p.add_argument("--tag", default="")
 a = p.parse_args()
 
 with open(a.log, "a") as f:
-    f.write(json.dumps({"name": a.name, "pid": os.getpid(), "t": time.time(), "tag": a.tag,
-                        "version": os.environ.get("KEYSTONE_VERSION")}) + "\n")
+    f.write(
+        json.dumps(
+            {
+                "name": a.name,
+                "pid": os.getpid(),
+                "t": time.time(),
+                "tag": a.tag,
+                "version": os.environ.get("KEYSTONE_VERSION"),
+            }
+        )
+        + "\n"
+    )
 
 if a.ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,7 +20,9 @@ from .conftest import Fleet
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
-FAST = RestartTuning(initial=0.2, maximum=2.0, factor=2.0, jitter=0.0, stable_after=30.0, settle=0.3)
+FAST = RestartTuning(
+    initial=0.2, maximum=2.0, factor=2.0, jitter=0.0, stable_after=30.0, settle=0.3
+)
 
 
 def run(body: Callable[[Deployer], Awaitable[T]], runtime: Path, tuning: RestartTuning = FAST) -> T:
@@ -41,7 +44,9 @@ def desired(fleet: Fleet, names: list[str]) -> DesiredPlan:
     return load_desired(fleet.plan(names), root=fleet.root, environ=dict(os.environ))
 
 
-async def wait_state(deployer: Deployer, name: str, states: set[State], timeout: float = 20.0) -> None:
+async def wait_state(
+    deployer: Deployer, name: str, states: set[State], timeout: float = 20.0
+) -> None:
     ok = await deployer.supervisors[name].wait_for(lambda s: s in states, timeout)
     assert ok, f"{name} never reached {states}; it is {deployer.supervisors[name].state}"
 
@@ -58,7 +63,9 @@ class TestLayers:
         async def body(d: Deployer) -> None:
             result = await d.deploy(plan)
             assert result.ok, result.reason
-            assert {n: s.state for n, s in d.supervisors.items()} == dict.fromkeys(["api", "cache", "db", "worker"], State.HEALTHY)
+            assert {n: s.state for n, s in d.supervisors.items()} == dict.fromkeys(
+                ["api", "cache", "db", "worker"], State.HEALTHY
+            )
 
         run(body, tmp_path / "rt")
         t = {s["name"]: s["t"] for s in fleet.starts()}
@@ -69,7 +76,9 @@ class TestLayers:
 class TestRestarts:
     def test_crash_is_restarted_with_growing_backoff(self, fleet: Fleet, tmp_path: Path) -> None:
         """A component that keeps crashing is restarted with growing delays, then failed."""
-        fleet.recipe("crashy", health=False, extra_args=["--exit-after", "0.5", "--code", "3"], max_retries=3)
+        fleet.recipe(
+            "crashy", health=False, extra_args=["--exit-after", "0.5", "--code", "3"], max_retries=3
+        )
         plan = desired(fleet, ["crashy"])
 
         async def body(d: Deployer) -> None:
@@ -83,13 +92,15 @@ class TestRestarts:
         run(body, tmp_path / "rt")
         times = [s["t"] for s in fleet.starts()]
         assert len(times) == 4
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         # Each gap is run time (0.5s) plus a backoff of 0.2, 0.4, 0.8s: strictly growing.
         assert gaps[0] < gaps[1] < gaps[2], gaps
 
     def test_never_policy_leaves_it_failed(self, fleet: Fleet, tmp_path: Path) -> None:
         """restart_policy = never: a crash is final and the reason says why."""
-        fleet.recipe("once", health=False, extra_args=["--exit-after", "0.6", "--code", "2"], policy="never")
+        fleet.recipe(
+            "once", health=False, extra_args=["--exit-after", "0.6", "--code", "2"], policy="never"
+        )
         plan = desired(fleet, ["once"])
 
         async def body(d: Deployer) -> None:
@@ -130,7 +141,9 @@ class TestRestarts:
 
 
 class TestChangesAndRollback:
-    def test_change_restarts_only_changed_and_dependents(self, fleet: Fleet, tmp_path: Path) -> None:
+    def test_change_restarts_only_changed_and_dependents(
+        self, fleet: Fleet, tmp_path: Path
+    ) -> None:
         """Changing cache restarts cache and api (hard), not db nor ui (ordering)."""
         fleet.recipe("db")
         fleet.recipe("cache", deps=[("db", "hard")])
@@ -156,12 +169,20 @@ class TestChangesAndRollback:
 
         run(body, tmp_path / "rt")
 
-    def test_failing_health_rolls_back_to_previous_version(self, fleet: Fleet, tmp_path: Path) -> None:
+    def test_failing_health_rolls_back_to_previous_version(
+        self, fleet: Fleet, tmp_path: Path
+    ) -> None:
         """A new version that never turns healthy is rolled back; the old version serves again."""
         fleet.recipe("db")
         fleet.recipe("api", deps=[("db", "hard")])
         v1 = desired(fleet, ["db", "api"])
-        fleet.recipe("api", version="2.0.0", deps=[("db", "hard")], extra_args=["--unhealthy"], start_timeout="1500ms")
+        fleet.recipe(
+            "api",
+            version="2.0.0",
+            deps=[("db", "hard")],
+            extra_args=["--unhealthy"],
+            start_timeout="1500ms",
+        )
         v2 = desired(fleet, ["db", "api"])
 
         async def body(d: Deployer) -> None:
@@ -181,7 +202,11 @@ class TestChangesAndRollback:
 
         run(body, tmp_path / "rt")
         # The old version runs again after the rollback (its start is the last one recorded).
-        assert [s["tag"] for s in fleet.starts() if s["name"] == "api"] == ["1.0.0", "2.0.0", "1.0.0"]
+        assert [s["tag"] for s in fleet.starts() if s["name"] == "api"] == [
+            "1.0.0",
+            "2.0.0",
+            "1.0.0",
+        ]
 
     def test_removed_component_is_stopped(self, fleet: Fleet, tmp_path: Path) -> None:
         """A component removed from the plan is stopped and forgotten."""
@@ -209,8 +234,11 @@ class TestChangesAndRollback:
         plan = desired(fleet, ["db", "api"])
 
         async def body(d: Deployer) -> None:
-            changes, actions = d.dry_run(plan)
-            assert [(a.action, a.component, a.layer) for a in actions] == [("start", "db", 0), ("start", "api", 1)]
+            _changes, actions = d.dry_run(plan)
+            assert [(a.action, a.component, a.layer) for a in actions] == [
+                ("start", "db", 0),
+                ("start", "api", 1),
+            ]
             assert d.supervisors == {}
 
         run(body, tmp_path / "rt")
@@ -235,13 +263,22 @@ class TestBadComponents:
 
     @pytest.mark.parametrize(
         ("script", "timeout", "needle"),
-        [("echo broken >&2; exit 7", "5s", "exit status 7: broken"), ("sleep 30", "500ms", "timed out after 0.5s")],
+        [
+            ("echo broken >&2; exit 7", "5s", "exit status 7: broken"),
+            ("sleep 30", "500ms", "timed out after 0.5s"),
+        ],
     )
-    def test_install_script_failure(self, fleet: Fleet, tmp_path: Path, script: str, timeout: str, needle: str) -> None:
+    def test_install_script_failure(
+        self, fleet: Fleet, tmp_path: Path, script: str, timeout: str, needle: str
+    ) -> None:
         """A failing or hanging install script fails the deployment with the reason."""
         fleet.recipe("db")
         path = fleet.recipe("app", health=False, install=script)
-        path.write_text(path.read_text().replace("[lifecycle.install]", f'[lifecycle.install]\ntimeout = "{timeout}"', 1))
+        path.write_text(
+            path.read_text().replace(
+                "[lifecycle.install]", f'[lifecycle.install]\ntimeout = "{timeout}"', 1
+            )
+        )
         v1 = desired(fleet, ["db"])
         v2 = desired(fleet, ["db", "app"])
 

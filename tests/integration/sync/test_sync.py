@@ -25,7 +25,9 @@ def sync(agent: Any, *args: str) -> tuple[int, dict[str, Any]]:
     try:
         return r.returncode, json.loads(r.stdout)
     except json.JSONDecodeError:
-        raise AssertionError(f"sync printed no JSON (exit {r.returncode}): {r.stdout}\n{r.stderr}") from None
+        raise AssertionError(
+            f"sync printed no JSON (exit {r.returncode}): {r.stdout}\n{r.stderr}"
+        ) from None
 
 
 def revision(agent: Any) -> dict[str, Any]:
@@ -40,16 +42,21 @@ def pids(agent: Any) -> dict[str, int]:
 
 
 def base_fleet(f: SignedFleet) -> str:
-    return f.commit({
-        "recipes/db.recipe.toml": f.recipe("db"),
-        "recipes/api.recipe.toml": f.recipe("api", deps=[("db", "hard")]),
-        "recipes/tool.recipe.toml": f.recipe("tool"),
-        "plans/default.toml": f.plan("db", "api", "tool"),
-    }, "initial fleet")  # fmt: skip
+    return f.commit(
+        {
+            "recipes/db.recipe.toml": f.recipe("db"),
+            "recipes/api.recipe.toml": f.recipe("api", deps=[("db", "hard")]),
+            "recipes/tool.recipe.toml": f.recipe("tool"),
+            "plans/default.toml": f.plan("db", "api", "tool"),
+        },
+        "initial fleet",
+    )
 
 
 @pytest.fixture
-def synced(signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path) -> tuple[SignedFleet, Any, str]:
+def synced(
+    signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path
+) -> tuple[SignedFleet, Any, str]:
     """A fleet with db -> api and tool, applied by a fresh agent."""
     rev = base_fleet(signed_fleet)
     agent = make_agent("--config", str(signed_fleet.agent_config(tmp_path / "agent.toml"))).start()
@@ -60,9 +67,11 @@ def synced(signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path) -> tuple[
 
 
 class TestApply:
-    def test_first_sync_applies_and_status_shows_it(self, synced: tuple[SignedFleet, Any, str]) -> None:
+    def test_first_sync_applies_and_status_shows_it(
+        self, synced: tuple[SignedFleet, Any, str]
+    ) -> None:
         """The first sync deploys the plan; status --revision names the commit and signer."""
-        f, agent, rev = synced
+        _f, agent, rev = synced
         info = revision(agent)
         assert info["applied"] == rev
         assert info["signer"] == "ops@example.com"
@@ -73,7 +82,9 @@ class TestApply:
         assert code == 0 and out["result"] == "up-to-date"
         assert agent.healthz()["revision"] == rev
 
-    def test_recipe_change_restarts_only_it_and_dependents(self, synced: tuple[SignedFleet, Any, str]) -> None:
+    def test_recipe_change_restarts_only_it_and_dependents(
+        self, synced: tuple[SignedFleet, Any, str]
+    ) -> None:
         """Changing db restarts db and api (hard dependent), never tool."""
         f, agent, _ = synced
         before = pids(agent)
@@ -99,15 +110,23 @@ class TestApply:
 
 class TestRefusals:
     @pytest.mark.parametrize("case", ["unsigned", "unknown-key", "expired-signer"])
-    def test_bad_signature_is_refused_and_nothing_changes(self, synced: tuple[SignedFleet, Any, str], case: str) -> None:
+    def test_bad_signature_is_refused_and_nothing_changes(
+        self, synced: tuple[SignedFleet, Any, str], case: str
+    ) -> None:
         """An unsigned tip, a stranger's signature or an expired signer: refused, reason shown."""
         f, agent, good = synced
         before = pids(agent)
         if case == "expired-signer":
             pub = (f.tmp / "ops_key.pub").read_text().split()
-            f.allowed.write_text(f'ops@example.com namespaces="git",valid-before="20200101" {pub[0]} {pub[1]}\n')
+            f.allowed.write_text(
+                f'ops@example.com namespaces="git",valid-before="20200101" {pub[0]} {pub[1]}\n'
+            )
         sign = {"unsigned": None, "unknown-key": "other", "expired-signer": "key"}[case]
-        bad = f.commit({"recipes/tool.recipe.toml": f.recipe("tool", version="9.9.9")}, f"bad: {case}", sign=sign)
+        bad = f.commit(
+            {"recipes/tool.recipe.toml": f.recipe("tool", version="9.9.9")},
+            f"bad: {case}",
+            sign=sign,
+        )
         code, out = sync(agent)
         assert code == 3 and out["result"] == "refused", out
         assert bad[:12] in out["error"] or out["revision"] == bad
@@ -118,7 +137,9 @@ class TestRefusals:
         assert hist[0]["result"] == "refused" and hist[0]["revision"] == bad
         assert pids(agent) == before
 
-    def test_force_push_to_older_commit_is_refused(self, synced: tuple[SignedFleet, Any, str]) -> None:
+    def test_force_push_to_older_commit_is_refused(
+        self, synced: tuple[SignedFleet, Any, str]
+    ) -> None:
         """A force-push back to an ancestor is a rollback: refused unless --allow-rollback."""
         f, agent, first = synced
         second = f.commit({"recipes/tool.recipe.toml": f.recipe("tool", version="2.0.0")}, "tool 2")
@@ -132,25 +153,44 @@ class TestRefusals:
         assert code == 0 and out["result"] == "applied", out
         assert revision(agent)["applied"] == first
 
-    def test_broken_plan_is_refused_while_old_plan_runs(self, synced: tuple[SignedFleet, Any, str]) -> None:
+    def test_broken_plan_is_refused_while_old_plan_runs(
+        self, synced: tuple[SignedFleet, Any, str]
+    ) -> None:
         """A signed commit whose plan does not validate is refused; the running plan stays."""
         f, agent, good = synced
         before = pids(agent)
-        f.commit({"recipes/api.recipe.toml": f.recipe("api", deps=[("db", "hard"), ("missing", "hard")])}, "broken")
+        f.commit(
+            {
+                "recipes/api.recipe.toml": f.recipe(
+                    "api", deps=[("db", "hard"), ("missing", "hard")]
+                )
+            },
+            "broken",
+        )
         code, out = sync(agent)
         assert code == 3 and "missing" in out["error"], out
         assert pids(agent) == before and revision(agent)["applied"] == good
 
 
 class TestRollback:
-    def test_unhealthy_commit_rolls_back_and_is_not_retried(self, synced: tuple[SignedFleet, Any, str]) -> None:
+    def test_unhealthy_commit_rolls_back_and_is_not_retried(
+        self, synced: tuple[SignedFleet, Any, str]
+    ) -> None:
         """A component that never turns healthy rolls back to last known-good; not retried."""
         f, agent, good = synced
         before = pids(agent)
-        bad = f.commit({"recipes/tool.recipe.toml": f.recipe("tool", version="2.0.0", args=["--unhealthy"],
-                                                             start_timeout="1s")}, "unhealthy tool")  # fmt: skip
+        bad = f.commit(
+            {
+                "recipes/tool.recipe.toml": f.recipe(
+                    "tool", version="2.0.0", args=["--unhealthy"], start_timeout="1s"
+                )
+            },
+            "unhealthy tool",
+        )
         code, out = sync(agent)
-        assert code == 4 and out["result"] == "rolled-back" and out["failed_component"] == "tool", out
+        assert code == 4 and out["result"] == "rolled-back" and out["failed_component"] == "tool", (
+            out
+        )
         info = revision(agent)
         assert info["applied"] == good and bad in info["failed"]
         comps = agent.wait_states({"tool": "healthy"})
@@ -160,14 +200,27 @@ class TestRollback:
         assert code == 3 and out["result"] == "known-bad", out
         assert len(f.started()) == starts
 
-    def test_crash_during_soak_rolls_back(self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path) -> None:
+    def test_crash_during_soak_rolls_back(
+        self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path
+    ) -> None:
         """A component that crashes seconds after turning healthy rolls the revision back."""
         f = signed_fleet
         good = base_fleet(f)
-        agent = make_agent("--config", str(f.agent_config(tmp_path / "agent.toml", soak="6s"))).start()
+        agent = make_agent(
+            "--config", str(f.agent_config(tmp_path / "agent.toml", soak="6s"))
+        ).start()
         assert sync(agent)[0] == 0
-        wait_until(lambda: revision(agent)["last_known_good"] == good, timeout=30, what="first soak")
-        bad = f.commit({"recipes/tool.recipe.toml": f.recipe("tool", version="3.0.0", args=["--exit-after", "2"])}, "crashy")
+        wait_until(
+            lambda: revision(agent)["last_known_good"] == good, timeout=30, what="first soak"
+        )
+        bad = f.commit(
+            {
+                "recipes/tool.recipe.toml": f.recipe(
+                    "tool", version="3.0.0", args=["--exit-after", "2"]
+                )
+            },
+            "crashy",
+        )
         code, out = sync(agent)
         assert code == 0 and out["result"] == "applied", out
         wait_until(lambda: revision(agent)["applied"] == good, timeout=30, what="soak rollback")
@@ -181,25 +234,49 @@ class TestResilience:
     def test_killed_mid_deployment_converges(self, synced: tuple[SignedFleet, Any, str]) -> None:
         """An agent SIGKILLed during a deployment comes back on one consistent plan, no duplicates."""
         f, agent, good = synced
-        f.commit({"recipes/db.recipe.toml": f.recipe("db", version="1.5.0"),
-                  "recipes/api.recipe.toml": f.recipe("api", version="1.5.0", deps=[("db", "hard")],
-                                                      args=["--unhealthy"], start_timeout="20s")}, "slow api")  # fmt: skip
-        proc = subprocess.Popen([sys.executable, "-m", "keystone", "sync", "--once", "--json"], cwd=agent.cwd,
-                                env={**os.environ, "KEYSTONE_ADDR": agent.addr, "KEYSTONE_RUNTIME": str(agent.runtime)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        wait_until(lambda: any(s["name"] == "api" and s["tag"] == "1.5.0" for s in f.started()), what="new api to start")
+        f.commit(
+            {
+                "recipes/db.recipe.toml": f.recipe("db", version="1.5.0"),
+                "recipes/api.recipe.toml": f.recipe(
+                    "api",
+                    version="1.5.0",
+                    deps=[("db", "hard")],
+                    args=["--unhealthy"],
+                    start_timeout="20s",
+                ),
+            },
+            "slow api",
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keystone", "sync", "--once", "--json"],
+            cwd=agent.cwd,
+            env={**os.environ, "KEYSTONE_ADDR": agent.addr, "KEYSTONE_RUNTIME": str(agent.runtime)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        wait_until(
+            lambda: any(s["name"] == "api" and s["tag"] == "1.5.0" for s in f.started()),
+            what="new api to start",
+        )
         agent.stop(signal.SIGKILL)
         proc.wait(30)
         agent.start()
         comps = agent.wait_states({"db": "healthy", "api": "healthy", "tool": "healthy"})
         versions = {n: c["version"] for n, c in comps.items()}
-        assert versions in ({"db": "1.0.0", "api": "1.0.0", "tool": "1.0.0"}, {"db": "1.5.0", "api": "1.5.0", "tool": "1.0.0"})
+        assert versions in (
+            {"db": "1.0.0", "api": "1.0.0", "tool": "1.0.0"},
+            {"db": "1.5.0", "api": "1.5.0", "tool": "1.0.0"},
+        )
         for name, port in f.ports.items():
-            running = [p for p in os.listdir("/proc") if p.isdigit() and f"--port {port} " in _cmd(p)]
+            running = [
+                p for p in os.listdir("/proc") if p.isdigit() and f"--port {port} " in _cmd(p)
+            ]
             assert len(running) == (1 if name in comps else 0), (name, running)
         assert revision(agent)["applied"] == good
 
-    def test_server_gone_keeps_running_and_recovers(self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path) -> None:
+    def test_server_gone_keeps_running_and_recovers(
+        self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path
+    ) -> None:
         """With the git server down, sync says unreachable and nothing stops; it syncs when back."""
         f = signed_fleet
         base_fleet(f)
@@ -212,7 +289,9 @@ class TestResilience:
             before = pids(agent)
             srv.terminate()
             srv.wait(10)
-            new = f.commit({"recipes/tool.recipe.toml": f.recipe("tool", version="1.2.0")}, "tool 1.2")
+            new = f.commit(
+                {"recipes/tool.recipe.toml": f.recipe("tool", version="1.2.0")}, "tool 1.2"
+            )
             code, out = sync(agent)
             assert code == 1 and out["result"] == "unreachable", out
             assert pids(agent) == before
@@ -226,14 +305,20 @@ class TestResilience:
 
 def _cmd(pid: str) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") + " "
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            + " "
+        )
     except OSError:
         return ""
 
 
 def _serve(root: Path, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve-git"), str(root), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "serve-git"), str(root), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     import urllib.request
 
     def up() -> bool:
