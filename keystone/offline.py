@@ -51,3 +51,26 @@ def dry_run(path: Path, *, runtime: Path | None = None) -> dict[str, Any]:
             for n, c in desired.components.items()
         },
     }
+
+
+def verify_revision(repo: Path, rev: str, allowed_signers: Path | None, json: bool, *, gpg_home: Path | None = None) -> int:
+    """``keystone verify --rev REF``: print the verdict on a commit of a fleet checkout.
+
+    Returns the exit code: 0 when the commit verifies, 3 when it does not.
+    """
+    import json as jsonlib
+
+    import typer
+
+    from keystone import fleet
+
+    data = fleet.verify(repo, rev, allowed_signers=allowed_signers, gpg_home=gpg_home)
+    if json:
+        typer.echo(jsonlib.dumps(data, indent=2, sort_keys=True))
+    else:
+        mark = "good" if data["ok"] else "BAD"
+        who = f" by {data['signer']}" if data.get("signer") else ""
+        typer.echo(f"{data['revision']}: {mark} {data['format']} signature{who}: {data['reason']}")
+        if data.get("fingerprint"):
+            typer.echo(f"key: {data['fingerprint']}")
+    return 0 if data["ok"] else 3
