@@ -644,7 +644,8 @@ def _read_key_text(text: str) -> tuple[SshKey | None, str, str]:
     """
     space = min((i for i in (text.find(" "), text.find("\t")) if i >= 0), default=-1)
     if space < 0:
-        return None, text, "no key type and key"
+        missing = "key data" if text.strip() in KEY_TYPES else "key type or key data"
+        return None, text, f"missing {missing}"
     type_name = text[:space]
     if type_name not in KEY_TYPES:
         return None, text, f"unknown key type {type_name!r}"
@@ -909,6 +910,11 @@ def parse_allowed_signers_line(text: str, *, file: str = "", line: int = 0) -> A
     namespaces = after = before = None
     ca = False
     if key is None:
+        first = rest.split(None, 1)[0] if rest.strip() else ""
+        if not first:
+            raise bad("missing key")
+        if first in KEY_TYPES:  # no options: the key itself is wrong
+            raise bad(f"invalid key: {why}")
         end = _advance_past_options(rest)
         if end < 0:
             raise bad("invalid options (unterminated quote)")
