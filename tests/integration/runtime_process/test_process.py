@@ -215,11 +215,14 @@ class TestEnvironmentAndLimits:
 
     def test_no_fd_leaks_into_children(self, bench: Bench) -> None:
         """A child holds only stdin, stdout and stderr: no pidfd, pipe or log fd of the agent."""
+        # A Python child that has finished starting up (it opens and closes files meanwhile).
+        idle = "import signal; print('ready', flush=True); signal.pause()"
 
         async def body() -> None:
             runner = ProcessRunner()
-            first = await bench.spawn(runner, bench.spec("sleep", "30", name="a"))
-            second = await bench.spawn(runner, bench.spec("sleep", "30", name="b"))
+            first = await bench.spawn(runner, bench.spec(sys.executable, "-c", idle, name="a"))
+            second = await bench.spawn(runner, bench.spec(sys.executable, "-c", idle, name="b"))
+            await until(lambda: bench.stdout().count("ready") == 2, what="both children to start")
             for handle in (first, second):
                 assert sorted(int(fd) for fd in os.listdir(f"/proc/{handle.pid}/fd")) == [0, 1, 2]
             await runner.stop(first, timeout=5)
@@ -655,6 +658,13 @@ class TestRun:
         run(body())
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 class TestCgroups:
     def test_escaped_grandchild_is_killed_through_the_cgroup(
         self, bench: Bench, cgroup_root: Path
@@ -667,12 +677,12 @@ class TestCgroups:
             handle = await bench.spawn(runner, bench.sh("setsid sleep 300 & sleep 300"))
             assert handle.cgroup is not None and handle.cgroup.parent == cgroup_root
             cgroup = handle.cgroup
-            await until(
-                lambda: len(cgroup_members(cgroup)) >= 3, what="sh and two sleeps in the cgroup"
-            )
-            members = cgroup_members(cgroup)
-            escaped = [p for p in members if os.getpgid(p) != handle.pgid]
-            assert escaped, "setsid should have left the group"
+
+            def escaped() -> list[int]:
+                return [p for p in cgroup_members(cgroup) if _pgid(p) not in (handle.pgid, None)]
+
+            await until(escaped, what="the grandchild to leave the group with setsid")
+            assert len(cgroup_members(cgroup)) == 3
             await runner.stop(handle, timeout=5)
             assert cgroup_members(cgroup) == []
             assert pgid_members(handle.pgid) == []
