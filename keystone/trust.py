@@ -48,6 +48,7 @@ __all__ = [
     "AllowedSigner",
     "CommitVerifier",
     "SignatureBlock",
+    "SshCertificate",
     "SshKey",
     "SshSignature",
     "TrustPolicy",
@@ -57,6 +58,8 @@ __all__ = [
     "match_pattern",
     "match_pattern_list",
     "parse_absolute_time",
+    "parse_allowed_signers_line",
+    "parse_public_key",
     "parse_ssh_signature",
     "split_signed_object",
 ]
@@ -186,14 +189,24 @@ def _ident_timestamp(ident: bytes) -> int | None:
 
 
 def match_pattern(s: str, pattern: str) -> bool:
-    """OpenSSH ``match_pattern()``: ``*`` matches any run, ``?`` one character, the rest itself."""
+    """OpenSSH ``match_pattern()``: ``*`` matches any run, ``?`` one byte, the rest itself.
+
+    Like OpenSSH it works on bytes (UTF-8), so ``?`` matches one byte, not one character.
+    """
+    return _match_bytes(
+        s.encode(errors="surrogateescape"), pattern.encode(errors="surrogateescape")
+    )
+
+
+def _match_bytes(s: bytes, pattern: bytes) -> bool:
+    # Iterative wildcard matching: the same language as OpenSSH's recursive version.
     si = pi = 0
     star_p = star_s = -1
     while si < len(s):
-        if pi < len(pattern) and (pattern[pi] == "?" or pattern[pi] == s[si]):
+        if pi < len(pattern) and pattern[pi] in (0x3F, s[si]):  # "?" or the same byte
             si += 1
             pi += 1
-        elif pi < len(pattern) and pattern[pi] == "*":
+        elif pi < len(pattern) and pattern[pi] == 0x2A:  # "*"
             star_p, star_s = pi, si
             pi += 1
         elif star_p >= 0:
@@ -201,7 +214,7 @@ def match_pattern(s: str, pattern: str) -> bool:
             si, pi = star_s, star_p + 1
         else:
             return False
-    while pi < len(pattern) and pattern[pi] == "*":
+    while pi < len(pattern) and pattern[pi] == 0x2A:
         pi += 1
     return pi == len(pattern)
 
@@ -214,20 +227,21 @@ def match_pattern_list(s: str, patterns: str) -> int:
         negated one (``!pattern``) matches (negation wins), ``0`` when none does.
     """
     got_positive = 0
-    for sub in patterns.split(","):
-        negated = sub.startswith("!")
+    target = s.encode(errors="surrogateescape")
+    for sub in patterns.encode(errors="surrogateescape").split(b","):
+        negated = sub.startswith(b"!")
         if negated:
             sub = sub[1:]
         if len(sub) >= 1023:
             return 0  # OpenSSH's subpattern buffer: an overlong pattern matches nothing
-        if match_pattern(s, sub):
+        if _match_bytes(target, sub):
             if negated:
                 return -1
             got_positive = 1
     return got_positive
 
 
-_TIME_RE = re.compile(r"(\d{4})(\d{2})(\d{2})(?:(\d{2})(\d{2})(\d{2})?)?")
+_TIME_RE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})(?:([0-9]{2})([0-9]{2})([0-9]{2})?)?")
 
 
 def parse_absolute_time(text: str) -> int:
@@ -320,9 +334,6 @@ class _Reader:
     def u64(self) -> int:
         return int.from_bytes(self._take(8), "big")
 
-    def u8(self) -> int:
-        return self._take(1)[0]
-
     def string(self) -> bytes:
         return self._take(self.u32())
 
@@ -343,9 +354,6 @@ class _Reader:
         if len(raw) > 16384 // 8:
             raise _WireError("integer too large")
         return int.from_bytes(raw, "big")
-
-    def rest(self) -> bytes:
-        return self._take(len(self.data) - self.pos)
 
     def done(self) -> bool:
         return self.pos == len(self.data)
@@ -446,10 +454,6 @@ class SshKey:
         digest = hashlib.sha256(self.public).digest()
         return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
-    @property
-    def is_cert(self) -> bool:
-        return self.cert is not None
-
     def same_key(self, other: SshKey) -> bool:
         """OpenSSH ``sshkey_equal()``: same type, same certificate if any, same public key."""
         if self.type != other.type or self.public != other.public:
@@ -513,13 +517,15 @@ def parse_public_key(blob: bytes) -> SshKey:
     A certificate's CA signature is verified here, as OpenSSH does when it loads one.
 
     Raises:
-        ValueError: malformed, unknown type, RSA below 1024 bits, or a certificate whose CA
-            signature does not verify.
+        ValidationError: malformed, unknown type, RSA below 1024 bits, or a certificate whose
+            CA signature does not verify.
     """
     try:
         return _parse_key(blob)
+    except _WireError as exc:
+        raise ValidationError(f"invalid SSH public key: {exc}") from exc
     except _BadSignature as exc:
-        raise ValueError(exc.reason) from exc
+        raise ValidationError(f"invalid SSH certificate: {exc.reason}") from exc
 
 
 def _parse_key(blob: bytes) -> SshKey:
@@ -690,8 +696,14 @@ class SshSignature:
         """Check that this signature covers ``message`` in ``namespace``.
 
         Raises:
-            _BadSignature: wrong namespace, refused algorithm or a signature that does not match.
+            SignatureError: wrong namespace, refused algorithm or a signature that does not match.
         """
+        try:
+            self._check(message, namespace)
+        except _BadSignature as exc:
+            raise SignatureError(exc.reason) from exc
+
+    def _check(self, message: bytes, namespace: str) -> None:
         if self.namespace != namespace:
             raise _BadSignature(
                 f'signature namespace is "{self.namespace}", not "{namespace}"', "namespace"
@@ -715,18 +727,18 @@ def parse_ssh_signature(armored: bytes) -> SshSignature:
     the rest.
 
     Raises:
-        ValueError: with the reason, for anything malformed or refused.
+        SignatureError: with the reason, for anything malformed or refused.
     """
     try:
         return _parse_ssh_signature(armored)
     except _BadSignature as exc:
-        raise ValueError(exc.reason) from exc
+        raise SignatureError(exc.reason) from exc
 
 
 def _parse_ssh_signature(armored: bytes) -> SshSignature:
     if not armored.startswith(_SSHSIG_BEGIN):
         raise _BadSignature("SSH signature armor: missing header")
-    end = armored.find(_SSHSIG_END, len(_SSHSIG_BEGIN) - 1)
+    end = armored.find(_SSHSIG_END, len(_SSHSIG_BEGIN))
     if end < 0:
         raise _BadSignature("SSH signature armor: missing footer")
     try:
@@ -933,6 +945,7 @@ def parse_allowed_signers_line(text: str, *, file: str = "", line: int = 0) -> A
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a trust file, split on newlines only (as OpenSSH's getline() loop)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -940,11 +953,17 @@ def _read_lines(path: Path, what: str) -> list[str]:
             f"cannot read the {what} ({exc.strerror or exc}); check [trust] in the agent config",
             file=str(path),
         ) from exc
-    try:
-        text = data.decode()
-    except UnicodeDecodeError as exc:
-        raise ValidationError(f"the {what} is not UTF-8 text", file=str(path)) from exc
-    return text.splitlines(keepends=True)
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append(raw.decode() + "\n")
+        except UnicodeDecodeError as exc:
+            raise ValidationError(
+                f"the {what} is not UTF-8 text", file=str(path), line=number
+            ) from exc
+    if lines and lines[-1] == "\n":
+        lines.pop()  # the empty piece after the final newline
+    return lines
 
 
 def load_allowed_signers(path: Path | str) -> list[AllowedSigner]:
@@ -1016,8 +1035,11 @@ class _LineCheck:
     kind: str = ""
 
 
-def _cert_check(key: SshKey, verify_time: int, name: str | None, wildcard: bool) -> str | None:
-    """OpenSSH ``sshkey_cert_check_authority()`` for a user certificate; None or the reason."""
+def _cert_check(key: SshKey, verify_time: int, name: str | None) -> str | None:
+    """OpenSSH ``sshkey_cert_check_authority()`` as sshsig uses it; None or the reason.
+
+    A user certificate, valid at ``verify_time``, with principals, listing ``name`` exactly.
+    """
     cert = key.cert
     assert cert is not None
     if cert.cert_type != 1:
@@ -1028,10 +1050,8 @@ def _cert_check(key: SshKey, verify_time: int, name: str | None, wildcard: bool)
         return f"certificate expired at {_fmt_time(cert.valid_before)}"
     if not cert.principals:
         return "certificate lists no principals"
-    if name is not None:
-        hit = any(match_pattern(p, name) if wildcard else p == name for p in cert.principals)
-        if not hit:
-            return f"certificate does not list principal {name}"
+    if name is not None and name not in cert.principals:
+        return f"certificate does not list principal {name}"
     return None
 
 
@@ -1064,20 +1084,18 @@ def _check_line(
     elif ca_match:
         assert key.cert is not None
         if principal is not None:
-            why = _cert_check(key, verify_time, principal, wildcard=False)
+            why = _cert_check(key, verify_time, principal)
             if why:
                 return _LineCheck(False, reason=f"{why} ({entry.where})", kind="untrusted")
         else:
-            # cert_filter_principals(): the certificate's principals that the line's patterns
-            # allow (each pattern alone, without negation), if the certificate is valid.
+            # cert_filter_principals(): if the certificate is valid, those of its principals
+            # that a pattern of the line matches (each pattern alone: "!" is not negation here;
+            # the list ends at an empty item).
+            why = _cert_check(key, verify_time, None)
             names: list[str] = []
-            why = None
-            for pattern in entry.principals.split(","):
+            for pattern in [] if why else entry.principals.split(","):
                 if not pattern:
                     break
-                why = _cert_check(key, verify_time, None, wildcard=False)
-                if why:
-                    continue
                 names += [p for p in key.cert.principals if match_pattern(p, pattern)]
             if not names:
                 reason = why or "no principal of the certificate is allowed by this line"
@@ -1124,40 +1142,42 @@ def _judge_allowed(
     """
     reasons: list[tuple[str, str]] = []
     found: str | None = None
-    for entry in entries:  # -Y find-principals: first line whose key matches, in time
+    chosen: AllowedSigner | None = None
+    for entry in entries:  # -Y find-principals: the first line with the key, in time
         check = _check_line(entry, key, None, None, verify_time, commit_time)
         if check.ok:
-            found = check.principals
+            found, chosen = check.principals, entry
             break
         if check.reason:
             reasons.append((check.reason, check.kind))
-    if found is None:
+    if found is None or chosen is None:
         if reasons:
             return None, reasons[0][0], reasons[0][1]
-        what = (
-            f"certificate {key.fingerprint} (CA {key.cert.ca.fingerprint})"
-            if key.cert
-            else f"key {key.fingerprint}"
-        )
+        what = f"key {key.fingerprint}"
+        if key.cert is not None:
+            what = f"certificate {key.fingerprint} (CA {key.cert.ca.fingerprint})"
         return None, f"{what} is not in allowed signers {file}", "untrusted"
     candidates = []
     for name in found.split(","):  # ssh-keygen prints them one per line, up to an empty one
         if not name:
             break
         candidates.append(name)
+    # The reason to report is the one of the line find-principals chose, if it has one.
+    reasons = []
+    own: list[tuple[str, str]] = []
     for name in candidates:  # -Y verify -n git -I name, for each until one is good
         for entry in entries:
             check = _check_line(entry, key, name, "git", verify_time, commit_time)
             if check.ok:
                 return name, "good signature", "good"
             if check.reason:
-                reasons.append((check.reason, check.kind))
-    if reasons:
-        return None, reasons[0][0], reasons[0][1]
+                (own if entry is chosen else reasons).append((check.reason, check.kind))
+    if own or reasons:
+        return None, *(own or reasons)[0]
     return (
         None,
         f"key {key.fingerprint} matches allowed signers {file}, but no line accepts its "
-        f"principals ({', '.join(candidates) or 'none'}) for namespace git (check '!' negations)",
+        f"principals ({', '.join(candidates) or 'none'}) for namespace git",
         "untrusted",
     )
 
@@ -1383,6 +1403,7 @@ class CommitVerifier:
         """Judge the signature of one raw commit object (``git cat-file commit REV``).
 
         Never raises for a bad commit or trust store: every refusal is a verdict with a reason.
+        ``revision`` is the caller's name for the commit; the verdict does not depend on it.
         """
         policy = self.policy
         if policy.allowed_signers is None and policy.gpg_home is None:
@@ -1435,7 +1456,7 @@ class CommitVerifier:
             return _refused("ssh", exc.reason, exc.kind)
         fp = sig.key.fingerprint
         try:
-            sig.verify(payload, namespace="git")
+            sig._check(payload, "git")
         except _BadSignature as exc:
             return _refused("ssh", exc.reason, exc.kind, fingerprint=fp)
         ca = sig.key.cert.ca if sig.key.cert else None

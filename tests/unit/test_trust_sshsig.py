@@ -198,8 +198,8 @@ class TestSignatures:
         ],
     )
     def test_malformed_armor(self, armored: bytes) -> None:
-        """Broken armor, base64 or structure raise ValueError with a reason."""
-        with pytest.raises(ValueError):
+        """Broken armor, base64 or structure raise SignatureError with a reason."""
+        with pytest.raises(SignatureError):
             parse_ssh_signature(armored)
 
 
