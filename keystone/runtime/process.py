@@ -313,6 +313,20 @@ def _writable_cgroup(path: Path) -> bool:
     )
 
 
+def _systemd_unit(cgroup_path: str) -> bool:
+    """True when a cgroup path is a systemd unit's (``....service``, ``.scope``, ``.slice``)."""
+    return any(seg.endswith((".service", ".scope", ".slice")) for seg in cgroup_path.split("/"))
+
+
+def _delegated(cgroup: Path) -> bool:
+    """True when systemd marked ``cgroup`` as delegated (``Delegate=yes``, systemd >= 251)."""
+    for attr in ("trusted.delegate", "user.delegate"):
+        with contextlib.suppress(OSError):
+            if os.getxattr(cgroup, attr) == b"1":
+                return True
+    return False
+
+
 def _enable_controllers(cgroup: Path) -> frozenset[str]:
     """Enable what it can of :data:`CONTROLLERS` for ``cgroup``'s children; return what is on."""
     try:
@@ -334,8 +348,9 @@ def detect_cgroup_root(environ: Mapping[str, str] | None = None) -> Path | None:
     """Find or make a cgroup v2 directory the agent may create component cgroups in.
 
     ``KEYSTONE_CGROUP_ROOT`` in ``environ`` (default: ``os.environ``) names one explicitly.
-    Otherwise the root is ``keystone/`` under the agent's own cgroup (as systemd's
-    ``Delegate=yes`` hands it over). When the agent is the only process in its own cgroup it
+    Otherwise the root is ``keystone/`` under the agent's own cgroup, provided the agent may
+    write there and, when that cgroup is a systemd unit's, systemd delegated it
+    (``Delegate=yes``; add ``KillMode=process`` so that components outlive an agent restart). When the agent is the only process in its own cgroup it
     first moves itself into a ``keystone-agent/`` leaf, because cgroup v2 lets a cgroup with
     member processes enable no controllers for its children; when it shares its cgroup with
     other processes, component cgroups still group and kill whole trees but carry no limits.
@@ -358,6 +373,14 @@ def detect_cgroup_root(environ: Mapping[str, str] | None = None) -> Path | None:
         return None
     own_dir = mount / own.lstrip("/")
     if not _writable_cgroup(own_dir):
+        return None
+    if _systemd_unit(own) and not _delegated(own_dir):
+        # systemd is the single writer of its units' cgroups unless it delegated one.
+        logger.info(
+            "cgroup {} belongs to systemd and is not delegated: add Delegate=yes to the unit "
+            "(or set KEYSTONE_CGROUP_ROOT) to enforce memory_limit and cpu_quota",
+            own_dir,
+        )
         return None
     try:
         root = own_dir / "keystone"
@@ -681,7 +704,14 @@ class ProcessRunner:
             # Not our child (adopted after a restart), or reaped behind our back.
             pid, raw = watch.handle.pid, -1
         if pid == 0:
-            return  # not exited yet; the pidfd stays registered
+            # Cannot happen for an exited child; if it ever did, a level-triggered reader would
+            # spin, so look again a little later instead.
+            loop = watch.registered
+            if loop is not None and watch.pidfd is not None:
+                loop.remove_reader(watch.pidfd)
+                watch.registered = None
+                loop.call_later(0.1, self._register, watch, loop)
+            return
         if raw != -1:
             status = os.waitstatus_to_exitcode(raw)
         self._finish(watch, status)
@@ -834,9 +864,8 @@ class ProcessRunner:
         pid = proc.pid
         ticks = read_start_ticks(pid) or 0
         handle = ProcessHandle(name, pid, pid, ticks, cgroup)
-        watch = _Watch(
-            handle, os.pidfd_open(pid), child=True, grace=self.orphan_grace, report=report
-        )
+        pidfd = _pidfd_or_kill(name, pid)
+        watch = _Watch(handle, pidfd, child=True, grace=self.orphan_grace, report=report)
         self._watches[pid] = watch
         self._register(watch, loop)
         logger.debug("{}: started pid {} ({})", name, pid, " ".join(spec.argv))
@@ -1260,7 +1289,7 @@ class ProcessRunner:
                 child.clear()
             pid = proc.pid
             handle = ProcessHandle(label, pid, pid, read_start_ticks(pid) or 0, None)
-            watch = _Watch(handle, os.pidfd_open(pid), child=True, grace=None, report=None)
+            watch = _Watch(handle, _pidfd_or_kill(label, pid), child=True, grace=None, report=None)
             self._watches[pid] = watch
             self._register(watch, loop)
             if input is not None:
@@ -1325,6 +1354,20 @@ class ProcessRunner:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _pidfd_or_kill(name: str, pid: int) -> int:
+    """A pidfd for a child just started; if none can be had, kill and reap it and raise."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise ProcessError(
+            f"{name}: cannot watch pid {pid} ({exc.strerror}); it was killed"
+        ) from exc
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -12,7 +12,9 @@ import pytest
 from keystone.runtime.process import (
     CAPABILITIES,
     _spawn_failure,
+    _systemd_unit,
     capability_number,
+    detect_cgroup_root,
     pgid_members,
     read_start_ticks,
 )
@@ -64,6 +66,26 @@ class TestProcIdentity:
     def test_pgid_members_includes_self(self) -> None:
         """Our own process group lists us."""
         assert os.getpid() in pgid_members(os.getpgrp())
+
+
+class TestCgroupRootDetection:
+    @pytest.mark.parametrize(
+        ("path", "systemd"),
+        [
+            ("/system.slice/keystone.service", True),
+            ("/user.slice/user-1000.slice/session-2.scope", True),
+            ("/", False),
+            ("/docker/0123abcd", False),
+            ("/keystone", False),
+        ],
+    )
+    def test_systemd_units_are_recognised(self, path: str, systemd: bool) -> None:
+        """Cgroups of systemd units are only used when delegated; others when writable."""
+        assert _systemd_unit(path) is systemd
+
+    def test_explicit_root_must_be_a_cgroup(self, tmp_path: Path) -> None:
+        """KEYSTONE_CGROUP_ROOT naming a plain directory yields no cgroup root."""
+        assert detect_cgroup_root({"KEYSTONE_CGROUP_ROOT": str(tmp_path)}) is None
 
 
 class TestSpawnFailureMessages:

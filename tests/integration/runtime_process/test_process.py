@@ -20,6 +20,7 @@ from keystone.errors import ProcessError
 from keystone.runtime.process import (
     ProcessRunner,
     cgroup_members,
+    detect_cgroup_root,
     pgid_members,
     read_start_ticks,
 )
@@ -689,6 +690,10 @@ class TestCgroups:
             assert not cgroup.exists()
 
         run(body())
+
+    def test_explicit_cgroup_root(self, cgroup_root: Path) -> None:
+        """KEYSTONE_CGROUP_ROOT naming a writable cgroup v2 directory is used as is."""
+        assert detect_cgroup_root({"KEYSTONE_CGROUP_ROOT": str(cgroup_root)}) == cgroup_root
 
     def test_memory_and_cpu_limits(self, bench: Bench, cgroup_root: Path) -> None:
         """memory_limit and cpu_quota become memory.max and cpu.max of the component's cgroup."""
