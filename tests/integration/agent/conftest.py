@@ -51,9 +51,8 @@ class AgentProc:
             str(self.runtime),
             *self.args,
         ]
-        self.proc = subprocess.Popen(
-            cmd, cwd=self.cwd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
-        )
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         if wait:
             wait_until(
                 lambda: self.healthz() is not None or self.exited(),
