@@ -251,8 +251,8 @@ class TestResilience:
             [sys.executable, "-m", "keystone", "sync", "--once", "--json"],
             cwd=agent.cwd,
             env={**os.environ, "KEYSTONE_ADDR": agent.addr, "KEYSTONE_RUNTIME": str(agent.runtime)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(
             lambda: any(s["name"] == "api" and s["tag"] == "1.5.0" for s in f.started()),
@@ -316,8 +316,8 @@ def _cmd(pid: str) -> str:
 def _serve(root: Path, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "serve-git"), str(root), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     import urllib.request
 
