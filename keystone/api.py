@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from loguru import logger
@@ -194,6 +194,11 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         super().__init__(message)
+
+
+def _param(q: Mapping[str, list[str]], name: str) -> str | None:
+    values = q.get(name)
+    return values[-1] if values else None
 
 
 def _flag(q: Mapping[str, list[str]], name: str) -> bool:
@@ -455,7 +460,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_restart_component(self, q: Mapping[str, list[str]], name: str) -> None:
         self._body()
-        wait = (q.get("wait") or [None])[-1]
+        wait = _param(q, "wait")
         if wait not in (None, "", "pid", "health"):
             raise HttpError(400, f"wait must be pid or health, got {wait!r}")
         try:
@@ -529,7 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_rollback(self, q: Mapping[str, list[str]]) -> None:
         self._body()
-        self._send(200, self.c.rollback(to=(q.get("to") or [None])[-1]))
+        self._send(200, self.c.rollback(to=_param(q, "to")))
 
     def h_suspend(self, q: Mapping[str, list[str]]) -> None:
         self._body()
@@ -543,7 +548,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise HttpError(411, "send the bundle with a Content-Length")
-        self._send(200, self.c.import_bundle(self.rfile, int(length)))
+        self._send(200, self.c.import_bundle(cast(BinaryIO, self.rfile), int(length)))
 
 
 HandlerFn = Callable[..., None]

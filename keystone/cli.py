@@ -131,7 +131,8 @@ def main() -> None:
 
 
 def _register() -> None:
-    from keystone import cli_sync, ctl
+    from keystone.cli_sync import register as register_sync
+    from keystone.ctl import register as register_ctl
 
-    ctl.register(app)
-    cli_sync.register(app)
+    register_ctl(app)
+    register_sync(app)

@@ -69,7 +69,11 @@ def _ssh_socket(ssh: str, host: str, port: int) -> socket.socket:
     ]
     try:
         subprocess.Popen(
-            cmd, stdin=theirs, stdout=theirs, stderr=subprocess.DEVNULL, close_fds=True
+            cmd,
+            stdin=theirs.fileno(),
+            stdout=theirs.fileno(),
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
         )
     except FileNotFoundError:
         raise AgentUnreachable("--ssh needs the ssh client, which is not installed") from None

@@ -95,8 +95,11 @@ class AgentControl(Protocol):
         """``{applied, last_known_good, source, signer, applied_at, last_sync, suspended}``."""
         ...
 
-    def sync(self, *, dry_run: bool, allow_rollback: bool) -> JSON:
-        """Run one sync now, joining one in flight; returns the sync result record."""
+    def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
+        """Run one sync now, joining one in flight; returns the sync result record.
+
+        ``retry`` tries a revision that failed before again.
+        """
         ...
 
     def history(self, *, limit: int) -> list[JSON]:

@@ -6,6 +6,7 @@ agent's ``runtime/api.token``), ``--ssh`` (``KEYSTONE_SSH``) and ``--json``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -497,7 +498,7 @@ def verify_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add the keystonectl commands to the main app."""
-    for name, fn in [
+    commands: list[tuple[str, Callable[..., Any]]] = [
         ("status", status_cmd),
         ("components", components_cmd),
         ("stop", stop_cmd),
@@ -516,5 +517,6 @@ def register(app: typer.Typer) -> None:
         ("sha256", sha256_cmd),
         ("sign", sign_cmd),
         ("verify", verify_cmd),
-    ]:
+    ]
+    for name, fn in commands:
         app.command(name)(fn)

@@ -53,7 +53,9 @@ def dry_run(path: Path, *, runtime: Path | None = None) -> dict[str, Any]:
     }
 
 
-def verify_revision(repo: Path, rev: str, allowed_signers: Path | None, json: bool, *, gpg_home: Path | None = None) -> int:
+def verify_revision(
+    repo: Path, rev: str, allowed_signers: Path | None, json: bool, *, gpg_home: Path | None = None
+) -> int:
     """``keystone verify --rev REF``: print the verdict on a commit of a fleet checkout.
 
     Returns the exit code: 0 when the commit verifies, 3 when it does not.

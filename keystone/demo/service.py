@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: (server.server_close(), sys.exit(0)))
+
+    def stop(*_: object) -> None:
+        server.server_close()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"{args.name}: listening on 127.0.0.1:{args.port}", flush=True)
     server.serve_forever()
     return 0

@@ -248,5 +248,5 @@ class TestBadRecipes:
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing recipe file is named."""
-        with pytest.raises(ValidationError, match="nope.toml: recipe file not found"):
+        with pytest.raises(ValidationError, match=r"nope\.toml: recipe file not found"):
             load_recipe(tmp_path / "nope.toml", display="nope.toml")

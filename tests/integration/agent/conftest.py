@@ -52,7 +52,9 @@ class AgentProc:
             *self.args,
         ]
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         if wait:
             wait_until(
                 lambda: self.healthz() is not None or self.exited(),
