@@ -279,6 +279,7 @@ class Agent:
         self._start_notifier()
         self._start_sync()
         self._start_reconcile_timer()
+        self._background_task(self._rotate_logs())
         logger.info(
             "agent ready: {} component(s); API on {}", len(self.deployer.supervisors), self.listen
         )
@@ -392,6 +393,21 @@ class Agent:
                 await asyncio.sleep(interval)
 
         self._background_task(loop())
+
+    async def _rotate_logs(self, every: float = 60.0) -> None:
+        """Rotate component logs past ``KEYSTONE_LOG_MAX_BYTES`` (10 MiB), keeping 3 old files."""
+        from keystone.runtime.logs import rotate_logs
+        from keystone.units import parse_size
+
+        max_bytes = parse_size(os.environ.get("KEYSTONE_LOG_MAX_BYTES") or "10M")
+        while True:
+            await asyncio.sleep(every)
+            dirs = {sup.paths.logdir for sup in self.deployer.supervisors.values()}
+            for d in dirs:
+                try:
+                    await asyncio.to_thread(rotate_logs, d, max_bytes, 3)
+                except OSError as exc:
+                    logger.warning("log rotation in {} failed: {}", d, exc)
 
     async def repair(self) -> list[str]:
         """Start what the applied plan says should run and does not (never a stopped plan)."""

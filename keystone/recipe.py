@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from keystone.env import SubstitutionError, substitute
 from keystone.errors import ValidationError
@@ -27,23 +28,34 @@ SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._+-]{1,128}$")
 
 
 def validate_check(check: str) -> str | None:
-    """Why a health ``check`` string is not usable, or None if it is."""
-    from urllib.parse import urlsplit
+    """Why a health ``check`` string is unusable, or None if it is fine.
 
+    Accepted: ``http://host[:port][/path]``, ``https://...``, ``tcp://host:port`` and
+    ``cmd:<shell command>``.
+    """
     if check.startswith("cmd:"):
         return None if check[4:].strip() else "expected a shell command after cmd:"
-    try:
-        url = urlsplit(check)
-        port = url.port
-    except ValueError as exc:
-        return f"invalid check URL {check!r}: {exc}"
-    if url.scheme in ("http", "https"):
-        return None if url.hostname else f"expected a host in {check!r}"
-    if url.scheme == "tcp":
-        if not url.hostname or port is None:
-            return f"expected tcp://host:port, got {check!r}"
+    if check.startswith(("http://", "https://", "tcp://")):
+        try:
+            url = urlsplit(check)
+            port = url.port
+        except ValueError as exc:
+            return f"invalid check URL {check!r}: {exc}"
+        if not url.hostname:
+            return f"expected a host in {check!r}"
+        if any(c in check for c in " \r\n\t"):
+            return f"whitespace in check URL {check!r}: percent-encode it"
+        if url.scheme == "tcp":
+            if port is None or port == 0:
+                return f"expected tcp://host:port with a port from 1 to 65535, got {check!r}"
+            if url.path not in ("", "/") or url.query or url.fragment or url.username:
+                return f"expected tcp://host:port with nothing after the port, got {check!r}"
+        elif port == 0:
+            return f"port 0 in {check!r}: expected a port from 1 to 65535"
         return None
-    return f"expected http(s)://..., tcp://host:port or cmd:<shell>, got {check!r}"
+    return (
+        f"expected http://..., https://..., tcp://host:port or cmd:<shell command>, got {check!r}"
+    )
 
 
 def check_segment(value: str) -> str | None:

@@ -1,4 +1,37 @@
 """The local runtime: processes, health probes, supervision, deployment and artifacts.
 
-Nothing here knows about git or bundles; ``keystone.sync`` joins sources and runtime.
+Nothing here knows about git or bundles; ``keystone.sync`` joins sources and runtime. The public
+names below load on first use, so a worker process that needs only ``runtime.artifacts`` does
+not pay for the supervisor.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "Action": "deployer",
+    "ArtifactPreparer": "deployer",
+    "DeployResult": "deployer",
+    "Deployer": "deployer",
+    "plan_actions": "deployer",
+    "ProbeResult": "health",
+    "probe": "health",
+    "ProcessHandle": "process",
+    "ProcessRunner": "process",
+    "ResourceReport": "process",
+    "RunResult": "process",
+    "SpawnSpec": "process",
+    "detect_cgroup_root": "process",
+    "RestartTuning": "supervisor",
+    "State": "supervisor",
+    "Supervisor": "supervisor",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'keystone.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"keystone.runtime.{_PUBLIC[name]}"), name)

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from keystone.errors import ProcessError
+from keystone.recipe import validate_check
 from keystone.runtime.process import ProcessRunner
 
 #: Bytes of the status line plus headers read from an HTTP answer before giving up on it.
@@ -39,37 +40,6 @@ class ProbeResult:
 
     ok: bool
     detail: str
-
-
-def validate_check(check: str) -> str | None:
-    """Why a health ``check`` string is unusable, or None if it is fine.
-
-    Accepted: ``http://host[:port][/path]``, ``https://...``, ``tcp://host:port`` and
-    ``cmd:<shell command>``.
-    """
-    if check.startswith("cmd:"):
-        return None if check[4:].strip() else "expected a shell command after cmd:"
-    if check.startswith(("http://", "https://", "tcp://")):
-        try:
-            url = urlsplit(check)
-            port = url.port
-        except ValueError as exc:
-            return f"invalid check URL {check!r}: {exc}"
-        if not url.hostname:
-            return f"expected a host in {check!r}"
-        if any(c in check for c in " \r\n\t"):
-            return f"whitespace in check URL {check!r}: percent-encode it"
-        if url.scheme == "tcp":
-            if port is None or port == 0:
-                return f"expected tcp://host:port with a port from 1 to 65535, got {check!r}"
-            if url.path not in ("", "/") or url.query or url.fragment or url.username:
-                return f"expected tcp://host:port with nothing after the port, got {check!r}"
-        elif port == 0:
-            return f"port 0 in {check!r}: expected a port from 1 to 65535"
-        return None
-    return (
-        f"expected http://..., https://..., tcp://host:port or cmd:<shell command>, got {check!r}"
-    )
 
 
 async def probe(
