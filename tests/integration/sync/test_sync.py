@@ -133,8 +133,8 @@ class TestRefusals:
         info = revision(agent)
         assert info["applied"] == good
         assert info["last_sync"]["result"] == "refused" and info["last_sync"]["error"]
-        hist = json.loads(agent.cli("history", "--json").stdout)
-        assert hist[0]["result"] == "refused" and hist[0]["revision"] == bad
+        syncs = [h for h in json.loads(agent.cli("history", "--json").stdout) if h["kind"] == "sync"]
+        assert syncs[0]["result"] == "refused" and syncs[0]["revision"] == bad
         assert pids(agent) == before
 
     def test_force_push_to_older_commit_is_refused(
