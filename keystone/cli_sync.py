@@ -7,6 +7,7 @@ the others talk to the running agent through its API.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -474,12 +475,23 @@ def bundle_import(
     )
 
 
-def register(app: typer.Typer) -> None:
-    """Add the GitOps commands to the main app."""
-    app.add_typer(plan_app, name="plan")
-    app.add_typer(bundle_app, name="bundle")
-    app.command("sync")(sync_cmd)
-    app.command("history")(history_cmd)
-    app.command("rollback")(rollback_cmd)
-    app.command("suspend")(suspend_cmd)
-    app.command("resume")(resume_cmd)
+def register(app: typer.Typer, only: str | None = None) -> bool:
+    """Add the GitOps commands to the main app (just ``only`` when given); True if any matched."""
+    groups = {"plan": plan_app, "bundle": bundle_app}
+    commands: dict[str, Callable[..., Any]] = {
+        "sync": sync_cmd,
+        "history": history_cmd,
+        "rollback": rollback_cmd,
+        "suspend": suspend_cmd,
+        "resume": resume_cmd,
+    }
+    found = False
+    for name, sub in groups.items():
+        if only in (None, name):
+            app.add_typer(sub, name=name)
+            found = True
+    for name, fn in commands.items():
+        if only in (None, name):
+            app.command(name)(fn)
+            found = True
+    return found

@@ -496,8 +496,8 @@ def verify_cmd(
     )
 
 
-def register(app: typer.Typer) -> None:
-    """Add the keystonectl commands to the main app."""
+def register(app: typer.Typer, only: str | None = None) -> bool:
+    """Add the keystonectl commands to the main app (just ``only`` when given); True if any matched."""
     commands: list[tuple[str, Callable[..., Any]]] = [
         ("status", status_cmd),
         ("components", components_cmd),
@@ -518,5 +518,9 @@ def register(app: typer.Typer) -> None:
         ("sign", sign_cmd),
         ("verify", verify_cmd),
     ]
+    found = False
     for name, fn in commands:
-        app.command(name)(fn)
+        if only in (None, name):
+            app.command(name)(fn)
+            found = True
+    return found
