@@ -296,7 +296,12 @@ class SyncEngine:
         )
 
     async def import_bundle(self, path: Path, *, allow_rollback: bool = False) -> dict[str, Any]:
-        """Import a bundle file (USB, HTTP, API upload) and deploy its revision."""
+        """Import a bundle file (USB, HTTP, API upload) and deploy its revision.
+
+        An upload (a file under ``runtime/bundles/incoming``) is consumed: it is deleted once the
+        import is over, whatever its result, so repeated uploads do not fill the disk.
+        """
+        from keystone.sync.imports import incoming_dir
 
         async def go() -> dict[str, Any]:
             t0 = time.monotonic()
@@ -307,7 +312,11 @@ class SyncEngine:
                 answer, dry_run=False, trigger="bundle", t0=t0, allow_rollback=allow_rollback
             )
 
-        return await self._locked(go)
+        try:
+            return await self._locked(go)
+        finally:
+            if path.parent == incoming_dir(self.agent.runtime):
+                path.unlink(missing_ok=True)
 
     async def rollback(self, *, to: str | None) -> dict[str, Any]:
         """Deploy the last known-good revision (or ``to``) again, verified as any revision."""
