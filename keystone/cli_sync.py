@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import typer
 
@@ -265,7 +265,7 @@ def _call(
     path: str,
     *,
     params: dict[str, str] | None = None,
-    body: bytes | None = None,
+    body: bytes | BinaryIO | None = None,
     timeout: float = 600.0,
     content_type: str = "application/json",
 ) -> Any:
@@ -447,15 +447,17 @@ def bundle_import(
         raise typer.BadParameter(f"{path}: no such file", param_hint="PATH")
     if not stage:
         try:
-            data = _call(
-                addr,
-                token,
-                ssh,
-                "POST",
-                "/v1/bundles:import",
-                body=path.read_bytes(),
-                content_type="application/octet-stream",
-            )
+            # Streamed from the file: a bundle may be gigabytes, never read it into memory.
+            with path.open("rb") as body:
+                data = _call(
+                    addr,
+                    token,
+                    ssh,
+                    "POST",
+                    "/v1/bundles:import",
+                    body=body,
+                    content_type="application/octet-stream",
+                )
         except AgentUnreachable:
             if runtime is None and not Path("runtime").is_dir():
                 raise
