@@ -1,22 +1,41 @@
-"""The agent's local HTTP API: the Go Keystone's routes plus GitOps, on the standard library.
+"""The agent's local HTTP API: the Go Keystone's routes plus the GitOps ones, on the stdlib.
 
-``ApiServer`` serves ``AgentControl`` (keystone.control) from a ``ThreadingHTTPServer`` in one
-background thread (a short-lived thread per request). Every route but ``/healthz`` needs
-``Authorization: Bearer <token>``, compared in constant time. Request bodies are capped
-(``KEYSTONE_MAX_REQUEST_BYTES``, 4 MiB; a bundle upload has its own bound). Binding beyond
-loopback needs an explicit token or TLS with client certificates.
+``ApiServer`` serves an ``AgentControl`` (keystone.control) from a ``ThreadingHTTPServer``: one
+background thread accepts, and each connection gets a short-lived thread. No web framework: the
+whole server is this module, which keeps the resident agent small.
+
+Contracts (DESIGN section 10, GO-COMPAT.md "HTTP API"):
+
+- every route but ``/healthz`` needs ``Authorization: Bearer <token>``, compared in constant
+  time; a missing or wrong token gets 401 with ``WWW-Authenticate: Bearer`` and changes nothing;
+- request bodies are capped (``KEYSTONE_MAX_REQUEST_BYTES``, 4 MiB, 413), except a bundle
+  upload, which is streamed to the agent and capped by ``KEYSTONE_MAX_BUNDLE_BYTES`` (4 GiB);
+- a wrong method gets 405 with ``Allow``, an unknown path or component 404, malformed JSON 400
+  with the parser's reason;
+- binding beyond loopback needs an explicit token (``KEYSTONE_API_TOKEN``) or TLS with client
+  certificates (mTLS); otherwise the server refuses to start (``UsageError``).
+
+Error bodies are ``{"error": message, "status": code, "kind": kind}``; ``kind`` is the
+``KeystoneError.kind`` of the failure (``usage``, ``refused``, ``retryable``, ``rolled-back``,
+``error``) so that a client can pick its exit code without parsing messages.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import os
 import re
 import secrets
+import socket
+import socketserver
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,54 +46,117 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from loguru import logger
 
 from keystone.control import AgentControl, Conflict, NotFound
-from keystone.errors import KeystoneError, Refused, Retryable, UsageError
-from keystone.units import parse_duration
+from keystone.errors import (
+    KeystoneError,
+    Refused,
+    Retryable,
+    UsageError,
+    ValidationError,
+)
 
-MAX_REQUEST = 4 << 20
+MAX_REQUEST_BYTES = 4 << 20
+"""Default cap of a request body (``KEYSTONE_MAX_REQUEST_BYTES``), as in the Go agent."""
+
+MAX_BUNDLE_BYTES = 4 << 30
+"""Default cap of a streamed bundle upload (``KEYSTONE_MAX_BUNDLE_BYTES``)."""
+
+DRAIN_LIMIT = 16 << 20
+"""How much of a refused body the server reads and discards so that the client sees the answer
+(a socket closed with unread data is reset, and the reset can destroy the response)."""
+
+TOKEN_FILE = "api.token"
+
+
+class ApiError(Exception):
+    """An HTTP error answer decided by the server itself (bad query, body too large...)."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "usage") -> None:
+        self.status = status
+        self.kind = kind
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """Server certificate and key; with ``client_ca``, clients must present a cert from it."""
+    """Server certificate and key (PEM); with ``client_ca``, clients must present a
+    certificate issued by that CA (mTLS) or the TLS handshake fails."""
 
     cert: Path
     key: Path
     client_ca: Path | None = None
 
 
-def resolve_token(runtime: Path, environ: Mapping[str, str]) -> str:
-    """``KEYSTONE_API_TOKEN``, else the token in ``runtime/api.token`` (made 0600 at first start)."""
-    if environ.get("KEYSTONE_API_TOKEN"):
-        return environ["KEYSTONE_API_TOKEN"]
-    path = runtime / "api.token"
+# --- token ----------------------------------------------------------------------------------
+
+
+def read_token_file(path: Path) -> str | None:
+    """The token stored in ``path``, or None when the file is missing, unreadable or empty."""
     try:
-        token = path.read_text().strip()
-        if token:
-            return token
-    except FileNotFoundError:
-        pass
-    runtime.mkdir(parents=True, exist_ok=True)
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text or None
+
+
+def resolve_token(runtime_dir: Path, environ: Mapping[str, str]) -> str:
+    """The API token: ``KEYSTONE_API_TOKEN`` if set, else ``runtime_dir/api.token``.
+
+    At first start the file does not exist: a random token is generated and written atomically
+    with mode 0600 (never readable by other users, whatever the umask). A file found with looser
+    permissions is tightened, since the token grants full control of the device.
+    """
+    explicit = environ.get("KEYSTONE_API_TOKEN", "").strip()
+    if explicit:
+        return explicit
+    path = runtime_dir / TOKEN_FILE
+    token = read_token_file(path)
+    if token is not None:
+        try:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+                logger.warning("{}: permissions were wider than 0600; tightened", path)
+        except OSError as exc:
+            logger.warning("{}: cannot check permissions: {}", path, exc)
+        return token
+    from keystone.state import atomic_write
+
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, 0o600)
+    try:
+        atomic_write(path, (token + "\n").encode(), mode=0o600)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the API token to {path}: {exc.strerror or exc}; make the runtime "
+            "directory writable or set KEYSTONE_API_TOKEN"
+        ) from exc
+    logger.info("generated an API token in {} (mode 0600)", path)
     return token
 
 
+def _digest(token: str) -> bytes:
+    # Comparing fixed-size digests keeps the comparison constant-time in the token's length too.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+# --- listen address -------------------------------------------------------------------------
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``127.0.0.1:8080``, ``[::1]:8080``, ``:8080`` (all interfaces, as in Go) -> (host, port)."""
+    """Split ``127.0.0.1:8080``, ``[::1]:8080``, ``localhost:8080`` or ``:8080`` (every interface,
+    as in Go) into host and port. Raises UsageError naming the expected form."""
     text = listen.strip()
-    if text.startswith("http://") or text.startswith("https://"):
+    if "://" in text:
         text = urlsplit(text).netloc
-    m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", text)
-    if not m:
-        raise UsageError(f"listen address {listen!r}: expected host:port, e.g. 127.0.0.1:8080")
-    host = m.group(1) or "0.0.0.0"
-    return host, int(m.group(2))
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:]*)):(\d{1,5})", text)
+    if not m or int(m.group(3)) > 65535:
+        raise UsageError(
+            f"API listen address {listen!r}: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
+        )
+    host = m.group(1) if m.group(1) is not None else (m.group(2) or "0.0.0.0")
+    return host, int(m.group(3))
 
 
 def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -83,130 +165,136 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# --- routes ---------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Route:
+    """One documented endpoint: method, path template, handler name, and what it needs."""
+
     method: str
-    pattern: re.Pattern[str]
+    path: str
     handler: str
-    summary: str
     auth: bool = True
+    body: str = "none"  # none | text (TOML or JSON, capped) | stream (bundle upload)
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return _compile(self.path)
 
 
-def _r(method: str, path: str, handler: str, summary: str, auth: bool = True) -> Route:
-    regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/:]+)", path.replace(".", r"\.")) + "$"
-    return Route(method, re.compile(regex), handler, summary, auth)
+_PATTERNS: dict[str, re.Pattern[str]] = {}
 
 
-ROUTES = [
-    _r(
-        "GET",
-        "/healthz",
-        "healthz",
-        "Liveness: status, uptime, time, version, applied revision",
-        auth=False,
-    ),
-    _r("GET", "/metrics", "metrics", "Prometheus metrics"),
-    _r("GET", "/v1/openapi.json", "openapi", "This API's OpenAPI document"),
-    _r("GET", "/v1/components", "components", "Components with state, restarts, health, pid"),
-    _r("POST", "/v1/components/{name}:stop", "stop_component", "Stop one component (204)"),
-    _r(
-        "POST",
-        "/v1/components/{name}:restart",
-        "restart_component",
-        "Restart a component and its dependents",
-    ),
-    _r("GET", "/v1/recipes", "recipes", "The recipe store"),
-    _r(
-        "POST",
-        "/v1/recipes",
-        "upload_recipe",
-        "Store a recipe (body: recipe TOML; ?force=true replaces) (201)",
-    ),
-    _r("DELETE", "/v1/recipes/{name}/{version}", "delete_recipe", "Remove a stored recipe (204)"),
-    _r("GET", "/v1/plan/status", "plan_status", "Plan status"),
-    _r("GET", "/v1/plan/graph", "plan_graph", "Dependency graph and start layers"),
-    _r(
-        "POST",
-        "/v1/plan/apply",
-        "apply_plan",
-        "Apply a plan (body: plan TOML with name:version recipes; ?dry=true) (202)",
-    ),
-    _r("POST", "/v1/plan/reconcile", "reconcile", "Start what should run and does not"),
-    _r(
-        "POST",
-        "/v1/plan/stop",
-        "stop_plan",
-        "Stop every component; stays stopped across restarts (204)",
-    ),
-    _r("GET", "/v1/datasets", "datasets", "Datasets (not supported by this agent: always empty)"),
-    _r("POST", "/v1/datasets:refresh", "datasets_refresh", "Refresh datasets (nothing to refresh)"),
-    _r(
-        "GET",
-        "/v1/revision",
-        "revision",
-        "Applied and last known-good revision, source, signer, last sync",
-    ),
-    _r("POST", "/v1/sync", "sync", "Sync now (?dry=true&allow_rollback=true&retry=true)"),
-    _r("GET", "/v1/history", "history", "Syncs, deployments and rollbacks, newest first (?limit=)"),
-    _r("POST", "/v1/rollback", "rollback", "Deploy the last known-good revision again (?to=REV)"),
-    _r("POST", "/v1/suspend", "suspend", "Stop polling the source"),
-    _r("POST", "/v1/resume", "resume", "Start polling again"),
-    _r("POST", "/v1/bundles:import", "import_bundle", "Import a bundle (body: the bundle file)"),
-]
+def _compile(path: str) -> re.Pattern[str]:
+    pat = _PATTERNS.get(path)
+    if pat is None:
+        regex = "".join(
+            f"(?P<{part[1:-1]}>[^/:]+)" if part.startswith("{") else re.escape(part)
+            for part in re.split(r"(\{\w+\})", path)
+        )
+        pat = _PATTERNS[path] = re.compile(f"^{regex}$")
+    return pat
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3 description of every route."""
-    from keystone import __version__
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/healthz", "healthz", auth=False),
+    Route("GET", "/metrics", "metrics"),
+    Route("GET", "/v1/openapi.json", "openapi"),
+    Route("GET", "/v1/components", "components"),
+    Route("POST", "/v1/components/{name}:stop", "stop_component"),
+    Route("POST", "/v1/components/{name}:restart", "restart_component"),
+    Route("GET", "/v1/recipes", "recipes"),
+    Route("POST", "/v1/recipes", "upload_recipe", body="text"),
+    Route("DELETE", "/v1/recipes/{name}/{version}", "delete_recipe"),
+    Route("GET", "/v1/plan/status", "plan_status"),
+    Route("GET", "/v1/plan/graph", "plan_graph"),
+    Route("POST", "/v1/plan/apply", "apply_plan", body="text"),
+    Route("POST", "/v1/plan/reconcile", "reconcile"),
+    Route("POST", "/v1/plan/stop", "stop_plan"),
+    Route("GET", "/v1/datasets", "datasets"),
+    Route("POST", "/v1/datasets:refresh", "datasets_refresh"),
+    Route("GET", "/v1/revision", "revision"),
+    Route("POST", "/v1/sync", "sync"),
+    Route("GET", "/v1/history", "history"),
+    Route("POST", "/v1/rollback", "rollback"),
+    Route("POST", "/v1/suspend", "suspend"),
+    Route("POST", "/v1/resume", "resume"),
+    Route("POST", "/v1/bundles:import", "import_bundle", body="stream"),
+)
 
-    paths: dict[str, dict[str, Any]] = {}
+
+def match_routes(path: str) -> list[tuple[Route, dict[str, str]]]:
+    """Every route whose path template matches ``path``, with its path parameters (decoded)."""
+    out = []
     for route in ROUTES:
-        path = route.pattern.pattern.strip("^$").replace(r"\.", ".")
-        path = re.sub(r"\(\?P<(\w+)>\[\^/:\]\+\)", r"{\1}", path)
-        op: dict[str, Any] = {
-            "summary": route.summary,
-            "operationId": route.handler,
-            "responses": {
-                "200": {"description": "OK"},
-                "401": {"description": "missing or wrong token"},
-            },
-        }
-        params = [
-            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-            for n in re.findall(r"\{(\w+)\}", path)
-        ]
-        if params:
-            op["parameters"] = params
-        if not route.auth:
-            op["security"] = []
-            del op["responses"]["401"]
-        paths.setdefault(path, {})[route.method.lower()] = op
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "Keystone agent API", "version": __version__},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
-        "paths": paths,
-    }
+        m = route.pattern.match(path)
+        if m:
+            out.append((route, {k: unquote(v) for k, v in m.groupdict().items()}))
+    return out
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
+# --- query helpers --------------------------------------------------------------------------
+
+Query = Mapping[str, list[str]]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
 
 
-def _param(q: Mapping[str, list[str]], name: str) -> str | None:
+def _param(q: Query, name: str) -> str | None:
     values = q.get(name)
     return values[-1] if values else None
 
 
-def _flag(q: Mapping[str, list[str]], name: str) -> bool:
-    return (q.get(name) or ["false"])[-1].lower() in ("1", "true", "yes", "on")
+def _flag(q: Query, *names: str) -> bool:
+    """A boolean query parameter (``?dry=true``); several names are synonyms."""
+    result = False
+    for name in names:
+        value = _param(q, name)
+        if value is None:
+            continue
+        low = value.strip().lower()
+        if low in _TRUE:
+            result = True
+        elif low not in _FALSE:
+            raise ApiError(400, f"query parameter {name}={value!r}: expected true or false")
+    return result
+
+
+def _duration(q: Query, name: str, default: float) -> float:
+    from keystone.units import parse_duration
+
+    value = _param(q, name)
+    if value is None or value == "":
+        return default
+    try:
+        seconds = parse_duration(value)
+    except (ValueError, KeystoneError) as exc:
+        raise ApiError(400, f"query parameter {name}={value!r}: {exc}") from None
+    if seconds <= 0:
+        raise ApiError(400, f"query parameter {name}={value!r}: must be positive, e.g. 60s")
+    return seconds
+
+
+# --- the server -----------------------------------------------------------------------------
 
 
 class ApiServer:
-    """The HTTP API of one agent."""
+    """The HTTP API of one agent.
+
+    Args:
+        control: what the routes call (the agent, or a fake in tests).
+        listen: ``host:port``; port 0 picks a free port (see ``address`` after ``start()``).
+        token: the operator's token (``KEYSTONE_API_TOKEN``), or None to use ``token_file``,
+            which is created with a random token (mode 0600) if it does not exist.
+        token_file: where the generated token lives (``runtime/api.token``).
+        tls: serve HTTPS; with ``client_ca`` clients need a certificate from that CA.
+
+    Raises:
+        UsageError: when asked to listen beyond loopback without an explicit token or mTLS,
+            or when the TLS files cannot be loaded.
+    """
 
     def __init__(
         self,
@@ -214,341 +302,624 @@ class ApiServer:
         *,
         listen: str,
         token: str | None,
-        token_file: Path | None = None,
+        token_file: Path,
         tls: TlsConfig | None = None,
-        explicit_token: bool | None = None,
     ) -> None:
         self.control = control
         self.host, self.port = parse_listen(listen)
-        self.token = token
         self.tls = tls
-        explicit = (
-            bool(os.environ.get("KEYSTONE_API_TOKEN")) if explicit_token is None else explicit_token
-        )
-        if not is_loopback(self.host) and not explicit and not (tls and tls.client_ca):
+        self.token_file = token_file
+        stored = read_token_file(token_file)
+        # A token equal to the generated file's is not the operator's choice (the agent may pass
+        # resolve_token()'s answer through): only a token from elsewhere counts as explicit.
+        explicit = bool(token) and token != stored
+        if token:
+            self.token = token
+        else:
+            self.token = resolve_token(token_file.parent, {})
+        mtls = tls is not None and tls.client_ca is not None
+        if not is_loopback(self.host) and not explicit and not mtls:
             raise UsageError(
-                f"refusing to listen on {listen} (beyond loopback) without KEYSTONE_API_TOKEN or TLS with client "
-                "certificates ([api] tls_cert, tls_key, client_ca); use 127.0.0.1:PORT for local use"
+                f"refusing to serve the API on {listen}, beyond loopback, with only a generated "
+                "token: set KEYSTONE_API_TOKEN, or configure TLS with client certificates "
+                "([api] tls_cert, tls_key, client_ca), or listen on 127.0.0.1"
             )
-        self.max_request = int(os.environ.get("KEYSTONE_MAX_REQUEST_BYTES") or MAX_REQUEST)
-        self._server: ThreadingHTTPServer | None = None
+        self._token_digest = _digest(self.token)
+        self.max_request = _env_int("KEYSTONE_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES)
+        self.max_bundle = _env_int("KEYSTONE_MAX_BUNDLE_BYTES", MAX_BUNDLE_BYTES)
+        self._ssl: ssl.SSLContext | None = self._ssl_context() if tls else None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._openapi: bytes | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        assert self.tls is not None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+            if self.tls.client_ca is not None:
+                ctx.load_verify_locations(cafile=str(self.tls.client_ca))
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"API TLS: cannot load {self.tls.cert}, {self.tls.key}"
+                + (f" or {self.tls.client_ca}" if self.tls.client_ca else "")
+                + f": {exc}; check [api] tls_cert, tls_key and client_ca"
+            ) from exc
+        return ctx
 
     @property
     def address(self) -> str:
+        """Base URL of the running server, e.g. ``http://127.0.0.1:8080``."""
         scheme = "https" if self.tls else "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        port = self._server.server_address[1] if self._server else self.port
+        port = self._server.server_address[1] if self._server is not None else self.port
+        host = self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
         return f"{scheme}://{host}:{port}"
 
     def start(self) -> None:
-        """Bind and serve in a background thread (raises UsageError if the port is taken)."""
-        api = self
-
-        class Handler(_Handler):
-            server_api = api
-
-        family_server = _V6Server if ":" in self.host else ThreadingHTTPServer
+        """Bind and serve in a background thread. Raises UsageError if the port is taken."""
+        if self._server is not None:
+            return
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
-            server = family_server((self.host, self.port), Handler)
+            server = _Server((self.host, self.port), _Handler, family=family, api=self)
         except OSError as exc:
-            raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        server.daemon_threads = True
-        if self.tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(str(self.tls.cert), str(self.tls.key))
-            if self.tls.client_ca:
-                ctx.verify_mode = ssl.CERT_REQUIRED
-                ctx.load_verify_locations(str(self.tls.client_ca))
-            server.socket = ctx.wrap_socket(server.socket, server_side=True)
+            raise UsageError(
+                f"cannot listen on {self.host}:{self.port} for the API: "
+                f"{exc.strerror or exc}; pick another address with --http or [api] listen"
+            ) from None
+        if self._ssl is not None:
+            server.socket = self._ssl.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="keystone-api", daemon=True
-        )
+        self._thread = threading.Thread(target=server.serve, name="keystone-api", daemon=True)
         self._thread.start()
+        logger.info("API listening on {}", self.address)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        """Stop accepting and close the listening socket (requests in flight may finish)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close_listener()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    # --- used by the handler ---
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries the token (constant-time)."""
+        if not header:
+            return False
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(_digest(value.strip()), self._token_digest)
+
+    def openapi_bytes(self) -> bytes:
+        if self._openapi is None:
+            from keystone.openapi import openapi_document
+
+            self._openapi = json.dumps(openapi_document(), indent=1).encode()
+        return self._openapi
 
 
-class _V6Server(ThreadingHTTPServer):
-    import socket as _socket
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        from keystone.units import parse_size
 
-    address_family = _socket.AF_INET6
+        n = parse_size(value)
+    except ValueError as exc:
+        raise UsageError(f"{name}={value!r}: {exc}") from None
+    return n if n > 0 else default
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # bursts of concurrent clients must not hit the default backlog of 5
+    api: ApiServer
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        family: socket.AddressFamily,
+        api: ApiServer,
+    ) -> None:
+        self.address_family = family
+        self.api = api
+        self._closing = False
+        super().__init__(address, handler)
+
+    def serve(self) -> None:
+        """Accept until ``close_listener()``: blocked in accept(), so an idle API never wakes
+        (socketserver's serve_forever polls every half second)."""
+        while not self._closing:
+            try:
+                request, client = self.socket.accept()
+            except OSError as exc:
+                if self._closing:
+                    break
+                # EMFILE and friends: do not spin; the condition usually passes.
+                logger.warning("api: accept failed: {}", exc)
+                time.sleep(0.1)
+                continue
+            try:
+                self.process_request(request, client)
+            except Exception:
+                self.handle_error(request, client)
+                self.shutdown_request(request)
+
+    def close_listener(self) -> None:
+        """Stop ``serve()`` and close the listening socket."""
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        self.server_close()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, which can wait on DNS; not needed.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up or fails the TLS handshake is not the agent's problem.
+        import sys
+
+        exc = sys.exc_info()[1]
+        logger.debug("api: connection from {} ended: {!r}", client_address, exc)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server_api: ApiServer
+    """One connection. Routing, auth, body limits and error mapping; the work is the control's."""
+
+    server: _Server
     protocol_version = "HTTP/1.1"
     server_version = "keystone"
+    sys_version = ""
+    timeout = 60  # an idle keep-alive connection or a stalled upload is dropped after this
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            # The handshake runs here, in the connection's thread, not in the accept loop where
+            # one slow or hostile client would stall every other.
+            self.connection.do_handshake()
+
+    @property
+    def api(self) -> ApiServer:
+        return self.server.api
+
+    def version_string(self) -> str:
+        return "keystone"
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self._status = code  # logged once, with the duration, at the end of _dispatch
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("api: " + format, *args)
+        logger.debug("api: {}: {}", self.address_string(), format % args)
 
-    # --- plumbing ---------------------------------------------------------------------------
+    # --- responses ---
 
     def _send(
         self,
         status: int,
         body: Any = None,
         *,
-        ctype: str = "application/json",
+        content_type: str = "application/json",
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        if body is None or status == 204:
+        if status == 204 or body is None:
             data = b""
         elif isinstance(body, bytes):
             data = body
         else:
-            data = (json.dumps(body, indent=None, default=str) + "\n").encode()
+            data = json.dumps(body, default=str, separators=(",", ":")).encode() + b"\n"
         self.send_response(status)
-        if data or status != 204:
-            self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
+        if data:
+            self.send_header("Content-Type", content_type)
+        if status != 204:
+            self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if data and self.command != "HEAD":
             self.wfile.write(data)
 
-    def _error(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        self._send(status, {"error": message, "status": status}, headers=headers)
+    def _error(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "usage",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._send(status, {"error": message, "status": status, "kind": kind}, headers=headers)
 
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise HttpError(411, "send a Content-Length (chunked bodies are not accepted)")
-        n = int(length or 0)
-        if n > self.server_api.max_request:
+    def _unauthorized(self) -> None:
+        self._error(
+            401,
+            "missing or wrong bearer token: send Authorization: Bearer <KEYSTONE_API_TOKEN or "
+            "the token in the agent's runtime/api.token>",
+            headers={"WWW-Authenticate": 'Bearer realm="keystone"'},
+        )
+
+    # --- bodies ---
+
+    def _length(self) -> int | None:
+        """Content-Length as an int; None when absent. Raises ApiError for a bad header."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise HttpError(
-                413,
-                f"request body of {n} bytes is over the limit of {self.server_api.max_request} bytes",
-            )
-        return self.rfile.read(n) if n else b""
+            raise ApiError(411, "send the body with a Content-Length (chunked bodies are refused)")
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return None
+        if not value.strip().isdigit():
+            self.close_connection = True
+            raise ApiError(400, f"bad Content-Length {value!r}")
+        return int(value)
 
-    def _authorized(self) -> bool:
-        token = self.server_api.token
-        if not token:
-            return True
-        got = self.headers.get("Authorization", "")
-        if not got.startswith("Bearer "):
+    def _discard_body(self) -> None:
+        """Read and drop an unwanted body so the client can read the answer; close if huge."""
+        try:
+            n = self._length() or 0
+        except ApiError:
+            return
+        if n > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 16))
+            if not chunk:
+                self.close_connection = True
+                return
+            n -= len(chunk)
+
+    def _read_body(self) -> bytes:
+        n = self._length() or 0
+        if n > self.api.max_request:
+            self._discard_body()
+            raise ApiError(
+                413,
+                f"request body of {n} bytes is over the limit of {self.api.max_request} bytes "
+                "(KEYSTONE_MAX_REQUEST_BYTES)",
+            )
+        try:
+            data = self.rfile.read(n) if n else b""
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, f"the request body did not arrive within {self.timeout}s") from None
+        if len(data) != n:
+            self.close_connection = True
+            raise ApiError(400, f"request body ended after {len(data)} of {n} bytes")
+        return data
+
+    def handle_expect_100(self) -> bool:
+        # Answer a client that asks first (curl does for large uploads) before it sends
+        # megabytes: 401 without the token, 413 over the limit, else 100 Continue.
+        path = urlsplit(self.path).path
+        limit = self.api.max_bundle if path == "/v1/bundles:import" else self.api.max_request
+        try:
+            n = self._length() or 0
+        except ApiError as exc:
+            self.close_connection = True
+            self._error(exc.status, str(exc))
             return False
-        return hmac.compare_digest(got[7:].strip().encode(), token.encode())
+        if path != "/healthz" and not self.api.authorized(self.headers.get("Authorization")):
+            self.close_connection = True
+            self._unauthorized()
+            return False
+        if n > limit:
+            self.close_connection = True
+            self._error(413, f"request body of {n} bytes is over the limit of {limit} bytes")
+            return False
+        return super().handle_expect_100()
+
+    # --- dispatch ---
 
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
-        path = unquote(url.path)
-        query = parse_qs(url.query)
-        matched = [(r, m) for r in ROUTES if (m := r.pattern.match(path))]
+        path = url.path
+        matched = match_routes(path)
+        if path != "/healthz" and not self.api.authorized(self.headers.get("Authorization")):
+            self._discard_body()
+            self._unauthorized()
+            return
         if not matched:
-            self._error(404, f"no route {path}")
+            self._discard_body()
+            self._error(404, f"no such route: {path} (see /v1/openapi.json)")
             return
-        for route, m in matched:  # noqa: B007 (the match of the chosen route is used below)
-            if route.method == self.command or (self.command == "HEAD" and route.method == "GET"):
-                break
-        else:
-            allow = ", ".join(sorted({r.method for r, _ in matched}))
+        chosen = next(
+            (
+                (r, params)
+                for r, params in matched
+                if r.method == self.command or (self.command == "HEAD" and r.method == "GET")
+            ),
+            None,
+        )
+        if chosen is None:
+            allow = ", ".join(sorted({r.method for r, _ in matched} | _gets(matched)))
+            self._discard_body()
             self._error(
-                405, f"{self.command} is not allowed on {path} (allowed: {allow})", {"Allow": allow}
+                405,
+                f"{self.command} is not allowed on {path}; allowed: {allow}",
+                headers={"Allow": allow},
             )
             return
-        if route.auth and not self._authorized():
-            self._error(
-                401,
-                "missing or wrong bearer token (KEYSTONE_API_TOKEN or runtime/api.token)",
-                {"WWW-Authenticate": 'Bearer realm="keystone"'},
-            )
-            return
+        route, params = chosen
+        started = time.monotonic()
         try:
-            getattr(self, "h_" + route.handler)(query, **m.groupdict())
-        except HttpError as exc:
-            self._error(exc.status, str(exc))
+            query = parse_qs(url.query, keep_blank_values=True)
+            body = b"" if route.body == "stream" else self._read_body()
+            handler: Callable[..., None] = getattr(self, "h_" + route.handler)
+            handler(query, body, **params)
+        except ApiError as exc:
+            self._error(exc.status, str(exc), kind=exc.kind)
         except NotFound as exc:
-            self._error(404, str(exc))
+            self._error(404, _text(exc))
         except Conflict as exc:
-            self._error(409, str(exc))
+            self._error(409, _text(exc))
         except TimeoutError as exc:
-            self._error(504, str(exc) or "timed out")
-        except UsageError as exc:
-            self._error(400, str(exc))
-        except Refused as exc:
-            self._error(422, str(exc))
-        except Retryable as exc:
-            self._error(503, str(exc))
+            self._error(504, _text(exc) or "timed out", kind="retryable")
         except KeystoneError as exc:
-            self._error(500, str(exc))
+            self._error(_status_of(exc), _text(exc), kind=exc.kind)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
         except Exception as exc:
             logger.exception("api: {} {} failed", self.command, path)
-            self._error(500, f"{type(exc).__name__}: {exc}")
+            self._error(500, f"internal error: {type(exc).__name__}: {exc}", kind="error")
+        finally:
+            logger.debug(
+                "api: {} {} -> {} in {:.1f} ms",
+                self.command,
+                path,
+                getattr(self, "_status", "-"),
+                (time.monotonic() - started) * 1000,
+            )
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
 
     @property
     def c(self) -> AgentControl:
-        return self.server_api.control
+        return self.api.control
 
-    def _text_body(self, key: str) -> str:
-        """A TOML body, given raw or as JSON ``{key: "..."}``; a JSON path is refused."""
-        raw = self._body()
-        ctype = self.headers.get("Content-Type", "")
-        stripped = raw.lstrip()
-        if "json" in ctype or stripped.startswith(b"{"):
-            try:
-                doc = json.loads(raw or b"null")
-            except json.JSONDecodeError as exc:
-                raise HttpError(
-                    400, f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}"
-                ) from None
-            if not isinstance(doc, dict):
-                raise HttpError(400, "expected a JSON object")
-            if "planPath" in doc or "path" in doc:
-                raise HttpError(
-                    400,
-                    "the API never reads a file path a client names; send the TOML itself as the body",
-                )
-            text = doc.get(key)
-            if not isinstance(text, str):
-                raise HttpError(400, f"expected the TOML text in field {key!r}")
-            if doc.get("dry") is True:
-                self._json_dry = True
-            return text
+    def _json_object(self, body: bytes) -> dict[str, Any] | None:
+        """A JSON object body (for a JSON Content-Type or a body starting with ``{``), else None."""
+        ctype = self.headers.get("Content-Type", "").lower()
+        if not body.strip():
+            return None
+        if "json" not in ctype and not body.lstrip().startswith(b"{"):
+            return None
         try:
-            return raw.decode("utf-8")
+            doc = json.loads(body)
         except UnicodeDecodeError:
-            raise HttpError(400, "the body is not UTF-8 text") from None
+            raise ApiError(400, "malformed JSON body: not UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise ApiError(
+                400, f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from None
+        if not isinstance(doc, dict):
+            raise ApiError(
+                400, f"malformed JSON body: expected an object, got {type(doc).__name__}"
+            )
+        return doc
+
+    def _toml_body(self, body: bytes, key: str) -> tuple[str, dict[str, Any]]:
+        """The TOML document of a plan or recipe upload: the raw body, or ``{key: "..."}``.
+
+        A JSON ``planPath`` (the Go agent's old form) is refused: the API never reads a file
+        whose path a client names.
+        """
+        doc = self._json_object(body)
+        if doc is None:
+            try:
+                return body.decode("utf-8"), {}
+            except UnicodeDecodeError:
+                raise ApiError(400, "the body is not UTF-8 text; send the TOML document") from None
+        for bad in ("planPath", "recipePath", "path"):
+            if bad in doc:
+                raise ApiError(
+                    400,
+                    f"{bad} is not accepted: the API never reads a file a client names; send the "
+                    "TOML document itself as the body (keystone apply FILE does)",
+                )
+        text = doc.get(key)
+        if not isinstance(text, str):
+            raise ApiError(400, f"JSON body: expected the TOML document as a string in {key!r}")
+        return text, doc
 
     # --- routes -----------------------------------------------------------------------------
 
-    def h_healthz(self, q: Mapping[str, list[str]]) -> None:
+    def h_healthz(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.health())
 
-    def h_metrics(self, q: Mapping[str, list[str]]) -> None:
-        body, ctype = self.c.metrics_text()
-        self._send(200, body, ctype=ctype)
+    def h_metrics(self, q: Query, body: bytes) -> None:
+        data, content_type = self.c.metrics_text()
+        self._send(200, data, content_type=content_type)
 
-    def h_openapi(self, q: Mapping[str, list[str]]) -> None:
-        self._send(200, openapi_document())
+    def h_openapi(self, q: Query, body: bytes) -> None:
+        self._send(200, self.api.openapi_bytes())
 
-    def h_components(self, q: Mapping[str, list[str]]) -> None:
+    def h_components(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.components())
 
-    def h_stop_component(self, q: Mapping[str, list[str]], name: str) -> None:
-        self._body()
+    def h_stop_component(self, q: Query, body: bytes, name: str) -> None:
+        self._json_object(body)
         self.c.stop_component(name)
         self._send(204)
 
-    def h_restart_component(self, q: Mapping[str, list[str]], name: str) -> None:
-        self._body()
-        wait = _param(q, "wait")
-        if wait not in (None, "", "pid", "health"):
-            raise HttpError(400, f"wait must be pid or health, got {wait!r}")
-        try:
-            timeout = parse_duration((q.get("timeout") or ["60s"])[-1])
-        except ValueError as exc:
-            raise HttpError(400, f"timeout: {exc}") from None
-        self._send(
-            200,
-            self.c.restart_component(name, wait=wait or None, timeout=timeout, dry=_flag(q, "dry")),
-        )
+    def h_restart_component(self, q: Query, body: bytes, name: str) -> None:
+        self._json_object(body)
+        wait = (_param(q, "wait") or "").strip().lower() or None
+        if wait not in (None, "pid", "health"):
+            raise ApiError(400, f"query parameter wait={wait!r}: expected pid or health")
+        timeout = _duration(q, "timeout", 60.0)
+        dry = _flag(q, "dry", "dry_run")
+        self._send(200, self.c.restart_component(name, wait=wait, timeout=timeout, dry=dry))
 
-    def h_recipes(self, q: Mapping[str, list[str]]) -> None:
+    def h_recipes(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.recipes())
 
-    def h_upload_recipe(self, q: Mapping[str, list[str]]) -> None:
-        text = self._text_body("recipe")
-        self._send(201, self.c.upload_recipe(text, force=_flag(q, "force")))
+    def h_upload_recipe(self, q: Query, body: bytes) -> None:
+        text, doc = self._toml_body(body, "recipe")
+        force = _flag(q, "force") or doc.get("force") is True
+        self._send(201, self.c.upload_recipe(text, force=force))
 
-    def h_delete_recipe(self, q: Mapping[str, list[str]], name: str, version: str) -> None:
+    def h_delete_recipe(self, q: Query, body: bytes, name: str, version: str) -> None:
         self.c.delete_recipe(name, version)
         self._send(204)
 
-    def h_plan_status(self, q: Mapping[str, list[str]]) -> None:
+    def h_plan_status(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.plan_status())
 
-    def h_plan_graph(self, q: Mapping[str, list[str]]) -> None:
+    def h_plan_graph(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.plan_graph())
 
-    def h_apply_plan(self, q: Mapping[str, list[str]]) -> None:
-        self._json_dry = False
-        text = self._text_body("plan")
-        dry = _flag(q, "dry") or self._json_dry
-        self._send(200 if dry else 202, self.c.apply_plan(text, dry=dry))
+    def h_apply_plan(self, q: Query, body: bytes) -> None:
+        text, doc = self._toml_body(body, "plan")
+        if not text.strip():
+            raise ApiError(400, "empty body: send the plan TOML ([[components]] name, recipe)")
+        dry = _flag(q, "dry", "dry_run") or doc.get("dry") is True
+        # 202 as the Go agent answers, for a dry run too: scripts check it.
+        self._send(202, self.c.apply_plan(text, dry=dry))
 
-    def h_reconcile(self, q: Mapping[str, list[str]]) -> None:
-        self._body()
+    def h_reconcile(self, q: Query, body: bytes) -> None:
+        self._json_object(body)
         self._send(200, self.c.reconcile())
 
-    def h_stop_plan(self, q: Mapping[str, list[str]]) -> None:
-        self._body()
+    def h_stop_plan(self, q: Query, body: bytes) -> None:
+        self._json_object(body)
         self.c.stop_plan()
         self._send(204)
 
-    def h_datasets(self, q: Mapping[str, list[str]]) -> None:
+    def h_datasets(self, q: Query, body: bytes) -> None:
+        # Datasets are a Go-agent feature this agent does not manage: none, honestly.
         self._send(200, [])
 
-    def h_datasets_refresh(self, q: Mapping[str, list[str]]) -> None:
-        self._body()
-        self._send(200, {"refreshed": []})
+    def h_datasets_refresh(self, q: Query, body: bytes) -> None:
+        self._send(200, [])
 
-    def h_revision(self, q: Mapping[str, list[str]]) -> None:
+    def h_revision(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.revision())
 
-    def h_sync(self, q: Mapping[str, list[str]]) -> None:
-        self._body()
-        self._send(
-            200,
-            self.c.sync(
-                dry_run=_flag(q, "dry") or _flag(q, "dry_run"),
-                allow_rollback=_flag(q, "allow_rollback"),
-                retry=_flag(q, "retry"),
-            ),
-        )  # type: ignore[call-arg]
+    def h_sync(self, q: Query, body: bytes) -> None:
+        self._json_object(body)
+        result = self.c.sync(
+            dry_run=_flag(q, "dry", "dry_run"),
+            allow_rollback=_flag(q, "allow_rollback"),
+            retry=_flag(q, "retry"),
+        )
+        self._send(200, result)
 
-    def h_history(self, q: Mapping[str, list[str]]) -> None:
-        try:
-            limit = int((q.get("limit") or ["50"])[-1])
-        except ValueError:
-            raise HttpError(400, "limit must be an integer") from None
-        self._send(200, self.c.history(limit=limit))
+    def h_history(self, q: Query, body: bytes) -> None:
+        value = _param(q, "limit") or "50"
+        if not value.isdigit() or int(value) < 1:
+            raise ApiError(400, f"query parameter limit={value!r}: expected a positive integer")
+        self._send(200, self.c.history(limit=min(int(value), 10_000)))
 
-    def h_rollback(self, q: Mapping[str, list[str]]) -> None:
-        self._body()
-        self._send(200, self.c.rollback(to=_param(q, "to")))
+    def h_rollback(self, q: Query, body: bytes) -> None:
+        self._json_object(body)
+        self._send(200, self.c.rollback(to=_param(q, "to") or None))
 
-    def h_suspend(self, q: Mapping[str, list[str]]) -> None:
-        self._body()
+    def h_suspend(self, q: Query, body: bytes) -> None:
+        self._json_object(body)
         self._send(200, self.c.suspend())
 
-    def h_resume(self, q: Mapping[str, list[str]]) -> None:
-        self._body()
+    def h_resume(self, q: Query, body: bytes) -> None:
+        self._json_object(body)
         self._send(200, self.c.resume())
 
-    def h_import_bundle(self, q: Mapping[str, list[str]]) -> None:
-        length = self.headers.get("Content-Length")
+    def h_import_bundle(self, q: Query, body: bytes) -> None:
+        length = self._length()
         if length is None:
-            raise HttpError(411, "send the bundle with a Content-Length")
-        self._send(200, self.c.import_bundle(cast(BinaryIO, self.rfile), int(length)))
+            self.close_connection = True
+            raise ApiError(411, "send the bundle with a Content-Length")
+        if length > self.api.max_bundle:
+            self._discard_body()
+            raise ApiError(
+                413,
+                f"bundle of {length} bytes is over the limit of {self.api.max_bundle} bytes "
+                "(KEYSTONE_MAX_BUNDLE_BYTES)",
+            )
+        reader = _BodyReader(self.rfile, length)
+        try:
+            result = self.c.import_bundle(cast(BinaryIO, reader), length)
+        finally:
+            if reader.remaining:
+                # The agent stopped reading early (a refused bundle): never parse the rest of the
+                # upload as the next request.
+                self.close_connection = True
+        self._send(200, result)
 
 
-HandlerFn = Callable[..., None]
+def _gets(matched: list[tuple[Route, dict[str, str]]]) -> set[str]:
+    return {"HEAD"} if any(r.method == "GET" for r, _ in matched) else set()
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc.args[0]) if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+
+
+def _status_of(exc: KeystoneError) -> int:
+    """HTTP status of a Keystone error: will sending the same request again ever work?"""
+    if isinstance(exc, UsageError | ValidationError):
+        return 400  # the caller's input is wrong; as the Go agent answers a bad plan
+    if isinstance(exc, Refused):
+        return 422  # well-formed, but refused (signature, anti-rollback, damaged bundle)
+    if isinstance(exc, Retryable):
+        return 503  # try again later
+    return 500  # ProcessError, DeploymentFailed (kind "rolled-back"), anything else
+
+
+class _BodyReader(io.RawIOBase):
+    """The request body as a stream that ends at Content-Length (never reads the next request)."""
+
+    def __init__(self, raw: Any, length: int) -> None:
+        super().__init__()
+        self._raw = raw
+        self.remaining = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.remaining <= 0:
+            return 0
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self.remaining)
+        data = self._raw.read(want)
+        if not data:
+            raise ConnectionResetError(
+                f"the client stopped sending {self.remaining} bytes before the end of the body"
+            )
+        n = len(data)
+        view[:n] = data
+        self.remaining -= n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.remaining
+        size = min(size, self.remaining)
+        if size <= 0:
+            return b""
+        data = bytes(self._raw.read(size))
+        if not data:
+            raise ConnectionResetError(
+                f"the client stopped sending {self.remaining} bytes before the end of the body"
+            )
+        self.remaining -= len(data)
+        return data

@@ -1,84 +1,542 @@
-"""The CLI's HTTP client for the agent API: stdlib ``http.client`` (fast to import), token
-discovery, and ``--ssh`` tunnels through ``ssh -W`` as the Go keystonectl does.
+"""The CLI's client for the agent API: stdlib ``http.client`` (quick to import and start),
+token discovery, and ``--ssh`` tunnels through the operator's own ``ssh -W``, as the Go
+keystonectl does.
+
+Errors map to the CLI's exit codes (DESIGN section 8) through the ``KeystoneError`` tree:
+nothing answering is ``AgentUnreachable`` (exit 1); an error answer becomes an ``ApiError``
+subclass chosen by the ``kind`` the agent reports: misuse 2, refused 3, rolled back 4, else 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
-import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
-from urllib.parse import urlencode, urlsplit
+from typing import IO, Any, BinaryIO, NamedTuple
+from urllib.parse import quote, urlencode, urlsplit
 
-from keystone.errors import AgentUnreachable, KeystoneError, Refused, UsageError
+from keystone.errors import (
+    AgentUnreachable,
+    DeploymentFailed,
+    KeystoneError,
+    Refused,
+    Retryable,
+    UsageError,
+)
 
 DEFAULT_ADDR = "http://127.0.0.1:8080"
+TOKEN_FILE = "api.token"
+SYSTEM_RUNTIME = Path("/var/lib/keystone")
+CONNECT_TIMEOUT = 5.0
+EXPECT_CONTINUE_BYTES = 1 << 20
+"""Bodies at least this large ask first (``Expect: 100-continue``), so a wrong token or an
+oversized upload is refused before the bytes travel."""
+
+
+# --- errors ---------------------------------------------------------------------------------
 
 
 class ApiError(KeystoneError):
-    """The agent answered with an error status."""
+    """The agent answered with an error status (exit 1 unless a subclass says otherwise)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, kind: str = "error") -> None:
         self.status = status
+        self.api_kind = kind
         super().__init__(message)
 
 
+class ApiUsageError(ApiError, UsageError):
+    """The request was wrong: bad argument, unknown component, wrong token (exit 2)."""
+
+
 class ApiRefused(ApiError, Refused):
-    """The agent refused the request's content (422)."""
+    """The agent refused the content: validation, signature, trust (exit 3)."""
 
 
-class ApiMisuse(ApiError, UsageError):
-    """The request was wrong (400, 404, 405, 409, 413)."""
+class ApiRolledBack(ApiError, DeploymentFailed):
+    """The deployment failed and was rolled back (exit 4)."""
 
 
-def find_token(token: str | None) -> str | None:
-    """--token, then KEYSTONE_API_TOKEN, then the agent's ``api.token`` file."""
-    if token:
-        return token
-    if os.environ.get("KEYSTONE_API_TOKEN"):
-        return os.environ["KEYSTONE_API_TOKEN"]
-    candidates = (
-        [Path(os.environ["KEYSTONE_RUNTIME"])] if os.environ.get("KEYSTONE_RUNTIME") else []
-    )
-    candidates += [Path("runtime"), Path("/var/lib/keystone")]
-    for d in candidates:
+class ApiUnavailable(ApiError, Retryable):
+    """The agent cannot do it now; try again later (503, 504; exit 1)."""
+
+
+def error_for(status: int, message: str, kind: str | None) -> ApiError:
+    """The ``ApiError`` for an error answer, by the agent's ``kind``, else by status."""
+    if kind == "refused" or (kind is None and status == 422):
+        return ApiRefused(status, message, kind="refused")
+    if kind == "rolled-back":
+        return ApiRolledBack(status, message, kind=kind)
+    if kind == "retryable" or status in (502, 503, 504):
+        return ApiUnavailable(status, message, kind=kind or "retryable")
+    if kind == "usage" or 400 <= status < 500:
+        return ApiUsageError(status, message, kind=kind or "usage")
+    return ApiError(status, message, kind=kind or "error")
+
+
+# --- token ----------------------------------------------------------------------------------
+
+
+def token_files(runtime: Path | None, environ: Mapping[str, str]) -> list[Path]:
+    """Where the agent's generated token may be: --runtime, KEYSTONE_RUNTIME, ./runtime,
+    /var/lib/keystone (each ``<dir>/api.token``), in that order."""
+    dirs: list[Path] = []
+    if runtime is not None:
+        dirs.append(runtime)
+    if environ.get("KEYSTONE_RUNTIME"):
+        dirs.append(Path(environ["KEYSTONE_RUNTIME"]))
+    dirs += [Path("runtime"), SYSTEM_RUNTIME]
+    out: list[Path] = []
+    for d in dirs:
+        if d / TOKEN_FILE not in out:
+            out.append(d / TOKEN_FILE)
+    return out
+
+
+def find_token(
+    token: str | None = None,
+    *,
+    runtime: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """--token, then ``KEYSTONE_API_TOKEN``, then the first readable ``api.token`` file."""
+    env = os.environ if environ is None else environ
+    if token and token.strip():
+        return token.strip()
+    if env.get("KEYSTONE_API_TOKEN", "").strip():
+        return env["KEYSTONE_API_TOKEN"].strip()
+    for path in token_files(runtime, env):
         try:
-            text = (d / "api.token").read_text().strip()
-        except OSError:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
             continue
         if text:
             return text
     return None
 
 
-def _ssh_socket(ssh: str, host: str, port: int) -> socket.socket:
-    """A socket whose other end is ``ssh -W host:port`` on the remote side."""
-    target, _, ssh_port = ssh.partition(":") if ssh.count(":") == 1 else (ssh, "", "")
-    ours, theirs = socket.socketpair()
-    cmd = [
-        "ssh",
-        "-o",
-        "BatchMode=yes",
-        "-W",
-        f"{host}:{port}",
-        *(["-p", ssh_port] if ssh_port else []),
-        target,
-    ]
-    try:
-        subprocess.Popen(
-            cmd,
-            stdin=theirs.fileno(),
-            stdout=theirs.fileno(),
-            stderr=subprocess.DEVNULL,
-            close_fds=True,
+# --- ssh ------------------------------------------------------------------------------------
+
+
+class SshTarget(NamedTuple):
+    """A ``--ssh`` destination: what ``ssh`` gets as host (``[user@]host``) and the port."""
+
+    host: str
+    port: str | None = None
+
+
+def parse_ssh_target(dest: str) -> SshTarget:
+    """Parse ``[user@]host[:port]`` (``[v6]:port`` in brackets; a bare IPv6 address has no
+    port). Raises UsageError for anything ``ssh`` could read as an option or that is empty."""
+    import ipaddress
+
+    text = dest.strip()
+    bad = UsageError(f"--ssh {dest!r}: expected [user@]host[:port], e.g. ops@edge-001:2222")
+    if not text or text.startswith("-") or any(c.isspace() for c in text):
+        raise bad
+    user, host = "", text
+    if "@" in text:
+        at = text.rindex("@")
+        if at == 0:
+            raise bad
+        user, host = text[: at + 1], text[at + 1 :]
+    port: str | None = None
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise bad
+        rest = host[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise bad
+            port = rest[1:]
+            host = host[: end + 1]
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    elif host.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    if not host or host == "[]" or host.startswith("-"):
+        raise bad
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise bad
+    return SshTarget(user + host, port)
+
+
+def ssh_command(target: SshTarget, host: str, port: int) -> list[str]:
+    """``ssh -o LogLevel=ERROR [-p PORT] HOST -W host:port``: splice stdio to the agent's
+    address as seen from the far side (the operator's keys, config and jump hosts apply)."""
+    forward = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    args = ["ssh", "-o", "LogLevel=ERROR"]
+    if target.port:
+        args += ["-p", target.port]
+    return [*args, target.host, "-W", forward]
+
+
+class _SshTunnel:
+    """One ``ssh -W`` process; its stdio is the far end of a socket pair."""
+
+    def __init__(self, target: SshTarget, host: str, port: int, environ: Mapping[str, str]):
+        import subprocess
+
+        ours, theirs = socket.socketpair()
+        self.sock = ours
+        cmd = ssh_command(target, host, port)
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=subprocess.PIPE,
+                close_fds=True,
+                env=dict(environ),
+            )
+        except OSError as exc:
+            ours.close()
+            raise AgentUnreachable(
+                f"--ssh {target.host}: cannot run ssh ({exc.strerror or exc}); install the "
+                "OpenSSH client or drop --ssh"
+            ) from None
+        finally:
+            theirs.close()
+
+    def reason(self) -> str:
+        """ssh's own words when it failed (exit status and stderr)."""
+        import subprocess
+
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            return "ssh is still running"
+        err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+        return f"ssh exited with {self.proc.returncode}" + (f": {err}" if err else "")
+
+    def close(self) -> None:
+        import subprocess
+
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+class Client:
+    """A connection to one agent's API, reused across the requests of one command.
+
+    Args:
+        addr: base URL (``--addr``); else ``KEYSTONE_ADDR``; else ``http://127.0.0.1:8080``.
+            With ``ssh`` it is resolved on the far side.
+        token: ``--token``; else ``KEYSTONE_API_TOKEN``; else the agent's ``api.token``
+            (under ``runtime``, ``KEYSTONE_RUNTIME``, ./runtime, /var/lib/keystone).
+        ssh: ``[user@]host[:port]`` (``--ssh``, ``KEYSTONE_SSH``): tunnel with ``ssh -W``.
+        timeout: seconds to wait for an answer once connected.
+
+    For ``https://`` addresses, ``KEYSTONE_CA_CERT`` names the CA that signed the agent's
+    certificate and ``KEYSTONE_CLIENT_CERT`` / ``KEYSTONE_CLIENT_KEY`` the client certificate
+    (mTLS).
+    """
+
+    def __init__(
+        self,
+        addr: str | None = None,
+        token: str | None = None,
+        ssh: str | None = None,
+        *,
+        runtime: Path | None = None,
+        timeout: float = 600.0,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.environ = os.environ if environ is None else environ
+        base = (addr or self.environ.get("KEYSTONE_ADDR") or DEFAULT_ADDR).strip().rstrip("/")
+        if "://" not in base:
+            base = "http://" + base
+        url = urlsplit(base)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise UsageError(f"--addr {addr!r}: expected a URL such as http://127.0.0.1:8080")
+        try:
+            self.port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:
+            raise UsageError(f"--addr {addr!r}: the port is not a number") from None
+        self.base = base
+        self.scheme = url.scheme
+        self.host = url.hostname
+        self.prefix = url.path.rstrip("/")
+        ssh = ssh if ssh is not None else self.environ.get("KEYSTONE_SSH")
+        self.ssh = parse_ssh_target(ssh) if ssh and ssh.strip() else None
+        # A local token file belongs to a local agent; through ssh, only an explicit token.
+        self.token = (
+            find_token(
+                token, environ={"KEYSTONE_API_TOKEN": self.environ.get("KEYSTONE_API_TOKEN", "")}
+            )
+            if self.ssh
+            else find_token(token, runtime=runtime, environ=self.environ)
         )
-    except FileNotFoundError:
-        raise AgentUnreachable("--ssh needs the ssh client, which is not installed") from None
-    theirs.close()
-    return ours
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+        self._tunnel: _SshTunnel | None = None
+
+    # --- connection ---
+
+    @property
+    def where(self) -> str:
+        return f"{self.base} (through ssh {self.ssh.host})" if self.ssh else self.base
+
+    def _unreachable(self, reason: str) -> AgentUnreachable:
+        return AgentUnreachable(
+            f"no agent answers at {self.where}; start one with `keystone agent` (or pass --addr)"
+            f" [{reason}]"
+        )
+
+    def _ssl_context(self) -> Any:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.environ.get("KEYSTONE_CA_CERT") or None)
+        cert = self.environ.get("KEYSTONE_CLIENT_CERT")
+        if cert:
+            ctx.load_cert_chain(cert, self.environ.get("KEYSTONE_CLIENT_KEY") or None)
+        return ctx
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._conn is not None:
+            return self._conn
+        conn: http.client.HTTPConnection
+        ctx: Any = None
+        if self.scheme == "https":
+            try:
+                ctx = self._ssl_context()
+            except OSError as exc:
+                raise UsageError(
+                    f"TLS client files (KEYSTONE_CA_CERT, KEYSTONE_CLIENT_CERT, "
+                    f"KEYSTONE_CLIENT_KEY): {exc}"
+                ) from None
+            conn = http.client.HTTPSConnection(
+                self.host, self.port, timeout=CONNECT_TIMEOUT, context=ctx
+            )
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT)
+        try:
+            if self.ssh is not None:
+                self._tunnel = _SshTunnel(self.ssh, self.host, self.port, self.environ)
+                sock: socket.socket = self._tunnel.sock
+                if self.scheme == "https":
+                    sock = ctx.wrap_socket(sock, server_hostname=self.host)
+                conn.sock = sock
+            else:
+                conn.connect()
+        except AgentUnreachable:
+            raise
+        except OSError as exc:
+            conn.close()
+            raise self._unreachable(_describe(exc)) from None
+        assert conn.sock is not None
+        conn.sock.settimeout(self.timeout)
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close the connection and the ssh tunnel, if any."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests ---
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: bytes | BinaryIO | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> Any:
+        """One request; the parsed JSON answer (text if not JSON; None for 204).
+
+        Raises:
+            AgentUnreachable: nothing answered, or the connection broke before the answer.
+            ApiError: an error answer (subclass by kind: usage 2, refused 3, rolled back 4).
+        """
+        fresh = self._conn is None
+        try:
+            return self._request(method, path, params, body, content_type, timeout)
+        except _StaleConnection:
+            if fresh or (body is not None and not isinstance(body, bytes)):
+                raise self._unreachable("the connection closed before the answer") from None
+            # A kept-alive connection the server had already closed: once more, afresh.
+            self.close()
+            return self._request(method, path, params, body, content_type, timeout)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: bytes | BinaryIO | None,
+        content_type: str,
+        timeout: float | None,
+    ) -> Any:
+        conn = self._connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(timeout if timeout is not None else self.timeout)
+        target = self.prefix + path + ("?" + urlencode(params) if params else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        headers = {"Accept": "application/json", "Host": f"{host}:{self.port}"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        size = 0
+        if body is not None:
+            size = len(body) if isinstance(body, bytes) else _stream_size(body)
+            headers["Content-Type"] = content_type
+            headers["Content-Length"] = str(size)
+        expect = size >= EXPECT_CONTINUE_BYTES and self.scheme == "http"
+        if expect:
+            headers["Expect"] = "100-continue"
+        try:
+            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+            for key, value in headers.items():
+                conn.putheader(key, value)
+            conn.endheaders()
+            if body is not None and (not expect or _continue(conn.sock)):
+                # The agent may answer early (401, 413) and stop reading: read that answer below.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    _send_body(conn, body)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except TimeoutError:
+            self.close()
+            raise AgentUnreachable(
+                f"the agent at {self.where} did not answer {method} {path} within "
+                f"{timeout if timeout is not None else self.timeout:.0f}s"
+            ) from None
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            reason = self._tunnel.reason() if self._tunnel is not None else _describe(exc)
+            self.close()
+            if self.ssh is not None:
+                raise self._unreachable(reason) from None
+            raise _StaleConnection(reason) from None
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise self._unreachable(_describe(exc)) from None
+        if resp.will_close:
+            self.close()
+        return _answer(resp.status, resp.getheader("Content-Type", ""), raw, self, method, path)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        """``GET path``."""
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        """``POST path``."""
+        return self.request("POST", path, **kw)
+
+
+class _StaleConnection(Exception):
+    """A reused keep-alive connection was closed by the server before it answered."""
+
+
+def _describe(exc: BaseException) -> str:
+    import ssl
+
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host: {exc.strerror}"
+    if isinstance(exc, TimeoutError):
+        return "timed out connecting"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _stream_size(body: IO[bytes]) -> int:
+    pos = body.tell()
+    end = body.seek(0, os.SEEK_END)
+    body.seek(pos)
+    return end - pos
+
+
+def _continue(sock: socket.socket | None) -> bool:
+    """After headers with ``Expect: 100-continue``: True to send the body (100 Continue, or
+    no word within a second, as RFC 9110 allows); False when a final answer came instead."""
+    import select
+
+    if sock is None:
+        return True
+    ready, _, _ = select.select([sock], [], [], 1.0)
+    if not ready:
+        return True
+    head = sock.recv(1024, socket.MSG_PEEK)
+    if not head.startswith((b"HTTP/1.1 100", b"HTTP/1.0 100")):
+        return False
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return True
+    sock.recv(end + 4)  # consume the interim answer; getresponse() reads the final one
+    return True
+
+
+def _send_body(conn: http.client.HTTPConnection, body: bytes | IO[bytes]) -> None:
+    if isinstance(body, bytes):
+        conn.send(body)
+        return
+    while True:
+        chunk = body.read(1 << 20)
+        if not chunk:
+            return
+        conn.send(chunk)
+
+
+def _answer(status: int, ctype: str, raw: bytes, client: Client, method: str, path: str) -> Any:
+    data: Any = None
+    if raw:
+        if "json" in ctype or raw.lstrip()[:1] in (b"{", b"["):
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = raw.decode(errors="replace")
+        else:
+            data = raw.decode(errors="replace")
+    if status < 400:
+        return data
+    message = str(data.get("error") if isinstance(data, dict) else data or "").strip()
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if status == 401:
+        hint = (
+            "pass --token or set KEYSTONE_API_TOKEN"
+            if client.ssh
+            else "pass --token, set KEYSTONE_API_TOKEN, or point --runtime / KEYSTONE_RUNTIME at "
+            "the agent's runtime dir (its api.token)"
+        )
+        raise ApiUsageError(401, f"the agent at {client.where} refused the token: {hint}")
+    if not message:
+        message = f"HTTP {status}"
+    raise error_for(status, f"{method} {path}: {message}", kind)
 
 
 def api_call(
@@ -92,70 +550,13 @@ def api_call(
     body: bytes | BinaryIO | None = None,
     timeout: float = 600.0,
     content_type: str = "application/json",
+    runtime: Path | None = None,
 ) -> Any:
-    """One request; returns the parsed JSON body (None for 204).
+    """One request on a fresh connection (see ``Client.request``)."""
+    with Client(addr, token, ssh, runtime=runtime, timeout=timeout) as client:
+        return client.request(method, path, params=params, body=body, content_type=content_type)
 
-    Raises AgentUnreachable when nothing answers (with how to start an agent), ApiRefused for
-    422, ApiMisuse for 4xx, ApiError otherwise.
-    """
-    base = (addr or os.environ.get("KEYSTONE_ADDR") or DEFAULT_ADDR).rstrip("/")
-    if "://" not in base:
-        base = "http://" + base
-    url = urlsplit(base)
-    host = url.hostname or "127.0.0.1"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    conn: http.client.HTTPConnection
-    if url.scheme == "https":
-        import ssl
 
-        ctx = ssl.create_default_context(cafile=os.environ.get("KEYSTONE_CA_CERT"))
-        cert, key = os.environ.get("KEYSTONE_CLIENT_CERT"), os.environ.get("KEYSTONE_CLIENT_KEY")
-        if cert:
-            ctx.load_cert_chain(cert, key)
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    ssh = ssh or os.environ.get("KEYSTONE_SSH") or None
-    full = path + ("?" + urlencode(params) if params else "")
-    headers = {"Accept": "application/json"}
-    tok = find_token(token)
-    if tok:
-        headers["Authorization"] = f"Bearer {tok}"
-    if body is not None:
-        headers["Content-Type"] = content_type
-        if not isinstance(body, bytes):
-            body.seek(0, os.SEEK_END)
-            headers["Content-Length"] = str(body.tell())
-            body.seek(0)
-    try:
-        if ssh:
-            conn.sock = _ssh_socket(ssh, host, port)
-        conn.request(method, full, body=body, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-    except (TimeoutError, ConnectionError, OSError, http.client.HTTPException) as exc:
-        where = f"{base} (via ssh {ssh})" if ssh else base
-        raise AgentUnreachable(
-            f"no agent answers at {where} ({exc}); start one with `keystone agent` (or pass --addr / set KEYSTONE_ADDR)"
-        ) from None
-    finally:
-        conn.close()
-    data: Any = None
-    if raw:
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError:
-            data = raw.decode(errors="replace")
-    if resp.status >= 400:
-        message = data.get("error") if isinstance(data, dict) else str(data)
-        if resp.status == 401:
-            raise ApiError(
-                401,
-                f"{message}: pass --token or set KEYSTONE_API_TOKEN (or KEYSTONE_RUNTIME to find runtime/api.token)",
-            )
-        if resp.status == 422:
-            raise ApiRefused(422, str(message))
-        if resp.status in (400, 404, 405, 409, 411, 413):
-            raise ApiMisuse(resp.status, str(message))
-        raise ApiError(resp.status, f"agent answered HTTP {resp.status}: {message}")
-    return data
+def component_path(name: str, action: str) -> str:
+    """``/v1/components/{name}:{action}`` with the name escaped (it cannot reshape the URL)."""
+    return f"/v1/components/{quote(name.strip('/'), safe='')}:{action}"

@@ -1,0 +1,617 @@
+"""The OpenAPI 3 document of the agent API, served at ``GET /v1/openapi.json``.
+
+Every route that ``keystone.api.ROUTES`` serves is described here with its parameters, request
+body, answers and error statuses; a unit test keeps the two in step. Bodies are those of the Go
+Keystone (GO-COMPAT.md) plus our additions; fields marked as additions are not in the Go API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+def _ref(name: str) -> JSON:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: JSON, description: str) -> JSON:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, JSON]:
+    text = {
+        400: "Malformed request: bad query parameter, malformed JSON (with the parser's reason), "
+        "or a plan/recipe that does not validate (file, line, field)",
+        401: "Missing or wrong bearer token (answered with WWW-Authenticate: Bearer); "
+        "nothing was changed",
+        404: "No such component, recipe or revision",
+        405: "Method not allowed (see the Allow header)",
+        409: "Conflicts with the current state (a stored recipe without force, a recipe in use)",
+        411: "Content-Length required",
+        413: "Request body over KEYSTONE_MAX_REQUEST_BYTES (4 MiB) or, for a bundle, "
+        "KEYSTONE_MAX_BUNDLE_BYTES (4 GiB)",
+        422: "Well-formed but refused: signature, trust, anti-rollback, damaged bundle",
+        500: "The agent failed (kind rolled-back: the deployment failed and was rolled back)",
+        503: "Not ready or unreachable source: try again later",
+        504: "Timed out waiting (restart with wait)",
+    }
+    return {str(c): {**_json(_ref("Error"), text[c])} for c in codes}
+
+
+def _query(name: str, description: str, schema: JSON | None = None, example: Any = None) -> JSON:
+    p: JSON = {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+    if example is not None:
+        p["example"] = example
+    return p
+
+
+def _path(name: str, description: str, example: str) -> JSON:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._+-]{1,128}$"},
+        "example": example,
+    }
+
+
+_BOOL = {"type": "boolean", "default": False}
+_STR = {"type": "string"}
+_STRN = {"type": "string", "nullable": True}
+_NUM = {"type": "number"}
+_NUMN = {"type": "number", "nullable": True}
+_INT = {"type": "integer"}
+_INTN = {"type": "integer", "nullable": True}
+_STRS = {"type": "array", "items": _STR}
+_OBJ = {"type": "object", "additionalProperties": True}
+
+_TOML_PLAN = {
+    "description": "The plan TOML itself (recipes as name:version from the recipe store), or "
+    'JSON {"plan": "<TOML>", "dry": true}. A JSON planPath is refused (400): the API never '
+    "reads a file whose path a client names.",
+    "required": True,
+    "content": {
+        "application/toml": {
+            "schema": _STR,
+            "example": '[[components]]\nname = "api"\nrecipe = "com.example.api:1.2.0"\n',
+        },
+        "text/plain": {"schema": _STR},
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["plan"],
+                "properties": {"plan": _STR, "dry": _BOOL},
+            }
+        },
+    },
+}
+
+_TOML_RECIPE = {
+    "description": 'The recipe TOML itself, or JSON {"recipe": "<TOML>", "force": true}.',
+    "required": True,
+    "content": {
+        "application/toml": {"schema": _STR},
+        "text/plain": {"schema": _STR},
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["recipe"],
+                "properties": {"recipe": _STR, "force": _BOOL},
+            }
+        },
+    },
+}
+
+SCHEMAS: dict[str, JSON] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "status"],
+        "properties": {
+            "error": {**_STR, "description": "What failed, where, and what to do"},
+            "status": _INT,
+            "kind": {
+                "type": "string",
+                "enum": ["usage", "refused", "retryable", "rolled-back", "error"],
+                "description": "Class of the failure; keystone's CLI exits 2, 3, 1, 4, 1",
+            },
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "uptime", "time_utc"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "degraded"]},
+            "uptime": {**_NUM, "description": "Seconds since the agent started"},
+            "time_utc": {**_STR, "format": "date-time"},
+            "version": _STR,
+            "device": _STR,
+            "revision": {**_STRN, "description": "Applied revision (commit id); addition"},
+            "components": _INT,
+        },
+    },
+    "Component": {
+        "type": "object",
+        "required": ["name", "state", "restarts", "pid"],
+        "properties": {
+            "name": _STR,
+            "state": {
+                "type": "string",
+                "enum": [
+                    "pending",
+                    "installing",
+                    "starting",
+                    "healthy",
+                    "unhealthy",
+                    "backoff",
+                    "stopping",
+                    "stopped",
+                    "failed",
+                ],
+            },
+            "restarts": _INT,
+            "last_health": _STR,
+            "pid": _INTN,
+            "recipe": _STR,
+            "version": _STR,
+            "healthy": _BOOL,
+            "since": _NUMN,
+            "error": _STRN,
+        },
+    },
+    "RestartResult": {
+        "type": "object",
+        "properties": {
+            "component": _STR,
+            "pid": _INTN,
+            "dependents": {"description": "Restarted dependents", **_OBJ},
+            "wait": _STR,
+            "timeout": _STR,
+        },
+    },
+    "RestartDryResult": {
+        "type": "object",
+        "required": ["stopOrder", "startOrder"],
+        "properties": {"stopOrder": _STRS, "startOrder": _STRS},
+    },
+    "Recipe": {
+        "type": "object",
+        "properties": {"name": _STR, "version": _STR, "sha256": _STR, "path": _STR},
+    },
+    "RecipeStored": {
+        "type": "object",
+        "properties": {"name": _STR, "version": _STR, "path": _STR, "replaced": _BOOL},
+    },
+    "PlanStatus": {
+        "type": "object",
+        "required": ["status", "components"],
+        "properties": {
+            "planPath": _STR,
+            "status": {
+                "type": "string",
+                "enum": ["idle", "applying", "running", "failed", "dry-run", "stopped"],
+            },
+            "error": _STRN,
+            "unknownFields": _STRS,
+            "lastReconcile": _NUMN,
+            "components": {"type": "array", "items": _ref("Component")},
+        },
+    },
+    "Graph": {
+        "type": "object",
+        "required": ["nodes", "edges", "order"],
+        "properties": {
+            "nodes": _STRS,
+            "edges": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "from": {**_STR, "description": "The dependent component"},
+                        "to": {**_STR, "description": "The component it depends on"},
+                        "type": {"type": "string", "enum": ["hard", "soft", "ordering"]},
+                    },
+                },
+            },
+            "order": {
+                "type": "array",
+                "items": _STRS,
+                "description": "Start layers: every component of a layer depends only on "
+                "earlier layers",
+            },
+        },
+    },
+    "ApplyResult": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["applying", "dry-run"]},
+            "changes": _OBJ,
+            "actions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "action": _STR,
+                        "component": _STR,
+                        "version": _STR,
+                        "layer": _INT,
+                        "reason": _STR,
+                    },
+                },
+            },
+            "layers": {"type": "array", "items": _STRS},
+            "unknownFields": _STRS,
+            "warnings": _STRS,
+        },
+    },
+    "ReconcileResult": {"type": "object", "properties": {"repaired": _STRS}},
+    "Revision": {
+        "type": "object",
+        "properties": {
+            "applied": _STRN,
+            "last_known_good": _STRN,
+            "source": _STRN,
+            "signer": _STRN,
+            "applied_at": _NUMN,
+            "last_sync": {"nullable": True, **_OBJ},
+            "suspended": _BOOL,
+        },
+    },
+    "SyncResult": {
+        "type": "object",
+        "properties": {
+            "result": {
+                "type": "string",
+                "description": "applied, up-to-date, dry-run, rolled-back, refused, known-bad, "
+                "unreachable or error",
+            },
+            "revision": _STRN,
+            "signer": _STRN,
+            "changes": _OBJ,
+            "error": _STRN,
+        },
+        "additionalProperties": True,
+    },
+    "HistoryEntry": {
+        "type": "object",
+        "properties": {
+            "time": _NUM,
+            "kind": _STR,
+            "result": _STR,
+            "revision": _STRN,
+            "error": _STRN,
+        },
+        "additionalProperties": True,
+    },
+}
+
+
+def _op(
+    summary: str,
+    description: str,
+    op_id: str,
+    ok: dict[str, JSON],
+    *,
+    errors: tuple[int, ...] = (),
+    params: list[JSON] | None = None,
+    body: JSON | None = None,
+    auth: bool = True,
+) -> JSON:
+    op: JSON = {
+        "summary": summary,
+        "description": description,
+        "operationId": op_id,
+        "responses": {**ok, **_errors(*((401,) if auth else ()), *errors)},
+    }
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = body
+    if not auth:
+        op["security"] = []
+    return op
+
+
+def _no_content(description: str) -> dict[str, JSON]:
+    return {"204": {"description": description}}
+
+
+def _paths() -> dict[str, JSON]:
+    name = _path("name", "Component name as given in the plan", "api")
+    return {
+        "/healthz": {
+            "get": _op(
+                "Agent liveness",
+                "Needs no token. Status, uptime, time, version, device and the applied revision.",
+                "healthz",
+                {"200": _json(_ref("Health"), "The agent answers")},
+                auth=False,
+            )
+        },
+        "/metrics": {
+            "get": _op(
+                "Prometheus metrics",
+                "Component state, health, restarts, CPU and memory; reconcile, sync, "
+                "deployment and rollback counters; build info and uptime.",
+                "metrics",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format 0.0.4",
+                        "content": {"text/plain": {"schema": _STR}},
+                    }
+                },
+            )
+        },
+        "/v1/openapi.json": {
+            "get": _op(
+                "This document",
+                "The OpenAPI 3 description of every route.",
+                "openapi",
+                {"200": _json(_OBJ, "The OpenAPI document")},
+            )
+        },
+        "/v1/components": {
+            "get": _op(
+                "List components",
+                "Every supervised component with its state, pid, restarts and last health.",
+                "components",
+                {"200": _json({"type": "array", "items": _ref("Component")}, "Components")},
+            )
+        },
+        "/v1/components/{name}:stop": {
+            "post": _op(
+                "Stop one component",
+                "Stops a single component; its dependents are left running. It stays stopped "
+                "until restarted or the plan is applied again.",
+                "stop_component",
+                _no_content("Stopped"),
+                errors=(404, 500),
+                params=[name],
+            )
+        },
+        "/v1/components/{name}:restart": {
+            "post": _op(
+                "Restart one component",
+                "Restarts a component and its hard and soft dependents (ordering dependencies "
+                "do not cascade). With dry=true, answers the planned order and changes nothing.",
+                "restart_component",
+                {
+                    "200": _json(
+                        {"oneOf": [_ref("RestartResult"), _ref("RestartDryResult")]},
+                        "Restarted (or, with dry=true, the stop and start order)",
+                    )
+                },
+                errors=(400, 404, 500, 504),
+                params=[
+                    name,
+                    _query(
+                        "wait",
+                        "pid (default): answer once a new pid exists; health: once it probes "
+                        "healthy",
+                        {"type": "string", "enum": ["pid", "health"]},
+                        "health",
+                    ),
+                    _query(
+                        "timeout", "How long to wait, as a duration (default 60s)", None, "120s"
+                    ),
+                    _query("dry", "true: report what would be restarted", _BOOL, "true"),
+                ],
+            )
+        },
+        "/v1/recipes": {
+            "get": _op(
+                "List the recipe store",
+                "Recipes uploaded to the agent, which plans name as name:version.",
+                "recipes",
+                {"200": _json({"type": "array", "items": _ref("Recipe")}, "Stored recipes")},
+            ),
+            "post": _op(
+                "Store a recipe",
+                "Validates and stores a recipe TOML document so plans can refer to it as "
+                "name:version. An existing name:version is a conflict unless force=true.",
+                "upload_recipe",
+                {"201": _json(_ref("RecipeStored"), "Stored")},
+                errors=(400, 409, 411, 413),
+                params=[_query("force", "true: replace a stored recipe", _BOOL, "true")],
+                body=_TOML_RECIPE,
+            ),
+        },
+        "/v1/recipes/{name}/{version}": {
+            "delete": _op(
+                "Delete a stored recipe",
+                "Removes name:version from the store; refused while the applied plan uses it.",
+                "delete_recipe",
+                _no_content("Deleted"),
+                errors=(404, 409),
+                params=[
+                    _path("name", "Recipe metadata.name", "com.example.api"),
+                    _path("version", "Recipe metadata.version", "1.2.0"),
+                ],
+            )
+        },
+        "/v1/plan/status": {
+            "get": _op(
+                "Plan status",
+                "The applied plan, its status, the last error, unknown fields and components.",
+                "plan_status",
+                {"200": _json(_ref("PlanStatus"), "Plan status")},
+            )
+        },
+        "/v1/plan/graph": {
+            "get": _op(
+                "Dependency graph",
+                "Nodes, edges and start layers of the applied plan.",
+                "plan_graph",
+                {"200": _json(_ref("Graph"), "The graph")},
+            )
+        },
+        "/v1/plan/apply": {
+            "post": _op(
+                "Apply a plan",
+                "The body is the plan TOML; recipes are name:version references to the store. "
+                "Validates, then applies in the background (202). With dry=true, answers the "
+                "layers and actions and changes nothing; unknown fields refuse a dry run.",
+                "apply_plan",
+                {"202": _json(_ref("ApplyResult"), "Accepted (or the dry-run report)")},
+                errors=(400, 411, 413, 503),
+                params=[_query("dry", "true: validate and report only", _BOOL, "true")],
+                body=_TOML_PLAN,
+            )
+        },
+        "/v1/plan/reconcile": {
+            "post": _op(
+                "Repair the plan in effect",
+                "Starts again what the applied plan says should run and does not; never "
+                "resurrects a plan an operator stopped.",
+                "reconcile",
+                {"200": _json(_ref("ReconcileResult"), "What was repaired")},
+                errors=(500,),
+            )
+        },
+        "/v1/plan/stop": {
+            "post": _op(
+                "Stop every component",
+                "Stops the plan in reverse dependency order; it stays stopped across restarts.",
+                "stop_plan",
+                _no_content("Stopped"),
+                errors=(500,),
+            )
+        },
+        "/v1/datasets": {
+            "get": _op(
+                "List datasets",
+                "Go-agent compatibility: this agent manages no datasets, so the list is empty.",
+                "datasets",
+                {"200": _json({"type": "array", "items": _OBJ}, "Always []")},
+            )
+        },
+        "/v1/datasets:refresh": {
+            "post": _op(
+                "Refresh datasets",
+                "Go-agent compatibility: nothing to refresh.",
+                "datasets_refresh",
+                {"200": _json({"type": "array", "items": _OBJ}, "Always []")},
+            )
+        },
+        "/v1/revision": {
+            "get": _op(
+                "Applied revision (addition)",
+                "Applied and last known-good revision, source, signer, when, last sync.",
+                "revision",
+                {"200": _json(_ref("Revision"), "Revision state")},
+            )
+        },
+        "/v1/sync": {
+            "post": _op(
+                "Sync now (addition)",
+                "One fetch, verify, diff and deploy now, joining one in flight.",
+                "sync",
+                {"200": _json(_ref("SyncResult"), "The sync record")},
+                errors=(400, 422, 500, 503),
+                params=[
+                    _query("dry", "true: fetch, verify and diff; deploy nothing", _BOOL),
+                    _query(
+                        "allow_rollback",
+                        "true: accept a tip that does not descend from the applied revision",
+                        _BOOL,
+                    ),
+                    _query("retry", "true: try a revision that failed before again", _BOOL),
+                ],
+            )
+        },
+        "/v1/history": {
+            "get": _op(
+                "History (addition)",
+                "Syncs, deployments, rollbacks and imports, newest first.",
+                "history",
+                {"200": _json({"type": "array", "items": _ref("HistoryEntry")}, "Entries")},
+                errors=(400,),
+                params=[
+                    _query(
+                        "limit",
+                        "At most this many entries (default 50)",
+                        {"type": "integer", "minimum": 1, "default": 50},
+                    )
+                ],
+            )
+        },
+        "/v1/rollback": {
+            "post": _op(
+                "Roll back (addition)",
+                "Deploys the last known-good revision again, or the revision named by to; it "
+                "is verified like any other.",
+                "rollback",
+                {"200": _json(_ref("SyncResult"), "The rollback record")},
+                errors=(400, 404, 422, 500),
+                params=[_query("to", "Revision to go back to (default: last known-good)")],
+            )
+        },
+        "/v1/suspend": {
+            "post": _op(
+                "Suspend polling (addition)",
+                "Stops polling the source; running components are untouched.",
+                "suspend",
+                {"200": _json(_OBJ, "Suspended")},
+                errors=(400,),
+            )
+        },
+        "/v1/resume": {
+            "post": _op(
+                "Resume polling (addition)",
+                "Starts polling the source again.",
+                "resume",
+                {"200": _json(_OBJ, "Resumed")},
+                errors=(400,),
+            )
+        },
+        "/v1/bundles:import": {
+            "post": _op(
+                "Import a bundle (addition)",
+                "The body is the bundle file (keystone bundle create, or git bundle create), "
+                "streamed to disk; its commit is verified exactly as a git sync, then deployed. "
+                "Capped by KEYSTONE_MAX_BUNDLE_BYTES (4 GiB), not by the 4 MiB request cap.",
+                "import_bundle",
+                {"200": _json(_ref("SyncResult"), "The import record")},
+                errors=(411, 413, 422, 500),
+                body={
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+            )
+        },
+    }
+
+
+def openapi_document() -> JSON:
+    """The OpenAPI 3.0 document of the agent API."""
+    from keystone import __version__
+
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Keystone agent API",
+            "version": __version__,
+            "description": "Local control API of a Keystone agent. Every route but /healthz "
+            "needs Authorization: Bearer <token> (KEYSTONE_API_TOKEN, or the token the agent "
+            "writes to runtime/api.token). Request bodies are capped at 4 MiB.",
+        },
+        "servers": [{"url": "http://127.0.0.1:8080"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": SCHEMAS,
+        },
+    }
