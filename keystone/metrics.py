@@ -1,21 +1,42 @@
-"""Prometheus metrics, prefixed ``keystone_``, with the Go Keystone's names (DESIGN section 11).
+"""Prometheus metrics, prefixed ``keystone_`` (DESIGN section 11), on one registry.
 
-The agent calls the event methods; CPU and resident memory of component processes are read from
-``/proc`` at scrape time, so no thread or timer runs for metrics.
+The component metrics keep the Go Keystone's names and labels (``name``, ``state``, ``health``)
+so its dashboards and alerts keep working::
+
+    keystone_component_state{name,state}                1 for the current state, 0 for the others
+    keystone_component_state_health{name,state,health}  1 for the current state+health pair
+    keystone_component_restarts_total{name}             restarts since the agent started
+    keystone_component_healthy{name}                    1 healthy, 0 otherwise
+    keystone_component_cpu_percent{name}                CPU of the component's process, % of a core
+    keystone_component_memory_rss_bytes{name}           its resident memory
+    keystone_reconcile_total{result}, keystone_reconcile_duration_seconds,
+    keystone_reconcile_repairs_total, keystone_reconcile_last_timestamp_seconds,
+    keystone_clock_trusted
+
+Added: ``keystone_build_info{version,python}``, ``keystone_uptime_seconds``,
+``keystone_deployments_total{result}``, ``keystone_rollbacks_total{result}``, and the sync
+metrics ``keystone_sync_total{result,source}``, ``keystone_sync_duration_seconds``,
+``keystone_sync_last_timestamp_seconds``, ``keystone_revision_info{revision,source}``,
+``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``.
+
+The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
+memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from keystone import __version__
 
-STATES = (
+STATES: tuple[str, ...] = (
     "pending",
     "installing",
     "starting",
@@ -26,75 +47,135 @@ STATES = (
     "stopped",
     "failed",
 )
-_TICK = os.sysconf("SC_CLK_TCK")
+"""Every component state (keystone.runtime.supervisor.State), each exported as a series."""
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-class Metrics:
-    """One registry with every Keystone metric."""
+@dataclass(frozen=True)
+class ProcSample:
+    """CPU ticks (user + system), resident pages and start time (ticks since boot) of a pid."""
 
-    def __init__(self) -> None:
+    ticks: int
+    rss_pages: int
+    start: int
+
+
+def read_proc_stat(pid: int, proc: Path = Path("/proc")) -> ProcSample | None:
+    """Fields 14, 15, 22 and 24 of ``/proc/<pid>/stat``; None when the process is gone.
+
+    The command name (field 2) may hold spaces and parentheses, so fields are counted after
+    its last ``)``. ``rss`` there is the same figure as ``VmRSS`` in ``/proc/<pid>/status``,
+    read from one file instead of two.
+    """
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()
+    try:
+        return ProcSample(int(fields[11]) + int(fields[12]), int(fields[21]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def _boot_ticks(proc: Path = Path("/proc")) -> float | None:
+    """Clock ticks since boot (the clock of the start time in ``/proc/<pid>/stat``)."""
+    try:
+        return float((proc / "uptime").read_text().split()[0]) * _TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def health_label(state: str, healthy: bool) -> str:
+    """The ``health`` label of ``keystone_component_state_health`` for a state."""
+    if healthy:
+        return "healthy"
+    if state in ("unhealthy", "failed", "backoff"):
+        return "unhealthy"
+    return "unknown"
+
+
+@dataclass
+class _Component:
+    state: str
+    healthy: bool
+    health: str
+    restarts: int
+    pid: int | None
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+    # last CPU sample: (monotonic seconds, ticks, process start) to compute a rate
+    sample: tuple[float, int, int] | None = None
+
+
+class Metrics:
+    """Every Keystone metric, on ``self.registry``.
+
+    Args:
+        proc: the proc filesystem (tests may point it elsewhere).
+        monotonic: clock for CPU rates (seconds).
+    """
+
+    def __init__(
+        self, *, proc: Path = Path("/proc"), monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        import prometheus_client.metrics as pm
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-        r = self.registry = CollectorRegistry(auto_describe=True)
+        # The Go agent exports no *_created series; they would double every counter's size.
+        disable_created: Any = pm.disable_created_metrics
+        disable_created()
+        self._proc = proc
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._components: dict[str, _Component] = {}
         self.started = time.time()
-        self.component_state = Gauge(
-            "keystone_component_state",
-            "1 for the component's current state",
-            ["component", "state"],
-            registry=r,
-        )
-        self.state_health = Gauge(
-            "keystone_component_state_health", "1 healthy, 0 otherwise", ["component"], registry=r
-        )
-        self.restarts = Gauge(
-            "keystone_component_restarts_total",
-            "Restarts of the component",
-            ["component"],
-            registry=r,
-        )
-        self.healthy = Gauge(
-            "keystone_component_healthy",
-            "1 if the last health check passed",
-            ["component"],
-            registry=r,
-        )
-        self.cpu = Gauge(
-            "keystone_component_cpu_percent",
-            "CPU use of the component process, percent of one core",
-            ["component"],
-            registry=r,
-        )
-        self.rss = Gauge(
-            "keystone_component_memory_rss_bytes",
-            "Resident memory of the component process",
-            ["component"],
-            registry=r,
-        )
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        r.register(_ComponentCollector(self))
+
         self.reconcile_total = Counter(
-            "keystone_reconcile_total", "Reconcile runs by result", ["result"], registry=r
+            "keystone_reconcile_total", "Reconcile passes by result", ["result"], registry=r
         )
         self.reconcile_duration = Histogram(
-            "keystone_reconcile_duration_seconds", "Reconcile duration", registry=r
+            "keystone_reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
-        self.repairs = Counter(
-            "keystone_reconcile_repairs_total", "Components started again by reconcile", registry=r
+        self.reconcile_repairs = Counter(
+            "keystone_reconcile_repairs_total",
+            "Components started again by reconcile passes",
+            registry=r,
         )
         self.reconcile_last = Gauge(
-            "keystone_reconcile_last_timestamp_seconds", "Time of the last reconcile", registry=r
+            "keystone_reconcile_last_timestamp_seconds",
+            "Unix time of the last reconcile pass",
+            registry=r,
         )
         self.clock_trusted = Gauge(
-            "keystone_clock_trusted", "1 if the trusted clock is not behind its mark", registry=r
+            "keystone_clock_trusted",
+            "1 if the system clock is not behind the trusted clock's high-water mark",
+            registry=r,
         )
+        self.clock_trusted.set(1)
         self.build = Info("keystone_build", "Agent build", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
-        self.uptime = Gauge("keystone_uptime_seconds", "Agent uptime", registry=r)
+        self.uptime = Gauge(
+            "keystone_uptime_seconds", "Seconds since the agent started", registry=r
+        )
         self.uptime.set_function(lambda: time.time() - self.started)
         self.deployments = Counter(
             "keystone_deployments_total", "Deployments by result", ["result"], registry=r
         )
         self.rollbacks = Counter(
-            "keystone_rollbacks_total", "Rollbacks by result", ["result"], registry=r
+            "keystone_rollbacks_total",
+            "Rollbacks to the last known-good by result",
+            ["result"],
+            registry=r,
         )
         self.sync_total = Counter(
             "keystone_sync_total",
@@ -103,112 +184,200 @@ class Metrics:
             registry=r,
         )
         self.sync_duration = Histogram(
-            "keystone_sync_duration_seconds", "Sync duration", registry=r
+            "keystone_sync_duration_seconds",
+            "Duration of sync attempts",
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.sync_last = Gauge(
-            "keystone_sync_last_timestamp_seconds", "Time of the last sync", registry=r
+            "keystone_sync_last_timestamp_seconds", "Unix time of the last sync attempt", registry=r
         )
-        self.revision = Info("keystone_revision", "The applied revision", registry=r)
+        self.revision = Info(
+            "keystone_revision", "The applied revision and where it came from", registry=r
+        )
         self.signature_failures = Counter(
-            "keystone_signature_failures_total", "Refused revisions by kind", ["kind"], registry=r
+            "keystone_signature_failures_total",
+            "Revisions or artifacts refused by a signature or trust check, by kind",
+            ["kind"],
+            registry=r,
         )
         self.cache_bytes = Gauge(
-            "keystone_artifact_cache_bytes", "Size of the artifact cache", registry=r
+            "keystone_artifact_cache_bytes", "Bytes held in the artifact cache", registry=r
         )
-        self.clock_trusted.set(1)
-        self._pids: dict[str, int] = {}
-        self._cpu_prev: dict[str, tuple[float, int]] = {}
-        self._states: dict[str, str] = {}
+        # Series that dashboards divide by exist from the start, at zero.
+        for result in ("ok", "failed"):
+            self.reconcile_total.labels(result)
+            self.rollbacks.labels(result)
+        for result in ("ok", "rolled-back", "failed"):
+            self.deployments.labels(result)
 
-    # --- events -----------------------------------------------------------------------------
+    # --- events (called by the agent) -------------------------------------------------------
 
     def set_component(
-        self, name: str, state: str, healthy: bool, restarts: int, pid: int | None
+        self,
+        name: str,
+        state: str,
+        healthy: bool,
+        restarts: int,
+        pid: int | None,
+        *,
+        health: str | None = None,
     ) -> None:
-        """Record a component's state (called on every change)."""
-        old = self._states.get(name)
-        if old and old != state:
-            self.component_state.labels(name, old).set(0)
-        self._states[name] = state
-        self.component_state.labels(name, state).set(1)
-        self.state_health.labels(name).set(1 if healthy else 0)
-        self.healthy.labels(name).set(1 if healthy else 0)
-        self.restarts.labels(name).set(restarts)
-        if pid:
-            self._pids[name] = pid
-        else:
-            self._pids.pop(name, None)
+        """Record a component's state, health, restart count and pid (on every change).
+
+        ``health`` overrides the ``health`` label, which is otherwise derived from the state.
+        """
+        with self._lock:
+            comp = self._components.get(name)
+            label = health or health_label(state, healthy)
+            if comp is None:
+                self._components[name] = _Component(state, healthy, label, restarts, pid)
+                return
+            if comp.pid != pid:
+                comp.sample, comp.cpu_percent, comp.rss_bytes = None, None, None
+            comp.state, comp.healthy, comp.health = state, healthy, label
+            comp.restarts, comp.pid = restarts, pid
 
     def remove_component(self, name: str) -> None:
-        """Forget a component removed from the plan."""
-        for gauge in (self.state_health, self.restarts, self.healthy, self.cpu, self.rss):
-            with contextlib.suppress(KeyError):
-                gauge.remove(name)
-        for state in STATES:
-            with contextlib.suppress(KeyError):
-                self.component_state.remove(name, state)
-        self._pids.pop(name, None)
-        self._states.pop(name, None)
+        """Forget a component that left the plan (its series disappear)."""
+        with self._lock:
+            self._components.pop(name, None)
 
     def deployment(self, result: str) -> None:
+        """Count a deployment: ``ok``, ``rolled-back`` or ``failed``."""
         self.deployments.labels(result).inc()
 
     def rollback(self, result: str) -> None:
+        """Count a rollback to the last known-good: ``ok`` or ``failed``."""
         self.rollbacks.labels(result).inc()
 
     def sync(self, result: str, source: str, duration: float) -> None:
+        """Count a sync attempt (result as the sync record says it) and its duration."""
         self.sync_total.labels(result, source).inc()
-        self.sync_duration.observe(duration)
+        self.sync_duration.observe(max(0.0, duration))
         self.sync_last.set(time.time())
 
     def set_revision(self, revision: str, source: str) -> None:
+        """The applied revision and its source (``git``, ``http``, ``bundle``...)."""
         self.revision.info({"revision": revision, "source": source})
 
     def signature_failure(self, kind: str) -> None:
+        """Count a refused signature or trust check by kind (``commit``, ``artifact``...)."""
         self.signature_failures.labels(kind).inc()
 
     def set_cache_bytes(self, n: int) -> None:
+        """Bytes in the artifact cache (after a GC or a download)."""
         self.cache_bytes.set(n)
 
     def set_clock_trusted(self, trusted: bool) -> None:
+        """Whether the system clock is at or after the trusted clock's mark."""
         self.clock_trusted.set(1 if trusted else 0)
 
     def reconcile(self, result: str, duration: float, repairs: int) -> None:
+        """Count a reconcile pass, its duration and how many components it started again."""
         self.reconcile_total.labels(result).inc()
-        self.reconcile_duration.observe(duration)
-        self.repairs.inc(repairs)
+        self.reconcile_duration.observe(max(0.0, duration))
+        if repairs:
+            self.reconcile_repairs.inc(repairs)
         self.reconcile_last.set(time.time())
 
     # --- scrape -----------------------------------------------------------------------------
 
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        for name, pid in list(self._pids.items()):
-            stat = _proc_stat(pid)
-            if stat is None:
-                continue
-            ticks, rss_pages = stat
-            self.rss.labels(name).set(rss_pages * _PAGE)
-            prev = self._cpu_prev.get(name)
-            if prev is not None and now > prev[0]:
-                self.cpu.labels(name).set(
-                    max(0.0, (ticks - prev[1]) / _TICK / (now - prev[0]) * 100)
-                )
-            self._cpu_prev[name] = (now, ticks)
+    def refresh(self) -> None:
+        """Read CPU and resident memory of every known pid from /proc (a few µs per pid)."""
+        with self._lock:
+            pids = {n: c.pid for n, c in self._components.items() if c.pid}
+        # /proc is read without the lock; a record whose pid changed meanwhile is left alone.
+        samples = {n: (pid, read_proc_stat(pid, self._proc)) for n, pid in pids.items()}
+        boot = _boot_ticks(self._proc) if samples else None
+        now = self._monotonic()
+        with self._lock:
+            for name, (pid, s) in samples.items():
+                comp = self._components.get(name)
+                if comp is None or comp.pid != pid:
+                    continue
+                if s is None:
+                    comp.cpu_percent, comp.rss_bytes, comp.sample = None, None, None
+                    continue
+                comp.rss_bytes = s.rss_pages * _PAGE
+                prev = comp.sample
+                if prev is not None and prev[2] == s.start and now > prev[0]:
+                    rate = (s.ticks - prev[1]) / _TICKS / (now - prev[0]) * 100
+                else:
+                    # First look at this process: its average since it started.
+                    age = (boot - s.start) if boot is not None else 0.0
+                    rate = s.ticks / age * 100 if age > 0 else 0.0
+                comp.cpu_percent = max(0.0, rate)
+                comp.sample = (now, s.ticks, s.start)
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        """The exposition text (Prometheus text format 0.0.4) and its content type."""
+        from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-        self._refresh()
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.refresh()
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    def components_snapshot(self) -> dict[str, _Component]:
+        """A copy of the per-component records (for the collector and tests)."""
+        with self._lock:
+            return {
+                n: _Component(
+                    c.state, c.healthy, c.health, c.restarts, c.pid, c.cpu_percent, c.rss_bytes
+                )
+                for n, c in self._components.items()
+            }
 
 
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(utime + stime ticks, rss pages) of a process, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields: list[Any] = text.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12]), int(fields[21])
+class _ComponentCollector:
+    """Builds the per-component families at scrape time from the recorded states."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        comps = self.metrics.components_snapshot()
+        state = GaugeMetricFamily(
+            "keystone_component_state",
+            "Component state (1 for the current state, 0 for the others)",
+            labels=["name", "state"],
+        )
+        state_health = GaugeMetricFamily(
+            "keystone_component_state_health",
+            "Component state with its health (1 for the current combination)",
+            labels=["name", "state", "health"],
+        )
+        restarts = CounterMetricFamily(
+            "keystone_component_restarts",
+            "Restarts of the component since the agent started",
+            labels=["name"],
+        )
+        healthy = GaugeMetricFamily(
+            "keystone_component_healthy", "Component health (1 healthy, 0 not)", labels=["name"]
+        )
+        cpu = GaugeMetricFamily(
+            "keystone_component_cpu_percent",
+            "CPU of the component's process, percent of one core",
+            labels=["name"],
+        )
+        rss = GaugeMetricFamily(
+            "keystone_component_memory_rss_bytes",
+            "Resident memory of the component's process",
+            labels=["name"],
+        )
+        for name in sorted(comps):
+            c = comps[name]
+            for s in STATES if c.state in STATES else (*STATES, c.state):
+                state.add_metric([name, s], 1.0 if s == c.state else 0.0)
+            state_health.add_metric([name, c.state, c.health], 1.0)
+            restarts.add_metric([name], float(c.restarts))
+            healthy.add_metric([name], 1.0 if c.healthy else 0.0)
+            if c.cpu_percent is not None:
+                cpu.add_metric([name], c.cpu_percent)
+            if c.rss_bytes is not None:
+                rss.add_metric([name], float(c.rss_bytes))
+        yield from (state, state_health, restarts, healthy, cpu, rss)
