@@ -1,526 +1,775 @@
-"""The Go keystonectl command set over the agent API, plus local artifact tools.
+"""The Go keystonectl command set over the agent API, plus the local signing tools.
 
-Every command takes ``--addr`` (``KEYSTONE_ADDR``), ``--token`` (``KEYSTONE_API_TOKEN``, else the
-agent's ``runtime/api.token``), ``--ssh`` (``KEYSTONE_SSH``) and ``--json``.
+``register(app)`` adds: ``status``, ``components``, ``stop``, ``restart``, ``restart-dry``,
+``stop-plan``, ``graph``, ``apply``, ``apply-dry``, ``reconcile``, ``recipes``,
+``upload-recipe``, ``delete-recipe``, ``health``, ``version``, ``sha256``, ``sign``, ``verify``.
+
+Every command that talks to the agent takes ``--addr`` (``KEYSTONE_ADDR``, default
+``http://127.0.0.1:8080``), ``--token`` (``KEYSTONE_API_TOKEN``, else the agent's
+``api.token``), ``--ssh [user@]host[:port]`` (``KEYSTONE_SSH``), ``--runtime`` (where to find
+the token file) and ``--json``. Exit codes (DESIGN section 8): 0 success, 1 agent or network
+failure, 2 misuse, 3 refused by verification or validation, 4 deployment failed and rolled
+back. What each command prints lives in ``keystone.ctl_views``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from keystone.cli import emit
-from keystone.cli_sync import (
-    DEFAULT_ADDR,
-    AddrOpt,
-    JsonOpt,
-    SshOpt,
-    TokenOpt,
-    _call,
-    _short,
-    _table,
-    _when,
-)
+from keystone import ctl_views as views
+from keystone.client import Client, component_path
+from keystone.errors import AgentUnreachable, KeystoneError, UsageError, ValidationError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+AddrOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--addr",
+        envvar="KEYSTONE_ADDR",
+        help="agent API URL [default: http://127.0.0.1:8080]; with --ssh, as seen from that host",
+        show_default=False,
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="KEYSTONE_API_TOKEN",
+        help="API token [default: the agent's runtime/api.token]",
+        show_default=False,
+    ),
+]
+SshOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ssh",
+        envvar="KEYSTONE_SSH",
+        help="reach the agent through `ssh -W`: [user@]host[:port]",
+        show_default=False,
+    ),
+]
+RuntimeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--runtime",
+        envvar="KEYSTONE_RUNTIME",
+        help="the agent's runtime dir, where its api.token is [default: ./runtime, "
+        "/var/lib/keystone]",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON output")]
+DryOpt = Annotated[
+    bool, typer.Option("--dry", "--dry-run", help="report what would happen; change nothing")
+]
 
 
-def _components_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "no components"
-    table = [
-        [
-            c["name"],
-            c["state"],
-            c.get("version") or "",
-            str(c.get("pid") or "-"),
-            str(c.get("restarts", 0)),
-            (c.get("error") or c.get("last_health") or "")[:70],
-        ]
-        for c in rows
-    ]
-    return _table(table, ["COMPONENT", "STATE", "VERSION", "PID", "RESTARTS", "HEALTH / ERROR"])
+def _client(addr: str | None, token: str | None, ssh: str | None, runtime: Path | None) -> Client:
+    return Client(addr, token, ssh, runtime=runtime)
 
 
+def _errors(fn: F) -> F:
+    """Print a KeystoneError as ``error: ...`` (and as JSON with --json) and exit with its
+    exit code, whether or not the app's entry point would."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeystoneError as exc:
+            raise typer.Exit(views.report_error(exc, bool(kwargs.get("as_json")))) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _read_local(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
+# --- status and components ------------------------------------------------------------------
+
+
+@_errors
 def status_cmd(
     revision: Annotated[
         bool,
-        typer.Option("--revision", help="applied and last known-good revision, source, signer"),
+        typer.Option(
+            "--revision",
+            help="applied and last known-good revision, source, signer, when, last sync",
+        ),
     ] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Agent health and components; with --revision the GitOps state."""
-    if revision:
-        data = _call(addr, token, ssh, "GET", "/v1/revision")
+    """Agent health, plan state and components (GET /healthz, /v1/plan/status)."""
+    with _client(addr, token, ssh, runtime) as client:
+        data, human = views.run_status(client, revision)
+    views.emit(data, as_json, human)
 
-        def human(d: dict[str, Any]) -> str:
-            last = d.get("last_sync") or {}
-            lines = [
-                f"applied:          {d.get('applied') or '-'}",
-                f"last known-good:  {d.get('last_known_good') or '-'}{'  (soaking)' if d.get('soaking') else ''}",
-                f"source:           {d.get('source') or '-'} {d.get('ref') or ''}".rstrip(),
-                f"signer:           {d.get('signer') or '-'} {d.get('fingerprint') or ''}".rstrip(),
-                f"applied at:       {_when(d.get('applied_at'))}",
-                f"last sync:        {last.get('result', '-')} {_short(last.get('revision'))} at {_when(last.get('time'))}",
-            ]
-            if last.get("error"):
-                lines.append(f"  reason:         {last['error']}")
-            if d.get("suspended"):
-                lines.append("polling:          SUSPENDED (keystone resume)")
-            for rev, info in (d.get("failed") or {}).items():
-                lines.append(
-                    f"failed:           {_short(rev)} {info.get('kind', '')}: {info.get('reason', '')}"[
-                        :160
-                    ]
-                )
-            return "\n".join(lines)
 
-        emit(data, as_json, human)
-        return
-    health = _call(addr, token, ssh, "GET", "/healthz")
-    comps = _call(addr, token, ssh, "GET", "/v1/components")
-    data = {"health": health, "components": comps}
-    emit(
-        data,
-        as_json,
-        lambda d: (
-            f"agent {d['health']['status']}, up {d['health']['uptime']:.0f}s, "
-            f"revision {_short(d['health'].get('revision'))}, device {d['health'].get('device')}\n\n"
-            + _components_table(d["components"])
-        ),
+@_errors
+def components_cmd(
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Components with state, version, pid, restarts and health (GET /v1/components)."""
+    with _client(addr, token, ssh, runtime) as client:
+        data, human = views.run_components(client)
+    views.emit(data, as_json, human)
+
+
+@_errors
+def health_cmd(
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Whether the agent is alive, for how long, and its revision (GET /healthz, no token)."""
+    with _client(addr, token, ssh, runtime) as client:
+        data, human = views.run_health(client)
+    views.emit(data, as_json, human)
+
+
+@_errors
+def stop_cmd(
+    component: Annotated[str, typer.Argument(help="component name as in the plan")],
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop one component; its dependents keep running (POST /v1/components/{name}:stop)."""
+    with _client(addr, token, ssh, runtime) as client:
+        client.post(component_path(component, "stop"))
+    views.emit({"component": component, "stopped": True}, as_json, lambda d: f"stopped {component}")
+
+
+def _restart(
+    component: str,
+    dry: bool,
+    wait: str | None,
+    timeout: str | None,
+    addr: str | None,
+    token: str | None,
+    ssh: str | None,
+    runtime: Path | None,
+    as_json: bool,
+) -> None:
+    params: dict[str, str] = {}
+    if dry:
+        params["dry"] = "true"
+    if wait:
+        if wait not in ("pid", "health"):
+            raise typer.BadParameter("expected pid or health", param_hint="--wait")
+        params["wait"] = wait
+    wait_s = 60.0
+    if timeout:
+        from keystone.units import parse_duration
+
+        try:
+            wait_s = parse_duration(timeout)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--timeout") from None
+        params["timeout"] = timeout
+    with _client(addr, token, ssh, runtime) as client:
+        data = client.post(component_path(component, "restart"), params=params, timeout=wait_s + 30)
+    views.emit(data, as_json, views.restart_text)
+
+
+@_errors
+def restart_cmd(
+    component: Annotated[str, typer.Argument(help="component name as in the plan")],
+    dry: DryOpt = False,
+    wait: Annotated[
+        str | None,
+        typer.Option("--wait", help="pid (default): a new pid exists; health: it probes healthy"),
+    ] = None,
+    timeout: Annotated[
+        str | None, typer.Option("--timeout", help="how long to wait, e.g. 120s [default: 60s]")
+    ] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restart a component and its hard and soft dependents
+    (POST /v1/components/{name}:restart)."""
+    _restart(component, dry, wait, timeout, addr, token, ssh, runtime, as_json)
+
+
+@_errors
+def restart_dry_cmd(
+    component: Annotated[str, typer.Argument(help="component name as in the plan")],
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a restart would stop and start, changing nothing (restart --dry)."""
+    _restart(component, True, None, None, addr, token, ssh, runtime, as_json)
+
+
+# --- plan -----------------------------------------------------------------------------------
+
+
+@_errors
+def stop_plan_cmd(
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop every component in reverse order; the plan stays stopped across agent restarts
+    (POST /v1/plan/stop)."""
+    with _client(addr, token, ssh, runtime) as client:
+        client.post("/v1/plan/stop")
+    views.emit({"stopped": True}, as_json, lambda d: "plan stopped")
+
+
+@_errors
+def graph_cmd(
+    fmt: Annotated[str, typer.Option("--format", help="text (start layers) or dot")] = "text",
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The dependency graph of the applied plan: start layers, or Graphviz dot
+    (GET /v1/plan/graph)."""
+    if fmt not in ("text", "dot"):
+        raise typer.BadParameter("expected text or dot", param_hint="--format")
+    with _client(addr, token, ssh, runtime) as client:
+        data = client.get("/v1/plan/graph")
+    views.emit(data, as_json, views.graph_dot if fmt == "dot" else views.graph_text)
+
+
+@_errors
+def reconcile_cmd(
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+    ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start again what the applied plan says should run and does not
+    (POST /v1/plan/reconcile)."""
+    with _client(addr, token, ssh, runtime) as client:
+        data = client.post("/v1/plan/reconcile")
+    views.emit(
+        data, as_json, lambda d: f"repaired: {', '.join(d.get('repaired') or []) or 'nothing'}"
     )
 
 
-def components_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
+class _RecordingEnv(Mapping[str, str]):
+    """The local environment for checking recipes; remembers the ``${VAR}`` it lacks (the agent
+    substitutes recipes with its own environment, which may well set them)."""
+
+    def __init__(self, base: Mapping[str, str]) -> None:
+        self.base = dict(base)
+        self.base.setdefault("KEYSTONE_PYTHON", sys.executable)
+        self.missing: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        return self.base[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self.base:
+            self.missing.add(key)
+        return self.base.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def recipe_ref(text: str, file: str) -> tuple[str, str]:
+    """``(name, version)`` of a local recipe, validated here as far as this machine can.
+
+    A recipe that names a ``${VAR}`` unset here is checked by the agent instead; its name and
+    version are still read (and must be safe path segments).
+    """
+    import tomllib
+
+    from keystone.recipe import check_segment, parse_recipe
+
+    env = _RecordingEnv(os.environ)
+    try:
+        recipe = parse_recipe(text, file=file, environ=env)
+        return recipe.name, recipe.version
+    except ValidationError:
+        if not env.missing:
+            raise
+    try:
+        meta = tomllib.loads(text).get("metadata")
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(str(exc), file=file) from None
+    out = []
+    for key in ("name", "version"):
+        value = meta.get(key) if isinstance(meta, dict) else None
+        why = check_segment(value) if isinstance(value, str) else "required, a string"
+        if why:
+            raise ValidationError(why, file=file, field=f"metadata.{key}")
+        out.append(str(value))
+    return out[0], out[1]
+
+
+def prepare_plan(plan: Path) -> tuple[str, list[tuple[str, str, str, str]], list[str]]:
+    """Read a local plan and the recipe files it names, for upload.
+
+    Returns the plan text with every file reference rewritten to ``name:version`` (comments,
+    order, line numbers and unknown fields kept), the recipes to upload as
+    ``(name, version, text, file)``, and the plan's own unknown fields.
+
+    Raises:
+        ValidationError: the plan or a recipe does not parse or validate (file, line, field).
+    """
+    import tomlkit
+
+    from keystone.plan import STORE_REF, FileRecipes, parse_plan
+
+    text = _read_local(plan, "plan").decode("utf-8", errors="replace")
+    parsed = parse_plan(text, file=str(plan))
+    doc = tomlkit.parse(text)
+    tables = doc.get("components") or []
+    reader = FileRecipes(Path.cwd(), None)
+    recipes: list[tuple[str, str, str, str]] = []
+    for table, entry in zip(tables, parsed.entries, strict=True):
+        if not entry.enabled or (STORE_REF.match(entry.recipe) and "/" not in entry.recipe):
+            continue  # removed by enabled = false, or already a reference to the agent's store
+        recipe_text, display = reader(entry)
+        name, version = recipe_ref(recipe_text, display)
+        table["recipe"] = f"{name}:{version}"
+        recipes.append((name, version, recipe_text, display))
+    return tomlkit.dumps(doc), recipes, list(parsed.unknown_fields)
+
+
+def _upload_recipes(client: Client, recipes: list[tuple[str, str, str, str]]) -> list[str]:
+    """Store the recipes the agent does not hold with the same bytes; return what was sent."""
+    from keystone.client import ApiError, error_for
+
+    stored = {(r.get("name"), r.get("version")): r.get("sha256") for r in client.get("/v1/recipes")}
+    sent = []
+    for name, version, text, file in recipes:
+        data = text.encode()
+        if stored.get((name, version)) == hashlib.sha256(data).hexdigest():
+            continue
+        try:
+            client.post(
+                "/v1/recipes", params={"force": "true"}, body=data, content_type="application/toml"
+            )
+        except ApiError as exc:
+            # The agent names the upload, not the file: say which local file it was.
+            raise error_for(exc.status, f"{file}: {exc}", exc.api_kind) from None
+        sent.append(f"{name}:{version}")
+    return sent
+
+
+def _history_marks(client: Client) -> set[str]:
+    return {json_key(e) for e in client.get("/v1/history", params={"limit": "20"})}
+
+
+def json_key(entry: Any) -> str:
+    import json
+
+    return json.dumps(entry, sort_keys=True, default=str)
+
+
+def _wait_applied(client: Client, before: set[str], deadline: float) -> dict[str, Any]:
+    """Poll the history until the agent records the outcome of this apply; return it."""
+    delay = 0.1
+    while True:
+        for entry in client.get("/v1/history", params={"limit": "20"}):
+            if entry.get("kind") == "apply" and json_key(entry) not in before:
+                return dict(entry)
+        if time.monotonic() > deadline:
+            raise AgentUnreachable(
+                "the plan was accepted but its deployment had not finished when --timeout "
+                "passed; follow it with `keystone status`"
+            )
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+@_errors
+def apply_cmd(
+    plan: Annotated[
+        Path,
+        typer.Argument(help="plan TOML file", exists=True, dir_okay=False, readable=True),
+    ],
+    dry: DryOpt = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait", help="wait for the deployment to finish (exit 4 if rolled back)"
+        ),
+    ] = True,
+    timeout: Annotated[
+        str, typer.Option("--timeout", help="how long to wait for the deployment")
+    ] = "15m",
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List components with state, version, pid, restarts and health."""
-    emit(_call(addr, token, ssh, "GET", "/v1/components"), as_json, _components_table)
+    """Apply a local plan: upload the recipe files it names to the agent's store, then apply
+    the plan with name:version references (POST /v1/recipes, /v1/plan/apply).
 
+    With --dry and no agent answering, the plan is validated and planned offline against the
+    plan the local agent last applied.
+    """
+    from keystone.units import parse_duration
 
-def stop_cmd(
-    component: str,
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Stop one component (it stays stopped until restarted or the plan is applied again)."""
-    _call(addr, token, ssh, "POST", f"/v1/components/{component}:stop")
-    emit({"component": component, "stopped": True}, as_json, lambda d: f"stopped {component}")
-
-
-def restart_cmd(
-    component: str,
-    dry: Annotated[
-        bool, typer.Option("--dry", "--dry-run", help="print stop and start order only")
-    ] = False,
-    wait: Annotated[str | None, typer.Option("--wait", help="pid or health")] = None,
-    timeout: Annotated[str, typer.Option("--timeout", help="e.g. 60s")] = "60s",
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Restart a component and its hard/soft dependents."""
-    params = {"dry": str(dry).lower(), "timeout": timeout}
-    if wait:
-        params["wait"] = wait
-    data = _call(addr, token, ssh, "POST", f"/v1/components/{component}:restart", params=params)
-    if dry:
-        emit(
-            data,
-            as_json,
-            lambda d: (
-                f"stop:  {' -> '.join(d['stopOrder'])}\nstart: {' -> '.join(d['startOrder'])}"
-            ),
+    try:
+        wait_s = parse_duration(timeout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--timeout") from None
+    with _client(addr, token, ssh, runtime) as client:
+        if dry:
+            try:
+                client.get("/healthz", timeout=10)
+            except AgentUnreachable:
+                _apply_offline(plan, as_json)
+                return
+        text, recipes, _unknown = prepare_plan(plan)
+        uploaded = _upload_recipes(client, recipes)
+        before = _history_marks(client) if wait and not dry else set()
+        data = client.post(
+            "/v1/plan/apply",
+            params={"dry": "true"} if dry else None,
+            body=text.encode(),
+            content_type="application/toml",
         )
-    else:
-        emit(
-            data,
-            as_json,
-            lambda d: (
-                f"restarted {d['component']} (pid {d.get('pid')}); dependents: {', '.join(d['dependents']) or '-'}"
-            ),
-        )
+        data = dict(data or {})
+        data["uploaded"] = uploaded
+        code = 0
+        if wait and not dry:
+            outcome = _wait_applied(client, before, time.monotonic() + wait_s)
+            data["result"] = outcome.get("result")
+            data["error"] = outcome.get("error") or outcome.get("reason")
+            code = {"ok": 0, "rolled-back": 4, "refused": 3}.get(str(outcome.get("result")), 1)
+    views.emit(data, as_json, views.actions_text)
+    if code:
+        raise typer.Exit(code)
 
 
-def restart_dry_cmd(
-    component: str,
-    addr: AddrOpt = DEFAULT_ADDR,
+def _apply_offline(plan: Path, as_json: bool) -> None:
+    from keystone.offline import dry_run
+
+    data = dry_run(plan)
+    data["offline"] = True
+    views.emit(
+        data,
+        as_json,
+        lambda d: (
+            "no agent answered: planned offline against the last applied local plan\n"
+            + views.actions_text(d)
+        ),
+    )
+    if data.get("unknown_fields"):
+        raise typer.Exit(ValidationError.exit_code)
+
+
+@_errors
+def apply_dry_cmd(
+    plan: Annotated[
+        Path,
+        typer.Argument(help="plan TOML file", exists=True, dir_okay=False, readable=True),
+    ],
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print what a restart of COMPONENT would stop and start."""
-    restart_cmd(
-        component,
+    """Validate a plan and print the layers and actions, changing nothing (apply --dry)."""
+    apply_cmd(
+        plan,
         dry=True,
-        wait=None,
-        timeout="60s",
+        wait=False,
+        timeout="15m",
         addr=addr,
         token=token,
         ssh=ssh,
+        runtime=runtime,
         as_json=as_json,
     )
 
 
-def stop_plan_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Stop every component; the plan stays stopped across agent restarts."""
-    _call(addr, token, ssh, "POST", "/v1/plan/stop")
-    emit({"stopped": True}, as_json, lambda d: "plan stopped")
+# --- recipes --------------------------------------------------------------------------------
 
 
-def graph_cmd(
-    fmt: Annotated[str, typer.Option("--format", help="text or dot")] = "text",
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """The dependency graph: start layers as text, or Graphviz dot."""
-    data = _call(addr, token, ssh, "GET", "/v1/plan/graph")
-    if fmt == "dot" and not as_json:
-        lines = ["digraph keystone {", "  rankdir=LR;"]
-        lines += [f'  "{n}";' for n in data["nodes"]]
-        style = {"hard": "solid", "soft": "dashed", "ordering": "dotted"}
-        lines += [
-            f'  "{e["from"]}" -> "{e["to"]}" [style={style.get(e["type"], "solid")}, label="{e["type"]}"];'
-            for e in data["edges"]
-        ]
-        typer.echo("\n".join([*lines, "}"]))
-        return
-    if fmt not in ("text", "dot"):
-        raise typer.BadParameter("expected text or dot", param_hint="--format")
-    emit(
-        data,
-        as_json,
-        lambda d: (
-            "\n".join(f"layer {i}: {', '.join(layer)}" for i, layer in enumerate(d["order"]))
-            or "empty plan"
-        ),
-    )
-
-
-def _upload_plan(plan: Path, addr: str, token: str | None, ssh: str | None) -> str:
-    """Upload the recipes a local plan names; return the plan rewritten to name:version refs."""
-    from keystone.agent import substitution_env
-    from keystone.plan import load_desired
-
-    desired = load_desired(plan, environ=substitution_env())
-    lines = []
-    for comp in desired.components.values():
-        _call(
-            addr,
-            token,
-            ssh,
-            "POST",
-            "/v1/recipes",
-            params={"force": "true"},
-            body=comp.recipe.text.encode(),
-            content_type="application/toml",
-        )
-        lines.append(
-            f'[[components]]\nname = "{comp.name}"\nrecipe = "{comp.recipe.name}:{comp.recipe.version}"\n'
-        )
-    return "\n".join(lines)
-
-
-def _actions_human(d: dict[str, Any]) -> str:
-    out = [f"layers: {' | '.join(', '.join(layer) for layer in d.get('layers', []))}"]
-    rows = [
-        [a["action"], a["component"], a["version"], str(a["layer"]), a["reason"]]
-        for a in d.get("actions", [])
-    ]
-    out.append(
-        _table(rows, ["ACTION", "COMPONENT", "VERSION", "LAYER", "WHY"]) if rows else "no changes"
-    )
-    out += [
-        f"warning: {w}"
-        for w in d.get("warnings", []) + d.get("unknown_fields", d.get("unknownFields", []))
-    ]
-    return "\n".join(out)
-
-
-def apply_cmd(
-    plan: Annotated[Path, typer.Argument(help="plan TOML file")],
-    dry: Annotated[
-        bool, typer.Option("--dry", "--dry-run", help="validate and print layers and actions only")
-    ] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Apply a plan: its recipes are uploaded to the agent's store, then the plan is applied.
-
-    With --dry and no agent answering, the plan is validated and planned offline.
-    """
-    from keystone.errors import AgentUnreachable
-
-    if dry:
-        try:
-            _call(addr, token, ssh, "GET", "/healthz", timeout=5)
-        except AgentUnreachable:
-            from keystone.offline import dry_run
-
-            data = dry_run(plan)
-            data["offline"] = True
-            emit(
-                data,
-                as_json,
-                lambda d: (
-                    "(no agent answered: planned offline against the last applied plan)\n"
-                    + _actions_human(d)
-                ),
-            )
-            if data["unknown_fields"]:
-                raise typer.Exit(3) from None
-            return
-    text = _upload_plan(plan, addr, token, ssh)
-    data = _call(
-        addr,
-        token,
-        ssh,
-        "POST",
-        "/v1/plan/apply",
-        params={"dry": str(dry).lower()},
-        body=text.encode(),
-        content_type="application/toml",
-    )
-    emit(data, as_json, _actions_human)
-
-
-def apply_dry_cmd(
-    plan: Path,
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Same as apply --dry."""
-    apply_cmd(plan, dry=True, addr=addr, token=token, ssh=ssh, as_json=as_json)
-
-
-def reconcile_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Start again what the applied plan says should run and does not."""
-    emit(
-        _call(addr, token, ssh, "POST", "/v1/plan/reconcile"),
-        as_json,
-        lambda d: f"repaired: {', '.join(d['repaired']) or 'nothing'}",
-    )
-
-
+@_errors
 def recipes_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the recipe store."""
-    emit(
-        _call(addr, token, ssh, "GET", "/v1/recipes"),
-        as_json,
-        lambda rows: (
-            _table(
-                [[r["name"], r["version"], r["sha256"][:16]] for r in rows],
-                ["NAME", "VERSION", "SHA256"],
-            )
-            if rows
-            else "no recipes"
-        ),
-    )
+    """The agent's recipe store (GET /v1/recipes)."""
+    with _client(addr, token, ssh, runtime) as client:
+        data = client.get("/v1/recipes")
+    views.emit(data, as_json, views.recipes_text)
 
 
+@_errors
 def upload_recipe_cmd(
-    recipe: Path,
+    recipe: Annotated[
+        Path,
+        typer.Argument(help="recipe TOML file", exists=True, dir_okay=False, readable=True),
+    ],
     force: Annotated[
         bool, typer.Option("--force", help="replace a stored recipe of the same name and version")
     ] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Upload a recipe to the agent's store."""
-    data = _call(
-        addr,
-        token,
-        ssh,
-        "POST",
-        "/v1/recipes",
-        params={"force": str(force).lower()},
-        body=recipe.read_bytes(),
-        content_type="application/toml",
-    )
-    emit(data, as_json, lambda d: f"stored {d['name']}:{d['version']}")
-
-
-def delete_recipe_cmd(
-    name: str,
-    version: str,
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Delete a recipe from the store."""
-    _call(addr, token, ssh, "DELETE", f"/v1/recipes/{name}/{version}")
-    emit({"deleted": f"{name}:{version}"}, as_json, lambda d: f"deleted {d['deleted']}")
-
-
-def health_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
-    token: TokenOpt = None,
-    ssh: SshOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """The agent's /healthz."""
-    data = _call(addr, token, ssh, "GET", "/healthz", timeout=10)
-    emit(
+    """Store a recipe so plans can name it as name:version (POST /v1/recipes)."""
+    with _client(addr, token, ssh, runtime) as client:
+        data = client.post(
+            "/v1/recipes",
+            params={"force": "true"} if force else None,
+            body=_read_local(recipe, "recipe"),
+            content_type="application/toml",
+        )
+    views.emit(
         data,
         as_json,
         lambda d: (
-            f"{d['status']} (up {d['uptime']:.0f}s, version {d.get('version')}, revision {_short(d.get('revision'))})"
+            f"stored {d.get('name')}:{d.get('version')}"
+            + (" (replaced)" if d.get("replaced") else "")
         ),
     )
 
 
-def version_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
+@_errors
+def delete_recipe_cmd(
+    name: Annotated[str, typer.Argument(help="recipe metadata.name")],
+    version: Annotated[str, typer.Argument(help="recipe metadata.version")],
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the CLI version and, when one answers, the agent's."""
-    import sys
+    """Remove a recipe from the store (DELETE /v1/recipes/{name}/{version})."""
+    from urllib.parse import quote
+
+    with _client(addr, token, ssh, runtime) as client:
+        client.request("DELETE", f"/v1/recipes/{quote(name, safe='')}/{quote(version, safe='')}")
+    views.emit({"deleted": f"{name}:{version}"}, as_json, lambda d: f"deleted {d['deleted']}")
+
+
+# --- local tools ----------------------------------------------------------------------------
+
+
+@_errors
+def version_cmd(as_json: JsonOpt = False) -> None:
+    """This CLI's version (no request is made, as in the Go keystonectl)."""
+    import platform
 
     from keystone import __version__
-    from keystone.errors import AgentUnreachable
 
-    data: dict[str, Any] = {"cli": __version__, "python": sys.version.split()[0]}
-    try:
-        data["agent"] = _call(addr, token, ssh, "GET", "/healthz", timeout=3).get("version")
-    except AgentUnreachable:
-        data["agent"] = None
-    emit(data, as_json, lambda d: f"keystone {d['cli']} (agent: {d['agent'] or 'not reachable'})")
+    views.emit(
+        {"version": __version__, "python": platform.python_version()},
+        as_json,
+        lambda d: f"keystone {d['version']} (python {d['python']})",
+    )
 
 
-def sha256_cmd(path: Path, as_json: JsonOpt = False) -> None:
-    """Print the SHA-256 of a file (for recipe pins)."""
+@_errors
+def sha256_cmd(
+    path: Annotated[Path, typer.Argument(help="file", exists=True, dir_okay=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """The SHA-256 of a local file, as a recipe's artifact sha256 wants it."""
     from keystone.runtime.signing import sha256_file
 
-    digest = sha256_file(path)
-    emit({"path": str(path), "sha256": digest}, as_json, lambda d: f"{d['sha256']}  {d['path']}")
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror or exc}") from None
+    views.emit({"path": str(path), "sha256": digest}, as_json, lambda d: d["sha256"])
 
 
+@_errors
 def sign_cmd(
-    path: Path,
-    key: Annotated[Path, typer.Option("--key", help="PEM private key (ECDSA, RSA or Ed25519)")],
+    path: Annotated[Path, typer.Argument(help="file to sign", exists=True, dir_okay=False)],
+    key: Annotated[
+        Path,
+        typer.Option("--key", help="PEM private key (ECDSA, RSA or Ed25519)", exists=True),
+    ],
+    cert: Annotated[
+        Path | None,
+        typer.Option("--cert", help="the key's certificate: check the signature before writing"),
+    ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="signature file (default PATH.sig)")
+        Path | None, typer.Option("--out", "-o", help="signature file [default: FILE.sig]")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sign a file's SHA-256 as `openssl dgst -sha256 -sign` does (Ed25519 over the digest)."""
-    from keystone.runtime.signing import sign_file
+    """Write a detached signature over the file's SHA-256 (what the agent verifies)."""
+    from keystone.runtime.signing import (
+        load_certificates,
+        sha256_file,
+        sign_file,
+        verify_digest,
+    )
 
-    sig = sign_file(path, key)
+    signature = sign_file(path, key)
+    if cert is not None:
+        chain = load_certificates(_read_local(cert, "certificate"), what=str(cert))
+        verify_digest(bytes.fromhex(sha256_file(path)), signature, chain[0])
     dest = out or path.with_name(path.name + ".sig")
-    dest.write_bytes(sig)
-    emit({"path": str(path), "signature": str(dest)}, as_json, lambda d: f"wrote {d['signature']}")
+    try:
+        dest.write_bytes(signature)
+    except OSError as exc:
+        raise UsageError(f"{dest}: cannot write the signature: {exc.strerror or exc}") from None
+    views.emit(
+        {"path": str(path), "signature": str(dest), "bytes": len(signature)},
+        as_json,
+        lambda d: f"signed {d['path']} -> {d['signature']} ({d['bytes']} bytes)",
+    )
 
 
+@_errors
 def verify_cmd(
-    path: Annotated[Path | None, typer.Argument(help="file to verify (omit with --rev)")] = None,
-    sig: Annotated[Path | None, typer.Option("--sig", help="detached signature")] = None,
+    path: Annotated[
+        Path | None, typer.Argument(help="file to verify (omit with --rev)", dir_okay=False)
+    ] = None,
+    sig: Annotated[
+        Path | None, typer.Option("--sig", help="detached signature [default: FILE.sig]")
+    ] = None,
     cert: Annotated[
-        Path | None, typer.Option("--cert", envvar="KEYSTONE_LEAF_CERT", help="signer certificate")
+        Path | None,
+        typer.Option(
+            "--cert",
+            help="signer certificate [default: FILE.crt, else KEYSTONE_LEAF_CERT]",
+            show_default=False,
+        ),
     ] = None,
     trust_bundle: Annotated[
-        Path | None, typer.Option("--trust-bundle", envvar="KEYSTONE_TRUST_BUNDLE")
+        Path | None,
+        typer.Option(
+            "--trust-bundle", envvar="KEYSTONE_TRUST_BUNDLE", help="CA bundle to chain to"
+        ),
     ] = None,
     rev: Annotated[
-        str | None, typer.Option("--rev", help="verify this commit of a fleet repository instead")
+        str | None,
+        typer.Option("--rev", help="verify this commit of a fleet repository instead of a file"),
     ] = None,
     repo: Annotated[Path, typer.Option("--repo", help="fleet repository (with --rev)")] = Path("."),
     allowed_signers: Annotated[
-        Path | None, typer.Option("--allowed-signers", help="git allowed-signers file (with --rev)")
+        Path | None,
+        typer.Option("--allowed-signers", help="git allowed-signers file (with --rev)"),
     ] = None,
     gpg_home: Annotated[
         Path | None, typer.Option("--gpg-home", help="gpg home for OpenPGP commits (with --rev)")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a file's detached signature, or (with --rev) a fleet commit's signature."""
+    """Verify a file's detached signature the way the agent will; or, with --rev (or no FILE),
+    a fleet commit's signature against an allowed-signers file."""
     if rev is not None or path is None:
         from keystone.offline import verify_revision
 
-        raise typer.Exit(
-            verify_revision(repo, rev or "HEAD", allowed_signers, as_json, gpg_home=gpg_home)
-        )
-    if sig is None or cert is None:
-        raise typer.BadParameter("verifying a file needs --sig and --cert (or KEYSTONE_LEAF_CERT)")
+        code = verify_revision(repo, rev or "HEAD", allowed_signers, as_json, gpg_home=gpg_home)
+        raise typer.Exit(code)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
     from keystone.runtime.signing import verify_file
 
-    try:
-        signer = verify_file(path, sig, cert, trust_bundle)
-    except Exception as exc:
-        emit(
-            {"path": str(path), "ok": False, "reason": str(exc)},
-            as_json,
-            lambda d: f"BAD: {d['reason']}",
+    sig_path = sig or path.with_name(path.name + ".sig")
+    cert_path = cert
+    if cert_path is None:
+        sibling = path.with_name(path.name + ".crt")
+        env_cert = os.environ.get("KEYSTONE_LEAF_CERT")
+        cert_path = sibling if sibling.is_file() else (Path(env_cert) if env_cert else None)
+    if cert_path is None:
+        raise UsageError(
+            f"no certificate: pass --cert, put one at {path}.crt, or set KEYSTONE_LEAF_CERT"
         )
-        raise typer.Exit(3) from None
-    emit(
-        {"path": str(path), "ok": True, "signer": signer},
+    for p, what in ((sig_path, "signature"), (cert_path, "certificate")):
+        if not p.is_file():
+            raise UsageError(f"{p}: no such {what} file")
+    if trust_bundle is not None and not trust_bundle.is_file():
+        raise UsageError(f"{trust_bundle}: no such trust bundle")
+    signer = verify_file(path, sig_path, cert_path, trust_bundle)
+    views.emit(
+        {
+            "path": str(path),
+            "ok": True,
+            "signer": signer,
+            "chain_checked": trust_bundle is not None,
+        },
         as_json,
-        lambda d: f"good signature by {d['signer']}",
+        lambda d: (
+            f"OK: {d['path']} signed by {d['signer']}"
+            + ("" if d["chain_checked"] else " (chain NOT checked: no --trust-bundle)")
+        ),
     )
 
 
+COMMANDS: tuple[tuple[str, Callable[..., Any]], ...] = (
+    ("status", status_cmd),
+    ("components", components_cmd),
+    ("stop", stop_cmd),
+    ("restart", restart_cmd),
+    ("restart-dry", restart_dry_cmd),
+    ("stop-plan", stop_plan_cmd),
+    ("graph", graph_cmd),
+    ("apply", apply_cmd),
+    ("apply-dry", apply_dry_cmd),
+    ("reconcile", reconcile_cmd),
+    ("recipes", recipes_cmd),
+    ("upload-recipe", upload_recipe_cmd),
+    ("delete-recipe", delete_recipe_cmd),
+    ("health", health_cmd),
+    ("version", version_cmd),
+    ("sha256", sha256_cmd),
+    ("sign", sign_cmd),
+    ("verify", verify_cmd),
+)
+
+
 def register(app: typer.Typer, only: str | None = None) -> bool:
-    """Add the keystonectl commands to the main app (just ``only`` when given); True if any matched."""
-    commands: list[tuple[str, Callable[..., Any]]] = [
-        ("status", status_cmd),
-        ("components", components_cmd),
-        ("stop", stop_cmd),
-        ("restart", restart_cmd),
-        ("restart-dry", restart_dry_cmd),
-        ("stop-plan", stop_plan_cmd),
-        ("graph", graph_cmd),
-        ("apply", apply_cmd),
-        ("apply-dry", apply_dry_cmd),
-        ("reconcile", reconcile_cmd),
-        ("recipes", recipes_cmd),
-        ("upload-recipe", upload_recipe_cmd),
-        ("delete-recipe", delete_recipe_cmd),
-        ("health", health_cmd),
-        ("version", version_cmd),
-        ("sha256", sha256_cmd),
-        ("sign", sign_cmd),
-        ("verify", verify_cmd),
-    ]
+    """Add the keystonectl commands to ``app`` (only the one named ``only``, when given, since
+    typer's introspection of every command costs tens of milliseconds); True if any matched."""
     found = False
-    for name, fn in commands:
-        if only in (None, name):
+    for name, fn in COMMANDS:
+        if only is None or only == name:
             app.command(name)(fn)
             found = True
     return found
