@@ -187,15 +187,33 @@ def op_verify_rev(req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "revision": tip, "error": _error(exc)}
 
 
-def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
-    from keystone.sources.bundle import extract_bundle_artifact, import_bundle
+def _max_bundle_bytes(req: dict[str, Any]) -> int:
+    """The bundle size bound: the request's, else ``KEYSTONE_MAX_BUNDLE_BYTES`` (4 GiB)."""
+    from keystone.sync.imports import max_bundle_bytes
 
+    return int(req.get("max_bytes") or max_bundle_bytes())
+
+
+def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
+    from keystone.errors import BundleError
+    from keystone.sources.bundle import import_bundle
+
+    bundle = Path(req["bundle"])
+    limit = _max_bundle_bytes(req)
+    try:
+        size = bundle.stat().st_size
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {bundle}: {exc.strerror or exc}") from exc
+    if size > limit:
+        # Staged and watched files never passed the API's upload bound: check the whole file.
+        raise BundleError(
+            f"{bundle}: bundle of {size} bytes is over the limit of {limit} bytes "
+            "(KEYSTONE_MAX_BUNDLE_BYTES); nothing was imported"
+        )
     mirror = _mirror(req)
-    info = import_bundle(
-        Path(req["bundle"]), mirror, max_bytes=int(req.get("max_bytes") or (4 << 30))
-    )
+    info = import_bundle(bundle, mirror, max_bytes=limit)
     base = {
-        "source": req.get("source_label") or f"bundle:{Path(req['bundle']).name}",
+        "source": req.get("source_label") or f"bundle:{bundle.name}",
         "bytes": info.size,
         "changed": True,
         "bundle_kind": info.kind,
@@ -204,16 +222,44 @@ def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
     tip = info.revision
     if tip == req.get("applied") and not req.get("force"):
         return {"ok": True, "up_to_date": True, "revision": tip, **base}
+    if tip in (req.get("known_bad") or {}) and not req.get("force"):
+        return {"ok": True, "known_bad": True, "revision": tip, **base}
     try:
         out = verify_and_resolve(req, mirror, tip)
-        # Only a verified revision's artifacts enter the cache, each hash-checked on the way.
-        cache = Path(req["runtime"]) / "artifacts" / "sha256"
-        for art in info.artifacts:
-            if not (cache / art.sha256).exists():
-                extract_bundle_artifact(Path(req["bundle"]), art.sha256, cache / art.sha256)
+        _cache_bundle_artifacts(req, bundle, [a.sha256 for a in info.artifacts])
     except KeystoneError as exc:
         return {"ok": False, "revision": tip, "error": _error(exc), **base}
     return {**out, **base}
+
+
+def _cache_bundle_artifacts(req: dict[str, Any], bundle: Path, shas: list[str]) -> None:
+    """Copy a verified revision's bundle artifacts into the cache, all or none.
+
+    Each is hash-checked into a staging directory beside the cache; only when every one matched
+    are they renamed into ``artifacts/sha256/`` (so a damaged artifact leaves the cache as it
+    was, not half filled).
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from keystone.sources.bundle import extract_bundle_artifact
+
+    root = Path(req["runtime"]) / "artifacts"
+    cache = root / "sha256"
+    missing = [sha for sha in shas if not (cache / sha).exists()]
+    if not missing:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".bundle-import-", dir=root))
+    try:
+        for sha in missing:
+            extract_bundle_artifact(bundle, sha, staging / sha)
+        for sha in missing:
+            os.chmod(staging / sha, 0o444)  # as the cache keeps its blobs: immutable
+            os.replace(staging / sha, cache / sha)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
