@@ -5,6 +5,7 @@ commit, and collect what a bundle must carry. No agent is needed; nothing is dep
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,26 +143,34 @@ def bundle_artifacts(
     """Every artifact the selected plans need at ``rev``, as ``(sha256, file, name)``.
 
     Repo-relative artifacts are exported from the commit; remote ones are downloaded (and
-    verified against their pinned sha256) into ``work``.
+    verified against their pinned sha256) into ``work``. Each file is named after its URI's
+    last segment (what the bundle's manifest and ``bundle inspect`` show), and each artifact is
+    exported or fetched once however many plans use it.
     """
     import hashlib
 
-    from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore
+    from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
 
     m = Checkout(repo).mirror()
     sha = m.resolve(rev)
     tree = m.file_source(sha)
     store = ArtifactStore(ArtifactPolicy.from_env(work / "cache", dict(os.environ)))
     seen: dict[str, tuple[str, Path, str]] = {}
+    done: set[str] = set()
     for device, labels in targets:
         plan, _ = resolve_at(repo, sha, device=device, labels=labels)
         for comp in plan.components.values():
             for art in comp.recipe.artifacts:
+                pinned = (art.sha256 or "").lower()
+                if art.uri in done or pinned in seen:
+                    continue
+                done.add(art.uri)
+                dest = Path(tempfile.mkdtemp(dir=work)) / artifact_name(art.uri)
                 if "://" not in art.uri:
-                    dest = Path(tempfile.mkdtemp(dir=work)) / Path(art.uri).name
                     tree.export(art.uri, dest)
-                    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
-                    if art.sha256 and art.sha256 != digest:
+                    with dest.open("rb") as f:
+                        digest = hashlib.file_digest(f, "sha256").hexdigest()
+                    if pinned and pinned != digest:
                         raise ValidationError(
                             f"artifact {art.uri} of {comp.name} hashes to {digest}, the recipe pins {art.sha256}",
                             file=comp.recipe.source,
@@ -169,14 +178,17 @@ def bundle_artifacts(
                         )
                     seen.setdefault(digest, (digest, dest, art.uri))
                 else:
-                    if not art.sha256:
+                    if not pinned:
                         raise ValidationError(
                             f"artifact {art.uri} of {comp.name} has no sha256; a bundle carries only pinned artifacts",
                             file=comp.recipe.source,
                             field="artifacts.sha256",
                         )
-                    if art.sha256 in seen:
-                        continue
                     prepared = store.prepare(art, component=comp.name)
-                    seen[art.sha256] = (art.sha256, prepared.path, art.uri)
+                    # A hard link gives the cached blob its URI's name at no cost.
+                    try:
+                        os.link(prepared.path, dest)
+                    except OSError:
+                        shutil.copyfile(prepared.path, dest)
+                    seen[pinned] = (pinned, dest, art.uri)
     return sorted(seen.values())
