@@ -261,16 +261,17 @@ class Client:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
-        base = (addr or self.environ.get("KEYSTONE_ADDR") or DEFAULT_ADDR).strip().rstrip("/")
+        base = (addr or self.environ.get("KEYSTONE_ADDR") or DEFAULT_ADDR).strip()
         if "://" not in base:
             base = "http://" + base
         url = urlsplit(base)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise UsageError(f"--addr {addr!r}: expected a URL such as http://127.0.0.1:8080")
+            raise UsageError(f"--addr {base!r}: expected a URL such as http://127.0.0.1:8080")
         try:
             self.port = url.port or (443 if url.scheme == "https" else 80)
         except ValueError:
-            raise UsageError(f"--addr {addr!r}: the port is not a number") from None
+            raise UsageError(f"--addr {base!r}: the port is not a number") from None
+        base = base.rstrip("/")
         self.base = base
         self.scheme = url.scheme
         self.host = url.hostname
@@ -278,13 +279,11 @@ class Client:
         ssh = ssh if ssh is not None else self.environ.get("KEYSTONE_SSH")
         self.ssh = parse_ssh_target(ssh) if ssh and ssh.strip() else None
         # A local token file belongs to a local agent; through ssh, only an explicit token.
-        self.token = (
-            find_token(
-                token, environ={"KEYSTONE_API_TOKEN": self.environ.get("KEYSTONE_API_TOKEN", "")}
-            )
-            if self.ssh
-            else find_token(token, runtime=runtime, environ=self.environ)
-        )
+        if self.ssh is not None:
+            explicit = (token or self.environ.get("KEYSTONE_API_TOKEN") or "").strip()
+            self.token = explicit or None
+        else:
+            self.token = find_token(token, runtime=runtime, environ=self.environ)
         self.timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
         self._tunnel: _SshTunnel | None = None
