@@ -19,6 +19,7 @@ from tests.integration.api.conftest import (
     pids,
     request,
     stop_agent,
+    write_sleep_plan,
 )
 
 pytestmark = pytest.mark.integration
@@ -398,3 +399,29 @@ class TestStoreApplyStop:
         finally:
             stop_agent(again)
         assert os.path.exists(agent.runtime / "api.token")
+
+
+class TestMetricsFollowThePlan:
+    @pytest.mark.xfail(
+        strict=True,
+        reason="Agent (agent.py) never calls Metrics.remove_component, so a component removed "
+        "from the plan keeps its series (as stopped) until the agent restarts",
+    )
+    def test_removed_component_leaves_metrics(self, make_agent: Any, tmp_path: Path) -> None:
+        """After a plan without it is applied, a component has no series in /metrics."""
+        plan = write_sleep_plan(tmp_path, 2, prefix="m")
+        agent = make_agent("--apply", str(plan)).start()
+        agent.wait_states({"m00": "healthy", "m01": "healthy"})
+        recipe = (tmp_path / "m00.recipe.toml").read_bytes()
+        assert request(agent, "POST", "/v1/recipes", recipe)[0] == 201
+        body = b'[[components]]\nname = "m00"\nrecipe = "m00:1.0.0"\n'
+        assert request(agent, "POST", "/v1/plan/apply", body)[0] == 202
+        wait_until(lambda: set(agent.components()) == {"m00"}, timeout=30, what="m01 removed")
+        _, text, _ = request(agent, "GET", "/metrics")
+        named = {
+            s.labels["name"]
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith("keystone_component_")
+        }
+        assert named == {"m00"}
