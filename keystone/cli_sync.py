@@ -145,7 +145,7 @@ def bundle_create(
     from keystone.sources.bundle import create_bundle
 
     mirror = fleet.Checkout(repo).mirror()
-    sha = mirror.resolve(rev)
+    sha = fleet.resolve_rev(mirror, rev)
     base = _labels(labels or "")
     targets: list[tuple[str, list[str]]] = [("any-device", [])]
     if all_labels:

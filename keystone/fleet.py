@@ -5,6 +5,7 @@ commit, and collect what a bundle must carry. No agent is needed; nothing is dep
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -37,8 +38,39 @@ class Checkout:
                 raise ValidationError(f"{self.path} is not a directory", field="--repo")
             return DirectoryReader(self.path), "working tree"
         m = self.mirror()
-        sha = m.resolve(rev)
+        sha = resolve_rev(m, rev)
         return m.file_source(sha), sha
+
+
+_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
+
+
+def resolve_rev(mirror: Any, rev: str) -> str:
+    """Resolve a ref or commit with git's ``~N`` / ``^N`` suffixes (``HEAD~1``, ``main^2``)."""
+    steps: list[str] = []
+    base = rev
+    while (m := _SUFFIX.search(base)) and m.start() > 0:
+        steps.append(m.group(1))
+        base = base[: m.start()]
+    sha: str = mirror.resolve(base)
+    for step in reversed(steps):
+        count = int(step[1:] or 1)
+        if step[0] == "~":
+            for _ in range(count):
+                parents = mirror.parents(sha)
+                if not parents:
+                    raise ValidationError(f"{rev}: {sha[:12]} has no parent", field="revision")
+                sha = parents[0]
+        else:
+            parents = mirror.parents(sha)
+            if count == 0:
+                continue
+            if len(parents) < count:
+                raise ValidationError(
+                    f"{rev}: {sha[:12]} has no parent number {count}", field="revision"
+                )
+            sha = parents[count - 1]
+    return sha
 
 
 def environ() -> dict[str, str]:
@@ -103,7 +135,7 @@ def verify(
     from keystone.trust import CommitVerifier, TrustPolicy
 
     m = Checkout(repo).mirror()
-    sha = m.resolve(rev)
+    sha = resolve_rev(m, rev)
     verdict = CommitVerifier(TrustPolicy(allowed_signers, gpg_home, revoked_keys)).verify(
         m.raw_commit(sha), revision=sha
     )
@@ -152,7 +184,7 @@ def bundle_artifacts(
     from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
 
     m = Checkout(repo).mirror()
-    sha = m.resolve(rev)
+    sha = resolve_rev(m, rev)
     tree = m.file_source(sha)
     store = ArtifactStore(ArtifactPolicy.from_env(work / "cache", dict(os.environ)))
     seen: dict[str, tuple[str, Path, str]] = {}
