@@ -275,7 +275,7 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
     src = req["source"]
     url = src["url"]
     runtime = Path(req["runtime"])
-    limit = int(req.get("max_bytes") or (4 << 30))
+    limit = _max_bundle_bytes(req)
     state_path = runtime / "state" / "http-source.json"
     state = read_json(state_path, {}) or {}
     if state.get("url") != url:
@@ -283,7 +283,8 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
     work = runtime / "bundles" / "http"
     work.mkdir(parents=True, exist_ok=True)
     partial = work / "download.partial"
-    headers: dict[str, str] = {}
+    # Offsets in Range and the size bound count the bundle's own bytes: no content coding.
+    headers: dict[str, str] = {"Accept-Encoding": "identity"}
     have = partial.stat().st_size if partial.exists() and state.get("partial_etag") else 0
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -304,6 +305,16 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
             stats["status"] = resp.status_code
             if resp.status_code == 304:
                 return None, stats
+            if resp.status_code == 416 and have:
+                # The partial file is no prefix of the bundle (it is complete, or the bundle
+                # shrank without a new ETag): start again from byte 0 on the next poll.
+                partial.unlink(missing_ok=True)
+                state.pop("partial_etag", None)
+                write_json(state_path, state)
+                raise SourceUnreachable(
+                    f"bundle URL {url} refused to resume at byte {have} (HTTP 416); the "
+                    "download restarts from the beginning on the next poll"
+                )
             if resp.status_code not in (200, 206):
                 raise SourceUnreachable(f"bundle URL {url} answered HTTP {resp.status_code}")
             append = resp.status_code == 206 and have > 0
@@ -317,7 +328,9 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
             state.update({"partial_etag": etag} if etag else {})
             write_json(state_path, state)
             with partial.open("ab" if append else "wb") as out:
-                for chunk in resp.iter_bytes(1 << 20):
+                # Chunks as they arrive (no re-chunking buffer): every byte received before a
+                # connection breaks is on disk, so the next poll resumes exactly there.
+                for chunk in resp.iter_bytes():
                     total += len(chunk)
                     stats["bytes"] += len(chunk)
                     if total > limit:
@@ -342,30 +355,50 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
     done = work / "current.bundle"
     partial.replace(done)
     state.pop("partial_etag", None)
+    state.pop("bundle_revision", None)
     state.update({"etag": etag, "last_modified": last_modified, "fetched_at": time.time()})
     write_json(state_path, state)
     return done, stats
 
 
 def op_http_fetch(req: dict[str, Any]) -> dict[str, Any]:
-    """Poll an HTTP bundle source; an unchanged bundle costs one conditional request."""
+    """Poll an HTTP bundle source; an unchanged bundle costs one conditional request.
+
+    After a 304 the bundle downloaded before (``bundles/http/current.bundle``) is imported
+    again only when its revision is neither applied nor known bad (an import cut short, a
+    dry run) or when the operator asks (``sync --retry`` / ``--allow-rollback``); a bundle
+    refused as a file (damaged, too large, missing prerequisites) is deleted, so the 304s
+    that follow cost nothing.
+    """
+    from keystone.state import read_json, write_json
+
+    url = req["source"]["url"]
     try:
         path, stats = http_download(req)
     except KeystoneError as exc:
-        return {"ok": False, "error": _error(exc), "source": req["source"]["url"]}
+        return {"ok": False, "error": _error(exc), "source": url}
+    wire = {"http": stats, "bytes": stats["bytes"]}
+    state_path = Path(req["runtime"]) / "state" / "http-source.json"
+    state = read_json(state_path, {}) or {}
     if path is None:
-        applied = req.get("applied")
-        return {
-            "ok": True,
-            "up_to_date": True,
-            "revision": applied,
-            "source": req["source"]["url"],
-            "http": stats,
-            "bytes": stats["bytes"],
-            "changed": False,
-        }
-    out = op_import_bundle({**req, "bundle": str(path), "source_label": req["source"]["url"]})
-    return {**out, "http": stats, "bytes": stats["bytes"]}
+        current = Path(req["runtime"]) / "bundles" / "http" / "current.bundle"
+        rev = state.get("bundle_revision")
+        unchanged = {"ok": True, "source": url, "changed": False, **wire}
+        if not current.is_file() or (rev == req.get("applied") and not req.get("force")):
+            return {**unchanged, "up_to_date": True, "revision": req.get("applied")}
+        if rev in (req.get("known_bad") or {}) and not req.get("force"):
+            return {**unchanged, "known_bad": True, "revision": rev}
+        path = current  # never verified (an import cut short), or verified but not deployed
+    try:
+        out = op_import_bundle({**req, "bundle": str(path), "source_label": url})
+    except KeystoneError as exc:
+        out = {"ok": False, "error": _error(exc), "source": url}
+    if out.get("revision"):
+        state["bundle_revision"] = out["revision"]
+        write_json(state_path, state)
+    elif not out.get("ok"):
+        path.unlink(missing_ok=True)
+    return {**out, **wire}
 
 
 def op_mark_applied(req: dict[str, Any]) -> dict[str, Any]:
