@@ -384,7 +384,8 @@ def op_http_fetch(req: dict[str, Any]) -> dict[str, Any]:
         current = Path(req["runtime"]) / "bundles" / "http" / "current.bundle"
         rev = state.get("bundle_revision")
         unchanged = {"ok": True, "source": url, "changed": False, **wire}
-        if not current.is_file() or (rev == req.get("applied") and not req.get("force")):
+        done = rev is not None and rev == req.get("applied")
+        if not current.is_file() or (done and not req.get("force")):
             return {**unchanged, "up_to_date": True, "revision": req.get("applied")}
         if rev in (req.get("known_bad") or {}) and not req.get("force"):
             return {**unchanged, "known_bad": True, "revision": rev}
