@@ -261,6 +261,24 @@ class TestRefusedRequestsChangeNothing:
         assert status == 405 and "GET" in headers["allow"]
 
 
+class TestGitOpsRoutesWithoutSource:
+    def test_datasets_sync_suspend_resume_rollback_import(self, demo_agent: AgentProc) -> None:
+        """Without a [source] the GitOps routes answer clearly and touch no component."""
+        before = pids(demo_agent)
+        assert request(demo_agent, "GET", "/v1/datasets")[:2] == (200, [])
+        assert request(demo_agent, "POST", "/v1/datasets:refresh")[0] == 200
+        for path in ("/v1/sync", "/v1/suspend", "/v1/resume"):
+            status, body, _ = request(demo_agent, "POST", path)
+            assert status == 400 and "[source]" in body["error"], (path, body)
+        status, body, _ = request(demo_agent, "POST", "/v1/rollback")
+        assert status == 200 and body["result"] == "refused"
+        assert "known-good" in body["error"]
+        status, body, _ = request(demo_agent, "POST", "/v1/bundles:import", b"not a bundle")
+        assert status in (200, 422) and body["result"] == "refused", body
+        assert request(demo_agent, "GET", "/v1/history?limit=0")[0] == 400
+        assert pids(demo_agent) == before
+
+
 class TestRestart:
     def test_dry_run_orders_and_changes_nothing(self, demo_agent: AgentProc) -> None:
         """?dry=true answers the stop and start order and restarts nothing."""
