@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.api.conftest import request, write_sleep_plan
 
@@ -77,6 +78,19 @@ class TestConcurrentClients:
                 assert after[name]["restarts"] == before[name]["restarts"]
         current = [c["pid"] for c in after.values()]
         assert len(set(current)) == COMPONENTS and all(alive(p) for p in current)
+
+        # /metrics agrees with /v1/components: state, pid-backed RSS and restart counts.
+        _, text, _ = request(agent, "GET", "/metrics")
+        restarts: dict[str, float] = {}
+        rss: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "keystone_component_restarts_total":
+                    restarts[s.labels["name"]] = s.value
+                elif s.name == "keystone_component_memory_rss_bytes":
+                    rss[s.labels["name"]] = s.value
+        assert restarts == {n: float(c["restarts"]) for n, c in after.items()}
+        assert set(rss) == set(names) and all(v > 0 for v in rss.values())
 
         # And now every client sees the same new state.
         with ThreadPoolExecutor(CLIENTS) as pool:
