@@ -125,3 +125,18 @@ class TestMutualTls:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert r.stderr.strip()
+
+
+class TestListenPolicy:
+    def test_beyond_loopback_without_token_or_mtls_refuses_to_start(self, tmp_path: Path) -> None:
+        """`keystone agent --http 0.0.0.0:0` with only a generated token exits 2 before it
+        binds or starts anything, and says what to do."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTONE_")}
+        r = subprocess.run(
+            [sys.executable, "-m", "keystone", "agent", "--demo", "--http", "0.0.0.0:0",
+             "--runtime", str(tmp_path / "rt")],
+            cwd=tmp_path, env=base, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert "loopback" in r.stderr and "KEYSTONE_API_TOKEN" in r.stderr
+        assert not (tmp_path / "rt" / "components" / "db").exists()
