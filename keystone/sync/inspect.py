@@ -30,9 +30,25 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
         "components": {},
     }
     if info.prerequisites:
+        # The tree may lean on objects only a device has, but the new commits are in the pack:
+        # the tip's signature can be judged here; its plans only on the device.
         data["error"] = (
-            "incremental bundle: signer and plans are checked on a device that has its prerequisites"
+            "incremental bundle: components per label are resolved on a device that has its "
+            "prerequisites"
         )
+        if allowed_signers is not None:
+            try:
+                raw = _tip_commit(path, info.revision)
+            except KeystoneError as exc:
+                data["error"] = str(exc)
+                return data
+            if raw is None:
+                data["error"] += (
+                    "; the tip commit is stored as a delta against a prerequisite, so its "
+                    "signature is checked there too"
+                )
+            else:
+                data["signature"] = _signature(raw, info.revision, allowed_signers)
         return data
     with tempfile.TemporaryDirectory(prefix="keystone-inspect-") as tmp:
         mirror = GitMirror(Path(tmp) / "repo")
@@ -41,16 +57,7 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
             raw = mirror.raw_commit(info.revision)
             data["commit_time"] = mirror.commit_time(info.revision)
             if allowed_signers is not None:
-                from keystone.trust import CommitVerifier, TrustPolicy
-
-                v = CommitVerifier(TrustPolicy(allowed_signers)).verify(raw, revision=info.revision)
-                data["signature"] = {
-                    "ok": v.ok,
-                    "format": v.format,
-                    "signer": v.signer,
-                    "fingerprint": v.fingerprint,
-                    "reason": v.reason,
-                }
+                data["signature"] = _signature(raw, info.revision, allowed_signers)
             tree = mirror.file_source(info.revision)
             from keystone.agent import substitution_env
             from keystone.sync.resolve import resolve
@@ -73,3 +80,79 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
         finally:
             mirror.close()
     return data
+
+
+def _signature(raw: bytes, revision: str, allowed_signers: Path) -> dict[str, Any]:
+    from keystone.trust import CommitVerifier, TrustPolicy
+
+    v = CommitVerifier(TrustPolicy(allowed_signers)).verify(raw, revision=revision)
+    return {
+        "ok": v.ok,
+        "format": v.format,
+        "signer": v.signer,
+        "fingerprint": v.fingerprint,
+        "reason": v.reason,
+    }
+
+
+_TYPE_NAMES = {1: b"commit", 4: b"tag"}
+
+
+def _tip_commit(path: Path, revision: str) -> bytes | None:
+    """The raw tip commit of a bundle, read from its own pack (no prerequisites needed).
+
+    The pack is read in order until the tip appears (git and Keystone write commits first);
+    commits and tags are kept to resolve deltas among them and to peel an annotated tag.
+
+    Returns:
+        The commit's bytes, or None when it is a delta against an object outside the pack.
+
+    Raises:
+        keystone.errors.BundleError: the pack cannot be read.
+    """
+    import hashlib
+    import zlib
+
+    from dulwich.errors import ChecksumMismatch
+    from dulwich.pack import OFS_DELTA, REF_DELTA, PackStreamReader, apply_delta
+
+    from keystone.errors import BundleError
+    from keystone.sources.bundle import _open_layout, _opened, _Section
+
+    want = bytes.fromhex(revision)
+    with _opened(path) as (f, size):
+        layout = _open_layout(f, size, str(path))
+        pack = _Section(
+            f, layout.repo.offset + layout.git.length, layout.repo.size - layout.git.length
+        )
+        seen: dict[int | bytes, tuple[int, bytes]] = {}  # by pack offset and by binary sha
+        try:
+            for obj in PackStreamReader(hashlib.sha1, pack.read).read_objects():
+                kind, body = obj.pack_type_num, b"".join(obj.decomp_chunks)
+                if kind in (OFS_DELTA, REF_DELTA):
+                    key = (
+                        obj.offset - obj.delta_base
+                        if kind == OFS_DELTA
+                        and isinstance(obj.offset, int)
+                        and isinstance(obj.delta_base, int)
+                        else obj.delta_base
+                    )
+                    base = seen.get(key) if key is not None else None
+                    if base is None:
+                        continue  # a delta against a tree, a blob or a prerequisite
+                    kind, body = base[0], b"".join(apply_delta(base[1], body))
+                if kind not in _TYPE_NAMES:
+                    continue
+                sha = hashlib.sha1(b"%s %d\0%s" % (_TYPE_NAMES[kind], len(body), body)).digest()
+                if obj.offset is not None:
+                    seen[obj.offset] = (kind, body)
+                seen[sha] = (kind, body)
+                while want in seen:
+                    found_kind, found = seen[want]
+                    if found_kind == 1:
+                        return found
+                    # An annotated tag: its first line is "object <id>"; follow it.
+                    want = bytes.fromhex(found.split(b"\n", 1)[0][7:].decode("ascii"))
+        except (zlib.error, ChecksumMismatch, ValueError, AssertionError) as exc:
+            raise BundleError(f"{path}: the pack cannot be read ({exc}); copy it again") from exc
+    return None
