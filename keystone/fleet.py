@@ -80,14 +80,24 @@ def environ() -> dict[str, str]:
 
 
 def resolve_at(
-    repo: Path, rev: str | None, *, device: str, labels: Sequence[str]
+    repo: Path,
+    rev: str | None,
+    *,
+    device: str,
+    labels: Sequence[str],
+    cache: dict[Any, Any] | None = None,
 ) -> tuple[DesiredPlan, str]:
     """The desired plan of a device at ``rev`` of ``repo``."""
     from keystone.sync.resolve import resolve
 
     tree, label = Checkout(repo).tree(rev)
     return resolve(
-        tree, device_id=device, labels=labels, environ=environ(), revision=label if rev else ""
+        tree,
+        device_id=device,
+        labels=labels,
+        environ=environ(),
+        revision=label if rev else "",
+        cache=cache,
     ), label
 
 
@@ -112,8 +122,9 @@ def diff(
     repo: Path, rev_a: str, rev_b: str, *, device: str, labels: Sequence[str]
 ) -> dict[str, Any]:
     """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order."""
-    a, la = resolve_at(repo, rev_a, device=device, labels=labels)
-    b, lb = resolve_at(repo, rev_b, device=device, labels=labels)
+    cache: dict[Any, Any] = {}  # recipes unchanged between the revisions are parsed once
+    a, la = resolve_at(repo, rev_a, device=device, labels=labels, cache=cache)
+    b, lb = resolve_at(repo, rev_b, device=device, labels=labels, cache=cache)
     changes, actions = plan_actions(a, b)
     return {
         "from": la,

@@ -19,6 +19,7 @@ from keystone.errors import ValidationError
 from keystone.recipe import Recipe, check_segment, parse_recipe
 from keystone.tomlsrc import Reader
 
+_VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 STORE_REF = re.compile(r"^([A-Za-z0-9._+-]+):([A-Za-z0-9._+-]+)$")
 
 
@@ -142,15 +143,28 @@ def resolve_entries(
     environ: Mapping[str, str] | None = None,
     sources: tuple[str, ...] = (),
     unknown: list[str] | None = None,
+    cache: dict[tuple[object, ...], Recipe] | None = None,
 ) -> DesiredPlan:
-    """Load the recipe of every entry and validate the graph."""
+    """Load the recipe of every entry and validate the graph.
+
+    ``cache`` (a dict the caller keeps for a batch, e.g. the two revisions of a diff) reuses
+    recipes parsed from the same text with the same values of the variables it names.
+    """
     comps: dict[str, Component] = {}
     unknown_all = list(unknown or [])
+    env = environ if environ is not None else os.environ
     for e in entries:
         text, display = read(e)
-        recipe = parse_recipe(
-            text, file=display, environ=environ if environ is not None else os.environ
-        )
+        key: tuple[object, ...] = ()
+        recipe = None
+        if cache is not None:
+            names = sorted(set(_VAR_REF.findall(text)))
+            key = (text, display, *((n, env.get(n)) for n in names))
+            recipe = cache.get(key)
+        if recipe is None:
+            recipe = parse_recipe(text, file=display, environ=env)
+            if cache is not None:
+                cache[key] = recipe
         unknown_all.extend(recipe.unknown_fields)
         comps[e.name] = Component(e.name, recipe, e.file, e.recipe)
     graph = build_graph(

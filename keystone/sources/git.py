@@ -722,6 +722,9 @@ class TreeReader:
         self.mirror = mirror
         self.revision = mirror.resolve(rev)
         self._tree = mirror._commit_fields(self.revision)[2]
+        # Trees are immutable: keep the parsed ones, so reading every file of a large directory
+        # does not parse that directory again for each file (quadratic in its size).
+        self._trees: dict[str, Any] = {}
 
     def _where(self, path: str) -> str:
         return f"{path or '/'} at {self.revision[:12]}"
@@ -734,9 +737,13 @@ class TreeReader:
         for part in parts:
             if not stat.S_ISDIR(mode):
                 return None
-            tree = self.mirror._object(sha)
-            if not isinstance(tree, Tree):
-                raise IncompleteHistory(f"object {sha} should be a tree but is not")
+            tree = self._trees.get(sha)
+            if tree is None:
+                tree = self.mirror._object(sha)
+                if not isinstance(tree, Tree):
+                    raise IncompleteHistory(f"object {sha} should be a tree but is not")
+                if len(self._trees) < 4096:
+                    self._trees[sha] = tree
             try:
                 mode, raw_sha = tree[part.encode("utf-8")]
             except KeyError:

@@ -23,7 +23,7 @@ from keystone.plan import (
     parse_plan,
     resolve_entries,
 )
-from keystone.recipe import check_segment
+from keystone.recipe import Recipe, check_segment
 
 
 class Tree(Protocol):
@@ -83,6 +83,7 @@ def resolve(
     labels: Sequence[str],
     environ: Mapping[str, str],
     revision: str = "",
+    cache: dict[tuple[object, ...], Recipe] | None = None,
 ) -> DesiredPlan:
     """The validated DesiredPlan of this device at ``revision`` (``tree``).
 
@@ -118,7 +119,7 @@ def resolve(
 
     try:
         return resolve_entries(
-            entries, read, environ=environ, sources=tuple(found), unknown=unknown
+            entries, read, environ=environ, sources=tuple(found), unknown=unknown, cache=cache
         )
     except ValidationError as exc:
         if revision and exc.file and "@" not in exc.file:
