@@ -108,7 +108,11 @@ def resolve_token(runtime_dir: Path, environ: Mapping[str, str]) -> str:
     explicit = environ.get("KEYSTONE_API_TOKEN", "").strip()
     if explicit:
         return explicit
-    path = runtime_dir / TOKEN_FILE
+    return token_from_file(runtime_dir / TOKEN_FILE)
+
+
+def token_from_file(path: Path) -> str:
+    """The token stored in ``path``; a new random one (written 0600) when there is none."""
     token = read_token_file(path)
     if token is not None:
         try:
@@ -313,10 +317,7 @@ class ApiServer:
         # A token equal to the generated file's is not the operator's choice (the agent may pass
         # resolve_token()'s answer through): only a token from elsewhere counts as explicit.
         explicit = bool(token) and token != stored
-        if token:
-            self.token = token
-        else:
-            self.token = resolve_token(token_file.parent, {})
+        self.token = token if token else token_from_file(token_file)
         mtls = tls is not None and tls.client_ca is not None
         if not is_loopback(self.host) and not explicit and not mtls:
             raise UsageError(
@@ -438,6 +439,8 @@ class _Server(ThreadingHTTPServer):
         self.address_family = family
         self.api = api
         self._closing = False
+        self._lock = threading.Lock()
+        self._open: set[Any] = set()
         super().__init__(address, handler)
 
     def serve(self) -> None:
@@ -459,12 +462,28 @@ class _Server(ThreadingHTTPServer):
                 self.handle_error(request, client)
                 self.shutdown_request(request)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
     def close_listener(self) -> None:
-        """Stop ``serve()`` and close the listening socket."""
+        """Stop ``serve()``, close the listening socket, and end idle kept-alive connections
+        (a request in flight still gets its answer written, or a broken pipe)."""
         self._closing = True
         with contextlib.suppress(OSError):
             self.socket.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self.server_close()
+        with self._lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can wait on DNS; not needed.

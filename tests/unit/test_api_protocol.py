@@ -223,6 +223,23 @@ class TestServer:
         again.start()
         again.stop()
 
+    def test_stop_ends_idle_kept_alive_connections(self, control: Control, tmp_path: Path) -> None:
+        """After stop() a kept-alive connection is closed, not left to call a stopped agent."""
+        s = ApiServer(control, listen="127.0.0.1:0", token=TOKEN, token_file=tmp_path / "t")
+        s.start()
+        with socket.create_connection(("127.0.0.1", port_of(s)), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(conn)[0] == 200
+            s.stop()
+            assert conn.recv(1024) == b""
+
+    def test_token_file_of_any_name(self, control: Control, tmp_path: Path) -> None:
+        """Without a token the server creates and uses exactly the token_file it was given."""
+        path = tmp_path / "secrets" / "keystone.token"
+        s = ApiServer(control, listen="127.0.0.1:0", token=None, token_file=path)
+        assert path.read_text().strip() == s.token
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+
     def test_ipv6_loopback(self, control: Control, tmp_path: Path) -> None:
         """[::1] is served over IPv6."""
         if not socket.has_ipv6:
