@@ -498,9 +498,9 @@ class SyncEngine:
         }
         record["exit_code"] = EXIT_BY_RESULT.get(record["result"], 1)
         if self.agent.metrics is not None:
-            self.agent.metrics.sync(
-                record["result"], self.source.type if self.source else "bundle", record["duration"]
-            )
+            # A USB/API bundle import is a bundle sync even on an agent that also polls a source.
+            kind = "bundle" if trigger == "bundle" or self.source is None else self.source.type
+            self.agent.metrics.sync(record["result"], kind, record["duration"])
         log = (
             logger.info
             if record["result"] in ("applied", "up-to-date", "dry-run")
