@@ -295,14 +295,15 @@ _VALUED = ("--addr", "--token", "--ssh", "--runtime")
 
 
 def parse_fast(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | None:
-    """``(command, options, flags)`` when ``argv`` is a fast-path command; None otherwise."""
-    if not argv or argv[0] not in _FAST:
-        return None
-    command = argv[0]
-    allowed = _FAST[command][1] | {"--json"}
+    """``(command, options, flags)`` when ``argv`` is a fast-path command; None otherwise.
+
+    The connection options may also come before the command, as the Go keystonectl's global
+    flags do (``keystonectl --addr URL status``).
+    """
     options: dict[str, str] = {}
     flags: set[str] = set()
-    i = 1
+    command: str | None = None
+    i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, value = arg.partition("=")
@@ -313,11 +314,17 @@ def parse_fast(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | No
                 i += 1
                 value = argv[i]
             options[name[2:]] = value
-        elif arg in allowed:
+        elif command is None:
+            if arg not in _FAST:
+                return None
+            command = arg
+        elif arg in _FAST[command][1] | {"--json"}:
             flags.add(arg)
         else:
             return None  # --help, typos, arguments: typer's job
         i += 1
+    if command is None:
+        return None
     return command, options, flags
 
 
