@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keystone.cli import main
+from keystone.entry import main
 
 if __name__ == "__main__":
     main()

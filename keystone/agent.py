@@ -87,6 +87,7 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self.api: Any = None
         self.metrics: Any = None
+        self._metric_names: set[str] = set()
         self.notifier: Any = None
         self._init_metrics()
 
@@ -112,13 +113,25 @@ class Agent:
         self.metrics = Metrics()
 
     def _on_component_change(self, sup: Supervisor) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and self.deployer.supervisors.get(sup.name) is sup:
             self.metrics.set_component(
                 sup.name, sup.state.value, sup.healthy, sup.restarts, sup.pid
             )
+            self._metric_names.add(sup.name)
         if self.sync_engine is not None:
             self.sync_engine.on_component_change(sup)
         self.save_soon()
+
+    def _prune_metrics(self) -> None:
+        """Drop the series of components that are no longer in the plan."""
+        if self.metrics is None:
+            return
+        for name in self._metric_names - set(self.deployer.supervisors):
+            self.metrics.remove_component(name)
+        self._metric_names &= set(self.deployer.supervisors)
+        for name, sup in self.deployer.supervisors.items():
+            self.metrics.set_component(name, sup.state.value, sup.healthy, sup.restarts, sup.pid)
+            self._metric_names.add(name)
 
     def save_soon(self) -> None:
         """Write the snapshot at the next turn of the loop (coalesced)."""
@@ -245,6 +258,7 @@ class Agent:
                 )
             self._save_soon()
             raise
+        self._prune_metrics()
         self.plan_state = "running" if result.ok else "failed"
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
@@ -469,17 +483,25 @@ class Agent:
             return {"stopOrder": stop_order, "startOrder": start_order}
 
         async def go() -> tuple[int | None, list[str]]:
-            return await asyncio.wait_for(
-                self.deployer.restart_component(
-                    name, wait_health=wait == "health", timeout=timeout
-                ),
-                timeout,
-            )
+            # The restart runs to completion whatever the client's timeout: a 504 only says
+            # that the answer came late, never that a dependent was left stopped.
+            task = asyncio.ensure_future(self.deployer.restart_component(name))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            if wait is None:
+                # "no wait": the stop/start sequence itself, bounded by the timeout.
+                return await asyncio.wait_for(asyncio.shield(task), timeout)
+            result = await asyncio.wait_for(asyncio.shield(task), timeout)
+            if wait == "health" and not sup.healthy:
+                raise TimeoutError(f"{name} restarted but is {sup.state.value}: {sup.error or ''}")
+            return result
 
         try:
             pid, dependents = self._call(go, timeout + 5)
         except TimeoutError as exc:
-            raise TimeoutError(f"restart of {name} did not finish within {timeout:g}s") from exc
+            raise TimeoutError(
+                f"restart of {name} did not finish within {timeout:g}s ({exc}); it goes on in the agent"
+            ) from exc
         return {
             "component": name,
             "pid": pid if pid is not None else sup.pid,
@@ -509,6 +531,7 @@ class Agent:
             "version": recipe.version,
             "path": str(path),
             "replaced": replaced,
+            "unknownFields": list(recipe.unknown_fields),
         }
 
     def delete_recipe(self, name: str, version: str) -> None:

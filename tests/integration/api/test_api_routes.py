@@ -329,11 +329,6 @@ class TestRestart:
         assert status == 504, body
         assert "1ms" in body["error"] or "0.001" in body["error"]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="Agent.restart_component (agent.py) wraps the restart in asyncio.wait_for, so a "
-        "timeout cancels it half-way: a dependent is left 'stopping' with no process for good",
-    )
     def test_a_timed_out_restart_still_completes(self, make_agent: Any) -> None:
         """After a 504, the restart goes on: every component is healthy again."""
         agent = make_agent("--demo", env=demo_env()).start()
@@ -420,11 +415,6 @@ class TestStoreApplyStop:
 
 
 class TestMetricsFollowThePlan:
-    @pytest.mark.xfail(
-        strict=True,
-        reason="Agent (agent.py) never calls Metrics.remove_component, so a component removed "
-        "from the plan keeps its series (as stopped) until the agent restarts",
-    )
     def test_removed_component_leaves_metrics(self, make_agent: Any, tmp_path: Path) -> None:
         """After a plan without it is applied, a component has no series in /metrics."""
         plan = write_sleep_plan(tmp_path, 2, prefix="m")
