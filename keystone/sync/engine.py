@@ -135,11 +135,21 @@ class SyncEngine:
                 if key in seen:
                     continue
                 seen.add(key)
-                digest = await asyncio.to_thread(file_digest, path)
+                try:
+                    digest = await asyncio.to_thread(file_digest, path)
+                except OSError as exc:  # the stick was pulled mid-scan: try again when it is back
+                    seen.discard(key)
+                    logger.warning("watched bundle {}: cannot read it: {}", path, exc)
+                    continue
                 if digest in imported:
                     continue
                 imported[digest] = {"path": str(path), "time": time.time()}
-                result = await self.import_bundle(path)
+                try:
+                    result = await self.import_bundle(path)
+                except Exception:
+                    # One bad file must not end the watch: later sticks still update the device.
+                    logger.exception("watched bundle {}: import failed", path)
+                    result = {"result": "error"}
                 imported[digest]["result"] = result["result"]
                 self.agent.save_soon()
             await asyncio.sleep(every)

@@ -99,9 +99,11 @@ def watched_bundles(patterns: list[str]) -> list[Path]:
             if p.is_file() and p.suffix in (".bundle", ".ksb"):
                 out.append(p)
             elif p.is_dir():
+                try:
+                    entries = list(p.iterdir())
+                except OSError:
+                    continue  # unmounted while we looked, or unreadable: the next scan sees it
                 out.extend(
-                    sorted(
-                        x for x in p.iterdir() if x.is_file() and x.suffix in (".bundle", ".ksb")
-                    )
+                    sorted(x for x in entries if x.is_file() and x.suffix in (".bundle", ".ksb"))
                 )
     return out
