@@ -343,6 +343,8 @@ class Agent:
             return
         if self.metrics is not None and report.get("remaining_bytes") is not None:
             self.metrics.set_cache_bytes(int(report["remaining_bytes"]))
+        if self.metrics is not None and self.preparer.clock_trusted is not None:
+            self.metrics.set_clock_trusted(self.preparer.clock_trusted)
 
     def request_shutdown(self) -> None:
         if self.loop is not None and self._shutdown is not None:
@@ -596,6 +598,7 @@ class Agent:
             return body
 
         async def start() -> None:
+            self.plan_state = "applying"  # visible to the next status read, before the task runs
             self._background_task(self.apply(plan, source="api"))
 
         self._call(start)

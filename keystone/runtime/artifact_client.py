@@ -49,6 +49,7 @@ class WorkerPreparer:
         self.require_sha256 = False
         self.timeout = 1800.0 + 60.0
         self._prepared: dict[str, list[dict[str, Any]]] = {}
+        self.clock_trusted: bool | None = None
 
     def policy(self) -> dict[str, Any]:
         """The artifact policy for the worker: the Go environment variables plus our settings."""
@@ -98,6 +99,7 @@ class WorkerPreparer:
             return
         request: dict[str, Any] = {"policy": self.policy(), "artifacts": items}
         answer = await self._call(request)
+        self._observe(answer)
         if answer.get("error"):
             _raise(answer["error"])
         by_component: dict[str, list[dict[str, Any]]] = {}
@@ -122,6 +124,10 @@ class WorkerPreparer:
         finally:
             store.close()
 
+    def _observe(self, answer: dict[str, Any]) -> None:
+        if answer.get("clock_trusted") is not None:
+            self.clock_trusted = bool(answer["clock_trusted"])
+
     def prepared_for(self, component: Component) -> list[dict[str, Any]]:
         """What ``prepare`` produced for this component version (empty if nothing)."""
         return list(self._prepared.get(component.content_hash(), []))
@@ -131,4 +137,5 @@ class WorkerPreparer:
         answer = await self._call(
             {"policy": self.policy(), "artifacts": [], "gc_keep": sorted(keep)}
         )
+        self._observe(answer)
         return dict(answer.get("gc") or {})
