@@ -66,6 +66,7 @@ class WorkerPreparer:
         return policy.to_json()
 
     async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.runtime.mkdir(parents=True, exist_ok=True)
         result = await self.runner.run(
             [sys.executable, "-m", "keystone.runtime.artifact_worker"],
             cwd=self.runtime,
