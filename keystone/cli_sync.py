@@ -14,6 +14,7 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from keystone.cli import emit
+from keystone.ctl import AddrOpt, RuntimeOpt, SshOpt, TokenOpt
 
 plan_app = typer.Typer(help="Offline tools on a fleet checkout.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Air-gapped bundles: create, inspect, import.", no_args_is_help=True)
@@ -246,42 +247,24 @@ def bundle_inspect(
 
 # --- commands that talk to the running agent ------------------------------------------------
 
-AddrOpt = Annotated[str, typer.Option("--addr", envvar="KEYSTONE_ADDR", help="agent API address")]
-TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="KEYSTONE_API_TOKEN", help="API token")
-]
-SshOpt = Annotated[
-    str | None,
-    typer.Option("--ssh", envvar="KEYSTONE_SSH", help="tunnel through ssh [user@]host[:port]"),
-]
-DEFAULT_ADDR = "http://127.0.0.1:8080"
-
 
 def _call(
-    addr: str,
+    addr: str | None,
     token: str | None,
     ssh: str | None,
+    runtime: Path | None,
     method: str,
     path: str,
     *,
     params: dict[str, str] | None = None,
     body: bytes | BinaryIO | None = None,
-    timeout: float = 600.0,
     content_type: str = "application/json",
 ) -> Any:
-    from keystone.client import api_call
+    """One request to the agent with the connection options every command takes."""
+    from keystone.ctl import _client
 
-    return api_call(
-        addr,
-        token,
-        ssh,
-        method,
-        path,
-        params=params,
-        body=body,
-        timeout=timeout,
-        content_type=content_type,
-    )
+    with _client(addr, token, ssh, runtime) as client:
+        return client.request(method, path, params=params, body=body, content_type=content_type)
 
 
 SYNC_EXIT = {
@@ -334,9 +317,10 @@ def sync_cmd(
     retry: Annotated[
         bool, typer.Option("--retry", help="try a revision that failed before again")
     ] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Sync the running agent now: fetch, verify, diff and deploy. Prints revision, signer, changes."""
@@ -345,20 +329,21 @@ def sync_cmd(
         "allow_rollback": str(allow_rollback).lower(),
         "retry": str(retry).lower(),
     }
-    data = _call(addr, token, ssh, "POST", "/v1/sync", params=params)
+    data = _call(addr, token, ssh, runtime, "POST", "/v1/sync", params=params)
     emit(data, as_json, _sync_human)
     raise typer.Exit(SYNC_EXIT.get(str(data.get("result")), 1))
 
 
 def history_cmd(
     limit: Annotated[int, typer.Option("--limit", "-n")] = 20,
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Syncs, deployments, rollbacks and imports, newest first."""
-    data = _call(addr, token, ssh, "GET", "/v1/history", params={"limit": str(limit)})
+    data = _call(addr, token, ssh, runtime, "GET", "/v1/history", params={"limit": str(limit)})
 
     def human(rows: list[dict[str, Any]]) -> str:
         table = [
@@ -389,35 +374,46 @@ def rollback_cmd(
     to: Annotated[
         str | None, typer.Option("--to", help="revision to go back to (default: last known-good)")
     ] = None,
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Deploy the last known-good revision (or --to REV) again; it is verified like any other."""
-    data = _call(addr, token, ssh, "POST", "/v1/rollback", params={"to": to} if to else None)
+    data = _call(
+        addr, token, ssh, runtime, "POST", "/v1/rollback", params={"to": to} if to else None
+    )
     emit(data, as_json, _sync_human)
     raise typer.Exit(SYNC_EXIT.get(str(data.get("result")), 1))
 
 
 def suspend_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Stop polling the source; running components are untouched."""
-    emit(_call(addr, token, ssh, "POST", "/v1/suspend"), as_json, lambda d: "polling suspended")
+    emit(
+        _call(addr, token, ssh, runtime, "POST", "/v1/suspend"),
+        as_json,
+        lambda d: "polling suspended",
+    )
 
 
 def resume_cmd(
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start polling again."""
-    emit(_call(addr, token, ssh, "POST", "/v1/resume"), as_json, lambda d: "polling resumed")
+    emit(
+        _call(addr, token, ssh, runtime, "POST", "/v1/resume"), as_json, lambda d: "polling resumed"
+    )
 
 
 @bundle_app.command("import")
@@ -428,15 +424,10 @@ def bundle_import(
     stage: Annotated[
         bool, typer.Option("--stage", help="do not contact the agent: stage for its next start")
     ] = False,
-    runtime: Annotated[
-        Path | None,
-        typer.Option(
-            "--runtime", envvar="KEYSTONE_RUNTIME", help="agent runtime dir (for --stage)"
-        ),
-    ] = None,
-    addr: AddrOpt = DEFAULT_ADDR,
+    addr: AddrOpt = None,
     token: TokenOpt = None,
     ssh: SshOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Import a bundle into the running agent (verified exactly as a git sync), or stage it."""
@@ -453,6 +444,7 @@ def bundle_import(
                     addr,
                     token,
                     ssh,
+                    runtime,
                     "POST",
                     "/v1/bundles:import",
                     body=body,
