@@ -133,7 +133,9 @@ class TestRefusals:
         info = revision(agent)
         assert info["applied"] == good
         assert info["last_sync"]["result"] == "refused" and info["last_sync"]["error"]
-        syncs = [h for h in json.loads(agent.cli("history", "--json").stdout) if h["kind"] == "sync"]
+        syncs = [
+            h for h in json.loads(agent.cli("history", "--json").stdout) if h["kind"] == "sync"
+        ]
         assert syncs[0]["result"] == "refused" and syncs[0]["revision"] == bad
         assert pids(agent) == before
 
