@@ -60,13 +60,13 @@ class Graph:
                 continue
             reverse.setdefault(e.dependency, []).append(e.component)
         seen: set[str] = set()
-        todo = list(names)
-        while todo:
-            n = todo.pop()
+        pending = list(names)
+        while pending:
+            n = pending.pop()
             for d in reverse.get(n, ()):
                 if d not in seen:
                     seen.add(d)
-                    todo.append(d)
+                    pending.append(d)
         return seen - set(names)
 
     def to_json(self) -> dict[str, object]:
