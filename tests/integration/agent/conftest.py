@@ -156,6 +156,11 @@ def make_agent(tmp_path: Path) -> Iterator[Any]:
         return a
 
     yield make
+    stop_agents(agents)
+
+
+def stop_agents(agents: list[AgentProc]) -> None:
+    """Stop agents and kill every process group they recorded (nothing may outlive a test)."""
     for a in agents:
         if a.proc is not None and a.proc.poll() is None:
             a.proc.send_signal(signal.SIGTERM)
@@ -164,7 +169,6 @@ def make_agent(tmp_path: Path) -> Iterator[Any]:
             except subprocess.TimeoutExpired:
                 a.proc.kill()
                 a.proc.wait()
-    # Nothing a test started may survive it: kill any group the agents recorded.
     for a in agents:
         snap = a.runtime / "state" / "agent.json"
         if snap.exists():

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.agent.conftest import AgentProc, make_agent  # noqa: F401  (re-export)
+from tests.integration.agent.conftest import (  # noqa: F401  (fixture re-export)
+    AgentProc,
+    make_agent,
+    stop_agents,
+)
 from tests.integration.sources.gitserver import git_env, run_git, serve_git
 from tests.integration.sync.conftest import SignedFleet, keygen
 
@@ -384,24 +387,6 @@ def bfleet(tmp_path: Path) -> Iterator[BundleFleet]:
     """A fresh signed fleet with an artifact server (nothing committed yet)."""
     with bundle_fleet_at(tmp_path) as f:
         yield f
-
-
-def stop_agents(agents: list[AgentProc]) -> None:
-    """Stop agents and kill every process group they recorded (nothing may outlive a test)."""
-    for a in agents:
-        if a.proc is not None and a.proc.poll() is None:
-            a.proc.send_signal(signal.SIGTERM)
-            try:
-                a.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                a.proc.kill()
-                a.proc.wait()
-    for a in agents:
-        snap = a.runtime / "state" / "agent.json"
-        if snap.exists():
-            for rec in (json.loads(snap.read_text()).get("processes") or {}).values():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(rec["pgid"], signal.SIGKILL)
 
 
 def revision(agent: AgentProc) -> dict[str, Any]:
