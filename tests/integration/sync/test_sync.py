@@ -332,3 +332,30 @@ def _serve(root: Path, port: int) -> subprocess.Popen[bytes]:
 
     wait_until(up, what="git server")
     return proc
+
+
+class TestOperatorCommands:
+    def test_rollback_to_an_older_revision_and_back(
+        self, synced: tuple[SignedFleet, Any, str]
+    ) -> None:
+        """rollback --to REV deploys that (verified) revision; a plain rollback goes to last known-good."""
+        f, agent, first = synced
+        wait_until(lambda: revision(agent)["last_known_good"] == first, what="first soak")
+        f.commit({"recipes/tool.recipe.toml": f.recipe("tool", version="2.0.0")}, "tool 2")
+        assert sync(agent)[0] == 0
+        r = agent.cli("rollback", "--to", first, "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["result"] == "applied"
+        assert revision(agent)["applied"] == first
+        assert agent.wait_states({"tool": "healthy"})["tool"]["version"] == "1.0.0"
+
+    def test_suspend_and_resume_show_in_status(self, synced: tuple[SignedFleet, Any, str]) -> None:
+        """suspend stops polling (status says so) and leaves components alone; resume restarts it."""
+        _, agent, _ = synced
+        before = pids(agent)
+        assert agent.cli("suspend").returncode == 0
+        assert revision(agent)["suspended"] is True
+        assert "SUSPENDED" in agent.cli("status", "--revision").stdout
+        assert pids(agent) == before
+        assert agent.cli("resume").returncode == 0
+        assert revision(agent)["suspended"] is False
