@@ -338,7 +338,7 @@ class TestOperatorCommands:
     def test_rollback_to_an_older_revision_and_back(
         self, synced: tuple[SignedFleet, Any, str]
     ) -> None:
-        """rollback --to REV deploys that (verified) revision; a plain rollback goes to last known-good."""
+        """rollback --to REV deploys that older revision, verified like any other, despite anti-rollback."""
         f, agent, first = synced
         wait_until(lambda: revision(agent)["last_known_good"] == first, what="first soak")
         f.commit({"recipes/tool.recipe.toml": f.recipe("tool", version="2.0.0")}, "tool 2")
