@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -21,6 +20,7 @@ from loguru import logger
 from keystone import __version__
 from keystone.config import AgentConfig
 from keystone.control import JSON, Conflict, NotFound
+from keystone.env import substitution_env
 from keystone.errors import KeystoneError, UsageError, ValidationError
 from keystone.plan import (
     DesiredPlan,
@@ -39,13 +39,6 @@ from keystone.state import History, read_json, write_json
 from keystone.units import parse_duration
 
 T = TypeVar("T")
-
-
-def substitution_env() -> dict[str, str]:
-    """What ``${VAR}`` in recipes may name: the agent's environment plus KEYSTONE_PYTHON."""
-    env = dict(os.environ)
-    env.setdefault("KEYSTONE_PYTHON", sys.executable)
-    return env
 
 
 class Agent:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
@@ -78,3 +79,10 @@ def load_dotenv(path: Path = Path(".env"), environ: MutableMapping[str, str] | N
             target[key] = value
             added += 1
     return added
+
+
+def substitution_env() -> dict[str, str]:
+    """What ``${VAR}`` in recipes may name: the agent's environment plus KEYSTONE_PYTHON."""
+    env = dict(os.environ)
+    env.setdefault("KEYSTONE_PYTHON", sys.executable)
+    return env

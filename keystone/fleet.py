@@ -74,7 +74,7 @@ def resolve_rev(mirror: Any, rev: str) -> str:
 
 
 def environ() -> dict[str, str]:
-    from keystone.agent import substitution_env
+    from keystone.env import substitution_env
 
     return substitution_env()
 

@@ -32,7 +32,7 @@ def dry_run(path: Path, *, runtime: Path | None = None) -> dict[str, Any]:
     Actions are relative to the plan the local agent last applied (from its state dir), or to
     nothing. Raises ValidationError with file, line and field for a bad plan or recipe.
     """
-    from keystone.agent import substitution_env
+    from keystone.env import substitution_env
 
     rt = runtime or runtime_dir()
     env = substitution_env()

@@ -225,7 +225,7 @@ class SyncEngine:
 
     def _request(self, op: str, **extra: Any) -> dict[str, Any]:
         cfg = self.agent.config
-        from keystone.agent import substitution_env
+        from keystone.env import substitution_env
 
         return {
             "op": op,
@@ -410,7 +410,7 @@ class SyncEngine:
                 trigger,
                 quiet=True,
             )
-        from keystone.agent import substitution_env
+        from keystone.env import substitution_env
 
         try:
             desired = plan_from_json(answer["plan"], environ=substitution_env())
@@ -593,7 +593,7 @@ class SyncEngine:
                 reason,
             )
             self._mark_failed(rev, reason, "rolled-back")
-            from keystone.agent import substitution_env
+            from keystone.env import substitution_env
 
             lkg = self.ledger.get("last_known_good")
             plan = plan_from_json(

@@ -59,7 +59,7 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
             if allowed_signers is not None:
                 data["signature"] = _signature(raw, info.revision, allowed_signers)
             tree = mirror.file_source(info.revision)
-            from keystone.agent import substitution_env
+            from keystone.env import substitution_env
             from keystone.sync.resolve import resolve
 
             labels = [name for name, is_dir in tree.listdir("labels") if is_dir]
