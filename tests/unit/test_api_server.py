@@ -561,9 +561,9 @@ class TestKeepAlive:
     def test_nagle_is_off_for_answers(self) -> None:
         """Regression: with Nagle on, every answer after the first on a kept-alive connection
         waited 40 ms for the client's delayed ACK (23 requests/s); the handler turns it off."""
-        from keystone.api import _Handler
+        from keystone.api.handler import Handler
 
-        assert _Handler.disable_nagle_algorithm is True
+        assert Handler.disable_nagle_algorithm is True
 
     def test_many_requests_on_one_connection(self, api: Api) -> None:
         """One kept-alive connection serves a series of requests, errors included."""

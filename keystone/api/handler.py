@@ -1,432 +1,58 @@
-"""The agent's local HTTP API: the Go Keystone's routes plus the GitOps ones, on the stdlib.
+"""One API connection: routing, authorization, body limits and error mapping.
 
-``ApiServer`` serves an ``AgentControl`` (keystone.control) from a ``ThreadingHTTPServer``: one
-background thread accepts, and each connection gets a short-lived thread. No web framework: the
-whole server is this module, which keeps the resident agent small.
-
-Contracts (DESIGN section 10, GO-COMPAT.md "HTTP API"):
-
-- every route but ``/healthz`` needs ``Authorization: Bearer <token>``, compared in constant
-  time; a missing or wrong token gets 401 with ``WWW-Authenticate: Bearer`` and changes nothing;
-- request bodies are capped (``KEYSTONE_MAX_REQUEST_BYTES``, 4 MiB, 413), except a bundle
-  upload, which is streamed to the agent and capped by ``KEYSTONE_MAX_BUNDLE_BYTES`` (4 GiB);
-- a wrong method gets 405 with ``Allow``, an unknown path or component 404, malformed JSON 400
-  with the parser's reason;
-- binding beyond loopback needs an explicit token (``KEYSTONE_API_TOKEN``) or TLS with client
-  certificates (mTLS); otherwise the server refuses to start (``UsageError``).
-
-Error bodies are ``{"error": message, "status": code, "kind": kind}``; ``kind`` is the
-``KeystoneError.kind`` of the failure (``usage``, ``refused``, ``retryable``, ``rolled-back``,
-``error``) so that a client can pick its exit code without parsing messages.
+The work itself is the control's (keystone.control.AgentControl); what the connection needs of
+the server is the small :class:`HandlerHost` protocol, so this module does not import the server.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import io
-import ipaddress
 import json
-import os
-import re
-import secrets
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any, BinaryIO, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, BinaryIO, Protocol, cast
+from urllib.parse import parse_qs, urlsplit
 
 from loguru import logger
 
+from keystone.api.routes import (
+    DRAIN_LIMIT,
+    ApiError,
+    Query,
+    Route,
+    duration,
+    flag,
+    match_routes,
+    param,
+    status_of,
+)
 from keystone.control import AgentControl, Conflict, NotFound
-from keystone.errors import (
-    KeystoneError,
-    Refused,
-    Retryable,
-    UsageError,
-    ValidationError,
-)
+from keystone.errors import KeystoneError
 
-MAX_REQUEST_BYTES = 4 << 20
-"""Default cap of a request body (``KEYSTONE_MAX_REQUEST_BYTES``), as in the Go agent."""
 
-MAX_BUNDLE_BYTES = 4 << 30
-"""Default cap of a streamed bundle upload (``KEYSTONE_MAX_BUNDLE_BYTES``)."""
+class HandlerHost(Protocol):
+    """What a connection needs of the server that accepted it."""
 
-DRAIN_LIMIT = 16 << 20
-"""How much of a refused body the server reads and discards so that the client sees the answer
-(a socket closed with unread data is reset, and the reset can destroy the response)."""
+    control: AgentControl
+    max_request: int
+    max_bundle: int
 
-TOKEN_FILE = "api.token"
+    def authorized(self, header: str | None) -> bool: ...
 
+    def openapi_bytes(self) -> bytes: ...
 
-class ApiError(Exception):
-    """An HTTP error answer decided by the server itself (bad query, body too large...)."""
 
-    def __init__(self, status: int, message: str, *, kind: str = "usage") -> None:
-        self.status = status
-        self.kind = kind
-        super().__init__(message)
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """Server certificate and key (PEM); with ``client_ca``, clients must present a
-    certificate issued by that CA (mTLS) or the TLS handshake fails."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-
-# --- token ----------------------------------------------------------------------------------
-
-
-def read_token_file(path: Path) -> str | None:
-    """The token stored in ``path``, or None when the file is missing, unreadable or empty."""
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text or None
-
-
-def resolve_token(runtime_dir: Path, environ: Mapping[str, str]) -> str:
-    """The API token: ``KEYSTONE_API_TOKEN`` if set, else ``runtime_dir/api.token``.
-
-    At first start the file does not exist: a random token is generated and written atomically
-    with mode 0600 (never readable by other users, whatever the umask). A file found with looser
-    permissions is tightened, since the token grants full control of the device.
-    """
-    explicit = environ.get("KEYSTONE_API_TOKEN", "").strip()
-    if explicit:
-        return explicit
-    return token_from_file(runtime_dir / TOKEN_FILE)
-
-
-def token_from_file(path: Path) -> str:
-    """The token stored in ``path``; a new random one (written 0600) when there is none."""
-    token = read_token_file(path)
-    if token is not None:
-        try:
-            if path.stat().st_mode & 0o077:
-                os.chmod(path, 0o600)
-                logger.warning("{}: permissions were wider than 0600; tightened", path)
-        except OSError as exc:
-            logger.warning("{}: cannot check permissions: {}", path, exc)
-        return token
-    from keystone.state import atomic_write
-
-    token = secrets.token_urlsafe(32)
-    try:
-        atomic_write(path, (token + "\n").encode(), mode=0o600)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write the API token to {path}: {exc.strerror or exc}; make the runtime "
-            "directory writable or set KEYSTONE_API_TOKEN"
-        ) from exc
-    logger.info("generated an API token in {} (mode 0600)", path)
-    return token
-
-
-def _digest(token: str) -> bytes:
-    # Comparing fixed-size digests keeps the comparison constant-time in the token's length too.
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-# --- listen address -------------------------------------------------------------------------
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """Split ``127.0.0.1:8080``, ``[::1]:8080``, ``localhost:8080`` or ``:8080`` (every interface,
-    as in Go) into host and port. Raises UsageError naming the expected form."""
-    text = listen.strip()
-    if "://" in text:
-        text = urlsplit(text).netloc
-    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:]*)):(\d{1,5})", text)
-    if not m or int(m.group(3)) > 65535:
-        raise UsageError(
-            f"API listen address {listen!r}: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
-        )
-    host = m.group(1) if m.group(1) is not None else (m.group(2) or "0.0.0.0")
-    return host, int(m.group(3))
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-# --- routes ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Route:
-    """One documented endpoint: method, path template, handler name, and what it needs."""
-
-    method: str
-    path: str
-    handler: str
-    auth: bool = True
-    body: str = "none"  # none | text (TOML or JSON, capped) | stream (bundle upload)
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        return _compile(self.path)
-
-
-_PATTERNS: dict[str, re.Pattern[str]] = {}
-
-
-def _compile(path: str) -> re.Pattern[str]:
-    pat = _PATTERNS.get(path)
-    if pat is None:
-        regex = "".join(
-            f"(?P<{part[1:-1]}>[^/:]+)" if part.startswith("{") else re.escape(part)
-            for part in re.split(r"(\{\w+\})", path)
-        )
-        pat = _PATTERNS[path] = re.compile(f"^{regex}$")
-    return pat
-
-
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/healthz", "healthz", auth=False),
-    Route("GET", "/metrics", "metrics"),
-    Route("GET", "/v1/openapi.json", "openapi"),
-    Route("GET", "/v1/components", "components"),
-    Route("POST", "/v1/components/{name}:stop", "stop_component"),
-    Route("POST", "/v1/components/{name}:restart", "restart_component"),
-    Route("GET", "/v1/recipes", "recipes"),
-    Route("POST", "/v1/recipes", "upload_recipe", body="text"),
-    Route("DELETE", "/v1/recipes/{name}/{version}", "delete_recipe"),
-    Route("GET", "/v1/plan/status", "plan_status"),
-    Route("GET", "/v1/plan/graph", "plan_graph"),
-    Route("POST", "/v1/plan/apply", "apply_plan", body="text"),
-    Route("POST", "/v1/plan/reconcile", "reconcile"),
-    Route("POST", "/v1/plan/stop", "stop_plan"),
-    Route("GET", "/v1/datasets", "datasets"),
-    Route("POST", "/v1/datasets:refresh", "datasets_refresh"),
-    Route("GET", "/v1/revision", "revision"),
-    Route("POST", "/v1/sync", "sync"),
-    Route("GET", "/v1/history", "history"),
-    Route("POST", "/v1/rollback", "rollback"),
-    Route("POST", "/v1/suspend", "suspend"),
-    Route("POST", "/v1/resume", "resume"),
-    Route("POST", "/v1/bundles:import", "import_bundle", body="stream"),
-)
-
-
-def match_routes(path: str) -> list[tuple[Route, dict[str, str]]]:
-    """Every route whose path template matches ``path``, with its path parameters (decoded)."""
-    out = []
-    for route in ROUTES:
-        m = route.pattern.match(path)
-        if m:
-            out.append((route, {k: unquote(v) for k, v in m.groupdict().items()}))
-    return out
-
-
-# --- query helpers --------------------------------------------------------------------------
-
-Query = Mapping[str, list[str]]
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
-
-
-def _param(q: Query, name: str) -> str | None:
-    values = q.get(name)
-    return values[-1] if values else None
-
-
-def _flag(q: Query, *names: str) -> bool:
-    """A boolean query parameter (``?dry=true``); several names are synonyms."""
-    result = False
-    for name in names:
-        value = _param(q, name)
-        if value is None:
-            continue
-        low = value.strip().lower()
-        if low in _TRUE:
-            result = True
-        elif low not in _FALSE:
-            raise ApiError(400, f"query parameter {name}={value!r}: expected true or false")
-    return result
-
-
-def _duration(q: Query, name: str, default: float) -> float:
-    from keystone.units import parse_duration
-
-    value = _param(q, name)
-    if value is None or value == "":
-        return default
-    try:
-        seconds = parse_duration(value)
-    except (ValueError, KeystoneError) as exc:
-        raise ApiError(400, f"query parameter {name}={value!r}: {exc}") from None
-    if seconds <= 0:
-        raise ApiError(400, f"query parameter {name}={value!r}: must be positive, e.g. 60s")
-    return seconds
-
-
-# --- the server -----------------------------------------------------------------------------
-
-
-class ApiServer:
-    """The HTTP API of one agent.
-
-    Args:
-        control: what the routes call (the agent, or a fake in tests).
-        listen: ``host:port``; port 0 picks a free port (see ``address`` after ``start()``).
-        token: the operator's token (``KEYSTONE_API_TOKEN``), or None to use ``token_file``,
-            which is created with a random token (mode 0600) if it does not exist.
-        token_file: where the generated token lives (``runtime/api.token``).
-        tls: serve HTTPS; with ``client_ca`` clients need a certificate from that CA.
-
-    Raises:
-        UsageError: when asked to listen beyond loopback without an explicit token or mTLS,
-            or when the TLS files cannot be loaded.
-    """
-
-    def __init__(
-        self,
-        control: AgentControl,
-        *,
-        listen: str,
-        token: str | None,
-        token_file: Path,
-        tls: TlsConfig | None = None,
-    ) -> None:
-        self.control = control
-        self.host, self.port = parse_listen(listen)
-        self.tls = tls
-        self.token_file = token_file
-        stored = read_token_file(token_file)
-        # A token equal to the generated file's is not the operator's choice (the agent may pass
-        # resolve_token()'s answer through): only a token from elsewhere counts as explicit.
-        explicit = bool(token) and token != stored
-        self.token = token if token else token_from_file(token_file)
-        mtls = tls is not None and tls.client_ca is not None
-        if not is_loopback(self.host) and not explicit and not mtls:
-            raise UsageError(
-                f"refusing to serve the API on {listen}, beyond loopback, with only a generated "
-                "token: set KEYSTONE_API_TOKEN, or configure TLS with client certificates "
-                "([api] tls_cert, tls_key, client_ca), or listen on 127.0.0.1"
-            )
-        self._token_digest = _digest(self.token)
-        self.max_request = _env_int("KEYSTONE_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES)
-        self.max_bundle = _env_int("KEYSTONE_MAX_BUNDLE_BYTES", MAX_BUNDLE_BYTES)
-        self._ssl: ssl.SSLContext | None = self._ssl_context() if tls else None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._openapi: bytes | None = None
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        assert self.tls is not None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(str(self.tls.cert), str(self.tls.key))
-            if self.tls.client_ca is not None:
-                ctx.load_verify_locations(cafile=str(self.tls.client_ca))
-                ctx.verify_mode = ssl.CERT_REQUIRED
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(
-                f"API TLS: cannot load {self.tls.cert}, {self.tls.key}"
-                + (f" or {self.tls.client_ca}" if self.tls.client_ca else "")
-                + f": {exc}; check [api] tls_cert, tls_key and client_ca"
-            ) from exc
-        return ctx
-
-    @property
-    def address(self) -> str:
-        """Base URL of the running server, e.g. ``http://127.0.0.1:8080``."""
-        scheme = "https" if self.tls else "http"
-        port = self._server.server_address[1] if self._server is not None else self.port
-        host = self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{scheme}://{host}:{port}"
-
-    def start(self) -> None:
-        """Bind and serve in a background thread. Raises UsageError if the port is taken."""
-        if self._server is not None:
-            return
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        try:
-            server = _Server((self.host, self.port), _Handler, family=family, api=self)
-        except OSError as exc:
-            raise UsageError(
-                f"cannot listen on {self.host}:{self.port} for the API: "
-                f"{exc.strerror or exc}; pick another address with --http or [api] listen"
-            ) from None
-        if self._ssl is not None:
-            server.socket = self._ssl.wrap_socket(
-                server.socket, server_side=True, do_handshake_on_connect=False
-            )
-        self._server = server
-        self._thread = threading.Thread(target=server.serve, name="keystone-api", daemon=True)
-        self._thread.start()
-        logger.info("API listening on {}", self.address)
-
-    def stop(self) -> None:
-        """Stop accepting and close the listening socket (requests in flight may finish)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close_listener()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    # --- used by the handler ---
-
-    def authorized(self, header: str | None) -> bool:
-        """Whether an ``Authorization`` header carries the token (constant-time)."""
-        if not header:
-            return False
-        scheme, _, value = header.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(_digest(value.strip()), self._token_digest)
-
-    def openapi_bytes(self) -> bytes:
-        if self._openapi is None:
-            from keystone.openapi import openapi_document
-
-            self._openapi = json.dumps(openapi_document(), indent=1).encode()
-        return self._openapi
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        from keystone.units import parse_size
-
-        n = parse_size(value)
-    except ValueError as exc:
-        raise UsageError(f"{name}={value!r}: {exc}") from None
-    return n if n > 0 else default
-
-
-class _Server(ThreadingHTTPServer):
+class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # bursts of concurrent clients must not hit the default backlog of 5
-    api: ApiServer
+    api: HandlerHost
 
     def __init__(
         self,
@@ -434,7 +60,7 @@ class _Server(ThreadingHTTPServer):
         handler: type[BaseHTTPRequestHandler],
         *,
         family: socket.AddressFamily,
-        api: ApiServer,
+        api: HandlerHost,
     ) -> None:
         self.address_family = family
         self.api = api
@@ -494,16 +120,14 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up or fails the TLS handshake is not the agent's problem.
-        import sys
-
         exc = sys.exc_info()[1]
         logger.debug("api: connection from {} ended: {!r}", client_address, exc)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class Handler(BaseHTTPRequestHandler):
     """One connection. Routing, auth, body limits and error mapping; the work is the control's."""
 
-    server: _Server
+    server: Server
     protocol_version = "HTTP/1.1"
     server_version = "keystone"
     sys_version = ""
@@ -520,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.do_handshake()
 
     @property
-    def api(self) -> ApiServer:
+    def api(self) -> HandlerHost:
         return self.server.api
 
     def version_string(self) -> str:
@@ -697,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
         except TimeoutError as exc:
             self._error(504, _text(exc) or "timed out", kind="retryable")
         except KeystoneError as exc:
-            self._error(_status_of(exc), _text(exc), kind=exc.kind)
+            self._error(status_of(exc), _text(exc), kind=exc.kind)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:
@@ -785,11 +409,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_restart_component(self, q: Query, body: bytes, name: str) -> None:
         self._json_object(body)
-        wait = (_param(q, "wait") or "").strip().lower() or None
+        wait = (param(q, "wait") or "").strip().lower() or None
         if wait not in (None, "pid", "health"):
             raise ApiError(400, f"query parameter wait={wait!r}: expected pid or health")
-        timeout = _duration(q, "timeout", 60.0)
-        dry = _flag(q, "dry", "dry_run")
+        timeout = duration(q, "timeout", 60.0)
+        dry = flag(q, "dry", "dry_run")
         self._send(200, self.c.restart_component(name, wait=wait, timeout=timeout, dry=dry))
 
     def h_recipes(self, q: Query, body: bytes) -> None:
@@ -797,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_upload_recipe(self, q: Query, body: bytes) -> None:
         text, doc = self._toml_body(body, "recipe")
-        force = _flag(q, "force") or doc.get("force") is True
+        force = flag(q, "force") or doc.get("force") is True
         self._send(201, self.c.upload_recipe(text, force=force))
 
     def h_delete_recipe(self, q: Query, body: bytes, name: str, version: str) -> None:
@@ -814,7 +438,7 @@ class _Handler(BaseHTTPRequestHandler):
         text, doc = self._toml_body(body, "plan")
         if not text.strip():
             raise ApiError(400, "empty body: send the plan TOML ([[components]] name, recipe)")
-        dry = _flag(q, "dry", "dry_run") or doc.get("dry") is True
+        dry = flag(q, "dry", "dry_run") or doc.get("dry") is True
         # 202 as the Go agent answers, for a dry run too: scripts check it.
         self._send(202, self.c.apply_plan(text, dry=dry))
 
@@ -840,21 +464,21 @@ class _Handler(BaseHTTPRequestHandler):
     def h_sync(self, q: Query, body: bytes) -> None:
         self._json_object(body)
         result = self.c.sync(
-            dry_run=_flag(q, "dry", "dry_run"),
-            allow_rollback=_flag(q, "allow_rollback"),
-            retry=_flag(q, "retry"),
+            dry_run=flag(q, "dry", "dry_run"),
+            allow_rollback=flag(q, "allow_rollback"),
+            retry=flag(q, "retry"),
         )
         self._send(200, result)
 
     def h_history(self, q: Query, body: bytes) -> None:
-        value = _param(q, "limit") or "50"
+        value = param(q, "limit") or "50"
         if not value.isdigit() or int(value) < 1:
             raise ApiError(400, f"query parameter limit={value!r}: expected a positive integer")
         self._send(200, self.c.history(limit=min(int(value), 10_000)))
 
     def h_rollback(self, q: Query, body: bytes) -> None:
         self._json_object(body)
-        self._send(200, self.c.rollback(to=_param(q, "to") or None))
+        self._send(200, self.c.rollback(to=param(q, "to") or None))
 
     def h_suspend(self, q: Query, body: bytes) -> None:
         self._json_object(body)
@@ -893,17 +517,6 @@ def _gets(matched: list[tuple[Route, dict[str, str]]]) -> set[str]:
 
 def _text(exc: BaseException) -> str:
     return str(exc.args[0]) if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
-
-
-def _status_of(exc: KeystoneError) -> int:
-    """HTTP status of a Keystone error: will sending the same request again ever work?"""
-    if isinstance(exc, UsageError | ValidationError):
-        return 400  # the caller's input is wrong; as the Go agent answers a bad plan
-    if isinstance(exc, Refused):
-        return 422  # well-formed, but refused (signature, anti-rollback, damaged bundle)
-    if isinstance(exc, Retryable):
-        return 503  # try again later
-    return 500  # ProcessError, DeploymentFailed (kind "rolled-back"), anything else
 
 
 class _BodyReader(io.RawIOBase):
