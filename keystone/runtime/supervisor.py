@@ -137,7 +137,12 @@ def tail(path: Path, limit: int = 2048) -> str:
 
 
 class Supervisor:
-    """Runs one component version and keeps it alive according to its recipe."""
+    """Runs one component version and keeps it alive according to its recipe.
+
+    ``runner`` does everything to the process (any :class:`~keystone.runtime.runner.Runner`);
+    ``clock`` times every wait and uptime (default: the real monotonic clock); ``rng`` draws the
+    backoff jitter.
+    """
 
     def __init__(
         self,
