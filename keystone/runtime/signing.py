@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from keystone.errors import SignatureError
 
 if TYPE_CHECKING:
-    # lazy: cryptography is heavy; only workers and the CLI check signatures
     from cryptography.x509 import Certificate
 
 DIGEST_SIZE = 32
@@ -104,14 +103,7 @@ def _verify_with_key(public_key: Any, signature: bytes, digest: bytes) -> bool:
     # lazy: cryptography is heavy; only workers and the CLI check signatures
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import (
-        ec,
-        ed448,
-        ed25519,
-        padding,
-        rsa,
-        utils,
-    )
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
 
     prehashed = utils.Prehashed(hashes.SHA256())
     try:
@@ -320,20 +312,8 @@ def verify_signature(digest: bytes, signature: bytes, check: SignatureCheck) -> 
 def sign_digest(digest: bytes, key_pem: bytes) -> bytes:
     """Sign a SHA-256 digest the way ``openssl dgst -sha256 -sign`` (Ed25519: over the digest)."""
     # lazy: cryptography is heavy; only workers and the CLI check signatures
-    from cryptography.hazmat.primitives import (
-        hashes,
-        serialization,
-    )
-
-    # lazy: cryptography is heavy; only workers and the CLI check signatures
-    from cryptography.hazmat.primitives.asymmetric import (
-        ec,
-        ed448,
-        ed25519,
-        padding,
-        rsa,
-        utils,
-    )
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
 
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
