@@ -5,8 +5,9 @@ must stay small) and each one is bounded as a whole by its timeout, connect and 
 included. HTTP probes send one ``GET`` (HTTP/1.1, ``Connection: close``), read the status line
 and the headers, and never follow redirects: 2xx is healthy, a 3xx is reported with its
 ``Location``. HTTPS verifies the server certificate against the system trust store (honouring
-``SSL_CERT_FILE``/``SSL_CERT_DIR``). ``cmd:`` checks run ``/bin/sh -c`` through
-the runner's ``run`` (``ProcessRunner.run`` in the agent) in the component's work dir and environment; exit 0 is healthy.
+``SSL_CERT_FILE``/``SSL_CERT_DIR``). ``cmd:`` checks run ``/bin/sh -c`` through the runner's
+``run`` (a :class:`~keystone.runtime.runner.CommandRunner`) in the component's work dir and
+environment; exit 0 is healthy.
 """
 
 from __future__ import annotations
