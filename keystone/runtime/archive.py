@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import posixpath
 import secrets
@@ -321,9 +322,7 @@ def _scan_zip(zf: zipfile.ZipFile, limits: ArchiveLimits) -> _Scan:
         mode = (unix_mode & 0o7777) or (0o755 if kind == DIR else 0o644)
         mtime = None
         with contextlib.suppress(ValueError, OverflowError):
-            import datetime as _dt
-
-            mtime = _dt.datetime(*info.date_time).timestamp()
+            mtime = datetime.datetime(*info.date_time).timestamp()
         size = info.file_size if kind == FILE else 0
         scan.add(_Entry(name, kind, size, mode, target, info, mtime))
     scan.finish()

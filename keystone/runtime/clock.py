@@ -27,6 +27,7 @@ from pathlib import Path
 
 from loguru import logger
 
+import keystone
 from keystone.errors import UsageError, VerificationError
 from keystone.state import write_json
 
@@ -55,8 +56,6 @@ def build_time() -> float:
     The newest modification time of the package's own files that a release ships: installing or
     building Keystone writes them, so the real time cannot be earlier than that.
     """
-    import keystone
-
     candidates = [Path(keystone.__file__), Path(__file__)]
     times = []
     for path in candidates:

@@ -22,8 +22,9 @@ from loguru import logger
 from keystone.diff import ChangeSet, diff_plans
 from keystone.errors import DeploymentFailed
 from keystone.plan import Component, DesiredPlan
-from keystone.runtime.process import ProcessRunner
+from keystone.runtime.runner import AnyRunner
 from keystone.runtime.supervisor import RUNNING, RestartTuning, State, Supervisor, component_paths
+from keystone.runtime.timing import Clock, MonotonicClock
 
 
 class ArtifactPreparer(Protocol):
@@ -123,15 +124,17 @@ class Deployer:
 
     def __init__(
         self,
-        runner: ProcessRunner,
+        runner: AnyRunner,
         runtime_dir: Path,
         *,
         preparer: ArtifactPreparer | None = None,
         tuning: RestartTuning | None = None,
         install_timeout: float = 120.0,
         on_change: Callable[[Supervisor], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.runner = runner
+        self.clock: Clock = clock or MonotonicClock()
         self.runtime_dir = runtime_dir
         self.preparer = preparer
         self.tuning = tuning or RestartTuning()
@@ -150,6 +153,7 @@ class Deployer:
             tuning=self.tuning,
             install_timeout=self.install_timeout,
             on_change=self.on_change,
+            clock=self.clock,
         )
 
     def dry_run(self, desired: DesiredPlan) -> tuple[ChangeSet, list[Action]]:

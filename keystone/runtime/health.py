@@ -5,8 +5,9 @@ must stay small) and each one is bounded as a whole by its timeout, connect and 
 included. HTTP probes send one ``GET`` (HTTP/1.1, ``Connection: close``), read the status line
 and the headers, and never follow redirects: 2xx is healthy, a 3xx is reported with its
 ``Location``. HTTPS verifies the server certificate against the system trust store (honouring
-``SSL_CERT_FILE``/``SSL_CERT_DIR``). ``cmd:`` checks run ``/bin/sh -c`` through
-:meth:`ProcessRunner.run` in the component's work dir and environment; exit 0 is healthy.
+``SSL_CERT_FILE``/``SSL_CERT_DIR``). ``cmd:`` checks run ``/bin/sh -c`` through the runner's
+``run`` (a :class:`~keystone.runtime.runner.CommandRunner`) in the component's work dir and
+environment; exit 0 is healthy.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 from keystone.errors import ProcessError
 from keystone.recipe import validate_check
-from keystone.runtime.process import ProcessRunner
+from keystone.runtime.runner import CommandRunner
 
 #: Bytes of the status line plus headers read from an HTTP answer before giving up on it.
 MAX_HEAD = 64 * 1024
@@ -46,7 +47,7 @@ async def probe(
     check: str,
     *,
     timeout: float,
-    runner: ProcessRunner,
+    runner: CommandRunner,
     cwd: Path,
     env: Mapping[str, str],
 ) -> ProbeResult:
@@ -184,7 +185,7 @@ async def _header(reader: asyncio.StreamReader, name: str) -> str | None:
 
 
 async def _probe_cmd(
-    command: str, *, timeout: float, runner: ProcessRunner, cwd: Path, env: Mapping[str, str]
+    command: str, *, timeout: float, runner: CommandRunner, cwd: Path, env: Mapping[str, str]
 ) -> ProbeResult:
     try:
         result = await runner.run(

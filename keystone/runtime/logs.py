@@ -39,7 +39,7 @@ def _collapse(fd: int, length: int) -> bool:
     """Cut the first ``length`` bytes out of ``fd``'s file; False if the filesystem cannot."""
     global _fallocate
     if _fallocate is None:
-        import ctypes
+        import ctypes  # lazy: ctypes costs the resident agent memory; only a rotation needs it
 
         libc = ctypes.CDLL(None, use_errno=True)
         raw = libc.fallocate

@@ -1,14 +1,14 @@
-"""Spawning, reaping, signalling and stopping component processes on one event loop.
+"""The process runner: spawning, reaping, signalling, stopping and adopting on one event loop.
 
 Every process the agent starts has one owner, the :class:`ProcessRunner`, and it stops processes
 the trio way: SIGTERM to the whole process group, a grace period, then SIGKILL to the whole group
-(and to the component's cgroup, which also holds grandchildren that left the group).
+(and to the component's cgroup, which also holds grandchildren that left the group). It is the
+first implementation of :class:`~keystone.runtime.runner.Runner`.
 
 How it stays on one event loop without a thread per child:
 
-* Processes are started with :class:`subprocess.Popen` (fork/exec with a CLOEXEC error pipe, so a
-  failed ``exec`` is reported synchronously by :meth:`ProcessRunner.spawn`). asyncio's
-  ``create_subprocess_*`` is not used: on Python 3.11 its child watcher starts a thread per child.
+* Processes are started by :func:`~keystone.runtime.spawn.fork_exec` (``Popen`` with a CLOEXEC
+  error pipe, so a failed ``exec`` is reported synchronously by :meth:`ProcessRunner.spawn`).
 * Each child is watched through ``os.pidfd_open(pid)`` registered with ``loop.add_reader``; when the
   pidfd becomes readable the runner reaps it with ``os.waitpid(pid, WNOHANG)``. One runner watches
   all children; pidfds are closed as soon as a process is reaped and are CLOEXEC, so no child
@@ -22,150 +22,87 @@ agent crash and can be killed whole; :meth:`ProcessRunner.adopt` takes such a pr
 restart, after proving by its start time (field 22 of ``/proc/PID/stat``) that the pid was not
 recycled.
 
-Limits: ``open_files`` is ``RLIMIT_NOFILE`` set in the child only. ``memory_limit`` and
-``cpu_quota`` are cgroup v2 ``memory.max`` and ``cpu.max`` in a per-spawn cgroup under a writable
-(delegated) cgroup root. Without one they are *not* enforced and the runner says so (a log line,
-:attr:`ProcessRunner.cgroups_enabled`, :meth:`ProcessRunner.resources`). ``RLIMIT_AS`` is
-deliberately not used instead: it caps virtual address space, not memory use, and runtimes that
-reserve large address ranges up front (Go, the JVM, glibc malloc arenas per thread, sanitizers)
-fail to start or crash at random under it while a small RLIMIT_AS still lets a process touch all
-the memory it maps.
-
-Work done in the child between ``fork`` and ``exec`` (cgroup join, rlimit, capabilities, user,
-``no_new_privs``) uses only objects prepared in the parent (no imports, no name lookups), so it is
-safe even when the agent has other threads.
+Limits: ``open_files`` is ``RLIMIT_NOFILE`` set in the child only (with user, capabilities and
+``no_new_privs``: :mod:`keystone.runtime.privileges`). ``memory_limit`` and ``cpu_quota`` are
+cgroup v2 limits (:mod:`keystone.runtime.cgroups`); without a writable cgroup root they are not
+enforced and the runner says so. ``/proc`` readers are in :mod:`keystone.runtime.procfs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import grp
 import os
-import pwd
-import resource
 import select
 import signal
 import subprocess
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
 from keystone.errors import ProcessError
+from keystone.runtime.cgroups import (
+    CONTROLLERS,
+    CPU_PERIOD,
+    ResourceReport,
+    cgroup2_mount,
+    cgroup_members,
+    detect_cgroup_root,
+    enable_controllers,
+    kill_cgroup,
+    make_cgroup,
+    own_cgroup,
+    remove_cgroup,
+)
+from keystone.runtime.privileges import CAPABILITIES, capability_number, limit_steps
+from keystone.runtime.procfs import is_live, pgid_members, read_start_ticks, stat_fields
+from keystone.runtime.runner import KIND_KEY, RunnerRecord, record_json, record_kind
+from keystone.runtime.spawn import (
+    OUTPUT_CAP,
+    NoReapPopen,
+    PipeIO,
+    RunResult,
+    SpawnSpec,
+    fork_exec,
+    pidfd_or_kill,
+    spawn_failure,
+)
 
-#: Bytes of ``stdout`` (and of ``stderr``) that :meth:`ProcessRunner.run` keeps without a log.
-OUTPUT_CAP = 1 << 20
+# Names that lived here before the split, kept importable from this module.
+__all__ = [
+    "CAPABILITIES",
+    "CONTROLLERS",
+    "CPU_PERIOD",
+    "KILL_WAIT",
+    "ORPHAN_GRACE",
+    "OUTPUT_CAP",
+    "PROCESS_KIND",
+    "ProcessHandle",
+    "ProcessRecord",
+    "ProcessRunner",
+    "ResourceReport",
+    "RunResult",
+    "SpawnSpec",
+    "capability_number",
+    "cgroup2_mount",
+    "cgroup_members",
+    "detect_cgroup_root",
+    "own_cgroup",
+    "pgid_members",
+    "read_start_ticks",
+]
+
 #: Seconds to wait for SIGKILLed processes to disappear before reporting them as unkillable.
 KILL_WAIT = 10.0
 #: Seconds that processes left behind by a component whose main process exited get between
 #: SIGTERM and SIGKILL.
 ORPHAN_GRACE = 5.0
-#: The cgroup v2 controllers the runner enables under its root when it can.
-CONTROLLERS = ("cpu", "memory", "pids")
-#: cpu.max period in microseconds (the kernel's default).
-CPU_PERIOD = 100_000
+#: The runner kind of process snapshot entries.
+PROCESS_KIND = "process"
 _FINISHED_KEEP = 1024
-
-# prctl(2) and capability constants (linux/prctl.h, linux/capability.h).
-PR_SET_KEEPCAPS = 8
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-#: Linux capability numbers by name (linux/capability.h, up to 6.x).
-CAPABILITIES: Mapping[str, int] = {
-    name: number
-    for number, name in enumerate(
-        (
-            "CAP_CHOWN",
-            "CAP_DAC_OVERRIDE",
-            "CAP_DAC_READ_SEARCH",
-            "CAP_FOWNER",
-            "CAP_FSETID",
-            "CAP_KILL",
-            "CAP_SETGID",
-            "CAP_SETUID",
-            "CAP_SETPCAP",
-            "CAP_LINUX_IMMUTABLE",
-            "CAP_NET_BIND_SERVICE",
-            "CAP_NET_BROADCAST",
-            "CAP_NET_ADMIN",
-            "CAP_NET_RAW",
-            "CAP_IPC_LOCK",
-            "CAP_IPC_OWNER",
-            "CAP_SYS_MODULE",
-            "CAP_SYS_RAWIO",
-            "CAP_SYS_CHROOT",
-            "CAP_SYS_PTRACE",
-            "CAP_SYS_PACCT",
-            "CAP_SYS_ADMIN",
-            "CAP_SYS_BOOT",
-            "CAP_SYS_NICE",
-            "CAP_SYS_RESOURCE",
-            "CAP_SYS_TIME",
-            "CAP_SYS_TTY_CONFIG",
-            "CAP_MKNOD",
-            "CAP_LEASE",
-            "CAP_AUDIT_WRITE",
-            "CAP_AUDIT_CONTROL",
-            "CAP_SETFCAP",
-            "CAP_MAC_OVERRIDE",
-            "CAP_MAC_ADMIN",
-            "CAP_SYSLOG",
-            "CAP_WAKE_ALARM",
-            "CAP_BLOCK_SUSPEND",
-            "CAP_AUDIT_READ",
-            "CAP_PERFMON",
-            "CAP_BPF",
-            "CAP_CHECKPOINT_RESTORE",
-        )
-    )
-}
-
-
-# --- values ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpawnSpec:
-    """Everything needed to start one long-running component process.
-
-    Attributes:
-        name: component name, used in every message.
-        argv: the command; ``argv[0]`` is resolved against ``cwd`` when it contains ``/``,
-            otherwise searched in the ``PATH`` of ``env``.
-        cwd: working directory (must exist).
-        env: the complete environment of the child; nothing of the agent's leaks in.
-        log_dir: stdout goes to ``log_dir/stdout.log`` and stderr to ``log_dir/stderr.log``,
-            opened ``O_APPEND`` (created if missing) and handed to the child directly.
-        open_files: ``RLIMIT_NOFILE`` (soft and hard) of the child only.
-        memory_limit: bytes, cgroup v2 ``memory.max`` when the runner has a cgroup root.
-        cpu_quota: cores (0.5 = half a core), cgroup v2 ``cpu.max``.
-        user: ``user``, ``uid``, ``user:group`` or ``uid:gid``. Switched to only when the agent
-            runs as root; otherwise it must name the current user.
-        no_new_privileges: ``prctl(PR_SET_NO_NEW_PRIVS)`` in the child.
-        capabilities: None leaves capabilities alone; a tuple (``()`` = none) becomes the
-            child's bounding, permitted, effective, inheritable and ambient sets.
-    """
-
-    name: str
-    argv: tuple[str, ...]
-    cwd: Path
-    env: Mapping[str, str]
-    log_dir: Path
-    open_files: int | None = None
-    memory_limit: int | None = None
-    cpu_quota: float | None = None
-    user: str | None = None
-    no_new_privileges: bool = False
-    capabilities: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +110,8 @@ class ProcessHandle:
     """A started (or adopted) component process.
 
     ``pid`` plus ``start_ticks`` identify the process across agent restarts (a recycled pid has a
-    later start time); persist all fields to :meth:`ProcessRunner.adopt` it later.
+    later start time); persist them with :meth:`ProcessRunner.describe` to
+    :meth:`ProcessRunner.adopt_record` it later.
     """
 
     name: str
@@ -184,391 +122,54 @@ class ProcessHandle:
 
 
 @dataclass(frozen=True)
-class RunResult:
-    """The outcome of a one-shot command.
+class ProcessRecord:
+    """The snapshot entry of a component process: ``{"runner", "pid", "pgid", "start_ticks",
+    "cgroup"}`` (the agent adds ``version`` and ``hash``)."""
 
-    Attributes:
-        returncode: exit status; negative when killed by a signal (``-9`` after a timeout).
-        stdout: captured standard output (the first :data:`OUTPUT_CAP` bytes) when the command
-            ran without ``log``; empty otherwise.
-        timed_out: the command was killed because it outlived its timeout.
-        duration: seconds from start to exit.
-        stderr: captured standard error (the *last* :data:`OUTPUT_CAP` bytes, where a
-            traceback or error message is) when the command ran without ``log``.
-        truncated: stdout was longer than the cap and was cut.
-    """
-
-    returncode: int
-    stdout: bytes
-    timed_out: bool
-    duration: float
-    stderr: bytes = b""
-    truncated: bool = False
-
-
-@dataclass(frozen=True)
-class ResourceReport:
-    """Which of a spawn's resource limits are really enforced, and why not."""
-
+    pid: int
+    pgid: int
+    start_ticks: int
     cgroup: Path | None
-    open_files: int | None
-    memory_enforced: bool
-    cpu_enforced: bool
-    notes: tuple[str, ...] = ()
 
-
-# --- /proc helpers --------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields 3.. of ``/proc/PID/stat`` (after the parenthesised command name), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    end = data.rfind(b")")
-    if end < 0:
-        return None
-    return data[end + 2 :].decode("ascii", "replace").split()
-
-
-def read_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of ``/proc/PID/stat``).
-
-    Returns None when the process does not exist. Together with the pid it identifies a process
-    across agent restarts: a recycled pid has a different start time.
-    """
-    fields = _stat_fields(pid)
-    if fields is None or len(fields) < 20:
-        return None
-    return int(fields[19])
-
-
-def _live(fields: list[str] | None) -> bool:
-    return fields is not None and fields[0] not in ("Z", "X", "x")
-
-
-def pgid_members(pgid: int) -> list[int]:
-    """Pids of the live processes (zombies excluded) whose process group is ``pgid``.
-
-    Scans ``/proc``; a dead member whose parent has not reaped it yet is not counted.
-    """
-    members: list[int] = []
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            fields = _stat_fields(int(entry.name))
-            if _live(fields) and fields is not None and int(fields[2]) == pgid:
-                members.append(int(entry.name))
-    return sorted(members)
-
-
-def cgroup_members(cgroup: Path) -> list[int]:
-    """Pids of the live processes in a cgroup v2 directory (empty when it is gone)."""
-    try:
-        text = (cgroup / "cgroup.procs").read_text()
-    except OSError:
-        return []
-    return sorted(p for p in map(int, text.split()) if _live(_stat_fields(p)))
-
-
-# --- cgroups --------------------------------------------------------------------------------
-
-
-def cgroup2_mount() -> Path | None:
-    """Mount point of the cgroup v2 hierarchy (``/sys/fs/cgroup`` or ``.../unified``)."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        if right.split(" ", 1)[0] == "cgroup2":
-            fields = left.split()
-            if fields[3] == "/":
-                # mountinfo escapes spaces and the like as \ooo octal.
-                point = fields[4].encode().decode("unicode_escape")
-                return Path(point)
-    return None
-
-
-def own_cgroup() -> str | None:
-    """This process's cgroup v2 path (the ``0::`` line of ``/proc/self/cgroup``)."""
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:]
-    except OSError:
-        return None
-    return None
-
-
-def _writable_cgroup(path: Path) -> bool:
-    return (
-        (path / "cgroup.procs").is_file()
-        and os.access(path, os.W_OK)
-        and os.access(path / "cgroup.procs", os.W_OK)
-    )
-
-
-def _systemd_unit(cgroup_path: str) -> bool:
-    """True when a cgroup path is a systemd unit's (``....service``, ``.scope``, ``.slice``)."""
-    return any(seg.endswith((".service", ".scope", ".slice")) for seg in cgroup_path.split("/"))
-
-
-def _delegated(cgroup: Path) -> bool:
-    """True when systemd marked ``cgroup`` as delegated (``Delegate=yes``, systemd >= 251)."""
-    for attr in ("trusted.delegate", "user.delegate"):
-        with contextlib.suppress(OSError):
-            if os.getxattr(cgroup, attr) == b"1":
-                return True
-    return False
-
-
-def _enable_controllers(cgroup: Path) -> frozenset[str]:
-    """Enable what it can of :data:`CONTROLLERS` for ``cgroup``'s children; return what is on."""
-    try:
-        available = set((cgroup / "cgroup.controllers").read_text().split())
-        enabled = set((cgroup / "cgroup.subtree_control").read_text().split())
-    except OSError:
-        return frozenset()
-    for name in CONTROLLERS:
-        if name in available and name not in enabled:
-            with contextlib.suppress(OSError):
-                (cgroup / "cgroup.subtree_control").write_text(f"+{name}")
-    try:
-        return frozenset((cgroup / "cgroup.subtree_control").read_text().split())
-    except OSError:
-        return frozenset()
-
-
-def detect_cgroup_root(environ: Mapping[str, str] | None = None) -> Path | None:
-    """Find or make a cgroup v2 directory the agent may create component cgroups in.
-
-    ``KEYSTONE_CGROUP_ROOT`` in ``environ`` (default: ``os.environ``) names one explicitly.
-    Otherwise the root is ``keystone/`` under the agent's own cgroup, provided the agent may
-    write there and, when that cgroup is a systemd unit's, systemd delegated it
-    (``Delegate=yes``; add ``KillMode=process`` so that components outlive an agent restart). When the agent is the only process in its own cgroup it
-    first moves itself into a ``keystone-agent/`` leaf, because cgroup v2 lets a cgroup with
-    member processes enable no controllers for its children; when it shares its cgroup with
-    other processes, component cgroups still group and kill whole trees but carry no limits.
-
-    Returns:
-        The root, or None when there is no cgroup v2 hierarchy or the agent may not write to
-        it (then memory and CPU limits are not enforced).
-    """
-    env = os.environ if environ is None else environ
-    explicit = env.get("KEYSTONE_CGROUP_ROOT")
-    if explicit:
-        root = Path(explicit)
-        if _writable_cgroup(root):
-            return root
-        logger.warning("KEYSTONE_CGROUP_ROOT={} is not a writable cgroup v2 directory", root)
-        return None
-    mount = cgroup2_mount()
-    own = own_cgroup()
-    if mount is None or own is None:
-        return None
-    own_dir = mount / own.lstrip("/")
-    if not _writable_cgroup(own_dir):
-        return None
-    if _systemd_unit(own) and not _delegated(own_dir):
-        # systemd is the single writer of its units' cgroups unless it delegated one.
-        logger.info(
-            "cgroup {} belongs to systemd and is not delegated: add Delegate=yes to the unit "
-            "(or set KEYSTONE_CGROUP_ROOT) to enforce memory_limit and cpu_quota",
-            own_dir,
-        )
-        return None
-    try:
-        root = own_dir / "keystone"
-        root.mkdir(exist_ok=True)
-        available = set((own_dir / "cgroup.controllers").read_text().split()) & set(CONTROLLERS)
-        if available - _enable_controllers(own_dir) and own_dir != mount:
-            members = (own_dir / "cgroup.procs").read_text().split()
-            if members == [str(os.getpid())]:
-                leaf = own_dir / "keystone-agent"
-                leaf.mkdir(exist_ok=True)
-                (leaf / "cgroup.procs").write_text(str(os.getpid()))
-                _enable_controllers(own_dir)
-    except OSError as exc:
-        logger.warning("cgroup v2 at {} is not usable: {}", own_dir, exc)
-        return None
-    return root
-
-
-def _kill_cgroup(cgroup: Path) -> None:
-    """SIGKILL every process in ``cgroup`` (``cgroup.kill``, or one by one on older kernels)."""
-    kill = cgroup / "cgroup.kill"
-    if kill.exists():
-        with contextlib.suppress(OSError):
-            kill.write_text("1")
-            return
-    for pid in cgroup_members(cgroup):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _remove_cgroup(cgroup: Path | None) -> None:
-    if cgroup is None:
-        return
-    try:
-        cgroup.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.debug("cgroup {} not removed yet: {}", cgroup, exc)
-
-
-# --- identity and capabilities --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Identity:
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-
-def _resolve_user(spec: str) -> _Identity:
-    """``user``, ``uid``, ``user:group`` or ``uid:gid`` to numbers (raises ValueError)."""
-    user, _, group = spec.partition(":")
-    if not user:
-        raise ValueError("expected user, uid, user:group or uid:gid")
-    name: str | None = None
-    if user.isdigit():
-        uid = int(user)
-        try:
-            entry = pwd.getpwuid(uid)
-            name, gid = entry.pw_name, entry.pw_gid
-        except KeyError:
-            gid = uid
-    else:
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            raise ValueError(f"no such user {user!r}") from None
-        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
-    if group:
-        if group.isdigit():
-            gid = int(group)
-        else:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise ValueError(f"no such group {group!r}") from None
-    groups = tuple(os.getgrouplist(name, gid)) if name is not None else (gid,)
-    return _Identity(uid, gid, groups)
-
-
-def capability_number(name: str) -> int | None:
-    """``CAP_NET_BIND_SERVICE`` (or ``net_bind_service``) to its number; None if unknown."""
-    key = name.strip().upper()
-    if not key.startswith("CAP_"):
-        key = "CAP_" + key
-    return CAPABILITIES.get(key)
-
-
-def _cap_name(number: int) -> str:
-    for cap_name, cap_number in CAPABILITIES.items():
-        if cap_number == number:
-            return cap_name
-    return f"capability {number}"
-
-
-def _cap_last_cap() -> int:
-    try:
-        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    except (OSError, ValueError):
-        return max(CAPABILITIES.values())
-
-
-class _Libc:
-    """prctl(2) and capset(2) through ctypes, bound once in the parent (never in a child)."""
-
-    _instance: _Libc | None = None
-
-    def __init__(self) -> None:
-        import ctypes
-
-        self.ctypes = ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.prctl = libc.prctl
-        self.prctl.argtypes = [
-            ctypes.c_int,
-            ctypes.c_ulong,
-            ctypes.c_ulong,
-            ctypes.c_ulong,
-            ctypes.c_ulong,
-        ]
-        self.prctl.restype = ctypes.c_int
-        self.capset = libc.capset
-        self.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.capset.restype = ctypes.c_int
+    @property
+    def kind(self) -> str:
+        """Always :data:`PROCESS_KIND`."""
+        return PROCESS_KIND
 
     @classmethod
-    def get(cls) -> _Libc:
-        if cls._instance is None:
-            cls._instance = _Libc()
-        return cls._instance
+    def of(cls, handle: ProcessHandle) -> ProcessRecord:
+        """The record of a handle."""
+        return cls(handle.pid, handle.pgid, handle.start_ticks, handle.cgroup)
 
-    def prctl_call(self, option: int, arg2: int = 0, arg3: int = 0) -> Callable[[], None]:
-        """A ready-to-call ``prctl(option, arg2, arg3, 0, 0)`` that raises OSError on failure."""
-        prctl, get_errno = self.prctl, self.ctypes.get_errno
+    def to_json(self) -> dict[str, object]:
+        """The snapshot entry."""
+        return {
+            KIND_KEY: PROCESS_KIND,
+            "pid": self.pid,
+            "pgid": self.pgid,
+            "start_ticks": self.start_ticks,
+            "cgroup": str(self.cgroup) if self.cgroup else None,
+        }
 
-        def call() -> None:
-            if prctl(option, arg2, arg3, 0, 0) != 0:
-                err = get_errno()
-                raise OSError(err, os.strerror(err))
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> ProcessRecord:
+        """Parse a snapshot entry, old (no ``runner`` key) or new; extra keys are ignored.
 
-        return call
-
-    def capset_call(self, caps: frozenset[int]) -> Callable[[], None]:
-        """A ready-to-call capset(2) making ``caps`` the effective, permitted and inheritable sets."""
-        ctypes = self.ctypes
-        header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-        data = (ctypes.c_uint32 * 6)()
-        for cap in caps:
-            word = 3 * (cap // 32)
-            bit = 1 << (cap % 32)
-            for i in range(3):  # effective, permitted, inheritable
-                data[word + i] |= bit
-        capset, get_errno = self.capset, ctypes.get_errno
-
-        def call() -> None:
-            if capset(ctypes.addressof(header), ctypes.addressof(data)) != 0:
-                err = get_errno()
-                raise OSError(err, os.strerror(err))
-
-        return call
-
-
-def _child_setup(steps: list[tuple[str, Callable[[], None]]], report_fd: int) -> Callable[[], None]:
-    """The ``preexec_fn``: run ``steps`` in order; on failure tell the parent which one and why."""
-
-    def setup() -> None:
-        for what, step in steps:
-            try:
-                step()
-            except BaseException as exc:
-                with contextlib.suppress(OSError):
-                    os.write(report_fd, f"{what}: {exc}".encode(errors="replace"))
-                raise
-
-    return setup
-
-
-class _Popen(subprocess.Popen[bytes]):
-    """Popen that never reaps or warns on its own: the runner reaps through pidfds.
-
-    ``Popen.__del__`` of a running child puts it on ``subprocess._active``, and the next
-    ``Popen()`` would then ``waitpid`` it and steal the exit status from the runner.
-    """
-
-    def __del__(self) -> None:
-        return None
+        Raises:
+            ValueError: a field is missing or of the wrong type, or the entry is of another kind.
+        """
+        if record_kind(data) != PROCESS_KIND:
+            raise ValueError(f"not a process entry (runner = {record_kind(data)!r})")
+        numbers: list[int] = []
+        for key in ("pid", "pgid", "start_ticks"):
+            value = data.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+            numbers.append(value)
+        cgroup = data.get("cgroup")
+        if cgroup is not None and not isinstance(cgroup, str):
+            raise ValueError(f"cgroup must be a path or null, got {cgroup!r}")
+        return cls(numbers[0], numbers[1], numbers[2], Path(cgroup) if cgroup else None)
 
 
 # --- the runner -----------------------------------------------------------------------------
@@ -655,7 +256,7 @@ class ProcessRunner:
         if self.cgroup_root is None:
             return frozenset()
         if self._controllers is None:
-            self._controllers = _enable_controllers(self.cgroup_root)
+            self._controllers = enable_controllers(self.cgroup_root)
         return self._controllers
 
     def resources(self, handle: ProcessHandle) -> ResourceReport | None:
@@ -744,7 +345,7 @@ class ProcessRunner:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         else:
-            _remove_cgroup(handle.cgroup)
+            remove_cgroup(handle.cgroup)
 
     async def _clean_orphans(self, handle: ProcessHandle, grace: float) -> None:
         """Stop what a process that exited on its own left in its group or cgroup."""
@@ -769,8 +370,8 @@ class ProcessRunner:
         except OSError:
             return None
         # Read the identity after opening the pidfd: the pidfd pins the process it names.
-        if read_start_ticks(handle.pid) != handle.start_ticks or not _live(
-            _stat_fields(handle.pid)
+        if read_start_ticks(handle.pid) != handle.start_ticks or not is_live(
+            stat_fields(handle.pid)
         ):
             os.close(pidfd)
             return None
@@ -815,56 +416,16 @@ class ProcessRunner:
             raise ProcessError(f"{name}: empty command: set [lifecycle.run.exec] command")
         if not spec.cwd.is_dir():
             raise ProcessError(f"{name}: working directory does not exist: {spec.cwd}")
-        steps: list[tuple[str, Callable[[], None]]] = []
-        cgroup, report = self._make_cgroup(spec)
-        opened: list[int] = []
+        self._seq += 1
+        cgroup, report = make_cgroup(self.cgroup_root, self.controllers, spec, self._seq)
         try:
-            if cgroup is not None:
-                procs = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-                opened.append(procs)
-                steps.append((f"joining cgroup {cgroup}", lambda: _write_all(procs, b"0")))
-            steps += self._limit_steps(spec)
-            spec.log_dir.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            out = os.open(spec.log_dir / "stdout.log", flags, 0o640)
-            opened.append(out)
-            err = os.open(spec.log_dir / "stderr.log", flags, 0o640)
-            opened.append(err)
-            report_r, report_w = os.pipe2(os.O_CLOEXEC)
-            opened += [report_r, report_w]
-            preexec = _child_setup(steps, report_w) if steps else None
-            try:
-                proc = _Popen(
-                    list(spec.argv),
-                    cwd=spec.cwd,
-                    env=dict(spec.env),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    close_fds=True,
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                )
-            except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                os.close(report_w)
-                opened.remove(report_w)
-                detail = os.read(report_r, 4096).decode(errors="replace")
-                raise ProcessError(
-                    _spawn_failure(name, spec.argv[0], spec.cwd, spec.env, exc, detail)
-                ) from exc
+            pid = fork_exec(spec, limit_steps(spec), cgroup)
         except ProcessError:
-            _remove_cgroup(cgroup)
+            remove_cgroup(cgroup)
             raise
-        except OSError as exc:
-            _remove_cgroup(cgroup)
-            raise ProcessError(f"{name}: cannot prepare the process: {exc}") from exc
-        finally:
-            for fd in opened:
-                os.close(fd)
-        pid = proc.pid
         ticks = read_start_ticks(pid) or 0
         handle = ProcessHandle(name, pid, pid, ticks, cgroup)
-        pidfd = _pidfd_or_kill(name, pid)
+        pidfd = pidfd_or_kill(name, pid)
         watch = _Watch(handle, pidfd, child=True, grace=self.orphan_grace, report=report)
         self._watches[pid] = watch
         self._register(watch, loop)
@@ -872,161 +433,6 @@ class ProcessRunner:
         for note in report.notes:
             logger.warning("{}: {}", name, note)
         return handle
-
-    def _make_cgroup(self, spec: SpawnSpec) -> tuple[Path | None, ResourceReport]:
-        """Create this spawn's cgroup and write its limits; say what is enforced."""
-        notes: list[str] = []
-        memory_ok = cpu_ok = False
-        cgroup: Path | None = None
-        if self.cgroup_root is None:
-            why = "no writable cgroup v2 hierarchy (run the agent as root or with Delegate=yes)"
-            if spec.memory_limit is not None:
-                notes.append(f"memory_limit = {spec.memory_limit} is not enforced: {why}")
-            if spec.cpu_quota is not None:
-                notes.append(f"cpu_quota = {spec.cpu_quota:g} is not enforced: {why}")
-            return None, ResourceReport(None, spec.open_files, False, False, tuple(notes))
-        controllers = self.controllers
-        self._seq += 1
-        cgroup = self.cgroup_root / f"{spec.name}.{os.getpid()}.{self._seq}"
-        try:
-            cgroup.mkdir()
-        except OSError as exc:
-            notes.append(
-                f"no cgroup ({cgroup}: {exc.strerror}); memory and CPU limits are not enforced"
-            )
-            return None, ResourceReport(None, spec.open_files, False, False, tuple(notes))
-        if spec.memory_limit is not None:
-            if "memory" in controllers:
-                try:
-                    (cgroup / "memory.max").write_text(str(spec.memory_limit))
-                    memory_ok = True
-                    # An OOM kill takes the whole component down, not one of its processes.
-                    with contextlib.suppress(OSError):
-                        (cgroup / "memory.oom.group").write_text("1")
-                except OSError as exc:
-                    notes.append(
-                        f"memory_limit not enforced: writing {cgroup}/memory.max: {exc.strerror}"
-                    )
-            else:
-                notes.append(
-                    f"memory_limit not enforced: the memory controller is not enabled in {self.cgroup_root}"
-                )
-        if spec.cpu_quota is not None:
-            if "cpu" in controllers:
-                quota = max(1000, round(spec.cpu_quota * CPU_PERIOD))
-                try:
-                    (cgroup / "cpu.max").write_text(f"{quota} {CPU_PERIOD}")
-                    cpu_ok = True
-                except OSError as exc:
-                    notes.append(
-                        f"cpu_quota not enforced: writing {cgroup}/cpu.max: {exc.strerror}"
-                    )
-            else:
-                notes.append(
-                    f"cpu_quota not enforced: the cpu controller is not enabled in {self.cgroup_root}"
-                )
-        return cgroup, ResourceReport(cgroup, spec.open_files, memory_ok, cpu_ok, tuple(notes))
-
-    def _limit_steps(self, spec: SpawnSpec) -> list[tuple[str, Callable[[], None]]]:
-        """The in-child steps for rlimit, capabilities, user and no_new_privs, in that order.
-
-        The order matters: raising RLIMIT_NOFILE and dropping the bounding set need
-        privileges that switching to another user takes away.
-        """
-        name = spec.name
-        steps: list[tuple[str, Callable[[], None]]] = []
-        root = os.geteuid() == 0
-        if spec.open_files is not None:
-            n = spec.open_files
-            if n < 1:
-                raise ProcessError(f"{name}: open_files must be at least 1, got {n}")
-            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            if not root and hard != resource.RLIM_INFINITY and n > hard:
-                raise ProcessError(
-                    f"{name}: open_files = {n} exceeds the agent's hard limit {hard}; "
-                    "lower it or run the agent as root"
-                )
-            steps.append(
-                (
-                    f"setting RLIMIT_NOFILE to {n}",
-                    lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)),
-                )
-            )
-        ident: _Identity | None = None
-        if spec.user:
-            try:
-                ident = _resolve_user(spec.user)
-            except ValueError as exc:
-                raise ProcessError(f"{name}: security.user = {spec.user!r}: {exc}") from None
-            if not root:
-                if ident.uid != os.geteuid() or ident.gid != os.getegid():
-                    raise ProcessError(
-                        f"{name}: security.user = {spec.user!r} needs the agent to run as root "
-                        f"(it runs as uid {os.geteuid()}); remove it or run the agent as root"
-                    )
-                ident = None  # already that user
-        caps: frozenset[int] | None = None
-        if spec.capabilities is not None:
-            numbers: dict[str, int] = {}
-            for cap_name in spec.capabilities:
-                number = capability_number(cap_name)
-                if number is None:
-                    raise ProcessError(
-                        f"{name}: unknown capability {cap_name!r} (expected e.g. CAP_NET_BIND_SERVICE)"
-                    )
-                numbers[cap_name] = number
-            caps = frozenset(numbers.values())
-            last = _cap_last_cap()
-            if any(c > last for c in caps):
-                raise ProcessError(
-                    f"{name}: capabilities {sorted(numbers)}: this kernel knows none above {last}"
-                )
-            if not root and caps:
-                raise ProcessError(
-                    f"{name}: capabilities {sorted(numbers)} need the agent to run as root; "
-                    "remove them or run the agent as root"
-                )
-        libc = _Libc.get() if caps is not None or spec.no_new_privileges else None
-        if caps is not None and libc is not None and root:
-            for number in range(_cap_last_cap() + 1):
-                if number not in caps:
-                    steps.append(
-                        (
-                            f"dropping {_cap_name(number)} from the bounding set",
-                            libc.prctl_call(PR_CAPBSET_DROP, number),
-                        )
-                    )
-            if ident is not None and caps:
-                steps.append(
-                    (
-                        "keeping capabilities across the user switch",
-                        libc.prctl_call(PR_SET_KEEPCAPS, 1),
-                    )
-                )
-        if ident is not None:
-            uid, gid, groups = ident.uid, ident.gid, list(ident.groups)
-            steps.append((f"setting supplementary groups {groups}", lambda: os.setgroups(groups)))
-            steps.append((f"switching to gid {gid}", lambda: os.setresgid(gid, gid, gid)))
-            steps.append((f"switching to uid {uid}", lambda: os.setresuid(uid, uid, uid)))
-        if caps is not None and libc is not None:
-            steps.append(("setting capabilities", libc.capset_call(caps)))
-            steps.append(
-                (
-                    "clearing ambient capabilities",
-                    libc.prctl_call(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL),
-                )
-            )
-            for number in sorted(caps):
-                # Ambient capabilities are what survives exec for a non-root user.
-                steps.append(
-                    (
-                        f"raising ambient {_cap_name(number)}",
-                        libc.prctl_call(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, number),
-                    )
-                )
-        if spec.no_new_privileges and libc is not None:
-            steps.append(("setting no_new_privs", libc.prctl_call(PR_SET_NO_NEW_PRIVS, 1)))
-        return steps
 
     # --- observe and signal -----------------------------------------------------------------
 
@@ -1055,8 +461,8 @@ class ProcessRunner:
             poller = select.poll()
             poller.register(watch.pidfd, select.POLLIN)
             return not poller.poll(0)
-        return read_start_ticks(handle.pid) == handle.start_ticks and _live(
-            _stat_fields(handle.pid)
+        return read_start_ticks(handle.pid) == handle.start_ticks and is_live(
+            stat_fields(handle.pid)
         )
 
     def signal(self, handle: ProcessHandle, sig: int, *, group: bool = True) -> None:
@@ -1156,7 +562,7 @@ class ProcessRunner:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(handle.pgid, signal.SIGKILL)
         if handle.cgroup is not None:
-            _kill_cgroup(handle.cgroup)
+            kill_cgroup(handle.cgroup)
         if watch is not None and not watch.done and watch.pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(watch.pidfd, signal.SIGKILL)
@@ -1169,7 +575,7 @@ class ProcessRunner:
                 f"{handle.name}: processes {left} survived SIGKILL for {KILL_WAIT:g}s "
                 "(uninterruptible sleep, e.g. a hung mount?); they will be killed again at the next stop"
             )
-        _remove_cgroup(handle.cgroup)
+        remove_cgroup(handle.cgroup)
 
     async def _wait_gone(
         self, handle: ProcessHandle, watch: _Watch | None, deadline: float, *, cgroup: bool
@@ -1215,6 +621,30 @@ class ProcessRunner:
         watch = self._track(handle, grace=self.orphan_grace)
         return handle if watch is not None else None
 
+    def describe(self, handle: ProcessHandle) -> ProcessRecord:
+        """The snapshot record of ``handle`` (what :meth:`adopt_record` takes back)."""
+        return ProcessRecord.of(handle)
+
+    def adopt_record(
+        self, name: str, record: RunnerRecord | Mapping[str, object]
+    ) -> ProcessHandle | None:
+        """:meth:`adopt` the process a snapshot entry names (None: gone, or not a process entry).
+
+        Takes entries of kind ``process`` and entries written before kinds existed
+        (``{"pid", "pgid", "start_ticks", "cgroup", ...}``); other keys are ignored.
+        """
+        data = record_json(record)
+        kind = record_kind(data)
+        if kind != PROCESS_KIND:
+            logger.warning("{}: snapshot entry of runner {!r}, not {!r}", name, kind, PROCESS_KIND)
+            return None
+        try:
+            rec = ProcessRecord.from_json(data)
+        except ValueError as exc:
+            logger.warning("{}: unusable snapshot entry: {}", name, exc)
+            return None
+        return self.adopt(name, rec.pid, rec.pgid, rec.start_ticks, rec.cgroup)
+
     # --- one-shot commands ------------------------------------------------------------------
 
     async def run(
@@ -1252,7 +682,7 @@ class ProcessRunner:
         label = os.path.basename(argv[0]) or argv[0]
         started = loop.time()
         deadline = started + max(0.0, timeout)
-        io = _PipeIO(loop, max_output)
+        io = PipeIO(loop, max_output)
         child: list[int] = []  # the child's ends, closed as soon as it started
         try:
             stdin_fd: int = subprocess.DEVNULL
@@ -1271,7 +701,7 @@ class ProcessRunner:
                 err_r, err_fd = io.pipe(child_end="write")
                 child.append(err_fd)
             try:
-                proc = _Popen(
+                proc = NoReapPopen(
                     list(argv),
                     cwd=cwd,
                     env=dict(env),
@@ -1282,14 +712,14 @@ class ProcessRunner:
                     start_new_session=True,
                 )
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                raise ProcessError(_spawn_failure(label, argv[0], cwd, env, exc, "")) from exc
+                raise ProcessError(spawn_failure(label, argv[0], cwd, env, exc, "")) from exc
             finally:
                 for fd in child:
                     os.close(fd)
                 child.clear()
             pid = proc.pid
             handle = ProcessHandle(label, pid, pid, read_start_ticks(pid) or 0, None)
-            watch = _Watch(handle, _pidfd_or_kill(label, pid), child=True, grace=None, report=None)
+            watch = _Watch(handle, pidfd_or_kill(label, pid), child=True, grace=None, report=None)
             self._watches[pid] = watch
             self._register(watch, loop)
             if input is not None:
@@ -1356,24 +786,6 @@ class ProcessRunner:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _pidfd_or_kill(name: str, pid: int) -> int:
-    """A pidfd for a child just started; if none can be had, kill and reap it and raise."""
-    try:
-        return os.pidfd_open(pid)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        raise ProcessError(
-            f"{name}: cannot watch pid {pid} ({exc.strerror}); it was killed"
-        ) from exc
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    os.write(fd, data)
-
-
 async def _wait_pids(loop: asyncio.AbstractEventLoop, pids: set[int], timeout: float) -> bool:
     """Wait until every pid in ``pids`` has exited (through pidfds); False on timeout."""
     fds: list[int] = []
@@ -1405,146 +817,3 @@ async def _wait_pids(loop: asyncio.AbstractEventLoop, pids: set[int], timeout: f
             if fd in pending:
                 loop.remove_reader(fd)
             os.close(fd)
-
-
-class _PipeIO:
-    """Feeds stdin and collects stdout/stderr of one command with loop readers and writers.
-
-    Owns the parent's ends of the pipes it creates and closes each one exactly once.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, cap: int) -> None:
-        self.loop = loop
-        self.cap = max(0, cap)
-        self.truncated = False
-        self._out = bytearray()
-        self._err = bytearray()
-        self._owned: set[int] = set()
-        self._readers: dict[int, Callable[[], None]] = {}
-        self._eof: asyncio.Future[None] = loop.create_future()
-
-    @property
-    def stdout(self) -> bytes:
-        return bytes(self._out)
-
-    @property
-    def stderr(self) -> bytes:
-        return bytes(self._err[-self.cap :]) if self.cap else b""
-
-    def pipe(self, *, child_end: str) -> tuple[int, int]:
-        """A CLOEXEC pipe ``(read, write)``; the end not given to the child is owned here."""
-        r, w = os.pipe2(os.O_CLOEXEC)
-        self._owned.add(w if child_end == "read" else r)
-        return r, w
-
-    def _release(self, fd: int) -> None:
-        if fd in self._owned:
-            self._owned.discard(fd)
-            if not self.loop.is_closed():
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
-            os.close(fd)
-
-    def feed(self, fd: int, data: bytes) -> None:
-        """Write ``data`` to ``fd`` as the child reads it, then close it (the child sees EOF)."""
-        os.set_blocking(fd, False)
-        view = memoryview(data)
-        offset = 0
-
-        def write() -> None:
-            nonlocal offset
-            try:
-                offset += os.write(fd, view[offset : offset + 65536])
-            except BlockingIOError:
-                return
-            except OSError:  # EPIPE: the command does not read (all of) its input
-                offset = len(view)
-            if offset >= len(view):
-                self._release(fd)
-
-        if not view:
-            self._release(fd)
-            return
-        self.loop.add_writer(fd, write)
-
-    def collect(self, fd: int, *, keep: str) -> None:
-        """Read ``fd`` until EOF into stdout (``keep="head"``) or stderr (``keep="tail"``)."""
-        os.set_blocking(fd, False)
-        buf = self._out if keep == "head" else self._err
-
-        def read() -> None:
-            while True:
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    self._readers.pop(fd, None)
-                    self._release(fd)
-                    if not self._readers and not self._eof.done():
-                        self._eof.set_result(None)
-                    return
-                if keep == "head":
-                    room = self.cap - len(buf)
-                    if len(chunk) > room:
-                        self.truncated = True
-                    buf.extend(chunk[: max(0, room)])
-                else:
-                    buf.extend(chunk)
-                    if len(buf) > 2 * self.cap:
-                        del buf[: len(buf) - self.cap]
-                if len(chunk) < 65536:
-                    return
-
-        self._readers[fd] = read
-        self.loop.add_reader(fd, read)
-
-    async def drain(self, timeout: float) -> None:
-        """Read until every pipe reports EOF or ``timeout`` passes, then take what is buffered."""
-        if self._readers and timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._eof), timeout)
-        for read in list(self._readers.values()):
-            read()  # non-blocking: whatever a lingering writer already put in the pipe
-
-    def close(self) -> None:
-        for fd in list(self._owned):
-            self._release(fd)
-        self._readers.clear()
-
-
-def _spawn_failure(
-    name: str, command: str, cwd: Path, env: Mapping[str, str], exc: BaseException, detail: str
-) -> str:
-    """A message saying which command could not start, where, and what to check."""
-    where = f"(in {cwd})" if "/" in command else f"(searched PATH={env.get('PATH', os.defpath)})"
-    if isinstance(exc, OSError):
-        if (
-            isinstance(exc, FileNotFoundError)
-            and exc.filename is not None
-            and str(exc.filename) == str(cwd)
-        ):
-            return f"{name}: working directory does not exist: {cwd}"
-        if isinstance(exc, FileNotFoundError):
-            target = cwd / command if "/" in command else None
-            if target is not None and target.exists():
-                return (
-                    f"{name}: cannot execute {command} {where}: its interpreter was not found "
-                    "(check the #! line)"
-                )
-            return f"{name}: command not found: {command} {where}"
-        if isinstance(exc, PermissionError):
-            return (
-                f"{name}: permission denied executing {command} {where}: make it executable "
-                "(chmod +x) on a filesystem not mounted noexec"
-            )
-        if exc.errno == errno.ENOEXEC:
-            return (
-                f"{name}: {command} {where} is not an executable format (a script needs a #! line)"
-            )
-        return f"{name}: cannot start {command} {where}: {exc.strerror or exc}"
-    if isinstance(exc, ValueError):
-        return f"{name}: cannot start {command}: invalid command or environment: {exc}"
-    return f"{name}: could not prepare the process before starting {command}: {detail or exc}"

@@ -68,6 +68,7 @@ def _iso(when: datetime) -> str:
 
 def load_certificates(data: bytes, *, what: str) -> list[Certificate]:
     """Parse PEM (one or more) or DER certificates; ``what`` names the source in errors."""
+    # lazy: cryptography is heavy; only workers and the CLI check signatures
     from cryptography import x509
 
     try:
@@ -99,6 +100,7 @@ def signature_candidates(data: bytes) -> list[bytes]:
 
 
 def _verify_with_key(public_key: Any, signature: bytes, digest: bytes) -> bool:
+    # lazy: cryptography is heavy; only workers and the CLI check signatures
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
@@ -155,6 +157,7 @@ def check_leaf_usage(leaf: Certificate) -> None:
     Raises:
         SignatureRejected: ``key-usage``.
     """
+    # lazy: cryptography is heavy; only workers and the CLI check signatures
     from cryptography import x509
 
     subject = leaf.subject.rfc4514_string()
@@ -228,6 +231,7 @@ def verify_chain(
         SignatureRejected: ``expired``/``not-yet-valid`` for the leaf, ``key-usage``,
             ``untrusted-chain`` when no path to a root validates.
     """
+    # lazy: cryptography is heavy; only workers and the CLI check signatures
     from cryptography import x509
     from cryptography.x509 import verification as xv
 
@@ -307,6 +311,7 @@ def verify_signature(digest: bytes, signature: bytes, check: SignatureCheck) -> 
 
 def sign_digest(digest: bytes, key_pem: bytes) -> bytes:
     """Sign a SHA-256 digest the way ``openssl dgst -sha256 -sign`` (Ed25519: over the digest)."""
+    # lazy: cryptography is heavy; only workers and the CLI check signatures
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
 

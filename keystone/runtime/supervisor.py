@@ -3,7 +3,10 @@
 A component's life is one ``State`` enum and one transition table (``TRANSITIONS``); the only
 code that changes a state is ``Supervisor._set``, which checks the table. Waiting is on events,
 never on loops of short sleeps: one task awaits the process exit, one runs the health probe at
-its interval.
+its interval. Every wait (backoff, health interval, start timeout, settle time) and every
+uptime goes through a :class:`~keystone.runtime.timing.Clock`, and everything done to the process
+through a :class:`~keystone.runtime.runner.Runner`, so the table is tested on a fake clock with a
+fake runner.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -25,7 +29,9 @@ from keystone.errors import ProcessError
 from keystone.plan import Component
 from keystone.recipe import RestartPolicy
 from keystone.runtime.health import ProbeResult, probe
-from keystone.runtime.process import ProcessHandle, ProcessRunner, SpawnSpec
+from keystone.runtime.runner import AnyRunner, RunnerHandle, RunnerRecord
+from keystone.runtime.spawn import SpawnSpec
+from keystone.runtime.timing import Clock, MonotonicClock
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -131,12 +137,17 @@ def tail(path: Path, limit: int = 2048) -> str:
 
 
 class Supervisor:
-    """Runs one component version and keeps it alive according to its recipe."""
+    """Runs one component version and keeps it alive according to its recipe.
+
+    ``runner`` does everything to the process (any :class:`~keystone.runtime.runner.Runner`);
+    ``clock`` times every wait and uptime (default: the real monotonic clock); ``rng`` draws the
+    backoff jitter.
+    """
 
     def __init__(
         self,
         component: Component,
-        runner: ProcessRunner,
+        runner: AnyRunner,
         paths: Paths,
         *,
         tuning: RestartTuning | None = None,
@@ -145,6 +156,7 @@ class Supervisor:
         on_change: Callable[[Supervisor], None] | None = None,
         env_passthrough: Mapping[str, str] | None = None,
         rng: Callable[[], float] = random.random,
+        clock: Clock | None = None,
     ) -> None:
         self.component = component
         self.runner = runner
@@ -155,13 +167,14 @@ class Supervisor:
         self.on_change = on_change
         self.env = clean_env(component, paths.workdir, env_passthrough)
         self._rng = rng
+        self.clock: Clock = clock or MonotonicClock()
         self.state = State.PENDING
         self.since = time.time()
         self.restarts = 0
         self.retries = 0
         self.error: str | None = None
         self.last_health: ProbeResult | None = None
-        self.handle: ProcessHandle | None = None
+        self.handle: RunnerHandle | None = None
         self.started_at = 0.0
         self.wanted = False  # False after an explicit stop: never restarted behind the operator
         self._changed = asyncio.Event()
@@ -237,15 +250,15 @@ class Supervisor:
 
     async def wait_for(self, predicate: Callable[[State], bool], timeout: float | None) -> bool:
         """Wait until ``predicate(state)`` holds; False if ``timeout`` passes first."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        clock = self.clock
+        deadline = None if timeout is None else clock.now() + timeout
         while not predicate(self.state):
-            remaining = None if deadline is None else deadline - loop.time()
+            remaining = None if deadline is None else deadline - clock.now()
             if remaining is not None and remaining <= 0:
                 return False
             ev = self._changed
             try:
-                await asyncio.wait_for(ev.wait(), remaining)
+                await clock.wait_for(ev.wait(), remaining)
             except TimeoutError:
                 return predicate(self.state)
         return True
@@ -326,33 +339,42 @@ class Supervisor:
             return
         self._attach(handle)
 
-    def _attach(self, handle: ProcessHandle) -> None:
+    def _attach(self, handle: RunnerHandle) -> None:
         self.handle = handle
-        self.started_at = time.monotonic()
+        self.started_at = self.clock.now()
         self._set(State.STARTING)
         self._exit_task = self._spawn_task(self._watch_exit(handle))
         self._health_task = self._spawn_task(self._health_loop(handle))
 
-    def adopt(self, handle: ProcessHandle) -> None:
-        """Take over a process left running by a previous agent (same pid and start time)."""
+    def adopt(self, handle: RunnerHandle) -> None:
+        """Take over a process left running by a previous agent (same pid and start time).
+
+        ``handle`` comes from the runner's ``adopt_record`` of this component's snapshot entry.
+        """
         self.wanted = True
         self._attach(handle)
 
-    def _spawn_task(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def describe(self) -> RunnerRecord | None:
+        """The runner's snapshot record of the running process; None when nothing runs."""
+        if self.handle is None or self.state not in RUNNING:
+            return None
+        return self.runner.describe(self.handle)
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     # --- while running ----------------------------------------------------------------------
 
-    async def _watch_exit(self, handle: ProcessHandle) -> None:
+    async def _watch_exit(self, handle: RunnerHandle) -> None:
         status = await self.runner.exited(handle)
         if self.handle is not handle or self.state in (State.STOPPING, State.STOPPED):
             return
         if self._health_task:
             self._health_task.cancel()
-        uptime = time.monotonic() - self.started_at
+        uptime = self.clock.now() - self.started_at
         what = _describe_exit(status)
         detail = tail(self.paths.logdir / "stderr.log")
         reason = f"{what}" + (f": {detail}" if detail else "")
@@ -381,21 +403,21 @@ class Supervisor:
         self._backoff_task = self._spawn_task(self._restart_after(delay))
 
     async def _restart_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
+        await self.clock.sleep(delay)
         if self.state is not State.BACKOFF or not self.wanted:
             return
         self.restarts += 1
         await self._spawn()
 
-    async def _health_loop(self, handle: ProcessHandle) -> None:
+    async def _health_loop(self, handle: RunnerHandle) -> None:
         health = self.component.recipe.run.health
-        loop = asyncio.get_running_loop()
+        clock = self.clock
         if health is None:
-            await asyncio.sleep(self.tuning.settle)
+            await clock.sleep(self.tuning.settle)
             if self.handle is handle and self.state is State.STARTING and self.runner.alive(handle):
                 self._set(State.HEALTHY)
             return
-        deadline = loop.time() + health.start_timeout
+        deadline = clock.now() + health.start_timeout
         delay = min(0.05, health.interval)
         failures = 0
         while self.handle is handle and self.state in RUNNING:
@@ -415,15 +437,15 @@ class Supervisor:
                     self._set(State.HEALTHY)
                 if self.on_change:
                     self.on_change(self)
-                await asyncio.sleep(health.interval)
+                await clock.sleep(health.interval)
                 continue
             if self.state is State.STARTING:
-                if loop.time() >= deadline:
+                if clock.now() >= deadline:
                     await self._unhealthy(
                         handle, f"not healthy within {health.start_timeout:g}s: {result.detail}"
                     )
                     return
-                await asyncio.sleep(delay)
+                await clock.sleep(delay)
                 delay = min(delay * 2, health.interval, 1.0)
                 continue
             failures += 1
@@ -432,9 +454,9 @@ class Supervisor:
                 if self.state is not State.UNHEALTHY:
                     return
                 failures = 0
-            await asyncio.sleep(health.interval)
+            await clock.sleep(health.interval)
 
-    async def _unhealthy(self, handle: ProcessHandle, reason: str) -> None:
+    async def _unhealthy(self, handle: RunnerHandle, reason: str) -> None:
         """Mark unhealthy; restart it unless its policy is ``never``."""
         self._set(State.UNHEALTHY, reason)
         if self.component.recipe.run.restart_policy is RestartPolicy.NEVER:
@@ -442,7 +464,7 @@ class Supervisor:
         # Kill it ourselves and take the restart path (the exit watcher ignores this exit).
         self.handle = None
         await self.runner.stop(handle, timeout=self.component.recipe.run.stop_timeout)
-        self._after_exit(None, time.monotonic() - self.started_at, reason)
+        self._after_exit(None, self.clock.now() - self.started_at, reason)
 
     # --- stop / restart / reload ------------------------------------------------------------
 

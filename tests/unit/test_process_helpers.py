@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from keystone.runtime.process import (
-    CAPABILITIES,
-    _spawn_failure,
-    _systemd_unit,
-    capability_number,
-    detect_cgroup_root,
-    pgid_members,
-    read_start_ticks,
-)
+from keystone.runtime.cgroups import _systemd_unit, detect_cgroup_root
+from keystone.runtime.privileges import CAPABILITIES, capability_number
+from keystone.runtime.procfs import pgid_members, read_start_ticks
+from keystone.runtime.spawn import spawn_failure
 
 
 class TestCapabilityNames:
@@ -139,12 +134,12 @@ class TestSpawnFailureMessages:
     )
     def test_message(self, command: str, exc: BaseException, expected: str) -> None:
         """Each way a spawn fails names the component, the command and where it looked."""
-        assert _spawn_failure("api", command, self.CWD, self.ENV, exc, "").startswith(expected)
+        assert spawn_failure("api", command, self.CWD, self.ENV, exc, "").startswith(expected)
 
     def test_preexec_detail_is_kept(self) -> None:
         """The step that failed in the child is in the message."""
         exc = subprocess.SubprocessError("Exception occurred in preexec_fn.")
-        msg = _spawn_failure(
+        msg = spawn_failure(
             "api",
             "./api",
             self.CWD,
