@@ -35,7 +35,8 @@ class Checkout:
 
     path: Path
 
-    def mirror(self) -> Any:
+    def mirror(self) -> GitMirror:
+        """The repository opened read-only as a git mirror."""
         return GitMirror(self.path, create=False)
 
     def tree(self, rev: str | None) -> tuple[Any, str]:
@@ -155,24 +156,24 @@ def verify(
     }
 
 
-def all_labels(repo: Path, rev: str | None) -> list[str]:
-    """Every label that has a plan in the repository."""
+def _with_plans(repo: Path, rev: str | None, folder: str) -> list[str]:
+    """The names under ``folder`` (``labels``, ``devices``) that have a plan of their own."""
     tree, _ = Checkout(repo).tree(rev)
     return [
         name
-        for name, is_dir in tree.listdir("labels")
-        if is_dir and tree.read(f"labels/{name}/plan.toml") is not None
+        for name, is_dir in tree.listdir(folder)
+        if is_dir and tree.read(f"{folder}/{name}/plan.toml") is not None
     ]
+
+
+def all_labels(repo: Path, rev: str | None) -> list[str]:
+    """Every label that has a plan in the repository."""
+    return _with_plans(repo, rev, "labels")
 
 
 def all_devices(repo: Path, rev: str | None) -> list[str]:
     """Every device id that has a plan of its own in the repository."""
-    tree, _ = Checkout(repo).tree(rev)
-    return [
-        name
-        for name, is_dir in tree.listdir("devices")
-        if is_dir and tree.read(f"devices/{name}/plan.toml") is not None
-    ]
+    return _with_plans(repo, rev, "devices")
 
 
 def bundle_artifacts(

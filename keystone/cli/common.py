@@ -29,41 +29,35 @@ from keystone.errors import KeystoneError
 
 Command = Callable[..., None]
 
+
+def _connection(flag: str, envvar: str, help: str) -> Any:
+    return typer.Option(flag, envvar=envvar, help=help, show_default=False)
+
+
 AddrOpt = Annotated[
     str | None,
-    typer.Option(
+    _connection(
         "--addr",
-        envvar="KEYSTONE_ADDR",
-        help="agent API URL [default: http://127.0.0.1:8080]; with --ssh, as seen from that host",
-        show_default=False,
+        "KEYSTONE_ADDR",
+        "agent API URL [default: http://127.0.0.1:8080]; with --ssh, as seen from that host",
     ),
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option(
-        "--token",
-        envvar="KEYSTONE_API_TOKEN",
-        help="API token [default: the agent's runtime/api.token]",
-        show_default=False,
+    _connection(
+        "--token", "KEYSTONE_API_TOKEN", "API token [default: the agent's runtime/api.token]"
     ),
 ]
 SshOpt = Annotated[
     str | None,
-    typer.Option(
-        "--ssh",
-        envvar="KEYSTONE_SSH",
-        help="reach the agent through `ssh -W`: [user@]host[:port]",
-        show_default=False,
-    ),
+    _connection("--ssh", "KEYSTONE_SSH", "reach the agent through `ssh -W`: [user@]host[:port]"),
 ]
 RuntimeOpt = Annotated[
     Path | None,
-    typer.Option(
+    _connection(
         "--runtime",
-        envvar="KEYSTONE_RUNTIME",
-        help="the agent's runtime dir, where its api.token is [default: ./runtime, "
-        "/var/lib/keystone]",
-        show_default=False,
+        "KEYSTONE_RUNTIME",
+        "the agent's runtime dir, where its api.token is [default: ./runtime, /var/lib/keystone]",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON output")]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from keystone.cli import views
 from keystone.client import Client
@@ -74,15 +74,8 @@ class Session(Output):
         """A client for the agent (``--addr``, ``--token``, ``--ssh``, ``--runtime``)."""
         return Client(self.addr, self.token, self.ssh, runtime=self.runtime)
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: bytes | BinaryIO | None = None,
-        content_type: str = "application/json",
-    ) -> Any:
-        """One request to the agent on a connection of its own; the decoded answer."""
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        """One request to the agent on a connection of its own (the keywords of
+        ``Client.request``); the decoded answer."""
         with self.client() as client:
-            return client.request(method, path, params=params, body=body, content_type=content_type)
+            return client.request(method, path, **kw)
