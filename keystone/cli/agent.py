@@ -38,8 +38,7 @@ def agent_cmd(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT."""
-    # lazy: asyncio, loguru, the config parser and the whole agent load only to run it,
-    # never for --help or the other commands
+    # lazy: asyncio, loguru, the config parser and the agent itself: only to run it, not --help
     import asyncio
 
     from keystone import log

@@ -46,7 +46,7 @@ def plan_render(
     ] = None,
 ) -> None:
     """Print the plan a device would run, and the file each component came from."""
-    # lazy: the fleet tools load git (dulwich), the resolver and the deployer's diff
+    # lazy: keystone.fleet pulls in git, the resolver and the deployer (~100 ms): not for --help
     from keystone import fleet
 
     data = fleet.render(repo, rev, device=device, labels=_labels(labels))
@@ -65,7 +65,7 @@ def plan_diff(
     device: Annotated[str, typer.Option("--device")] = "any-device",
 ) -> None:
     """What moving a device from REV_A to REV_B changes, in deployment order."""
-    # lazy: the fleet tools load git (dulwich), the resolver and the deployer's diff
+    # lazy: keystone.fleet pulls in git, the resolver and the deployer (~100 ms): not for --help
     from keystone import fleet
 
     output.emit(
@@ -117,7 +117,7 @@ def bundle_create(
     ] = None,
 ) -> None:
     """Write one file with the fleet repo at REV and every artifact its plans need."""
-    # lazy: the fleet tools load git (dulwich), the resolver and the artifact store
+    # lazy: keystone.fleet pulls in git, the resolver and the artifact store (~100 ms)
     from keystone import fleet
 
     bar = _Progress(enabled=not output.as_json)
@@ -183,7 +183,7 @@ def bundle_import(
             session.emit(data, views.sync_text)
             fail(exit_for(data.get("result")))
             return
-    # lazy: keystone.offline (for the local agent's runtime dir) loads the plan parser
+    # lazy: keystone.offline loads the plan parser and the deployer; only staging needs it
     from keystone.offline import runtime_dir
 
     staged = stage_bundle(session.runtime or runtime_dir(), path)
