@@ -7,7 +7,6 @@ Typer-free, so the fast path (``keystone.cli.fast``) and the typer commands (thr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -46,11 +45,17 @@ def exit_for(result: object) -> ExitCode:
     return RESULT_EXIT.get(str(result), ExitCode.FAILED)
 
 
-@dataclass(frozen=True)
+# Plain classes rather than dataclasses: ``dataclasses`` imports ``inspect`` (~7 ms), which the
+# fast path of ``keystone status`` does not otherwise load.
+
+
 class Output:
     """How one invocation prints: JSON for scripts (``--json``) or a table for people."""
 
-    as_json: bool = False
+    __slots__ = ("as_json",)
+
+    def __init__(self, as_json: bool = False) -> None:
+        self.as_json = as_json
 
     def emit(self, data: Any, human: views.Human | None = None) -> None:
         """Print ``data`` as JSON, or as ``human(data)``."""
@@ -60,15 +65,51 @@ class Output:
         """Print an error (stderr; with ``--json`` also as JSON on stdout); return its exit code."""
         return views.report_error(exc, self.as_json)
 
+    def fields(self) -> dict[str, Any]:
+        """What this invocation was given, by option name."""
+        return {"as_json": self.as_json}
 
-@dataclass(frozen=True)
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Output):
+            return NotImplemented
+        return type(other) is type(self) and other.fields() == self.fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), *self.fields().values()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.fields().items())
+        return f"{type(self).__name__}({args})"
+
+
 class Session(Output):
     """An invocation that talks to the agent, with the connection options it was given."""
 
-    addr: str | None = None
-    token: str | None = None
-    ssh: str | None = None
-    runtime: Path | None = None
+    __slots__ = ("addr", "runtime", "ssh", "token")
+
+    def __init__(
+        self,
+        as_json: bool = False,
+        addr: str | None = None,
+        token: str | None = None,
+        ssh: str | None = None,
+        runtime: Path | None = None,
+    ) -> None:
+        super().__init__(as_json)
+        self.addr = addr
+        self.token = token
+        self.ssh = ssh
+        self.runtime = runtime
+
+    def fields(self) -> dict[str, Any]:
+        """What this invocation was given, by option name."""
+        return {
+            **super().fields(),
+            "addr": self.addr,
+            "token": self.token,
+            "ssh": self.ssh,
+            "runtime": self.runtime,
+        }
 
     def client(self) -> Client:
         """A client for the agent (``--addr``, ``--token``, ``--ssh``, ``--runtime``)."""
