@@ -10,12 +10,9 @@ import sys
 
 import typer
 
-from keystone.cli import agent, control, fleet, gitops
+from keystone.cli import agent
 from keystone.env import load_dotenv
 from keystone.errors import KeystoneError
-
-GROUPS = (agent, control, gitops, fleet)
-"""In the order ``keystone --help`` lists their commands."""
 
 app = typer.Typer(
     name="keystone",
@@ -34,8 +31,13 @@ def _root() -> None:
 
 def register(only: str | None) -> bool:
     """Add the command ``only`` (every command when None) to the app; True if one matched."""
-    found = False
-    for group in GROUPS:
+    if agent.register(app, only) and only is not None:
+        return True
+    # lazy: the other groups (API client, signing, bundle tools) stay out of the agent's memory
+    from keystone.cli import control, fleet, gitops
+
+    found = only is None
+    for group in (control, gitops, fleet):  # in the order --help lists them, after the agent's
         found = group.register(app, only) or found
     return found
 
