@@ -285,3 +285,19 @@ class TestLayers:
         )
         assert r.stdout.split(None, 1) == ["1", "[]\n"], r.stderr
         assert f"no agent answers at {addr}; start one with `keystone agent`" in r.stderr
+
+    def test_agent_start_registers_its_group_only(self) -> None:
+        """`keystone agent` builds only its own command: the other groups stay out of the
+        resident agent."""
+        code = (
+            "import sys\n"
+            "from keystone.cli import app\n"
+            "assert app.register('agent')\n"
+            "print(sorted(c.name for c in app.app.registered_commands),\n"
+            "      [m for m in ('keystone.cli.control', 'keystone.cli.gitops', 'keystone.cli.fleet')\n"
+            "       if m in sys.modules])\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert r.stdout == "['agent'] []\n", r.stderr
