@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keystone.entry import main
+from keystone.cli import main
 
 if __name__ == "__main__":
     main()

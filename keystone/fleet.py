@@ -1,21 +1,32 @@
 """Offline tools on a fleet checkout: render a device's plan, diff two revisions, verify a
-commit, and collect what a bundle must carry. No agent is needed; nothing is deployed.
+commit, and build a bundle with what its plans need. No agent is needed; nothing is deployed.
+
+The CLI (``keystone.cli.fleet``, ``verify --rev``) is only the face of these.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keystone.env import substitution_env
 from keystone.errors import ValidationError
 from keystone.plan import DesiredPlan
+from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
 from keystone.runtime.deployer import plan_actions
+from keystone.sources.base import DirectoryReader
+from keystone.sources.bundle import create_bundle
+from keystone.sources.git import GitMirror
+from keystone.sync.resolve import render as render_rows
+from keystone.sync.resolve import resolve
+from keystone.trust import CommitVerifier, TrustPolicy
 
 
 @dataclass
@@ -24,15 +35,12 @@ class Checkout:
 
     path: Path
 
-    def mirror(self) -> Any:
-        from keystone.sources.git import GitMirror
-
+    def mirror(self) -> GitMirror:
+        """The repository opened read-only as a git mirror."""
         return GitMirror(self.path, create=False)
 
     def tree(self, rev: str | None) -> tuple[Any, str]:
         """A file reader for ``rev`` (None: the working tree as it is) and a label for it."""
-        from keystone.sources.base import DirectoryReader
-
         if rev is None:
             if not self.path.is_dir():
                 raise ValidationError(f"{self.path} is not a directory", field="--repo")
@@ -73,12 +81,6 @@ def resolve_rev(mirror: Any, rev: str) -> str:
     return sha
 
 
-def environ() -> dict[str, str]:
-    from keystone.env import substitution_env
-
-    return substitution_env()
-
-
 def resolve_at(
     repo: Path,
     rev: str | None,
@@ -88,14 +90,12 @@ def resolve_at(
     cache: dict[Any, Any] | None = None,
 ) -> tuple[DesiredPlan, str]:
     """The desired plan of a device at ``rev`` of ``repo``."""
-    from keystone.sync.resolve import resolve
-
     tree, label = Checkout(repo).tree(rev)
     return resolve(
         tree,
         device_id=device,
         labels=labels,
-        environ=environ(),
+        environ=substitution_env(),
         revision=label if rev else "",
         cache=cache,
     ), label
@@ -103,8 +103,6 @@ def resolve_at(
 
 def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
     """What a device with these labels would run, with each component's origin."""
-    from keystone.sync.resolve import render as render_rows
-
     plan, label = resolve_at(repo, rev, device=device, labels=labels)
     return {
         "revision": label,
@@ -143,8 +141,6 @@ def verify(
     revoked_keys: Path | None = None,
 ) -> dict[str, Any]:
     """The signature verdict of commit ``rev``, as the agent would judge it."""
-    from keystone.trust import CommitVerifier, TrustPolicy
-
     m = Checkout(repo).mirror()
     sha = resolve_rev(m, rev)
     verdict = CommitVerifier(TrustPolicy(allowed_signers, gpg_home, revoked_keys)).verify(
@@ -160,24 +156,24 @@ def verify(
     }
 
 
-def all_labels(repo: Path, rev: str | None) -> list[str]:
-    """Every label that has a plan in the repository."""
+def _with_plans(repo: Path, rev: str | None, folder: str) -> list[str]:
+    """The names under ``folder`` (``labels``, ``devices``) that have a plan of their own."""
     tree, _ = Checkout(repo).tree(rev)
     return [
         name
-        for name, is_dir in tree.listdir("labels")
-        if is_dir and tree.read(f"labels/{name}/plan.toml") is not None
+        for name, is_dir in tree.listdir(folder)
+        if is_dir and tree.read(f"{folder}/{name}/plan.toml") is not None
     ]
+
+
+def all_labels(repo: Path, rev: str | None) -> list[str]:
+    """Every label that has a plan in the repository."""
+    return _with_plans(repo, rev, "labels")
 
 
 def all_devices(repo: Path, rev: str | None) -> list[str]:
     """Every device id that has a plan of its own in the repository."""
-    tree, _ = Checkout(repo).tree(rev)
-    return [
-        name
-        for name, is_dir in tree.listdir("devices")
-        if is_dir and tree.read(f"devices/{name}/plan.toml") is not None
-    ]
+    return _with_plans(repo, rev, "devices")
 
 
 def bundle_artifacts(
@@ -190,10 +186,6 @@ def bundle_artifacts(
     last segment (what the bundle's manifest and ``bundle inspect`` show), and each artifact is
     exported or fetched once however many plans use it.
     """
-    import hashlib
-
-    from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
-
     m = Checkout(repo).mirror()
     sha = resolve_rev(m, rev)
     tree = m.file_source(sha)
@@ -235,3 +227,41 @@ def bundle_artifacts(
                         shutil.copyfile(prepared.path, dest)
                     seen[pinned] = (pinned, dest, art.uri)
     return sorted(seen.values())
+
+
+def build_bundle(
+    out: Path,
+    repo: Path,
+    rev: str,
+    *,
+    since: str | None = None,
+    labels: Sequence[str] = (),
+    every_label: bool = False,
+    devices: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write a bundle of ``rev`` of ``repo`` (incremental ``since`` a commit the devices have)
+    with every artifact the plans of the chosen targets need; return what it carries.
+
+    The targets are any device, plus any device with ``labels``, plus each of ``devices`` with
+    ``labels``; ``every_label`` adds every label and every device that has a plan.
+    """
+    sha = resolve_rev(Checkout(repo).mirror(), rev)
+    targets: list[tuple[str, list[str]]] = [("any-device", [])]
+    if every_label:
+        targets += [("any-device", [label]) for label in all_labels(repo, sha)]
+        targets += [(d, []) for d in all_devices(repo, sha)]
+    elif labels:
+        targets.append(("any-device", list(labels)))
+    targets += [(d, list(labels)) for d in devices]
+    with tempfile.TemporaryDirectory(prefix="keystone-bundle-") as work:
+        arts = bundle_artifacts(repo, sha, targets=targets, work=Path(work))
+        info = create_bundle(out, repo, sha, since, [(s, p) for s, p, _ in arts], progress=progress)
+    return {
+        "bundle": str(out),
+        "revision": info.revision,
+        "ref": info.ref,
+        "prerequisites": list(info.prerequisites),
+        "artifacts": [{"sha256": a.sha256, "size": a.size, "name": a.name} for a in info.artifacts],
+        "size": info.size,
+    }

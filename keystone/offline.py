@@ -1,19 +1,125 @@
-"""Commands that work without a running agent: plan dry runs, fleet checkout tools."""
+"""A local plan, read and checked on this machine without an agent.
+
+``prepare_plan`` reads a plan's recipe files and rewrites the plan for upload (``keystone apply``);
+``dry_run`` plans it against the plan the local agent last applied (``keystone apply --dry``
+with no agent answering). Nothing here prints or deploys: the CLI is the face.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from keystone.plan import DesiredPlan, RecipeStore, load_desired, plan_from_json
+import tomlkit
+
+from keystone.env import substitution_env
+from keystone.errors import ValidationError
+from keystone.plan import (
+    STORE_REF,
+    DesiredPlan,
+    FileRecipes,
+    RecipeStore,
+    load_desired,
+    parse_plan,
+    plan_from_json,
+)
+from keystone.recipe import check_segment, parse_recipe
 from keystone.runtime.deployer import plan_actions
 from keystone.state import read_json
+
+LocalRecipe = tuple[str, str, str, str]
+"""A recipe file to upload: ``(name, version, text, file)``."""
 
 
 def runtime_dir() -> Path:
     """The runtime dir the local agent uses (``KEYSTONE_RUNTIME``, else ``./runtime``)."""
     return Path(os.environ.get("KEYSTONE_RUNTIME") or "runtime")
+
+
+# --- plans for upload -----------------------------------------------------------------------
+
+
+class _RecordingEnv(Mapping[str, str]):
+    """The local environment for checking recipes; remembers the ``${VAR}`` it lacks (the agent
+    substitutes recipes with its own environment, which may well set them)."""
+
+    def __init__(self, base: Mapping[str, str]) -> None:
+        self.base = dict(base)
+        self.base.setdefault("KEYSTONE_PYTHON", sys.executable)
+        self.missing: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        return self.base[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self.base:
+            self.missing.add(key)
+        return self.base.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def recipe_ref(text: str, file: str) -> tuple[str, str]:
+    """``(name, version)`` of a local recipe, validated here as far as this machine can.
+
+    A recipe that names a ``${VAR}`` unset here is checked by the agent instead; its name and
+    version are still read (and must be safe path segments).
+    """
+    env = _RecordingEnv(os.environ)
+    try:
+        recipe = parse_recipe(text, file=file, environ=env)
+        return recipe.name, recipe.version
+    except ValidationError:
+        if not env.missing:
+            raise
+    try:
+        meta = tomllib.loads(text).get("metadata")
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(str(exc), file=file) from None
+    out = []
+    for key in ("name", "version"):
+        value = meta.get(key) if isinstance(meta, dict) else None
+        why = check_segment(value) if isinstance(value, str) else "required, a string"
+        if why:
+            raise ValidationError(why, file=file, field=f"metadata.{key}")
+        out.append(str(value))
+    return out[0], out[1]
+
+
+def prepare_plan(text: str, *, file: str) -> tuple[str, list[LocalRecipe], list[str]]:
+    """Read a local plan (``text``, from ``file``) and the recipe files it names, for upload.
+
+    Returns the plan text with every file reference rewritten to ``name:version`` (comments,
+    order, line numbers and unknown fields kept), the recipes to upload as
+    ``(name, version, text, file)``, and the plan's own unknown fields.
+
+    Raises:
+        ValidationError: the plan or a recipe does not parse or validate (file, line, field).
+    """
+    parsed = parse_plan(text, file=file)
+    doc = tomlkit.parse(text)
+    tables = doc.get("components") or []
+    reader = FileRecipes(Path.cwd(), None)
+    recipes: list[LocalRecipe] = []
+    for table, entry in zip(tables, parsed.entries, strict=True):
+        if not entry.enabled or (STORE_REF.match(entry.recipe) and "/" not in entry.recipe):
+            continue  # removed by enabled = false, or already a reference to the agent's store
+        recipe_text, display = reader(entry)
+        name, version = recipe_ref(recipe_text, display)
+        table["recipe"] = f"{name}:{version}"
+        recipes.append((name, version, recipe_text, display))
+    return tomlkit.dumps(doc), recipes, list(parsed.unknown_fields)
+
+
+# --- dry runs -------------------------------------------------------------------------------
 
 
 def _applied_plan(runtime: Path, environ: dict[str, str]) -> DesiredPlan:
@@ -32,8 +138,6 @@ def dry_run(path: Path, *, runtime: Path | None = None) -> dict[str, Any]:
     Actions are relative to the plan the local agent last applied (from its state dir), or to
     nothing. Raises ValidationError with file, line and field for a bad plan or recipe.
     """
-    from keystone.env import substitution_env
-
     rt = runtime or runtime_dir()
     env = substitution_env()
     desired = load_desired(path, store=RecipeStore(rt / "recipes"), environ=env)
@@ -51,28 +155,3 @@ def dry_run(path: Path, *, runtime: Path | None = None) -> dict[str, Any]:
             for n, c in desired.components.items()
         },
     }
-
-
-def verify_revision(
-    repo: Path, rev: str, allowed_signers: Path | None, json: bool, *, gpg_home: Path | None = None
-) -> int:
-    """``keystone verify --rev REF``: print the verdict on a commit of a fleet checkout.
-
-    Returns the exit code: 0 when the commit verifies, 3 when it does not.
-    """
-    import json as jsonlib
-
-    import typer
-
-    from keystone import fleet
-
-    data = fleet.verify(repo, rev, allowed_signers=allowed_signers, gpg_home=gpg_home)
-    if json:
-        typer.echo(jsonlib.dumps(data, indent=2, sort_keys=True))
-    else:
-        mark = "good" if data["ok"] else "BAD"
-        who = f" by {data['signer']}" if data.get("signer") else ""
-        typer.echo(f"{data['revision']}: {mark} {data['format']} signature{who}: {data['reason']}")
-        if data.get("fingerprint"):
-            typer.echo(f"key: {data['fingerprint']}")
-    return 0 if data["ok"] else 3

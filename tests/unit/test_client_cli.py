@@ -1,4 +1,4 @@
-"""The keystonectl commands (keystone.ctl) on their own typer app, against a real ApiServer:
+"""The keystonectl commands (keystone.cli.control) on their own typer app, against a real ApiServer:
 tables for people, --json for scripts, exit codes, apply's recipe upload, the local tools."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from keystone import ctl
 from keystone.api import ApiServer
-from keystone.ctl_views import fast_main, parse_fast
+from keystone.cli import control as ctl
+from keystone.cli.fast import fast_main, parse_fast
 from tests.conftest import free_port
 from tests.unit.test_client import TOKEN, Control, make_ca, make_leaf, openssl
 

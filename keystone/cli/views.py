@@ -1,13 +1,8 @@
-"""What the keystonectl commands print, and a typer-free fast path for the hot read-only ones.
+"""What every command prints: tables for people, ``--json`` for scripts (keys sorted).
 
-People get tables, scripts get ``--json`` (the agent's own JSON, keys sorted). The renderers are
-plain functions of the API's JSON so that ``keystone.ctl`` (typer) and ``fast_main`` (hand-parsed
-argv) print exactly the same thing.
-
-``fast_main`` exists for speed: importing typer (with pydantic) costs a few hundred milliseconds,
-an eternity for ``keystone status`` in a monitoring loop. It serves ``status [--revision]``,
-``components`` and ``health`` with the connection options, and declines (returns None) anything
-else, including ``--help``, so typer handles it.
+The renderers are plain functions of the API's (or a fleet tool's) JSON, and this module does
+not import typer, so the typer commands and the typer-free fast path (``keystone.cli.fast``)
+print exactly the same thing.
 """
 
 from __future__ import annotations
@@ -16,7 +11,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from keystone.errors import KeystoneError
@@ -261,93 +255,138 @@ def restart_text(d: dict[str, Any]) -> str:
     return f"restarted {d.get('component')} (pid {d.get('pid') or '-'}); dependents: {names}"
 
 
-# --- shared command bodies ------------------------------------------------------------------
+def commit_verdict_text(d: dict[str, Any]) -> str:
+    """``verify --rev``: the signature verdict on a fleet commit, and its key."""
+    mark = "good" if d["ok"] else "BAD"
+    who = f" by {d['signer']}" if d.get("signer") else ""
+    lines = [f"{d['revision']}: {mark} {d['format']} signature{who}: {d['reason']}"]
+    if d.get("fingerprint"):
+        lines.append(f"key: {d['fingerprint']}")
+    return "\n".join(lines)
 
 
-def run_status(client: Any, revision: bool) -> tuple[Any, Human]:
-    """``status``: health + plan status (one JSON object, the Go ``/v1/plan/status`` keys plus
-    ``health``), or with ``revision`` the GitOps state."""
-    if revision:
-        return client.get("/v1/revision"), revision_text
-    health = client.get("/healthz")
-    plan = client.get("/v1/plan/status")
-    data = dict(plan) if isinstance(plan, dict) else {"components": plan}
-    data["health"] = health
-    return data, status_text
+# --- GitOps ---------------------------------------------------------------------------------
 
 
-def run_components(client: Any) -> tuple[Any, Human]:
-    return client.get("/v1/components"), components_text
+def sync_text(d: dict[str, Any]) -> str:
+    """A sync, rollback or bundle import: result, revision, signer, source, changes, reason."""
+    out = [f"result:    {d['result']}", f"revision:  {d.get('revision') or '-'}"]
+    if d.get("previous") and d.get("previous") != d.get("revision"):
+        out.append(f"previous:  {d['previous']}")
+    if d.get("signer"):
+        out.append(f"signer:    {d['signer']} {d.get('fingerprint') or ''}".rstrip())
+    if d.get("source"):
+        out.append(f"source:    {d['source']}")
+    ch = d.get("changes")
+    if ch:
+        for key in ("added", "changed", "restarted", "removed"):
+            if ch.get(key):
+                out.append(f"{key + ':':<10} {', '.join(ch[key])}")
+        if not any(ch.get(k) for k in ("added", "changed", "restarted", "removed")):
+            out.append("changes:   none")
+    if d.get("error"):
+        out.append(f"reason:    {d['error']}")
+    out.append(f"took:      {d.get('duration', 0):.2f}s")
+    return "\n".join(out)
 
 
-def run_health(client: Any) -> tuple[Any, Human]:
-    return client.get("/healthz", timeout=10), health_text
+def _changes_brief(ch: dict[str, list[str]]) -> str:
+    parts = [f"{k} {','.join(v)}" for k, v in ch.items() if v and k != "unchanged"]
+    return "; ".join(parts)
 
 
-# --- fast path ------------------------------------------------------------------------------
-
-_FAST: dict[str, tuple[Callable[..., tuple[Any, Human]], frozenset[str]]] = {
-    "status": (run_status, frozenset({"--revision"})),
-    "components": (run_components, frozenset()),
-    "health": (run_health, frozenset()),
-}
-_VALUED = ("--addr", "--token", "--ssh", "--runtime")
-
-
-def parse_fast(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | None:
-    """``(command, options, flags)`` when ``argv`` is a fast-path command; None otherwise.
-
-    The connection options may also come before the command, as the Go keystonectl's global
-    flags do (``keystonectl --addr URL status``).
-    """
-    options: dict[str, str] = {}
-    flags: set[str] = set()
-    command: str | None = None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        if name in _VALUED:
-            if not eq:
-                if i + 1 >= len(argv):
-                    return None
-                i += 1
-                value = argv[i]
-            options[name[2:]] = value
-        elif command is None:
-            if arg not in _FAST:
-                return None
-            command = arg
-        elif arg in _FAST[command][1] | {"--json"}:
-            flags.add(arg)
-        else:
-            return None  # --help, typos, arguments: typer's job
-        i += 1
-    if command is None:
-        return None
-    return command, options, flags
+def history_text(rows: list[dict[str, Any]]) -> str:
+    """The history, newest first: time, kind, result, revision and a detail."""
+    if not rows:
+        return "no history yet"
+    body = [
+        [
+            when(r.get("time")),
+            r.get("kind", ""),
+            r.get("result", ""),
+            short(r.get("revision")),
+            (r.get("error") or (r.get("changes") and _changes_brief(r["changes"])) or "")[:90],
+        ]
+        for r in rows
+    ]
+    return table(body, ["TIME", "KIND", "RESULT", "REVISION", "DETAIL"])
 
 
-def fast_main(argv: Sequence[str]) -> int | None:
-    """Run ``status``, ``components`` or ``health`` without typer; return the exit code, or
-    None when ``argv`` is anything else (the caller then runs the full CLI)."""
-    parsed = parse_fast(argv)
-    if parsed is None:
-        return None
-    command, options, flags = parsed
-    from keystone.client import Client
-    from keystone.env import load_dotenv
+# --- fleet tools ----------------------------------------------------------------------------
 
-    load_dotenv()
-    as_json = "--json" in flags
-    run = _FAST[command][0]
-    try:
-        runtime = Path(options["runtime"]) if options.get("runtime") else None
-        with Client(
-            options.get("addr"), options.get("token"), options.get("ssh"), runtime=runtime
-        ) as client:
-            data, human = run(client, "--revision" in flags) if command == "status" else run(client)
-    except KeystoneError as exc:
-        return report_error(exc, as_json)
-    emit(data, as_json, human)
-    return 0
+
+def render_text(d: dict[str, Any]) -> str:
+    """``plan render``: the device's components in start layers, and where each came from."""
+    out = [
+        f"revision: {d['revision']}   device: {d['device']}   labels: {', '.join(d['labels']) or '-'}",
+        f"plan files: {', '.join(d['plan_files']) or 'none'}",
+        "",
+    ]
+    rows = [
+        [str(c["layer"]), c["name"], c["recipe"], c["version"], c["recipe_file"], c["from"]]
+        for c in d["components"]
+    ]
+    out.append(
+        table(rows, ["LAYER", "COMPONENT", "RECIPE", "VERSION", "RECIPE FILE", "FROM"])
+        if rows
+        else "no components"
+    )
+    out += [f"warning: {w}" for w in d["warnings"] + d["unknown_fields"]]
+    return "\n".join(out)
+
+
+def plan_diff_text(d: dict[str, Any]) -> str:
+    """``plan diff``: what changes between two revisions, then the actions in order."""
+    out = [f"{short(d['from'])} -> {short(d['to'])}"]
+    ch = d["changes"]
+    for key in ("added", "changed", "restarted", "removed", "unchanged"):
+        out.append(f"  {key:<10} {', '.join(ch[key]) or '-'}")
+    if d["actions"]:
+        out.append("")
+        out.append(
+            table(
+                [
+                    [a["action"], a["component"], a["version"], str(a["layer"]), a["reason"]]
+                    for a in d["actions"]
+                ],
+                ["ACTION", "COMPONENT", "VERSION", "LAYER", "WHY"],
+            )
+        )
+    return "\n".join(out)
+
+
+def bundle_created_text(d: dict[str, Any]) -> str:
+    """``bundle create``: the file written, its revision, artifacts, size and prerequisites."""
+    text = (
+        f"wrote {d['bundle']}: {short(d['revision'])}, {len(d['artifacts'])} artifact(s), "
+        f"{d['size']} bytes"
+    )
+    if d["prerequisites"]:
+        text += f", needs {', '.join(short(p) for p in d['prerequisites'])}"
+    return text
+
+
+def bundle_text(d: dict[str, Any]) -> str:
+    """``bundle inspect``: revision, signer, prerequisites, components per label, artifacts."""
+    out = [
+        f"bundle:        {d['path']} ({d['kind']}, {d['size']} bytes)",
+        f"revision:      {d['revision']} ({d['ref']})",
+        f"prerequisites: {', '.join(short(p) for p in d['prerequisites']) or 'none (full bundle)'}",
+    ]
+    sig = d.get("signature")
+    if sig:
+        out.append(
+            f"signature:     {'good' if sig['ok'] else 'BAD'} ({sig['format']}) {sig.get('signer') or ''} {sig['reason']}"
+        )
+    for label, comps in d.get("components", {}).items():
+        out.append(f"components [{label}]: {', '.join(comps) or '-'}")
+    for a in d["artifacts"]:
+        out.append(f"artifact:      {a['sha256'][:16]}  {a['size']:>12}  {a['name']}")
+    if d.get("error"):
+        out.append(f"note:          {d['error']}")
+    return "\n".join(out)
+
+
+def staged_text(bundle: Any, d: dict[str, Any]) -> str:
+    """``bundle import`` with no agent answering: where ``bundle`` waits for the next start."""
+    return f"no agent answered; staged {bundle} as {d['path']}: the agent imports it when it starts"

@@ -1,39 +1,17 @@
-"""The ``keystone`` / ``keystonectl`` command line: one typer app.
-
-Agent-side commands (``agent``, ``serve-artifacts``, ``plan``, ``bundle``) live here; the
-commands that talk to a running agent over its API are registered from ``keystone.ctl`` and
-``keystone.cli_sync``. Exit codes (DESIGN section 8): 0 success, 1 agent or network failure,
-2 misuse, 3 refused by verification or validation, 4 deployment failed and rolled back.
-"""
+"""The agent-side commands: ``agent`` (run the agent) and ``serve-artifacts``."""
 
 from __future__ import annotations
 
-import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from keystone.errors import KeystoneError
-
-app = typer.Typer(
-    name="keystone",
-    help="Keystone: a declarative GitOps pull agent for edge devices.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from keystone.cli.common import Command, add_commands
+from keystone.demo import DEMO_DIR, DEMO_PLAN
 
 
-@app.callback()
-def _root() -> None:
-    """Keystone: a declarative GitOps pull agent for edge devices."""
-    from keystone.env import load_dotenv
-
-    load_dotenv()
-
-
-@app.command("agent")
 def agent_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="agent.toml")] = None,
     http: Annotated[
@@ -60,10 +38,11 @@ def agent_cmd(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT."""
+    # lazy: asyncio, loguru, the config parser and the agent itself: only to run it, not --help
     import asyncio
-    from dataclasses import replace
 
     from keystone import log
+    from keystone.agent import Agent
     from keystone.config import load_config
 
     log.setup(level=log_level.upper(), json=log_json)
@@ -77,14 +56,10 @@ def agent_cmd(
     if demo and apply:
         raise typer.BadParameter("--demo and --apply are exclusive")
 
-    from keystone.agent import Agent
-
     agent = Agent(cfg, http=http)
     initial = None
     source = ""
     if demo or apply:
-        from keystone.demo import DEMO_DIR, DEMO_PLAN
-
         plan_path = DEMO_PLAN if demo else apply
         assert plan_path is not None
         # A plan that does not validate stops us here, before anything is started.
@@ -95,7 +70,6 @@ def agent_cmd(
     raise typer.Exit(asyncio.run(agent.run(initial=initial, initial_source=source)))
 
 
-@app.command("serve-artifacts")
 def serve_artifacts_cmd(
     root: Annotated[Path, typer.Option("--root", help="directory to serve")] = Path("artifacts"),
     addr: Annotated[
@@ -103,6 +77,7 @@ def serve_artifacts_cmd(
     ] = ":9000",
 ) -> None:
     """Serve artifact files over HTTP with Range, ETag and /healthz (the Go keystoneserver)."""
+    # lazy: the artifact runtime (loguru, the archive readers) loads only to serve
     from keystone.runtime.artifacts import serve_artifacts
 
     if not root.is_dir():
@@ -110,39 +85,13 @@ def serve_artifacts_cmd(
     serve_artifacts(root, addr)
 
 
-def emit(data: Any, as_json: bool, human: Any = None) -> None:
-    """Print ``data`` as JSON for machines or with ``human(data)`` for people."""
-    import json
-
-    if as_json or human is None:
-        typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
-        typer.echo(human(data))
+COMMANDS: tuple[tuple[str, Command], ...] = (
+    ("agent", agent_cmd),
+    ("serve-artifacts", serve_artifacts_cmd),
+)
 
 
-def main() -> None:
-    """Entry point of the ``keystone`` and ``keystonectl`` scripts."""
-    # Building every command costs ~40 ms of typer introspection; register only the one asked
-    # for (every command for --help, no arguments, or an unknown name).
-    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    if first is None or not _register(first):
-        _register(None)
-    try:
-        app()
-    except KeystoneError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-
-
-LOCAL = {"agent", "serve-artifacts"}
-
-
-def _register(only: str | None) -> bool:
-    from keystone.cli_sync import register as register_sync
-    from keystone.ctl import register as register_ctl
-
-    if only in LOCAL:
-        return True
-    found_ctl = register_ctl(app, only)
-    found_sync = register_sync(app, only)
-    return found_ctl or found_sync
+def register(app: typer.Typer, only: str | None = None) -> bool:
+    """Add ``agent`` and ``serve-artifacts`` to ``app`` (just ``only`` when given); True if
+    any matched."""
+    return add_commands(app, only, COMMANDS)

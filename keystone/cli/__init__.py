@@ -1,0 +1,72 @@
+"""The ``keystone`` / ``keystonectl`` command line.
+
+``main`` is the entry point of both scripts. The hot read-only commands (``status``,
+``components``, ``health``) run without importing typer (``keystone.cli.fast``), which keeps
+``keystone status`` quick; everything else goes to the typer app of ``keystone.cli.app``. This
+module imports nothing heavy, so that the fast path stays fast.
+
+The command groups stand side by side on one face and never import each other:
+
+- ``common``: the typer face: connection options and ``--json`` declared once, the command
+  decorator that resolves them into a ``Session``, registration;
+- ``session``, ``views``, ``fast``: typer-free: the invocation (client, emit, exit codes), what
+  is printed, the fast path;
+- ``agent`` (agent, serve-artifacts), ``control`` (the keystonectl command set), ``gitops``
+  (sync, history, rollback, suspend, resume), ``fleet`` (plan render/diff, bundle
+  create/inspect/import): the groups, assembled by ``app``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from keystone.cli.fast import fast_main
+
+GLOBAL_VALUED = ("--addr", "--token", "--ssh")
+GLOBAL_FLAGS = ("--json",)
+
+
+def hoist_globals(argv: list[str]) -> list[str]:
+    """Move global options written before the command to just after it.
+
+    The Go keystonectl's global flags may come before the command (``keystonectl --addr URL
+    apply plan.toml``); typer wants them after it.
+    """
+    moved: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.partition("=")[0]
+        if name in GLOBAL_VALUED:
+            if "=" in arg:
+                moved.append(arg)
+            elif i + 1 < len(argv):
+                moved += [arg, argv[i + 1]]
+                i += 1
+            else:
+                return argv
+            i += 1
+            continue
+        if arg in GLOBAL_FLAGS:
+            moved.append(arg)
+            i += 1
+            continue
+        break
+    if not moved or i >= len(argv):
+        return argv
+    rest = argv[i:]
+    # Group commands (plan, bundle) take their options after the subcommand.
+    cut = 2 if rest[0] in ("plan", "bundle") and len(rest) > 1 else 1
+    return rest[:cut] + moved + rest[cut:]
+
+
+def main() -> None:
+    """Run one command."""
+    code = fast_main(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    sys.argv[1:] = hoist_globals(sys.argv[1:])
+    # lazy: typer and the command groups, which the fast path above must not pay for
+    from keystone.cli.app import run
+
+    run()
