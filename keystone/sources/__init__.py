@@ -5,7 +5,8 @@ that need it, so the resident agent stays small):
 
 * :class:`FetchResult`, :class:`Source`, :class:`FileSource`, :class:`DirectoryReader` (base)
 * :class:`GitMirror`, :class:`TreeReader`, :class:`GitSource` (git)
-* :class:`BundleInfo`, :class:`BundleArtifact`, :func:`create_bundle`, :func:`inspect_bundle`,
+* :class:`BundleInfo`, :class:`BundleArtifact`, :class:`BundleReader`, :func:`open_bundle`,
+  :func:`create_bundle`, :func:`inspect_bundle`, :func:`cache_bundle_artifacts`,
   :func:`import_bundle`, :func:`extract_bundle_artifact`, :func:`write_git_bundle` (bundle)
 """
 
