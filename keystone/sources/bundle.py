@@ -365,6 +365,7 @@ def write_git_bundle(
         keystone.errors.ValidationError: ``rev`` or ``since`` unknown, or nothing new since
             ``since``.
     """
+    # lazy: dulwich is heavy; the resident agent imports this module without it
     from dulwich.object_store import MissingObjectFinder
     from dulwich.objects import Commit, ObjectID
     from dulwich.pack import full_unpacked_object, write_pack_data

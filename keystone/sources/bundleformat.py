@@ -325,6 +325,7 @@ def _scan_tar(f: BinaryIO, file_size: int, where: str) -> list[_Member]:
 
 
 def _tar_header(name: str, size: int) -> bytes:
+    # lazy: tarfile is only needed to write a bundle; the resident agent never does
     import tarfile
 
     info = tarfile.TarInfo(name)
