@@ -63,6 +63,10 @@ class HttpBundleSource:
             (``lambda rev: not force and (rev == applied or rev in known_bad)``). Without it
             the kept bundle is imported after every 304.
         clock: Monotonic seconds, for the deadline (tests pass a fake one).
+
+    Attributes:
+        last_detail: The wire stats of the last :meth:`fetch` whose download finished, or None
+            when it did not (what a consumer reports when the bundle is then refused).
     """
 
     def __init__(
@@ -88,6 +92,9 @@ class HttpBundleSource:
         self.settled = settled
         self.clock = clock
         self._mirror = mirror
+        # Wire stats of the last fetch whose download finished (None when it did not): what a
+        # consumer reports when the bundle is then refused on import.
+        self.last_detail: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"HttpBundleSource({self.display_url!r})"
@@ -107,8 +114,10 @@ class HttpBundleSource:
             keystone.errors.BundleError: the bundle is over ``max_bytes`` (nothing is kept), or
                 it was refused as a file on import (then it is deleted).
         """
+        self.last_detail = None
         state = self._load_state()
         path, stats = self._download(state)
+        self.last_detail = dict(stats)
         wire: dict[str, Any] = {
             "bytes_received": stats["bytes"],
             "requests": stats["requests"],

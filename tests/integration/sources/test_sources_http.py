@@ -381,8 +381,10 @@ class TestDownloads:
         data = made.path.read_bytes()
         cut = 100_001
         server.put(data, cut=cut)
+        src = source(server, runtime)
         with pytest.raises(SourceUnreachable, match="partial download resumes"):
-            source(server, runtime).fetch()
+            src.fetch()
+        assert src.last_detail is None  # the download itself failed
         assert (runtime.work / "download.partial").stat().st_size == cut
         assert runtime.state()["partial_etag"]
         assert not (runtime.work / "current.bundle").exists()
@@ -489,8 +491,10 @@ class TestRefusedBundles:
         """A download that is no bundle is refused on import and deleted; the validators stay,
         so the next poll is a 304 that knows no revision."""
         server.put(b"this is no bundle\n" * 100)
+        src = source(server, runtime)
         with pytest.raises(BundleError, match="not a Keystone bundle"):
-            source(server, runtime).fetch()
+            src.fetch()
+        assert src.last_detail is not None and src.last_detail["bytes"] == 1800
         assert not (runtime.work / "current.bundle").exists()
         assert runtime.state()["etag"]
         result = source(server, runtime).fetch()
