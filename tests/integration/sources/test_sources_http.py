@@ -84,17 +84,18 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: the request log is ``BundleServer.seen``."""
 
     def _answer(self, status: int, headers: dict[str, str], body: bytes, cut: int | None) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
         sent = body if cut is None else body[:cut]
-        self.wfile.write(sent)
-        self.wfile.flush()
+        # Recorded before answering: once the client has its answer, the test may look.
         with self.server.lock:
             self.server.blob.seen.append(
                 Seen({k.lower(): v for k, v in self.headers.items()}, status, len(sent))
             )
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(sent)
+        self.wfile.flush()
         if cut is not None or "Content-Length" not in headers:
             self.close_connection = True
             with contextlib.suppress(OSError):
