@@ -17,6 +17,7 @@ from pathlib import Path
 from keystone.dag import Graph, build_graph
 from keystone.errors import ValidationError
 from keystone.recipe import Recipe, check_segment, parse_recipe
+from keystone.repopath import repo_path_problem
 from keystone.tomlsrc import Reader
 
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
@@ -181,8 +182,9 @@ def safe_join(
         raise ValidationError(
             f"path {rel!r} is outside the plan root {root}", file=file, line=line, field=field
         )
-    candidate = (root / rel).resolve()
-    if not candidate.is_relative_to(root.resolve()):
+    plain = rel.startswith("/") or repo_path_problem(rel) is None  # no '..', no backslash
+    candidate = (root / rel).resolve() if plain else None
+    if candidate is None or not candidate.is_relative_to(root.resolve()):
         raise ValidationError(
             f"path {rel!r} escapes the plan root {root}", file=file, line=line, field=field
         )

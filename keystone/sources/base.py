@@ -1,9 +1,25 @@
 """What every source yields, and the small seams between sources and the sync engine.
 
-A source (a git remote, an HTTP bundle, a USB bundle) turns "go and look" into a
-:class:`FetchResult`: the commit id of the tip it found, whether that differs from what the
-device already had, and what it cost on the wire. The commit and its tree are then read from the
-local mirror through a :class:`FileSource` bound to that one revision.
+A source (a git remote, an HTTP bundle, a bundle file from USB, a staging directory or an API
+upload) turns "go and look" into a :class:`FetchResult`: the commit id of the tip it found,
+whether that differs from what the device already had, and what it cost on the wire. The commit
+and its tree are then read from the local mirror through a :class:`FileSource` bound to that one
+revision.
+
+How a consumer (the sync worker) uses a source, in this order:
+
+1. ``result = source.fetch()``: the objects are in the mirror and ``result.revision`` names the
+   tip. A source raises :class:`~keystone.errors.SourceUnreachable` (retry later) or
+   :class:`~keystone.errors.Refused` (unusable); it never decides whether to deploy.
+   ``result.revision_known`` is False only for an unchanged HTTP bundle with nothing kept from
+   before (a 304 after a refused bundle): there is nothing to verify.
+2. Gate (the consumer's): a tip that is already applied, or known bad, stops here unless the
+   operator forces it. :class:`~keystone.sources.http.HttpBundleSource` takes the same rule as
+   its ``settled`` predicate, so that an unchanged bundle is not imported again only to be
+   dropped by this gate.
+3. Verify the tip (signature, ancestry, freshness) and resolve the plan from the mirror.
+4. Only after verification: when ``result.bundle`` carries artifacts, copy them into the
+   artifact cache with :func:`keystone.sources.bundle.cache_bundle_artifacts` (all or none).
 
 This module is imported by the resident agent, so it imports nothing heavy (no dulwich).
 """
@@ -13,18 +29,21 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 from keystone.errors import Refused, SourceUnreachable, ValidationError
+from keystone.repopath import split_repo_path
 
 __all__ = [
     "DirectoryReader",
     "FetchResult",
     "FileSource",
     "HistoryLimitExceeded",
+    "ImportedBundle",
     "IncompleteHistory",
     "PackTooLarge",
     "RemoteRefNotFound",
@@ -36,26 +55,65 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class ImportedBundle:
+    """A bundle file whose objects a fetch has just added to the mirror.
+
+    Attributes:
+        kind: ``"keystone"`` (it may carry artifacts) or ``"git"`` (a plain git bundle).
+        path: The bundle file, kept where the source keeps it; the artifacts are copied out of
+            it after verification (:func:`keystone.sources.bundle.cache_bundle_artifacts`).
+        artifacts: The sha256 of every artifact it carries, in manifest order.
+    """
+
+    kind: str
+    path: Path
+    artifacts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class FetchResult:
     """The outcome of one :meth:`Source.fetch`.
 
     Attributes:
-        revision: Hex commit id of the fetched ref's tip (tags are peeled to their commit).
-        changed: False when the tip equals what the mirror held from the previous fetch; then no
-            pack was requested.
-        bytes_received: Pack bytes received on the wire (0 when no pack was requested).
+        revision: Hex commit id of the fetched ref's tip (tags are peeled to their commit);
+            ``""`` when the source found nothing new and knows no revision (see
+            :attr:`revision_known`).
+        changed: False when nothing new entered the mirror: a git tip equal to what the mirror
+            held from the previous fetch (then no pack was requested), or an unchanged HTTP
+            bundle that was not imported again. A bundle whose objects were imported is True.
+        bytes_received: Bytes received on the wire (0 when nothing was downloaded); for a bundle
+            file, the size of the file.
         source: Where the revision came from (a URL with any password removed, or a file path).
+        requests: Requests made on the wire, for sources that count them (0 otherwise).
+        detail: Wire statistics a source reports as they are (for HTTP: ``status``,
+            ``requests``, ``bytes``, ``resumed_from``); empty when it has none.
+        bundle: The bundle file whose objects were imported, or None (git, or an unchanged
+            HTTP bundle that needed no import).
     """
 
     revision: str
     changed: bool
     bytes_received: int
     source: str
+    requests: int = 0
+    detail: Mapping[str, int | str | None] = field(default_factory=dict, hash=False)
+    bundle: ImportedBundle | None = None
+
+    @property
+    def revision_known(self) -> bool:
+        """False for "unchanged, and no revision known": nothing to gate or verify."""
+        return bool(self.revision)
 
 
 @runtime_checkable
 class Source(Protocol):
-    """Anything that can bring the desired revision into the local mirror."""
+    """Anything that can bring the desired revision into the local mirror.
+
+    Implementations: :class:`keystone.sources.git.GitSource` (a git remote),
+    :class:`keystone.sources.http.HttpBundleSource` (a bundle URL, polled conditionally) and
+    :class:`keystone.sources.file.BundleFileSource` (a bundle file on disk). See the module
+    docstring for the order in which a consumer fetches, gates, verifies and caches.
+    """
 
     def fetch(self) -> FetchResult:
         """Fetch the tip into the mirror and say what was found.
@@ -147,46 +205,6 @@ def redact_url(url: str) -> str:
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def split_repo_path(path: str, *, allow_root: bool = False, file: str | None = None) -> list[str]:
-    """Split a repository-relative path into its segments, refusing anything that could escape.
-
-    ``a/b.toml`` and ``a//b.toml/`` give ``["a", "b.toml"]``; ``.`` segments are dropped. An
-    absolute path, a ``..`` segment, a backslash, a NUL or a control character is refused, as is
-    the empty path unless ``allow_root`` (then ``[]`` is the root).
-
-    Raises:
-        keystone.errors.ValidationError: naming the path and what is wrong with it.
-    """
-    if not isinstance(path, str):
-        raise ValidationError(
-            f"repository path must be a string, got {type(path).__name__}", file=file, field="path"
-        )
-    if path.startswith("/"):
-        raise ValidationError(
-            f"{path!r} is absolute; paths in the fleet repository are relative to its root",
-            file=file,
-            field="path",
-        )
-    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        raise ValidationError(
-            f"{path!r} contains a backslash or a control character; use plain '/'-separated names",
-            file=file,
-            field="path",
-        )
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ValidationError(
-            f"{path!r} contains '..'; paths may not leave the repository root",
-            file=file,
-            field="path",
-        )
-    if not parts and not allow_root:
-        raise ValidationError(
-            "empty path; name a file inside the repository", file=file, field="path"
-        )
-    return parts
 
 
 class DirectoryReader:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
-from keystone.errors import KeystoneError
+from keystone.env import substitution_env
+from keystone.errors import BundleError, KeystoneError
+from keystone.sources.bundle import import_bundle, inspect_bundle, open_bundle
+from keystone.sources.git import GitMirror
+from keystone.sync.resolve import resolve
+from keystone.trust import CommitVerifier, TrustPolicy
 
 
 def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any]:
@@ -15,9 +22,6 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
     The objects are imported into a throwaway mirror; an incremental bundle's tree can be read
     only when it carries everything the tip needs, otherwise that is said in ``error``.
     """
-    from keystone.sources.bundle import import_bundle, inspect_bundle
-    from keystone.sources.git import GitMirror
-
     info = inspect_bundle(path)
     data: dict[str, Any] = {
         "path": str(path),
@@ -59,9 +63,6 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
             if allowed_signers is not None:
                 data["signature"] = _signature(raw, info.revision, allowed_signers)
             tree = mirror.file_source(info.revision)
-            from keystone.env import substitution_env
-            from keystone.sync.resolve import resolve
-
             labels = [name for name, is_dir in tree.listdir("labels") if is_dir]
             for label in ["(default)", *labels]:
                 try:
@@ -83,8 +84,6 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
 
 
 def _signature(raw: bytes, revision: str, allowed_signers: Path) -> dict[str, Any]:
-    from keystone.trust import CommitVerifier, TrustPolicy
-
     v = CommitVerifier(TrustPolicy(allowed_signers)).verify(raw, revision=revision)
     return {
         "ok": v.ok,
@@ -110,21 +109,13 @@ def _tip_commit(path: Path, revision: str) -> bytes | None:
     Raises:
         keystone.errors.BundleError: the pack cannot be read.
     """
-    import hashlib
-    import zlib
-
+    # lazy: dulwich is heavy, and only this path of `bundle inspect` reads a pack itself
     from dulwich.errors import ChecksumMismatch
     from dulwich.pack import OFS_DELTA, REF_DELTA, PackStreamReader, apply_delta
 
-    from keystone.errors import BundleError
-    from keystone.sources.bundle import _open_layout, _opened, _Section
-
     want = bytes.fromhex(revision)
-    with _opened(path) as (f, size):
-        layout = _open_layout(f, size, str(path))
-        pack = _Section(
-            f, layout.repo.offset + layout.git.length, layout.repo.size - layout.git.length
-        )
+    with open_bundle(path) as bundle:
+        pack = bundle.pack()
         seen: dict[int | bytes, tuple[int, bytes]] = {}  # by pack offset and by binary sha
         try:
             for obj in PackStreamReader(hashlib.sha1, pack.read).read_objects():

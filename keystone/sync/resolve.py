@@ -9,10 +9,10 @@ repository root and may not leave it.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from keystone import repopath
 from keystone.errors import ValidationError
 from keystone.plan import (
     STORE_REF,
@@ -38,19 +38,7 @@ def repo_path(
     path: str, *, file: str | None = None, line: int | None = None, field: str = "recipe"
 ) -> str:
     """Normalise a repo-relative path; refuse absolute paths and any that leave the root."""
-    if not path or path.startswith("/") or "\\" in path:
-        raise ValidationError(
-            f"path {path!r} must be relative to the repository root",
-            file=file,
-            line=line,
-            field=field,
-        )
-    norm = posixpath.normpath(path)
-    if norm == ".." or norm.startswith("../") or norm == ".":
-        raise ValidationError(
-            f"path {path!r} leaves the repository root", file=file, line=line, field=field
-        )
-    return norm
+    return repopath.repo_path(path, file=file, line=line, field=field)
 
 
 def plan_files(device_id: str, labels: Sequence[str]) -> list[str]:

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 
+import keystone.sources as sources
 from keystone.errors import Refused, Retryable, SourceUnreachable, ValidationError
 from keystone.sources import (
     DirectoryReader,
     FetchResult,
     FileSource,
+    ImportedBundle,
     PackTooLarge,
     RemoteRefNotFound,
+    Source,
     UnknownRevision,
     redact_url,
     split_repo_path,
@@ -135,6 +138,29 @@ class TestErrorsAndValues:
         result = FetchResult("a" * 40, True, 10, "https://h/r.git")
         with pytest.raises(AttributeError):
             result.changed = False  # type: ignore[misc]
+
+    def test_fetch_result_defaults_keep_old_callers_working(self) -> None:
+        """The four original fields still make a FetchResult; the new ones default to empty."""
+        result = FetchResult("a" * 40, True, 10, "https://h/r.git")
+        assert (result.requests, dict(result.detail), result.bundle) == (0, {}, None)
+        assert result.revision_known
+        assert hash(result) == hash(FetchResult("a" * 40, True, 10, "https://h/r.git"))
+
+    def test_unchanged_with_no_revision_known(self) -> None:
+        """A revision of "" says: nothing new, and nothing to verify."""
+        assert not FetchResult("", False, 0, "https://h/b.ksb").revision_known
+
+    def test_imported_bundle_names_its_artifacts(self, tmp_path: Path) -> None:
+        """What a bundle import reports: kind, where the file is, its artifact hashes."""
+        bundle = ImportedBundle("keystone", tmp_path / "b.ksb", ("0" * 64,))
+        result = FetchResult("a" * 40, True, 10, "bundle:b.ksb", bundle=bundle)
+        assert result.bundle is not None and result.bundle.artifacts == ("0" * 64,)
+        assert ImportedBundle("git", tmp_path / "g.bundle").artifacts == ()
+
+    @pytest.mark.parametrize("source", ["GitSource", "HttpBundleSource", "BundleFileSource"])
+    def test_every_source_kind_is_a_source(self, source: str) -> None:
+        """The three fetchers implement the Source protocol (structurally)."""
+        assert issubclass(getattr(sources, source), Source)
 
 
 class TestImportCost:

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from keystone.errors import UsageError
+from keystone.repopath import repo_path_problem
 from keystone.runtime.archive import DEFAULT_MAX_EXTRACT_BYTES, DEFAULT_MAX_FILES
 from keystone.runtime.clock import CLOCK_POLICIES, HIGH_WATER, TrustedClock
 from keystone.units import parse_duration, parse_size
@@ -358,8 +359,9 @@ def _repo_relative(rel: str, repo_root: Path | None) -> Location:
             "use an absolute file:// URI or an https URL",
         )
     root = os.path.realpath(repo_root)
-    real = os.path.realpath(os.path.join(root, rel))
-    if real != root and not real.startswith(root + os.sep):
+    plain = repo_path_problem(rel, allow_root=True) is None  # no '..', no backslash
+    real = os.path.realpath(os.path.join(root, rel)) if plain else None
+    if real is None or (real != root and not real.startswith(root + os.sep)):
         raise ValueError(
             "uri-escapes-repo",
             "the path leaves the fleet repository (paths in the repo are relative to its root "

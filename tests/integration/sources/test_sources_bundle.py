@@ -19,6 +19,7 @@ from keystone.sources import (
     extract_bundle_artifact,
     import_bundle,
     inspect_bundle,
+    open_bundle,
     write_git_bundle,
 )
 from tests.integration.sources.gitserver import FleetRepo, run_git
@@ -257,6 +258,44 @@ class TestKeystoneBundles:
             dest = tmp_path / "cache" / sha
             extract_bundle_artifact(out, sha, dest)
             assert dest.read_bytes() == path.read_bytes()
+
+    def test_reader_hands_out_each_part(
+        self,
+        fleet: FleetRepo,
+        two_revisions: tuple[str, str],
+        artifacts: list[tuple[str, Path]],
+        tmp_path: Path,
+    ) -> None:
+        """open_bundle gives the manifest, the inner git bundle, its pack and each artifact as
+        bounded sections; a plain git bundle is all git bundle and has no artifacts."""
+        out = tmp_path / "site.kbundle"
+        info = create_bundle(out, fleet.work, "main", None, artifacts)
+        with open_bundle(out) as bundle:
+            assert bundle.info == info and bundle.size == out.stat().st_size
+            assert {a.sha256 for a in bundle.artifacts} == {sha for sha, _ in artifacts}
+            inner = bundle.git_bundle().read()
+            assert inner.startswith(b"# v2 git bundle\n")
+            assert hashlib.sha256(inner).hexdigest() == bundle.repo_sha256
+            pack = bundle.pack().read()
+            assert pack.startswith(b"PACK") and inner.endswith(pack)
+            for sha, path in artifacts:
+                section = bundle.artifact(sha)
+                assert section is not None and section.read() == path.read_bytes()
+            assert bundle.artifact("f" * 64) is None
+        plain = _git_bundle(fleet, tmp_path / "plain.bundle", "main")
+        with open_bundle(plain) as bundle:
+            assert bundle.info.kind == "git" and bundle.artifacts == ()
+            assert bundle.repo_sha256 is None and bundle.git_bundle().length == bundle.size
+            assert bundle.pack().read(4) == b"PACK"
+
+    def test_reader_refuses_what_is_no_bundle(self, tmp_path: Path) -> None:
+        """Opening garbage or a missing file is a BundleError, and nothing stays open."""
+        junk = tmp_path / "junk"
+        junk.write_bytes(b"x" * 4096)
+        with pytest.raises(BundleError, match="not a Keystone bundle"):
+            open_bundle(junk)
+        with pytest.raises(BundleError, match="cannot open bundle"):
+            open_bundle(tmp_path / "absent")
 
     def test_inner_git_bundle_is_standard(
         self,
