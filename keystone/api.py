@@ -225,6 +225,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/suspend", "suspend"),
     Route("POST", "/v1/resume", "resume"),
     Route("POST", "/v1/bundles:import", "import_bundle", body="stream"),
+    Route("GET", "/v1/operations/{id}", "operation"),
 )
 
 
@@ -780,8 +781,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_stop_component(self, q: Query, body: bytes, name: str) -> None:
         self._json_object(body)
-        self.c.stop_component(name)
-        self._send(204)
+        op = self.c.stop_component(name)
+        # 204 as the Go agent answers: the operation id travels in a header.
+        self._send(204, headers={"Keystone-Operation": op} if op else None)
 
     def h_restart_component(self, q: Query, body: bytes, name: str) -> None:
         self._json_object(body)
@@ -863,6 +865,10 @@ class _Handler(BaseHTTPRequestHandler):
     def h_resume(self, q: Query, body: bytes) -> None:
         self._json_object(body)
         self._send(200, self.c.resume())
+
+    def h_operation(self, q: Query, body: bytes, id: str) -> None:
+        wait = _duration(q, "wait", 0.0) if _param(q, "wait") else None
+        self._send(200, self.c.operation(id, wait=min(wait, 300.0) if wait else None))
 
     def h_import_bundle(self, q: Query, body: bytes) -> None:
         length = self._length()

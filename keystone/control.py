@@ -37,8 +37,11 @@ class AgentControl(Protocol):
         """``[{name, state, restarts, last_health, pid, recipe, version, healthy, since, error}]``."""
         ...
 
-    def stop_component(self, name: str) -> None:
-        """Stop one component (it stays stopped until restarted or the plan is re-applied)."""
+    def stop_component(self, name: str) -> str | None:
+        """Stop one component (it stays stopped until restarted or the plan is re-applied).
+
+        Returns the operation id of the stop (serialized with deployments).
+        """
         ...
 
     def restart_component(self, name: str, *, wait: str | None, timeout: float, dry: bool) -> JSON:
@@ -120,4 +123,15 @@ class AgentControl(Protocol):
 
     def import_bundle(self, stream: BinaryIO, length: int | None) -> JSON:
         """Import a bundle streamed in the request body and deploy it."""
+        ...
+
+    # --- operations -------------------------------------------------------------------------
+
+    def operation(self, op_id: str, *, wait: float | None = None) -> JSON:
+        """``{id, kind, state, submitted, started, finished, result, error, superseded_by}``.
+
+        ``state`` is ``queued``, ``running`` or ``done``; with ``wait`` (seconds) the answer
+        comes as soon as the operation is done, or when ``wait`` passes. ``NotFound`` for an
+        id the agent does not know (it keeps the newest operations).
+        """
         ...

@@ -11,6 +11,7 @@ resident agent and by both workers.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -110,7 +111,7 @@ class ErrorInfo:
         *,
         types: Mapping[str, Callable[[ErrorInfo], errors.KeystoneError]] | None = None,
         default: Callable[[str], errors.KeystoneError] = errors.KeystoneError,
-        refuse: Sequence[type[errors.KeystoneError]] = (),
+        refuse: Sequence[builtins.type[errors.KeystoneError]] = (),
     ) -> errors.KeystoneError:
         """The exception this document describes, with every field set again.
 
@@ -119,11 +120,12 @@ class ErrorInfo:
             default: the class for an unknown type (or one in ``refuse``).
             refuse: ``keystone.errors`` classes a worker may not report (built as ``default``).
         """
-        build = (types or {}).get(self.type)
+        type_name: str = self.type
+        build = (types or {}).get(type_name)
         if build is not None:
             exc = build(self)
         else:
-            cls = getattr(errors, self.type, None)
+            cls = getattr(errors, type_name, None)
             if (
                 not isinstance(cls, type)
                 or not issubclass(cls, errors.KeystoneError)

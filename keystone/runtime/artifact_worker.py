@@ -140,9 +140,7 @@ def main() -> int:
             "gc": None,
             "cache_bytes": None,
             "clock_trusted": None,
-            "error": ErrorInfo.of(
-                _usage(str(exc)), type_name=public_error_type(exc)
-            ).to_json(),
+            "error": ErrorInfo.of(_usage(str(exc)), type_name=public_error_type(exc)).to_json(),
         }
     else:
         answer = handle(request)

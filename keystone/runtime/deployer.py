@@ -231,7 +231,11 @@ class Deployer:
         Artifact preparation errors propagate (KeystoneError) before anything is touched.
         """
         async with self.lock:
-            if planned is None or planned.base is not self.applied or planned.desired is not desired:
+            if (
+                planned is None
+                or planned.base is not self.applied
+                or planned.desired is not desired
+            ):
                 planned = plan_changes(self.applied, desired)
             return await self._deploy(planned, artifacts)
 

@@ -70,11 +70,8 @@ class TestErrorInfo:
         """reason, component and uri are set on the rebuilt error even when its class has none."""
         info = ErrorInfo("BundleError", "refused", "m", reason="r", component="c", uri="u")
         exc = info.to_exception()
-        assert (getattr(exc, "reason"), getattr(exc, "component"), getattr(exc, "uri")) == (
-            "r",
-            "c",
-            "u",
-        )
+        assert vars(exc)["reason"] == "r" and vars(exc)["component"] == "c"
+        assert vars(exc)["uri"] == "u"
 
 
 class TestArtifactErrors:
@@ -85,9 +82,7 @@ class TestArtifactErrors:
             ("ArtifactFetchError", ArtifactDownloadError, errors.ArtifactFetchError),
         ],
     )
-    def test_reason_component_and_uri_are_kept(
-        self, type_name: str, cls: type, base: type
-    ) -> None:
+    def test_reason_component_and_uri_are_kept(self, type_name: str, cls: type, base: type) -> None:
         """artifact_client raises the worker's error with its reason, component and uri."""
         exc = error_from(
             {
