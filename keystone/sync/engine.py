@@ -30,7 +30,7 @@ from keystone.runtime.deployer import ArtifactContext
 from keystone.runtime.supervisor import State, Supervisor
 from keystone.slot import DesiredSlot, Job, Operation
 from keystone.sync.host import SyncHost
-from keystone.sync.imports import incoming_dir
+from keystone.sync.imports import incoming_path
 from keystone.sync.model import EXIT_BY_RESULT, Outcome, RequestKind, SyncRequest, SyncResult
 from keystone.sync.pipeline import Clocks, SyncContext, SyncSettings, run_pipeline
 
@@ -151,7 +151,7 @@ class SyncEngine:
         elif request.kind is RequestKind.IMPORT:
             key = ("import", str(request.bundle))
             bundle = request.bundle
-            if bundle is not None and bundle.parent == incoming_dir(self.settings.runtime):
+            if bundle is not None and bundle.parent == incoming_path(self.settings.runtime):
                 # An upload is consumed whatever its result, so uploads do not fill the disk.
                 cleanup = lambda: bundle.unlink(missing_ok=True)  # noqa: E731
         else:
