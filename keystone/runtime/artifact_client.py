@@ -61,6 +61,7 @@ class WorkerPreparer:
 
     def policy(self, context: ArtifactContext = LOCAL_ARTIFACTS) -> dict[str, Any]:
         """The artifact policy for the worker: the Go environment variables plus our settings."""
+        # The artifacts module is large: the agent loads it when a plan has artifacts.
         from keystone.runtime.artifacts import ArtifactPolicy
 
         policy = ArtifactPolicy.from_env(
@@ -115,6 +116,7 @@ class WorkerPreparer:
         self, component: Component, workdir: Path, *, context: ArtifactContext = LOCAL_ARTIFACTS
     ) -> None:
         """Copy prepared artifacts into ``workdir`` (the cached originals stay immutable)."""
+        # As in policy(): loaded only for a plan with artifacts.
         from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, PreparedArtifact
 
         prepared = self._prepared.get(component.content_hash())

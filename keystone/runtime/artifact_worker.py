@@ -40,7 +40,7 @@ from typing import Any
 
 from loguru import logger
 
-from keystone.errors import KeystoneError
+from keystone.errors import KeystoneError, UsageError
 from keystone.runtime.artifacts import (
     ERROR_TYPES,
     ArtifactLike,
@@ -123,8 +123,6 @@ def handle(request: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _usage(message: str) -> KeystoneError:
-    from keystone.errors import UsageError
-
     return UsageError(f"artifact worker request: {message}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -287,8 +288,6 @@ class SyncEngine:
 
 
 def _with_op(request: SyncRequest, op_id: str) -> SyncRequest:
-    from dataclasses import replace
-
     return replace(request, operation=op_id)
 
 

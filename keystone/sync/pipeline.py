@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -395,8 +395,6 @@ async def run_pipeline(ctx: SyncContext, steps: Sequence[Step] = STEPS) -> SyncR
 
 def finish(ctx: SyncContext, result: SyncResult) -> SyncResult:
     """What every sync writes: time and duration, last sync, metrics, the log, the history."""
-    from dataclasses import replace
-
     result = replace(
         result,
         time=ctx.clocks.wall(),

@@ -13,14 +13,27 @@ Operations:
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from keystone.errors import KeystoneError, RollbackRefused, StaleRevision, ValidationError
+from keystone.errors import (
+    BundleError,
+    KeystoneError,
+    RollbackRefused,
+    SourceUnreachable,
+    StaleRevision,
+    ValidationError,
+)
+from keystone.state import read_json, write_json
+from keystone.sync.imports import max_bundle_bytes
 from keystone.sync.model import (
     FetchedTip,
     Gate,
@@ -66,6 +79,7 @@ def _verifier(req: WorkerRequest) -> Any:
 
 def verify_and_resolve(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> WorkerAnswer:
     """Verify ``tip`` (signature, ancestry, freshness) and resolve this device's plan there."""
+    # Plans and recipes parse with tomlkit: loaded only for a tip that is verified.
     from keystone.plan import plan_to_json
     from keystone.sync.resolve import resolve
 
@@ -142,8 +156,7 @@ def checked(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> WorkerAnswer:
 
 def _observe_time(req: WorkerRequest, when: float) -> None:
     """A verified commit's time is evidence of the current time: advance the trusted clock."""
-    import os
-
+    # The artifacts module is large; only a verified revision needs its trusted clock.
     from keystone.runtime.artifacts import ArtifactPolicy, observe_trusted_time
 
     runtime = Path(req.runtime)
@@ -155,7 +168,7 @@ def _observe_time(req: WorkerRequest, when: float) -> None:
 
 def _export_artifacts(req: WorkerRequest, tree: Any, tip: str, desired: Any) -> Path:
     """Copy the repo-relative artifact files of the plan out of the verified tree."""
-    from keystone.sync.resolve import repo_path
+    from keystone.sync.resolve import repo_path  # with resolve (tomlkit), as above
 
     root = Path(req.runtime) / "checkouts" / tip
     done = root / ".complete"
@@ -179,7 +192,7 @@ def _export_artifacts(req: WorkerRequest, tree: Any, tip: str, desired: Any) -> 
 
 def op_fetch(req: WorkerRequest) -> WorkerAnswer:
     """Fetch the git source, then gate and verify its tip."""
-    from keystone.sources.git import GitSource
+    from keystone.sources.git import GitSource  # dulwich
 
     src = req.source
     if src is None:
@@ -202,15 +215,12 @@ def op_verify_rev(req: WorkerRequest) -> WorkerAnswer:
 
 def _max_bundle_bytes(req: WorkerRequest) -> int:
     """The bundle size bound: the request's, else ``KEYSTONE_MAX_BUNDLE_BYTES`` (4 GiB)."""
-    from keystone.sync.imports import max_bundle_bytes
-
     return int(req.max_bytes or max_bundle_bytes())
 
 
 def op_import_bundle(req: WorkerRequest) -> WorkerAnswer:
     """Add a bundle's objects to the mirror, then gate and verify its tip."""
-    from keystone.errors import BundleError
-    from keystone.sources.bundle import import_bundle
+    from keystone.sources.bundle import import_bundle  # dulwich
 
     bundle = Path(req.bundle or "")
     limit = _max_bundle_bytes(req)
@@ -250,11 +260,7 @@ def _cache_bundle_artifacts(req: WorkerRequest, bundle: Path, shas: list[str]) -
     are they renamed into ``artifacts/sha256/`` (so a damaged artifact leaves the cache as it
     was, not half filled).
     """
-    import os
-    import shutil
-    import tempfile
-
-    from keystone.sources.bundle import extract_bundle_artifact
+    from keystone.sources.bundle import extract_bundle_artifact  # dulwich
 
     root = Path(req.runtime) / "artifacts"
     cache = root / "sha256"
@@ -278,10 +284,7 @@ def http_download(req: WorkerRequest) -> tuple[Path | None, dict[str, Any]]:
 
     Returns (path of a complete new bundle, or None when unchanged (304), wire stats).
     """
-    import httpx
-
-    from keystone.errors import BundleError, SourceUnreachable
-    from keystone.state import read_json, write_json
+    import httpx  # heavy, and only the http source needs it
 
     src = req.source
     if src is None:
@@ -383,10 +386,6 @@ def op_http_fetch(req: WorkerRequest) -> WorkerAnswer:
     refused as a file (damaged, too large, missing prerequisites) is deleted, so the 304s
     that follow cost nothing.
     """
-    from dataclasses import replace
-
-    from keystone.state import read_json, write_json
-
     url = req.source.url if req.source else ""
     try:
         path, stats = http_download(req)
