@@ -67,6 +67,14 @@ class ApiUnavailable(ApiError, Retryable):
     """The agent cannot do it now; try again later (503, 504; exit 1)."""
 
 
+class OperationTimeout(AgentUnreachable):
+    """An operation was still queued or running when the caller's timeout passed (exit 1)."""
+
+    def __init__(self, message: str, *, operation: dict[str, Any]) -> None:
+        self.operation = operation
+        super().__init__(message)
+
+
 def error_for(status: int, message: str, kind: str | None) -> ApiError:
     """The ``ApiError`` for an error answer, by the agent's ``kind``, else by status."""
     if kind == "refused" or (kind is None and status == 422):
@@ -461,7 +469,9 @@ class Client:
         ``OPERATION_WAIT`` seconds each), so this asks again only after such a wait.
 
         Raises:
-            AgentUnreachable: ``timeout`` passed before the operation was done.
+            OperationTimeout: ``timeout`` passed before the operation was done (its last
+                state is in ``.operation``).
+            AgentUnreachable: no agent answered.
         """
         import time
 
@@ -478,9 +488,10 @@ class Client:
             if op.get("state") == "done":
                 return op
             if time.monotonic() >= deadline:
-                raise AgentUnreachable(
+                raise OperationTimeout(
                     f"operation {op_id} was {op.get('state')} when the timeout of {timeout:g}s "
-                    "passed; it goes on in the agent (keystone status follows it)"
+                    "passed; it goes on in the agent (keystone status follows it)",
+                    operation=op,
                 )
 
 

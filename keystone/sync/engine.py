@@ -153,8 +153,10 @@ class SyncEngine:
             key = ("import", str(request.bundle))
             bundle = request.bundle
             if bundle is not None and bundle.parent == incoming_path(self.settings.runtime):
-                # An upload is consumed whatever its result, so uploads do not fill the disk.
-                cleanup = lambda: bundle.unlink(missing_ok=True)  # noqa: E731
+
+                def cleanup() -> None:
+                    # An upload is consumed whatever its result, so uploads do not fill the disk.
+                    bundle.unlink(missing_ok=True)
         else:
             key = ("rollback", request.to)
 
