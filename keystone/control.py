@@ -47,8 +47,9 @@ class AgentControl(Protocol):
     def restart_component(self, name: str, *, wait: str | None, timeout: float, dry: bool) -> JSON:
         """Restart one component and its hard/soft dependents.
 
-        ``wait`` is ``None``, ``"pid"`` or ``"health"``. Returns ``{component, pid, dependents}``,
-        or for a dry run ``{stopOrder, startOrder}``. Raises ``TimeoutError`` past ``timeout``.
+        ``wait`` is ``None``, ``"pid"`` or ``"health"``. Returns ``{component, pid, dependents,
+        operation}`` (the restart is serialized with deployments), or for a dry run
+        ``{stopOrder, startOrder}``. Raises ``TimeoutError`` past ``timeout``.
         """
         ...
 
@@ -76,7 +77,8 @@ class AgentControl(Protocol):
         """Validate a plan given as TOML text and apply it (asynchronously; 202) or dry-run it.
 
         Recipes are referenced as ``name:version`` from the store (the API never reads a path a
-        client names). Returns ``{status, actions, layers}``.
+        client names). Returns ``{status, actions, layers}`` and, unless a dry run, the
+        ``operation`` whose result is the deployment's history entry.
         """
         ...
 
@@ -101,6 +103,8 @@ class AgentControl(Protocol):
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         """Run one sync now, joining one in flight; returns the sync result record.
 
+        The record names its ``operation`` (the one joined, for a duplicate).
+
         ``retry`` tries a revision that failed before again.
         """
         ...
@@ -110,7 +114,7 @@ class AgentControl(Protocol):
         ...
 
     def rollback(self, *, to: str | None) -> JSON:
-        """Deploy the last known-good revision (or ``to``) again."""
+        """Deploy the last known-good revision (or ``to``) again; the record names its operation."""
         ...
 
     def suspend(self) -> JSON:
@@ -122,7 +126,7 @@ class AgentControl(Protocol):
         ...
 
     def import_bundle(self, stream: BinaryIO, length: int | None) -> JSON:
-        """Import a bundle streamed in the request body and deploy it."""
+        """Import a bundle streamed in the request body and deploy it; names its operation."""
         ...
 
     # --- operations -------------------------------------------------------------------------
