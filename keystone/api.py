@@ -826,8 +826,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_stop_plan(self, q: Query, body: bytes) -> None:
         self._json_object(body)
-        self.c.stop_plan()
-        self._send(204)
+        op = self.c.stop_plan()
+        self._send(204, headers={"Keystone-Operation": op} if op else None)
 
     def h_datasets(self, q: Query, body: bytes) -> None:
         # Datasets are a Go-agent feature this agent does not manage: none, honestly.

@@ -86,8 +86,11 @@ class AgentControl(Protocol):
         """Start again what the applied plan says should run and does not: ``{repaired: [...]}``."""
         ...
 
-    def stop_plan(self) -> None:
-        """Stop every component in reverse order; the plan stays stopped across restarts."""
+    def stop_plan(self) -> str | None:
+        """Stop every component in reverse order; the plan stays stopped across restarts.
+
+        Returns the operation id of the stop (serialized with deployments).
+        """
         ...
 
     def metrics_text(self) -> tuple[bytes, str]:

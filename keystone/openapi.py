@@ -511,7 +511,7 @@ def _paths() -> dict[str, JSON]:
                 "Stop every component",
                 "Stops the plan in reverse dependency order; it stays stopped across restarts.",
                 "stop_plan",
-                _no_content("Stopped"),
+                _no_content("Stopped; the Keystone-Operation header names the operation"),
                 errors=(500,),
             )
         },

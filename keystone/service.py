@@ -282,17 +282,25 @@ class ControlService:
     def reconcile(self) -> JSON:
         return {"repaired": self._call(self.node.repair)}
 
-    def stop_plan(self) -> None:
+    def stop_plan(self) -> str:
+        """Stop every component, serialized with deployments; returns the operation id."""
         node = self.node
 
-        async def go() -> None:
+        async def stop(_op: str) -> JSON:
             node.stopped = True
             await node.deployer.stop_all(reason="plan stopped by operator")
             node.plan_state = "stopped"
-            node.emit({"kind": "stop-plan", "result": "ok"})
+            event = {"kind": "stop-plan", "result": "ok"}
+            node.emit(event)
             node.save_now()
+            return event
 
-        self._call(go)
+        async def go() -> str:
+            op = self.slot.submit(Job("stop-plan", stop, key=("stop-plan",)))
+            await op.wait()
+            return op.id
+
+        return self._call(go)
 
     # --- GitOps -----------------------------------------------------------------------------
 

@@ -83,3 +83,8 @@ class TestPlanApply:
         assert result["operation"] == body["operation"] and result["source"] == "api"
         entries = [h for h in agent.api("GET", "/v1/history")[1] if h["kind"] == "apply"]
         assert entries[0]["result"] == "ok"
+        status, body, headers = request(agent, "POST", "/v1/plan/stop")
+        assert status == 204 and not body
+        op = operation(agent, headers["keystone-operation"])
+        assert op["kind"] == "stop-plan" and op["result"]["kind"] == "stop-plan"
+        assert agent.components()["extra"]["state"] == "stopped"
