@@ -32,6 +32,8 @@ DEFAULT_ADDR = "http://127.0.0.1:8080"
 TOKEN_FILE = "api.token"
 SYSTEM_RUNTIME = Path("/var/lib/keystone")
 CONNECT_TIMEOUT = 5.0
+OPERATION_WAIT = 30.0
+"""Seconds one ``GET /v1/operations/{id}?wait=`` may hold the connection."""
 EXPECT_CONTINUE_BYTES = 1 << 20
 """Bodies at least this large ask first (``Expect: 100-continue``), so a wrong token or an
 oversized upload is refused before the bytes travel."""
@@ -63,6 +65,14 @@ class ApiRolledBack(ApiError, DeploymentFailed):
 
 class ApiUnavailable(ApiError, Retryable):
     """The agent cannot do it now; try again later (503, 504; exit 1)."""
+
+
+class OperationTimeout(AgentUnreachable):
+    """An operation was still queued or running when the caller's timeout passed (exit 1)."""
+
+    def __init__(self, message: str, *, operation: dict[str, Any]) -> None:
+        self.operation = operation
+        super().__init__(message)
 
 
 def error_for(status: int, message: str, kind: str | None) -> ApiError:
@@ -451,6 +461,38 @@ class Client:
     def post(self, path: str, **kw: Any) -> Any:
         """``POST path``."""
         return self.request("POST", path, **kw)
+
+    def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
+        """Wait until operation ``op_id`` is done and return it (``GET /v1/operations/{id}``).
+
+        The agent holds each request until the operation is done (long poll, at most
+        ``OPERATION_WAIT`` seconds each), so this asks again only after such a wait.
+
+        Raises:
+            OperationTimeout: ``timeout`` passed before the operation was done (its last
+                state is in ``.operation``).
+            AgentUnreachable: no agent answered.
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        path = "/v1/operations/" + quote(op_id, safe="")
+        while True:
+            left = deadline - time.monotonic()
+            wait = max(0.0, min(left, OPERATION_WAIT))
+            op = self.get(
+                path, params={"wait": f"{wait:.3f}s"} if wait > 0 else None, timeout=wait + 30
+            )
+            if not isinstance(op, dict):
+                raise AgentUnreachable(f"GET {path}: the agent answered {op!r}")
+            if op.get("state") == "done":
+                return op
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(
+                    f"operation {op_id} was {op.get('state')} when the timeout of {timeout:g}s "
+                    "passed; it goes on in the agent (keystone status follows it)",
+                    operation=op,
+                )
 
 
 class _StaleConnection(Exception):

@@ -37,15 +37,19 @@ class AgentControl(Protocol):
         """``[{name, state, restarts, last_health, pid, recipe, version, healthy, since, error}]``."""
         ...
 
-    def stop_component(self, name: str) -> None:
-        """Stop one component (it stays stopped until restarted or the plan is re-applied)."""
+    def stop_component(self, name: str) -> str | None:
+        """Stop one component (it stays stopped until restarted or the plan is re-applied).
+
+        Returns the operation id of the stop (serialized with deployments).
+        """
         ...
 
     def restart_component(self, name: str, *, wait: str | None, timeout: float, dry: bool) -> JSON:
         """Restart one component and its hard/soft dependents.
 
-        ``wait`` is ``None``, ``"pid"`` or ``"health"``. Returns ``{component, pid, dependents}``,
-        or for a dry run ``{stopOrder, startOrder}``. Raises ``TimeoutError`` past ``timeout``.
+        ``wait`` is ``None``, ``"pid"`` or ``"health"``. Returns ``{component, pid, dependents,
+        operation}`` (the restart is serialized with deployments), or for a dry run
+        ``{stopOrder, startOrder}``. Raises ``TimeoutError`` past ``timeout``.
         """
         ...
 
@@ -73,7 +77,8 @@ class AgentControl(Protocol):
         """Validate a plan given as TOML text and apply it (asynchronously; 202) or dry-run it.
 
         Recipes are referenced as ``name:version`` from the store (the API never reads a path a
-        client names). Returns ``{status, actions, layers}``.
+        client names). Returns ``{status, actions, layers}`` and, unless a dry run, the
+        ``operation`` whose result is the deployment's history entry.
         """
         ...
 
@@ -81,8 +86,11 @@ class AgentControl(Protocol):
         """Start again what the applied plan says should run and does not: ``{repaired: [...]}``."""
         ...
 
-    def stop_plan(self) -> None:
-        """Stop every component in reverse order; the plan stays stopped across restarts."""
+    def stop_plan(self) -> str | None:
+        """Stop every component in reverse order; the plan stays stopped across restarts.
+
+        Returns the operation id of the stop (serialized with deployments).
+        """
         ...
 
     def metrics_text(self) -> tuple[bytes, str]:
@@ -98,6 +106,8 @@ class AgentControl(Protocol):
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         """Run one sync now, joining one in flight; returns the sync result record.
 
+        The record names its ``operation`` (the one joined, for a duplicate).
+
         ``retry`` tries a revision that failed before again.
         """
         ...
@@ -107,7 +117,7 @@ class AgentControl(Protocol):
         ...
 
     def rollback(self, *, to: str | None) -> JSON:
-        """Deploy the last known-good revision (or ``to``) again."""
+        """Deploy the last known-good revision (or ``to``) again; the record names its operation."""
         ...
 
     def suspend(self) -> JSON:
@@ -119,5 +129,16 @@ class AgentControl(Protocol):
         ...
 
     def import_bundle(self, stream: BinaryIO, length: int | None) -> JSON:
-        """Import a bundle streamed in the request body and deploy it."""
+        """Import a bundle streamed in the request body and deploy it; names its operation."""
+        ...
+
+    # --- operations -------------------------------------------------------------------------
+
+    def operation(self, op_id: str, *, wait: float | None = None) -> JSON:
+        """``{id, kind, state, submitted, started, finished, result, error, superseded_by}``.
+
+        ``state`` is ``queued``, ``running`` or ``done``; with ``wait`` (seconds) the answer
+        comes as soon as the operation is done, or when ``wait`` passes. ``NotFound`` for an
+        id the agent does not know (it keeps the newest operations).
+        """
         ...

@@ -277,8 +277,33 @@ SCHEMAS: dict[str, JSON] = {
             "signer": _STRN,
             "changes": _OBJ,
             "error": _STRN,
+            "operation": {
+                "type": "string",
+                "description": "The operation id (GET /v1/operations/{id})",
+            },
         },
         "additionalProperties": True,
+    },
+    "Operation": {
+        "type": "object",
+        "properties": {
+            "id": _STR,
+            "kind": {
+                "type": "string",
+                "description": "sync, import, rollback, apply, stop, restart or soak-rollback",
+            },
+            "state": {"type": "string", "enum": ["queued", "running", "done"]},
+            "submitted": _NUM,
+            "started": _NUMN,
+            "finished": _NUMN,
+            "result": {
+                "nullable": True,
+                "description": "Once done: the sync record, or the apply history entry",
+                **_OBJ,
+            },
+            "error": _STRN,
+            "superseded_by": _STRN,
+        },
     },
     "HistoryEntry": {
         "type": "object",
@@ -372,7 +397,12 @@ def _paths() -> dict[str, JSON]:
                 "Stops a single component; its dependents are left running. It stays stopped "
                 "until restarted or the plan is applied again.",
                 "stop_component",
-                _no_content("Stopped"),
+                {
+                    "204": {
+                        "description": "Stopped; the Keystone-Operation header names the "
+                        "operation (stops are serialized with deployments)",
+                    }
+                },
                 errors=(404, 500),
                 params=[name],
             )
@@ -481,7 +511,7 @@ def _paths() -> dict[str, JSON]:
                 "Stop every component",
                 "Stops the plan in reverse dependency order; it stays stopped across restarts.",
                 "stop_plan",
-                _no_content("Stopped"),
+                _no_content("Stopped; the Keystone-Operation header names the operation"),
                 errors=(500,),
             )
         },
@@ -570,6 +600,21 @@ def _paths() -> dict[str, JSON]:
                 "resume",
                 {"200": _json(_OBJ, "Resumed")},
                 errors=(400,),
+            )
+        },
+        "/v1/operations/{id}": {
+            "get": _op(
+                "One operation (addition)",
+                "The state of a submission (sync, apply, import, rollback, stop, restart): "
+                "queued, running or done with its result. With wait, the answer comes as soon "
+                "as it is done (or when wait passes, at most 300s).",
+                "operation",
+                {"200": _json(_ref("Operation"), "The operation")},
+                errors=(400, 404),
+                params=[
+                    _path("id", "Operation id as a reply named it", "op-1a2b3c4d-7"),
+                    _query("wait", "Answer once done, waiting at most this long, e.g. 30s"),
+                ],
             )
         },
         "/v1/bundles:import": {

@@ -404,8 +404,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def h_stop_component(self, q: Query, body: bytes, name: str) -> None:
         self._json_object(body)
-        self.c.stop_component(name)
-        self._send(204)
+        op = self.c.stop_component(name)
+        # 204 as the Go agent answers: the operation id travels in a header.
+        self._send(204, headers={"Keystone-Operation": op} if op else None)
 
     def h_restart_component(self, q: Query, body: bytes, name: str) -> None:
         self._json_object(body)
@@ -448,8 +449,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def h_stop_plan(self, q: Query, body: bytes) -> None:
         self._json_object(body)
-        self.c.stop_plan()
-        self._send(204)
+        op = self.c.stop_plan()
+        self._send(204, headers={"Keystone-Operation": op} if op else None)
 
     def h_datasets(self, q: Query, body: bytes) -> None:
         # Datasets are a Go-agent feature this agent does not manage: none, honestly.
@@ -487,6 +488,10 @@ class Handler(BaseHTTPRequestHandler):
     def h_resume(self, q: Query, body: bytes) -> None:
         self._json_object(body)
         self._send(200, self.c.resume())
+
+    def h_operation(self, q: Query, body: bytes, id: str) -> None:
+        wait = duration(q, "wait", 0.0) if param(q, "wait") else None
+        self._send(200, self.c.operation(id, wait=min(wait, 300.0) if wait else None))
 
     def h_import_bundle(self, q: Query, body: bytes) -> None:
         length = self._length()

@@ -86,6 +86,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/suspend", "suspend"),
     Route("POST", "/v1/resume", "resume"),
     Route("POST", "/v1/bundles:import", "import_bundle", body="stream"),
+    Route("GET", "/v1/operations/{id}", "operation"),
 )
 
 

@@ -9,31 +9,41 @@ the resident agent.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from keystone import errors
 from keystone.plan import Component
+from keystone.runtime.deployer import LOCAL_ARTIFACTS, ArtifactContext
 from keystone.runtime.process import ProcessRunner
+from keystone.workerproc import ErrorInfo, call
+
+WORKER = "keystone.runtime.artifact_worker"
 
 
-def _raise(err: dict[str, Any]) -> None:
-    cls = getattr(errors, str(err.get("type", "")), None)
-    message = str(err.get("message", "artifact preparation failed"))
-    if (
-        isinstance(cls, type)
-        and issubclass(cls, errors.KeystoneError)
-        and cls is not errors.DeploymentFailed
-    ):
-        if issubclass(cls, errors.ValidationError):
-            raise errors.ValidationError(message)
-        raise cls(message)
-    raise errors.ArtifactFetchError(message)
+def error_from(err: Mapping[str, Any]) -> errors.KeystoneError:
+    """The exception an artifact worker reported, with its reason, component and uri.
+
+    An unknown type (or a worker claiming a rolled-back deployment) is an ``ArtifactFetchError``.
+    """
+    # The artifact error classes live in the heavy artifacts module; load it only for an error.
+    from keystone.runtime.artifact_worker import ARTIFACT_ERRORS
+
+    info = ErrorInfo.from_json(err)
+    if not info.message:
+        info = ErrorInfo.from_json({**err, "message": "artifact preparation failed"})
+    return info.to_exception(
+        types=ARTIFACT_ERRORS,
+        default=errors.ArtifactFetchError,
+        refuse=(errors.DeploymentFailed,),
+    )
+
+
+def _raise(err: Mapping[str, Any]) -> None:
+    raise error_from(err)
 
 
 class WorkerPreparer:
@@ -45,51 +55,43 @@ class WorkerPreparer:
         self.runner = runner
         self.runtime = runtime
         self.allow_unsigned = allow_unsigned
-        self.repo_root: Path = Path.cwd()
-        self.require_sha256 = False
         self.timeout = 1800.0 + 60.0
         self._prepared: dict[str, list[dict[str, Any]]] = {}
         self.clock_trusted: bool | None = None
 
-    def policy(self) -> dict[str, Any]:
+    def policy(self, context: ArtifactContext = LOCAL_ARTIFACTS) -> dict[str, Any]:
         """The artifact policy for the worker: the Go environment variables plus our settings."""
+        # The artifacts module is large: the agent loads it when a plan has artifacts.
         from keystone.runtime.artifacts import ArtifactPolicy
 
         policy = ArtifactPolicy.from_env(
             self.runtime / "artifacts",
             os.environ,
-            repo_root=self.repo_root,
+            repo_root=context.root(),
             allow_unsigned=self.allow_unsigned,
-            require_sha256=self.require_sha256,
+            require_sha256=context.require_sha256,
             state_dir=self.runtime / "state",
         )
         return policy.to_json()
 
     async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         self.runtime.mkdir(parents=True, exist_ok=True)
-        result = await self.runner.run(
-            [sys.executable, "-m", "keystone.runtime.artifact_worker"],
-            cwd=self.runtime,
-            env=dict(os.environ),
-            timeout=self.timeout,
-            input=json.dumps(request).encode(),
-            max_output=64 << 20,
+        reply = await call(
+            self.runner, WORKER, request, cwd=self.runtime, env=os.environ, timeout=self.timeout
         )
-        if result.timed_out:
+        if reply.timed_out:
             raise errors.ArtifactFetchError(
                 f"artifact preparation timed out after {self.timeout:g}s"
             )
-        try:
-            answer: dict[str, Any] = json.loads(result.stdout.decode() or "null") or {}
-        except json.JSONDecodeError:
-            answer = {}
-        if not answer:
+        if reply.answer is None:
             raise errors.ArtifactFetchError(
-                f"artifact worker exited {result.returncode} without an answer"
+                f"artifact worker exited {reply.returncode} without an answer"
             )
-        return answer
+        return reply.answer
 
-    async def prepare(self, components: Sequence[Component]) -> None:
+    async def prepare(
+        self, components: Sequence[Component], *, context: ArtifactContext = LOCAL_ARTIFACTS
+    ) -> None:
         """Fetch and verify every artifact of ``components``; raise on the first refusal."""
         items = [
             {"component": c.name, "artifact": {**asdict(a), "headers": dict(a.headers)}}
@@ -98,7 +100,7 @@ class WorkerPreparer:
         ]
         if not items:
             return
-        request: dict[str, Any] = {"policy": self.policy(), "artifacts": items}
+        request: dict[str, Any] = {"policy": self.policy(context), "artifacts": items}
         answer = await self._call(request)
         self._observe(answer)
         if answer.get("error"):
@@ -110,15 +112,18 @@ class WorkerPreparer:
             if c.recipe.artifacts:
                 self._prepared[c.content_hash()] = by_component.get(c.name, [])
 
-    async def install(self, component: Component, workdir: Path) -> None:
+    async def install(
+        self, component: Component, workdir: Path, *, context: ArtifactContext = LOCAL_ARTIFACTS
+    ) -> None:
         """Copy prepared artifacts into ``workdir`` (the cached originals stay immutable)."""
+        # As in policy(): loaded only for a plan with artifacts.
         from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, PreparedArtifact
 
         prepared = self._prepared.get(component.content_hash())
         if prepared is None:
-            await self.prepare([component])
+            await self.prepare([component], context=context)
             prepared = self._prepared.get(component.content_hash(), [])
-        store = ArtifactStore(ArtifactPolicy.from_json(self.policy()))
+        store = ArtifactStore(ArtifactPolicy.from_json(self.policy(context)))
         try:
             for p in prepared:
                 store.install(PreparedArtifact.from_json(p), workdir)

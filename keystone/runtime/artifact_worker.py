@@ -40,7 +40,7 @@ from typing import Any
 
 from loguru import logger
 
-from keystone.errors import KeystoneError
+from keystone.errors import KeystoneError, UsageError
 from keystone.runtime.artifacts import (
     ERROR_TYPES,
     ArtifactLike,
@@ -53,6 +53,7 @@ from keystone.runtime.artifacts import (
     public_error_type,
     redact_uri,
 )
+from keystone.workerproc import ErrorInfo, decode_answer, read_request, write_answer
 
 MODULE = "keystone.runtime.artifact_worker"
 
@@ -115,19 +116,13 @@ def handle(request: Mapping[str, Any]) -> dict[str, Any]:
             answer["cache_bytes"] = store.cache_bytes()
         answer["clock_trusted"] = clock_trusted(policy)
     except KeystoneError as exc:
-        answer["error"] = {
-            "type": public_error_type(exc),
-            "reason": getattr(exc, "reason", None),
-            "message": str(exc),
-            "component": getattr(exc, "component", None) or component,
-            "uri": getattr(exc, "uri", None),
-        }
+        answer["error"] = ErrorInfo.of(
+            exc, type_name=public_error_type(exc), component=component
+        ).to_json()
     return answer
 
 
 def _usage(message: str) -> KeystoneError:
-    from keystone.errors import UsageError
-
     return UsageError(f"artifact worker request: {message}")
 
 
@@ -135,27 +130,19 @@ def main() -> int:
     """Read a request on stdin, write the answer on stdout; 0 unless the worker crashed."""
     logger.remove()
     logger.add(sys.stderr, format="{level}|{message}", level="INFO")
-    raw = sys.stdin.buffer.read()
     try:
-        request = json.loads(raw)
-    except ValueError as exc:
+        request = read_request(sys.stdin.buffer)
+    except KeystoneError as exc:
         answer: dict[str, Any] = {
             "prepared": [],
             "gc": None,
             "cache_bytes": None,
             "clock_trusted": None,
-            "error": {
-                "type": "UsageError",
-                "reason": None,
-                "message": f"artifact worker request: not JSON ({exc})",
-                "component": None,
-                "uri": None,
-            },
+            "error": ErrorInfo.of(_usage(str(exc)), type_name=public_error_type(exc)).to_json(),
         }
     else:
         answer = handle(request)
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
+    write_answer(answer)
     return 0
 
 
@@ -179,26 +166,22 @@ def build_request(
 
 
 def error_from_answer(error: Mapping[str, Any]) -> KeystoneError:
-    """Rebuild the exception a worker reported (same class tree, same message)."""
-    import keystone.errors as errors_module
+    """Rebuild the exception a worker reported (same class tree, same message and fields)."""
+    return ErrorInfo.from_json(error).to_exception(types=ARTIFACT_ERRORS)
 
-    type_name = str(error.get("type") or "KeystoneError")
-    message = str(error.get("message") or "the artifact worker reported an error")
-    ctx = ERROR_TYPES.get(type_name)
-    if ctx is not None:
-        return ctx(
-            message,
-            reason=str(error.get("reason") or "unknown"),
-            component=error.get("component"),
-            uri=error.get("uri"),
+
+def _artifact_error(cls: type[Any]) -> Any:
+    def build(info: ErrorInfo) -> KeystoneError:
+        exc: KeystoneError = cls(
+            info.message, reason=info.reason or "unknown", component=info.component, uri=info.uri
         )
-    cls = getattr(errors_module, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, KeystoneError):
-        try:
-            return cls(message)
-        except TypeError:
-            pass
-    return KeystoneError(message)
+        return exc
+
+    return build
+
+
+ARTIFACT_ERRORS = {name: _artifact_error(cls) for name, cls in ERROR_TYPES.items()}
+"""Builders for the artifact errors (they carry reason, component and uri)."""
 
 
 def parse_answer(stdout: bytes, stderr: bytes, returncode: int) -> WorkerResult:
@@ -211,11 +194,8 @@ def parse_answer(stdout: bytes, stderr: bytes, returncode: int) -> WorkerResult:
         level, sep, message = line.partition("|")
         if sep and level in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
             logger.log(level, "artifact worker: {}", message)
-    try:
-        answer = json.loads(stdout) if returncode == 0 else None
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict):
+    answer = decode_answer(stdout) if returncode == 0 else None
+    if answer is None:
         tail = stderr.decode("utf-8", "replace").strip().splitlines()[-5:]
         raise KeystoneError(
             f"the artifact worker crashed (exit {returncode}): {' / '.join(tail) or 'no output'}"

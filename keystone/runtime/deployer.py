@@ -27,14 +27,40 @@ from keystone.runtime.supervisor import RUNNING, RestartTuning, State, Superviso
 from keystone.runtime.timing import Clock, MonotonicClock
 
 
+@dataclass(frozen=True)
+class ArtifactContext:
+    """Where one deployment's repo-relative artifact paths resolve, and how strict it is.
+
+    Attributes:
+        repo_root: the verified checkout of the revision being deployed; None means the
+            current directory (a local plan).
+        require_sha256: every artifact must pin a sha256 (recipes that came signed).
+    """
+
+    repo_root: Path | None = None
+    require_sha256: bool = False
+
+    def root(self) -> Path:
+        """The directory repo-relative artifact paths resolve against."""
+        return self.repo_root if self.repo_root is not None else Path.cwd()
+
+
+LOCAL_ARTIFACTS = ArtifactContext()
+"""A local plan: paths from the current directory, unpinned artifacts allowed."""
+
+
 class ArtifactPreparer(Protocol):
     """Fetches and verifies artifacts before a deployment touches anything."""
 
-    async def prepare(self, components: Sequence[Component]) -> None:
+    async def prepare(
+        self, components: Sequence[Component], *, context: ArtifactContext = LOCAL_ARTIFACTS
+    ) -> None:
         """Fetch and verify the artifacts of ``components``; raise a KeystoneError to refuse."""
         ...
 
-    async def install(self, component: Component, workdir: Path) -> None:
+    async def install(
+        self, component: Component, workdir: Path, *, context: ArtifactContext = LOCAL_ARTIFACTS
+    ) -> None:
         """Place the prepared artifacts of ``component`` into its work dir."""
         ...
 
@@ -81,6 +107,32 @@ class DeployResult:
             "rolled_back": self.rolled_back,
             "rollback_errors": self.rollback_errors,
         }
+
+
+@dataclass(frozen=True)
+class PlannedChanges:
+    """The diff of one deployment, computed once: from ``base`` to ``desired``.
+
+    A deployment given one whose ``base`` is no longer the applied plan computes it again.
+    """
+
+    base: DesiredPlan
+    desired: DesiredPlan
+    changes: ChangeSet
+    actions: tuple[Action, ...]
+
+    def to_json(self) -> dict[str, object]:
+        """``{changes, actions}`` as the API and the sync records show them."""
+        return {
+            "changes": self.changes.to_json(),
+            "actions": [a.to_json() for a in self.actions],
+        }
+
+
+def plan_changes(current: DesiredPlan, desired: DesiredPlan) -> PlannedChanges:
+    """The change set and ordered actions that take ``current`` to ``desired`` (pure)."""
+    changes, actions = plan_actions(current, desired)
+    return PlannedChanges(current, desired, changes, tuple(actions))
 
 
 def plan_actions(current: DesiredPlan, desired: DesiredPlan) -> tuple[ChangeSet, list[Action]]:
@@ -158,19 +210,42 @@ class Deployer:
 
     def dry_run(self, desired: DesiredPlan) -> tuple[ChangeSet, list[Action]]:
         """The actions a deployment of ``desired`` would take; nothing is done."""
-        return plan_actions(self.applied, desired)
+        planned = self.plan(desired)
+        return planned.changes, list(planned.actions)
 
-    async def deploy(self, desired: DesiredPlan) -> DeployResult:
+    def plan(self, desired: DesiredPlan) -> PlannedChanges:
+        """The change set from the applied plan to ``desired``, to hand to :meth:`deploy`."""
+        return plan_changes(self.applied, desired)
+
+    async def deploy(
+        self,
+        desired: DesiredPlan,
+        *,
+        planned: PlannedChanges | None = None,
+        artifacts: ArtifactContext = LOCAL_ARTIFACTS,
+    ) -> DeployResult:
         """Apply ``desired``; on failure roll back and raise nothing (see ``DeployResult``).
+
+        Args:
+            desired: the validated plan.
+            planned: its diff, computed by the caller (``plan``); computed here when absent or
+                when the applied plan changed since.
+            artifacts: where this deployment's repo-relative artifacts resolve.
 
         Artifact preparation errors propagate (KeystoneError) before anything is touched.
         """
         async with self.lock:
-            return await self._deploy(desired)
+            if (
+                planned is None
+                or planned.base is not self.applied
+                or planned.desired is not desired
+            ):
+                planned = plan_changes(self.applied, desired)
+            return await self._deploy(planned, artifacts)
 
-    async def _deploy(self, desired: DesiredPlan) -> DeployResult:
-        current = self.applied
-        changes, actions = plan_actions(current, desired)
+    async def _deploy(self, planned: PlannedChanges, artifacts: ArtifactContext) -> DeployResult:
+        current, desired = planned.base, planned.desired
+        changes, actions = planned.changes, list(planned.actions)
         result = DeployResult(True, changes, actions)
         if changes.empty:
             self.applied = desired
@@ -181,7 +256,7 @@ class Deployer:
         starting = [desired.components[a.component] for a in actions if a.action == "start"]
         fresh = [c for c in starting if c.name not in changes.restarted]
         if self.preparer is not None and fresh:
-            await self.preparer.prepare(fresh)
+            await self.preparer.prepare(fresh, context=artifacts)
 
         old: dict[str, Supervisor] = {}
         started: list[Supervisor] = []
@@ -202,7 +277,7 @@ class Deployer:
                     comp = desired.components[a.component]
                     sup = self.make_supervisor(comp)
                     if self.preparer is not None and comp.recipe.artifacts:
-                        await self.preparer.install(comp, sup.paths.workdir)
+                        await self.preparer.install(comp, sup.paths.workdir, context=artifacts)
                     sups.append(sup)
                     started.append(sup)
                     self.supervisors[comp.name] = sup

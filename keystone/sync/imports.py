@@ -20,8 +20,14 @@ def max_bundle_bytes() -> int:
     return int(os.environ.get("KEYSTONE_MAX_BUNDLE_BYTES") or DEFAULT_MAX_BUNDLE)
 
 
+def incoming_path(runtime: Path) -> Path:
+    """Where API uploads land (the path only; see ``incoming_dir``)."""
+    return runtime / "bundles" / "incoming"
+
+
 def incoming_dir(runtime: Path) -> Path:
-    d = runtime / "bundles" / "incoming"
+    """Where API uploads land, created if missing."""
+    d = incoming_path(runtime)
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -45,6 +45,7 @@ class SyncScheduler:
         self._job: Any = None
 
     def start(self, *, paused: bool = False) -> None:
+        # apscheduler is heavy: only an agent with a source to poll loads it.
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         self._scheduler = AsyncIOScheduler(timezone=UTC)

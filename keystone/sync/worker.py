@@ -13,128 +13,164 @@ Operations:
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from keystone.errors import KeystoneError, RollbackRefused, StaleRevision, ValidationError
+from keystone.errors import (
+    BundleError,
+    KeystoneError,
+    RollbackRefused,
+    SourceUnreachable,
+    StaleRevision,
+    ValidationError,
+)
+from keystone.state import read_json, write_json
+from keystone.sync.imports import max_bundle_bytes
+from keystone.sync.model import (
+    FetchedTip,
+    Gate,
+    VerifiedRevision,
+    WorkerAnswer,
+    WorkerOp,
+    WorkerRequest,
+    gate,
+)
+from keystone.workerproc import ErrorInfo, read_request, write_answer
 
 APPLIED_REF = "refs/keystone/applied"
 
 
-def _error(exc: BaseException) -> dict[str, Any]:
-    kind = getattr(exc, "kind", "bug")
-    return {"type": type(exc).__name__, "kind": kind, "message": str(exc)}
+def _error(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo.of(exc)
 
 
-def _mirror(req: dict[str, Any]) -> Any:
+def _mirror(req: WorkerRequest) -> Any:
+    # dulwich lives here, in the worker, never in the resident agent.
     from keystone.sources.git import GitMirror
 
-    return GitMirror(Path(req["runtime"]) / "repo")
+    return GitMirror(Path(req.runtime) / "repo")
 
 
-def _verifier(req: dict[str, Any]) -> Any:
+def _verifier(req: WorkerRequest) -> Any:
+    # cryptography is loaded by the verifier: worker only.
     from keystone.trust import CommitVerifier, TrustPolicy
 
-    t = req.get("trust") or {}
+    t = req.trust
 
-    def p(key: str) -> Path | None:
-        return Path(t[key]) if t.get(key) else None
+    def p(value: str | None) -> Path | None:
+        return Path(value) if value else None
 
     return CommitVerifier(
         TrustPolicy(
-            allowed_signers=p("allowed_signers"),
-            gpg_home=p("gpg_home"),
-            revoked_keys=p("revoked_keys"),
+            allowed_signers=p(t.allowed_signers),
+            gpg_home=p(t.gpg_home),
+            revoked_keys=p(t.revoked_keys),
         )
     )
 
 
-def verify_and_resolve(req: dict[str, Any], mirror: Any, tip: str) -> dict[str, Any]:
+def verify_and_resolve(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> WorkerAnswer:
     """Verify ``tip`` (signature, ancestry, freshness) and resolve this device's plan there."""
+    # Plans and recipes parse with tomlkit: loaded only for a tip that is verified.
     from keystone.plan import plan_to_json
     from keystone.sync.resolve import resolve
 
-    trust = req.get("trust") or {}
+    rev = tip.revision or ""
     verifier = _verifier(req)
-    verdict = verifier.require(mirror.raw_commit(tip), revision=tip)
-    applied = req.get("applied")
-    anchor = applied or mirror.ref(APPLIED_REF)
+    verdict = verifier.require(mirror.raw_commit(rev), revision=rev)
+    anchor = req.applied or mirror.ref(APPLIED_REF)
     if anchor and not mirror.has(anchor):
-        anchor = None if req.get("allow_rollback") else anchor
-    if anchor and not req.get("allow_rollback"):
+        anchor = None if req.allow_rollback else anchor
+    if anchor and not req.allow_rollback:
         if not mirror.has(anchor):
             raise RollbackRefused(
-                f"cannot prove that {tip[:12]} descends from the applied revision {anchor[:12]}, which this "
+                f"cannot prove that {rev[:12]} descends from the applied revision {anchor[:12]}, which this "
                 "device no longer has; sync once with --allow-rollback to re-anchor"
             )
-        if not mirror.is_ancestor(anchor, tip):
+        if not mirror.is_ancestor(anchor, rev):
             raise RollbackRefused(
-                f"revision {tip[:12]} does not descend from the applied revision {anchor[:12]} "
+                f"revision {rev[:12]} does not descend from the applied revision {anchor[:12]} "
                 "(a force-push or an older commit); refused. Use --allow-rollback for one sync to accept it"
             )
-    if trust.get("verify") == "all":
-        base = anchor if anchor and mirror.has(anchor) and mirror.is_ancestor(anchor, tip) else None
-        for rev in mirror.commits_between(base, tip):
-            if rev != tip:
-                verifier.require(mirror.raw_commit(rev), revision=rev)
-    commit_time = mirror.commit_time(tip)
-    max_age = float(trust.get("max_age") or 0)
+    if req.trust.verify == "all":
+        base = anchor if anchor and mirror.has(anchor) and mirror.is_ancestor(anchor, rev) else None
+        for older in mirror.commits_between(base, rev):
+            if older != rev:
+                verifier.require(mirror.raw_commit(older), revision=older)
+    commit_time = mirror.commit_time(rev)
+    max_age = req.trust.max_age
     if max_age > 0 and time.time() - commit_time > max_age:
         age = time.time() - commit_time
         raise StaleRevision(
-            f"revision {tip[:12]} was committed {age / 3600:.1f}h ago, older than max_age {max_age / 3600:.1f}h"
+            f"revision {rev[:12]} was committed {age / 3600:.1f}h ago, older than max_age {max_age / 3600:.1f}h"
         )
     _observe_time(req, commit_time)
-    device = req.get("device") or {}
-    tree = mirror.file_source(tip)
-    environ = dict(req.get("environ") or {})
+    tree = mirror.file_source(rev)
     desired = resolve(
         tree,
-        device_id=device.get("id", ""),
-        labels=device.get("labels") or [],
-        environ=environ,
-        revision=tip,
+        device_id=req.device_id,
+        labels=list(req.labels),
+        environ=dict(req.environ),
+        revision=rev,
     )
-    if desired.unknown_fields and req.get("refuse_unknown", True):
+    if desired.unknown_fields and req.refuse_unknown:
         raise ValidationError(
-            f"revision {tip[:12]} has unknown fields: " + "; ".join(desired.unknown_fields)
+            f"revision {rev[:12]} has unknown fields: " + "; ".join(desired.unknown_fields)
         )
-    checkout = _export_artifacts(req, tree, tip, desired)
-    return {
-        "ok": True,
-        "revision": tip,
-        "signer": verdict.signer,
-        "fingerprint": verdict.fingerprint,
-        "signature": verdict.format,
-        "commit_time": commit_time,
-        "plan": plan_to_json(desired),
-        "checkout": str(checkout),
-        "warnings": list(desired.warnings),
-    }
+    checkout = _export_artifacts(req, tree, rev, desired)
+    return WorkerAnswer(
+        ok=True,
+        tip=tip,
+        verified=VerifiedRevision(
+            revision=rev,
+            signer=verdict.signer,
+            fingerprint=verdict.fingerprint,
+            signature=verdict.format,
+            commit_time=commit_time,
+            source=tip.source,
+            checkout=str(checkout),
+            warnings=tuple(desired.warnings),
+        ),
+        plan=plan_to_json(desired),
+    )
 
 
-def _observe_time(req: dict[str, Any], when: float) -> None:
+def checked(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> WorkerAnswer:
+    """The gate, then verification: a tip applied or failed before is not verified again."""
+    skip = gate(req, tip.revision)
+    if skip is not None:
+        return WorkerAnswer(ok=True, tip=tip, gate=skip)
+    try:
+        return verify_and_resolve(req, mirror, tip)
+    except KeystoneError as exc:
+        return WorkerAnswer.failed(_error(exc), tip)
+
+
+def _observe_time(req: WorkerRequest, when: float) -> None:
     """A verified commit's time is evidence of the current time: advance the trusted clock."""
-    import os
-
+    # The artifacts module is large; only a verified revision needs its trusted clock.
     from keystone.runtime.artifacts import ArtifactPolicy, observe_trusted_time
 
-    runtime = Path(req["runtime"])
+    runtime = Path(req.runtime)
     observe_trusted_time(
         ArtifactPolicy.from_env(runtime / "artifacts", os.environ, state_dir=runtime / "state"),
         when,
     )
 
 
-def _export_artifacts(req: dict[str, Any], tree: Any, tip: str, desired: Any) -> Path:
+def _export_artifacts(req: WorkerRequest, tree: Any, tip: str, desired: Any) -> Path:
     """Copy the repo-relative artifact files of the plan out of the verified tree."""
-    from keystone.sync.resolve import repo_path
+    from keystone.sync.resolve import repo_path  # with resolve (tomlkit), as above
 
-    root = Path(req["runtime"]) / "checkouts" / tip
+    root = Path(req.runtime) / "checkouts" / tip
     done = root / ".complete"
     if done.exists():
         return root
@@ -154,51 +190,39 @@ def _export_artifacts(req: dict[str, Any], tree: Any, tip: str, desired: Any) ->
     return root
 
 
-def op_fetch(req: dict[str, Any]) -> dict[str, Any]:
-    from keystone.sources.git import GitSource
+def op_fetch(req: WorkerRequest) -> WorkerAnswer:
+    """Fetch the git source, then gate and verify its tip."""
+    from keystone.sources.git import GitSource  # dulwich
 
-    src = req["source"]
+    src = req.source
+    if src is None:
+        raise ValidationError("no [source] is configured", field="source")
     mirror = _mirror(req)
-    result = GitSource(
-        src["url"],
-        src.get("ref") or "refs/heads/main",
-        mirror,
-        timeout=float(src.get("timeout") or 60),
-    ).fetch()
-    base = {"source": result.source, "bytes": result.bytes_received, "changed": result.changed}
-    tip = result.revision
-    if tip == req.get("applied") and not req.get("force"):
-        return {"ok": True, "up_to_date": True, "revision": tip, **base}
-    if tip in (req.get("known_bad") or {}) and not req.get("force"):
-        return {"ok": True, "known_bad": True, "revision": tip, **base}
-    try:
-        out = verify_and_resolve(req, mirror, tip)
-    except KeystoneError as exc:
-        return {"ok": False, "revision": tip, "error": _error(exc), **base}
-    return {**out, **base}
+    result = GitSource(src.url, src.ref or "refs/heads/main", mirror, timeout=src.timeout).fetch()
+    tip = FetchedTip(result.revision, result.source, result.bytes_received, result.changed)
+    return checked(req, mirror, tip)
 
 
-def op_verify_rev(req: dict[str, Any]) -> dict[str, Any]:
+def op_verify_rev(req: WorkerRequest) -> WorkerAnswer:
+    """Verify and resolve a revision the mirror already has (rollback)."""
     mirror = _mirror(req)
-    tip = mirror.resolve(req["rev"])
+    rev = mirror.resolve(req.rev)
     try:
-        return verify_and_resolve(req, mirror, tip)
+        return verify_and_resolve(req, mirror, FetchedTip(revision=rev))
     except KeystoneError as exc:
-        return {"ok": False, "revision": tip, "error": _error(exc)}
+        return WorkerAnswer.failed(_error(exc), FetchedTip(revision=rev))
 
 
-def _max_bundle_bytes(req: dict[str, Any]) -> int:
+def _max_bundle_bytes(req: WorkerRequest) -> int:
     """The bundle size bound: the request's, else ``KEYSTONE_MAX_BUNDLE_BYTES`` (4 GiB)."""
-    from keystone.sync.imports import max_bundle_bytes
-
-    return int(req.get("max_bytes") or max_bundle_bytes())
+    return int(req.max_bytes or max_bundle_bytes())
 
 
-def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
-    from keystone.errors import BundleError
-    from keystone.sources.bundle import import_bundle
+def op_import_bundle(req: WorkerRequest) -> WorkerAnswer:
+    """Add a bundle's objects to the mirror, then gate and verify its tip."""
+    from keystone.sources.bundle import import_bundle  # dulwich
 
-    bundle = Path(req["bundle"])
+    bundle = Path(req.bundle or "")
     limit = _max_bundle_bytes(req)
     try:
         size = bundle.stat().st_size
@@ -212,40 +236,33 @@ def op_import_bundle(req: dict[str, Any]) -> dict[str, Any]:
         )
     mirror = _mirror(req)
     info = import_bundle(bundle, mirror, max_bytes=limit)
-    base = {
-        "source": req.get("source_label") or f"bundle:{bundle.name}",
-        "bytes": info.size,
-        "changed": True,
-        "bundle_kind": info.kind,
-        "bundle_artifacts": [a.sha256 for a in info.artifacts],
-    }
-    tip = info.revision
-    if tip == req.get("applied") and not req.get("force"):
-        return {"ok": True, "up_to_date": True, "revision": tip, **base}
-    if tip in (req.get("known_bad") or {}) and not req.get("force"):
-        return {"ok": True, "known_bad": True, "revision": tip, **base}
-    try:
-        out = verify_and_resolve(req, mirror, tip)
-        _cache_bundle_artifacts(req, bundle, [a.sha256 for a in info.artifacts])
-    except KeystoneError as exc:
-        return {"ok": False, "revision": tip, "error": _error(exc), **base}
-    return {**out, **base}
+    shas = [a.sha256 for a in info.artifacts]
+    tip = FetchedTip(
+        revision=info.revision,
+        source=req.source_label or f"bundle:{bundle.name}",
+        bytes=info.size,
+        changed=True,
+        wire={"bundle_kind": info.kind, "bundle_artifacts": shas},
+    )
+    answer = checked(req, mirror, tip)
+    if answer.verified is not None:
+        try:
+            _cache_bundle_artifacts(req, bundle, shas)
+        except KeystoneError as exc:
+            return WorkerAnswer.failed(_error(exc), tip)
+    return answer
 
 
-def _cache_bundle_artifacts(req: dict[str, Any], bundle: Path, shas: list[str]) -> None:
+def _cache_bundle_artifacts(req: WorkerRequest, bundle: Path, shas: list[str]) -> None:
     """Copy a verified revision's bundle artifacts into the cache, all or none.
 
     Each is hash-checked into a staging directory beside the cache; only when every one matched
     are they renamed into ``artifacts/sha256/`` (so a damaged artifact leaves the cache as it
     was, not half filled).
     """
-    import os
-    import shutil
-    import tempfile
+    from keystone.sources.bundle import extract_bundle_artifact  # dulwich
 
-    from keystone.sources.bundle import extract_bundle_artifact
-
-    root = Path(req["runtime"]) / "artifacts"
+    root = Path(req.runtime) / "artifacts"
     cache = root / "sha256"
     missing = [sha for sha in shas if not (cache / sha).exists()]
     if not missing:
@@ -262,19 +279,18 @@ def _cache_bundle_artifacts(req: dict[str, Any], bundle: Path, shas: list[str]) 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+def http_download(req: WorkerRequest) -> tuple[Path | None, dict[str, Any]]:
     """Fetch the bundle URL conditionally; resume a partial download; bound the size.
 
     Returns (path of a complete new bundle, or None when unchanged (304), wire stats).
     """
-    import httpx
+    import httpx  # heavy, and only the http source needs it
 
-    from keystone.errors import BundleError, SourceUnreachable
-    from keystone.state import read_json, write_json
-
-    src = req["source"]
-    url = src["url"]
-    runtime = Path(req["runtime"])
+    src = req.source
+    if src is None:
+        raise ValidationError("no [source] is configured", field="source")
+    url = src.url
+    runtime = Path(req.runtime)
     limit = _max_bundle_bytes(req)
     state_path = runtime / "state" / "http-source.json"
     state = read_json(state_path, {}) or {}
@@ -295,8 +311,8 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
         if state.get("last_modified"):
             headers["If-Modified-Since"] = state["last_modified"]
     stats: dict[str, Any] = {"requests": 1, "bytes": 0, "status": None, "resumed_from": have}
-    deadline = time.monotonic() + float(src.get("timeout") or 120) * 10
-    timeout = httpx.Timeout(float(src.get("timeout") or 60), connect=15.0)
+    deadline = time.monotonic() + (src.timeout or 120) * 10
+    timeout = httpx.Timeout(src.timeout or 60, connect=15.0)
     try:
         with (
             httpx.Client(timeout=timeout, follow_redirects=True) as client,
@@ -361,7 +377,7 @@ def http_download(req: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
     return done, stats
 
 
-def op_http_fetch(req: dict[str, Any]) -> dict[str, Any]:
+def op_http_fetch(req: WorkerRequest) -> WorkerAnswer:
     """Poll an HTTP bundle source; an unchanged bundle costs one conditional request.
 
     After a 304 the bundle downloaded before (``bundles/http/current.bundle``) is imported
@@ -370,69 +386,75 @@ def op_http_fetch(req: dict[str, Any]) -> dict[str, Any]:
     refused as a file (damaged, too large, missing prerequisites) is deleted, so the 304s
     that follow cost nothing.
     """
-    from keystone.state import read_json, write_json
-
-    url = req["source"]["url"]
+    url = req.source.url if req.source else ""
     try:
         path, stats = http_download(req)
     except KeystoneError as exc:
-        return {"ok": False, "error": _error(exc), "source": url}
-    wire = {"http": stats, "bytes": stats["bytes"]}
-    state_path = Path(req["runtime"]) / "state" / "http-source.json"
+        return WorkerAnswer.failed(_error(exc), FetchedTip(source=url))
+    wire = {"http": stats}
+    state_path = Path(req.runtime) / "state" / "http-source.json"
     state = read_json(state_path, {}) or {}
     if path is None:
-        current = Path(req["runtime"]) / "bundles" / "http" / "current.bundle"
+        current = Path(req.runtime) / "bundles" / "http" / "current.bundle"
         rev = state.get("bundle_revision")
-        unchanged = {"ok": True, "source": url, "changed": False, **wire}
-        done = rev is not None and rev == req.get("applied")
-        if not current.is_file() or (done and not req.get("force")):
-            return {**unchanged, "up_to_date": True, "revision": req.get("applied")}
-        if rev in (req.get("known_bad") or {}) and not req.get("force"):
-            return {**unchanged, "known_bad": True, "revision": rev}
+        unchanged = FetchedTip(revision=rev, source=url, bytes=stats["bytes"], wire=wire)
+        if not current.is_file():
+            return WorkerAnswer(
+                ok=True, tip=replace(unchanged, revision=req.applied), gate=Gate.UP_TO_DATE
+            )
+        skip = gate(req, rev)
+        if skip is not None:
+            return WorkerAnswer(ok=True, tip=unchanged, gate=skip)
         path = current  # never verified (an import cut short), or verified but not deployed
     try:
-        out = op_import_bundle({**req, "bundle": str(path), "source_label": url})
+        out = op_import_bundle(replace(req, bundle=str(path), source_label=url))
     except KeystoneError as exc:
-        out = {"ok": False, "error": _error(exc), "source": url}
-    if out.get("revision"):
-        state["bundle_revision"] = out["revision"]
+        out = WorkerAnswer.failed(_error(exc), FetchedTip(source=url))
+    if out.tip.revision:
+        state["bundle_revision"] = out.tip.revision
         write_json(state_path, state)
-    elif not out.get("ok"):
+    elif not out.ok:
         path.unlink(missing_ok=True)
-    return {**out, **wire}
+    tip = replace(out.tip, bytes=stats["bytes"], wire={**out.tip.wire, **wire})
+    return replace(out, tip=tip)
 
 
-def op_mark_applied(req: dict[str, Any]) -> dict[str, Any]:
+def op_mark_applied(req: WorkerRequest) -> WorkerAnswer:
     """Record the anti-rollback anchor in the mirror (survives loss of the state dir)."""
     mirror = _mirror(req)
-    mirror.set_ref(APPLIED_REF, req["rev"])
-    return {"ok": True}
+    mirror.set_ref(APPLIED_REF, req.rev)
+    return WorkerAnswer(ok=True)
 
 
-OPS = {
-    "fetch": op_fetch,
-    "verify-rev": op_verify_rev,
-    "import-bundle": op_import_bundle,
-    "http-fetch": op_http_fetch,
-    "mark-applied": op_mark_applied,
+OPS: dict[WorkerOp, Callable[[WorkerRequest], WorkerAnswer]] = {
+    WorkerOp.FETCH: op_fetch,
+    WorkerOp.VERIFY_REV: op_verify_rev,
+    WorkerOp.IMPORT_BUNDLE: op_import_bundle,
+    WorkerOp.HTTP_FETCH: op_http_fetch,
+    WorkerOp.MARK_APPLIED: op_mark_applied,
 }
+
+
+def serve(doc: Any) -> WorkerAnswer:
+    """Answer one request document (refusals are answers, not exceptions)."""
+    try:
+        req = WorkerRequest.from_json(doc)
+        return OPS[req.op](req)
+    except KeystoneError as exc:
+        return WorkerAnswer.failed(_error(exc))
+    except Exception as exc:
+        traceback.print_exc()
+        return WorkerAnswer.failed(ErrorInfo(type(exc).__name__, "bug", str(exc)))
 
 
 def main() -> int:
     """Read one request, answer it, exit 0 (a crash exits 1 with a traceback on stderr)."""
-    req = json.loads(sys.stdin.read())
     try:
-        answer = OPS[req["op"]](req)
+        doc = read_request(sys.stdin.buffer)
     except KeystoneError as exc:
-        answer = {"ok": False, "error": _error(exc)}
-    except Exception as exc:
-        traceback.print_exc()
-        answer = {
-            "ok": False,
-            "error": {"type": type(exc).__name__, "kind": "bug", "message": str(exc)},
-        }
-    sys.stdout.write(json.dumps(answer))
-    sys.stdout.flush()
+        write_answer(WorkerAnswer.failed(_error(exc)).to_json())
+        return 0
+    write_answer(serve(doc).to_json())
     return 0
 
 

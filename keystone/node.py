@@ -1,0 +1,329 @@
+"""The device's running side: the deployer and its supervisors, the snapshot, history, metrics.
+
+``Node`` applies plans, keeps the snapshot on disk (``keystone.ledger.Snapshot``), restores it
+after a restart (adopting the processes that survived), repairs what should run, trims the
+artifact cache, and runs the sync worker. It is what the sync engine sees through
+``keystone.sync.host.SyncHost`` and what the control service reads for status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from loguru import logger
+
+from keystone.config import AgentConfig
+from keystone.env import substitution_env
+from keystone.errors import KeystoneError
+from keystone.ledger import Ledger, ProcessRecord, Snapshot
+from keystone.metrics import Metrics
+from keystone.plan import DesiredPlan, RecipeStore, plan_from_json, plan_to_json
+from keystone.recipe import parse_recipe
+from keystone.runtime.artifact_client import WorkerPreparer
+from keystone.runtime.deployer import (
+    LOCAL_ARTIFACTS,
+    ArtifactContext,
+    Deployer,
+    DeployResult,
+    PlannedChanges,
+)
+from keystone.runtime.process import ProcessRunner, detect_cgroup_root
+from keystone.runtime.supervisor import RestartTuning, Supervisor
+from keystone.state import History
+from keystone.sync.model import WorkerAnswer, WorkerRequest
+from keystone.units import parse_duration
+from keystone.workerproc import ErrorInfo, call
+
+SYNC_WORKER = "keystone.sync.worker"
+
+
+class Node:
+    """One device's deployer, state and bookkeeping (implements ``SyncHost``)."""
+
+    def __init__(self, config: AgentConfig, *, tuning: RestartTuning | None = None) -> None:
+        self.config = config
+        self.runtime = config.runtime.resolve()
+        for sub in ("state", "components", "logs", "artifacts", "recipes"):
+            (self.runtime / sub).mkdir(parents=True, exist_ok=True)
+        self.snapshot_path = self.runtime / "state" / "agent.json"
+        self.events = History(self.runtime / "state" / "history.jsonl")
+        self.store = RecipeStore(self.runtime / "recipes")
+        self.runner = ProcessRunner(cgroup_root=detect_cgroup_root())
+        self.preparer = WorkerPreparer(
+            self.runner, self.runtime, allow_unsigned=config.trust.allow_unsigned_artifacts
+        )
+        install_timeout = parse_duration(os.environ.get("KEYSTONE_INSTALL_TIMEOUT", "2m"))
+        self.deployer = Deployer(
+            self.runner,
+            self.runtime,
+            preparer=self.preparer,
+            tuning=tuning,
+            install_timeout=install_timeout,
+            on_change=self._on_component_change,
+        )
+        self.metrics: Metrics | None = Metrics()
+        self.ledger = Ledger()
+        self.plan_path = ""
+        self.plan_state = "idle"
+        self.plan_error: str | None = None
+        self.unknown_fields: list[str] = []
+        self.last_reconcile: float | None = None
+        self.stopped = False
+        self.on_component_change: Callable[[Supervisor], None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._save_pending = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._metric_names: set[str] = set()
+
+    # --- SyncHost ---------------------------------------------------------------------------
+
+    @property
+    def applied_plan(self) -> DesiredPlan:
+        return self.deployer.applied
+
+    def environ(self) -> Mapping[str, str]:
+        return substitution_env()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def save_soon(self) -> None:
+        """Write the snapshot at the next turn of the loop (coalesced)."""
+        if self._save_pending or self.loop is None:
+            return
+        self._save_pending = True
+        self.loop.call_soon(self.save_now)
+
+    def save_now(self) -> None:
+        """Write the snapshot now."""
+        self._save_pending = False
+        self.snapshot().write(self.snapshot_path)
+
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` on the loop, owned by the node (cancelled at shutdown)."""
+        assert self.loop is not None
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def run_worker(self, request: WorkerRequest, *, timeout: float) -> WorkerAnswer:
+        """Run the sync worker once; a timeout or a crash is a failed answer."""
+        reply = await call(
+            self.runner,
+            SYNC_WORKER,
+            request.to_json(),
+            cwd=self.runtime,
+            env=os.environ,
+            timeout=timeout,
+        )
+        if reply.timed_out:
+            return WorkerAnswer.failed(
+                ErrorInfo("Timeout", "retryable", f"sync worker timed out after {timeout:g}s")
+            )
+        if reply.answer is None:
+            return WorkerAnswer.failed(
+                ErrorInfo(
+                    "WorkerCrash",
+                    "bug",
+                    f"sync worker exited {reply.returncode} without an answer",
+                )
+            )
+        return WorkerAnswer.from_json(reply.answer)
+
+    async def apply(
+        self,
+        plan: DesiredPlan,
+        *,
+        source: str,
+        planned: PlannedChanges | None = None,
+        artifacts: ArtifactContext = LOCAL_ARTIFACTS,
+        record: bool = False,
+    ) -> DeployResult:
+        """Deploy ``plan`` (a validated DesiredPlan) with its change set.
+
+        ``record=True`` writes an ``apply`` history entry (a local or API plan); the sync
+        engine writes one record per sync with the revision instead.
+        """
+        self.plan_state = "applying"
+        self.plan_error = None
+        self.unknown_fields = list(plan.unknown_fields)
+        self.stopped = False
+        try:
+            result = await self.deployer.deploy(plan, planned=planned, artifacts=artifacts)
+        except KeystoneError as exc:
+            self.plan_state = "failed"
+            self.plan_error = str(exc)
+            if record:
+                self.emit(apply_record(source, error=exc))
+            self.save_soon()
+            raise
+        self._prune_metrics()
+        self.plan_state = "running" if result.ok else "failed"
+        self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
+        if result.ok:
+            self.plan_path = source
+            self.background(self.gc())
+        if record:
+            self.record_deploy("apply", result, source=source)
+        elif self.metrics is not None:
+            self.metrics.deployment("ok" if result.ok else "rolled-back")
+            if result.rolled_back:
+                self.metrics.rollback("ok" if not result.rollback_errors else "failed")
+        self.save_soon()
+        return result
+
+    async def repair(self) -> list[str]:
+        """Start what the applied plan says should run and does not (never a stopped plan)."""
+        if self.stopped:
+            return []
+        t0 = time.monotonic()
+        repaired = await self.deployer.reconcile()
+        self.last_reconcile = time.time()
+        if self.metrics is not None:
+            self.metrics.reconcile("ok", time.monotonic() - t0, len(repaired))
+        if repaired:
+            logger.info("repaired: {}", ", ".join(repaired))
+            self.emit({"kind": "repair", "result": "ok", "components": repaired})
+        return repaired
+
+    # --- snapshot ---------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The state to write: applied plan, the processes running it, the ledger."""
+        processes = {}
+        for name, sup in self.deployer.supervisors.items():
+            record = sup.describe()
+            if record is not None:
+                processes[name] = ProcessRecord(
+                    runner=record.to_json(),
+                    version=sup.version,
+                    hash=sup.component.content_hash(),
+                )
+        return Snapshot(
+            plan=plan_to_json(self.deployer.applied),
+            plan_path=self.plan_path,
+            stopped=self.stopped,
+            processes=processes,
+            ledger=self.ledger.to_json(),
+            saved_at=time.time(),
+        )
+
+    async def restore(self) -> None:
+        """Load the snapshot, adopt surviving processes, stop stale ones, start the rest."""
+        snap = Snapshot.read(self.snapshot_path)
+        self.stopped = snap.stopped
+        self.plan_path = snap.plan_path
+        self.ledger = Ledger.from_json(snap.ledger)
+        plan = DesiredPlan.empty()
+        if snap.plan:
+            try:
+                plan = plan_from_json(snap.plan, environ=substitution_env())
+            except KeystoneError as exc:
+                logger.error("saved plan no longer validates ({}); starting with none", exc)
+        self.deployer.applied = plan
+        for name, rec in snap.processes.items():
+            handle = self.runner.adopt_record(name, rec.runner)
+            comp = plan.components.get(name)
+            if (
+                handle is not None
+                and comp is not None
+                and comp.content_hash() == rec.hash
+                and not self.stopped
+            ):
+                sup = self.deployer.make_supervisor(comp)
+                self.deployer.supervisors[name] = sup
+                sup.adopt(handle)
+                logger.info("adopted {} (pid {}) from the previous run", name, handle.pid)
+            elif handle is not None:
+                logger.info("stopping stale {} (pid {}) left by the previous run", name, handle.pid)
+                await self.runner.stop(handle, timeout=10.0)
+        if plan.components and not self.stopped:
+            result = await self.deployer.start_all()
+            self.record_deploy("restore", result)
+
+    def record_deploy(self, kind: str, result: DeployResult, **extra: Any) -> None:
+        """Count and journal a deployment."""
+        outcome = "ok" if result.ok else "rolled-back"
+        if self.metrics is not None:
+            self.metrics.deployment(outcome)
+            if result.rolled_back:
+                self.metrics.rollback("ok" if not result.rollback_errors else "failed")
+        if kind != "restore" or not result.ok:
+            self.emit({"kind": kind, "result": outcome, **result.to_json(), **extra})
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    def _on_component_change(self, sup: Supervisor) -> None:
+        if self.metrics is not None and self.deployer.supervisors.get(sup.name) is sup:
+            self.metrics.set_component(
+                sup.name, sup.state.value, sup.healthy, sup.restarts, sup.pid
+            )
+            self._metric_names.add(sup.name)
+        if self.on_component_change is not None:
+            self.on_component_change(sup)
+        self.save_soon()
+
+    def _prune_metrics(self) -> None:
+        """Drop the series of components that are no longer in the plan."""
+        if self.metrics is None:
+            return
+        for name in self._metric_names - set(self.deployer.supervisors):
+            self.metrics.remove_component(name)
+        self._metric_names &= set(self.deployer.supervisors)
+        for name, sup in self.deployer.supervisors.items():
+            self.metrics.set_component(name, sup.state.value, sup.healthy, sup.restarts, sup.pid)
+            self._metric_names.add(name)
+
+    async def gc(self) -> None:
+        """Trim the artifact cache, keeping what the applied and last known-good plans need."""
+        applied = self.deployer.applied.components.values()
+        keep = {a.sha256 for c in applied for a in c.recipe.artifacts if a.sha256}
+        keep |= {p["sha256"] for c in applied for p in self.preparer.prepared_for(c)}
+        lkg = self.ledger.lkg_plan or {}
+        for comp in lkg.get("components") or []:
+            try:
+                recipe = parse_recipe(
+                    comp["recipe_text"],
+                    file=comp.get("recipe_source", ""),
+                    environ=substitution_env(),
+                )
+            except KeystoneError:
+                continue
+            keep |= {a.sha256 for a in recipe.artifacts if a.sha256}
+        if (
+            not any(c.recipe.artifacts for c in self.deployer.applied.components.values())
+            and not keep
+        ):
+            return
+        try:
+            report = await self.preparer.gc(keep)
+        except KeystoneError as exc:
+            logger.warning("artifact cache GC failed: {}", exc)
+            return
+        if self.metrics is not None and report.get("remaining_bytes") is not None:
+            self.metrics.set_cache_bytes(int(report["remaining_bytes"]))
+        if self.metrics is not None and self.preparer.clock_trusted is not None:
+            self.metrics.set_clock_trusted(self.preparer.clock_trusted)
+
+    async def close(self) -> None:
+        """Cancel background work, stop every component in reverse order, save."""
+        for t in list(self._background):
+            t.cancel()
+        await self.deployer.stop_all(reason="agent shutdown")
+        for sup in self.deployer.supervisors.values():
+            await sup.close()
+        self.save_now()
+
+
+def apply_record(
+    source: str, *, result: DeployResult | None = None, error: BaseException | None = None
+) -> dict[str, Any]:
+    """The history entry of a local or API plan apply (what ``keystone apply --wait`` reads)."""
+    if error is not None or result is None:
+        return {"kind": "apply", "result": "refused", "error": str(error), "source": source}
+    outcome = "ok" if result.ok else "rolled-back"
+    return {"kind": "apply", "result": outcome, **result.to_json(), "source": source}
