@@ -6,17 +6,20 @@ resident agent stays small (DESIGN section 12); a crash in a pack or TOML parser
 supervisor down. Refusals are answers, not crashes: ``{"ok": false, "error": {...}}``.
 
 Operations:
-    fetch          fetch the source, verify the tip, resolve the device plan
+    fetch          fetch the git source, gate and verify the tip, resolve the device plan
+    http-fetch     the same through the HTTP bundle source (one conditional request)
+    import-bundle  the same through a bundle file (API upload, stick, staging directory)
     verify-rev     verify and resolve a revision the mirror already has (rollback, restart)
-    import-bundle  add a bundle's objects to the mirror, then as verify-rev on its tip
+    mark-applied   record the anti-rollback anchor in the mirror
+
+Every fetch goes through a :class:`keystone.sources.base.Source`: fetch, gate (applied or
+known bad: stop), verify, then copy a bundle's artifacts into the cache.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -25,14 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from keystone.errors import (
-    BundleError,
     KeystoneError,
     RollbackRefused,
-    SourceUnreachable,
     StaleRevision,
     ValidationError,
 )
-from keystone.state import read_json, write_json
+from keystone.sources import (
+    BundleFileSource,
+    FetchResult,
+    GitSource,
+    HttpBundleSource,
+    Source,
+    cache_bundle_artifacts,
+)
 from keystone.sync.imports import max_bundle_bytes
 from keystone.sync.model import (
     FetchedTip,
@@ -190,17 +198,84 @@ def _export_artifacts(req: WorkerRequest, tree: Any, tip: str, desired: Any) -> 
     return root
 
 
-def op_fetch(req: WorkerRequest) -> WorkerAnswer:
-    """Fetch the git source, then gate and verify its tip."""
-    from keystone.sources.git import GitSource  # dulwich
-
+def _source(req: WorkerRequest) -> Source:
+    """The source a fetch request names: the git remote, the bundle URL, or a bundle file."""
+    runtime = Path(req.runtime)
+    if req.op is WorkerOp.IMPORT_BUNDLE:
+        return BundleFileSource(
+            Path(req.bundle or ""),
+            lambda: _mirror(req),
+            max_bytes=_max_bundle_bytes(req),
+            label=req.source_label,
+        )
     src = req.source
     if src is None:
         raise ValidationError("no [source] is configured", field="source")
+    if req.op is WorkerOp.HTTP_FETCH:
+        return HttpBundleSource(
+            src.url,
+            state_file=runtime / "state" / "http-source.json",
+            work_dir=runtime / "bundles" / "http",
+            mirror=lambda: _mirror(req),
+            max_bytes=_max_bundle_bytes(req),
+            timeout=src.timeout,
+            # A kept bundle whose revision is applied or known bad is not imported again.
+            settled=lambda rev: gate(req, rev) is not None,
+        )
+    return GitSource(src.url, src.ref or "refs/heads/main", _mirror(req), timeout=src.timeout)
+
+
+def _tip(result: FetchResult) -> FetchedTip:
+    """What the pipeline is told of a fetch: the revision, where from, and what it cost."""
+    wire: dict[str, Any] = {}
+    if result.detail:
+        wire["http"] = dict(result.detail)
+    if result.bundle is not None:
+        wire["bundle_kind"] = result.bundle.kind
+        wire["bundle_artifacts"] = list(result.bundle.artifacts)
+    return FetchedTip(
+        revision=result.revision or None,
+        source=result.source,
+        bytes=result.bytes_received,
+        changed=result.changed,
+        wire=wire,
+    )
+
+
+def op_fetch(req: WorkerRequest) -> WorkerAnswer:
+    """Fetch through the request's source, gate the tip, verify it, cache a bundle's artifacts.
+
+    The one path of every source (DESIGN section 1): a git remote, an HTTP bundle polled with
+    one conditional request, a bundle file from the API, a stick or the staging directory.
+    """
+    source = _source(req)
+    try:
+        result = source.fetch()
+    except KeystoneError as exc:
+        failed = FetchedTip(
+            source=req.source.url if req.op is WorkerOp.HTTP_FETCH and req.source else ""
+        )
+        # A bundle downloaded and then refused as a file still reports what it cost.
+        detail = getattr(source, "last_detail", None)
+        if detail:
+            failed = replace(failed, bytes=int(detail.get("bytes") or 0), wire={"http": detail})
+        return WorkerAnswer.failed(_error(exc), failed)
+    tip = _tip(result)
+    if not result.revision_known:
+        # An unchanged bundle URL with no bundle kept: nothing new, nothing to verify.
+        return WorkerAnswer(ok=True, tip=replace(tip, revision=req.applied), gate=Gate.UP_TO_DATE)
     mirror = _mirror(req)
-    result = GitSource(src.url, src.ref or "refs/heads/main", mirror, timeout=src.timeout).fetch()
-    tip = FetchedTip(result.revision, result.source, result.bytes_received, result.changed)
-    return checked(req, mirror, tip)
+    answer = checked(req, mirror, tip)
+    if answer.verified is not None and result.bundle is not None and result.bundle.artifacts:
+        try:
+            cache_bundle_artifacts(
+                result.bundle.path,
+                list(result.bundle.artifacts),
+                artifacts_dir=Path(req.runtime) / "artifacts",
+            )
+        except KeystoneError as exc:
+            return WorkerAnswer.failed(_error(exc), tip)
+    return answer
 
 
 def op_verify_rev(req: WorkerRequest) -> WorkerAnswer:
@@ -218,207 +293,6 @@ def _max_bundle_bytes(req: WorkerRequest) -> int:
     return int(req.max_bytes or max_bundle_bytes())
 
 
-def op_import_bundle(req: WorkerRequest) -> WorkerAnswer:
-    """Add a bundle's objects to the mirror, then gate and verify its tip."""
-    from keystone.sources.bundle import import_bundle  # dulwich
-
-    bundle = Path(req.bundle or "")
-    limit = _max_bundle_bytes(req)
-    try:
-        size = bundle.stat().st_size
-    except OSError as exc:
-        raise BundleError(f"cannot read bundle {bundle}: {exc.strerror or exc}") from exc
-    if size > limit:
-        # Staged and watched files never passed the API's upload bound: check the whole file.
-        raise BundleError(
-            f"{bundle}: bundle of {size} bytes is over the limit of {limit} bytes "
-            "(KEYSTONE_MAX_BUNDLE_BYTES); nothing was imported"
-        )
-    mirror = _mirror(req)
-    info = import_bundle(bundle, mirror, max_bytes=limit)
-    shas = [a.sha256 for a in info.artifacts]
-    tip = FetchedTip(
-        revision=info.revision,
-        source=req.source_label or f"bundle:{bundle.name}",
-        bytes=info.size,
-        changed=True,
-        wire={"bundle_kind": info.kind, "bundle_artifacts": shas},
-    )
-    answer = checked(req, mirror, tip)
-    if answer.verified is not None:
-        try:
-            _cache_bundle_artifacts(req, bundle, shas)
-        except KeystoneError as exc:
-            return WorkerAnswer.failed(_error(exc), tip)
-    return answer
-
-
-def _cache_bundle_artifacts(req: WorkerRequest, bundle: Path, shas: list[str]) -> None:
-    """Copy a verified revision's bundle artifacts into the cache, all or none.
-
-    Each is hash-checked into a staging directory beside the cache; only when every one matched
-    are they renamed into ``artifacts/sha256/`` (so a damaged artifact leaves the cache as it
-    was, not half filled).
-    """
-    from keystone.sources.bundle import extract_bundle_artifact  # dulwich
-
-    root = Path(req.runtime) / "artifacts"
-    cache = root / "sha256"
-    missing = [sha for sha in shas if not (cache / sha).exists()]
-    if not missing:
-        return
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bundle-import-", dir=root))
-    try:
-        for sha in missing:
-            extract_bundle_artifact(bundle, sha, staging / sha)
-        for sha in missing:
-            os.chmod(staging / sha, 0o444)  # as the cache keeps its blobs: immutable
-            os.replace(staging / sha, cache / sha)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def http_download(req: WorkerRequest) -> tuple[Path | None, dict[str, Any]]:
-    """Fetch the bundle URL conditionally; resume a partial download; bound the size.
-
-    Returns (path of a complete new bundle, or None when unchanged (304), wire stats).
-    """
-    import httpx  # heavy, and only the http source needs it
-
-    src = req.source
-    if src is None:
-        raise ValidationError("no [source] is configured", field="source")
-    url = src.url
-    runtime = Path(req.runtime)
-    limit = _max_bundle_bytes(req)
-    state_path = runtime / "state" / "http-source.json"
-    state = read_json(state_path, {}) or {}
-    if state.get("url") != url:
-        state = {"url": url}
-    work = runtime / "bundles" / "http"
-    work.mkdir(parents=True, exist_ok=True)
-    partial = work / "download.partial"
-    # Offsets in Range and the size bound count the bundle's own bytes: no content coding.
-    headers: dict[str, str] = {"Accept-Encoding": "identity"}
-    have = partial.stat().st_size if partial.exists() and state.get("partial_etag") else 0
-    if have:
-        headers["Range"] = f"bytes={have}-"
-        headers["If-Range"] = state["partial_etag"]
-    elif state.get("etag") or state.get("last_modified"):
-        if state.get("etag"):
-            headers["If-None-Match"] = state["etag"]
-        if state.get("last_modified"):
-            headers["If-Modified-Since"] = state["last_modified"]
-    stats: dict[str, Any] = {"requests": 1, "bytes": 0, "status": None, "resumed_from": have}
-    deadline = time.monotonic() + (src.timeout or 120) * 10
-    timeout = httpx.Timeout(src.timeout or 60, connect=15.0)
-    try:
-        with (
-            httpx.Client(timeout=timeout, follow_redirects=True) as client,
-            client.stream("GET", url, headers=headers) as resp,
-        ):
-            stats["status"] = resp.status_code
-            if resp.status_code == 304:
-                return None, stats
-            if resp.status_code == 416 and have:
-                # The partial file is no prefix of the bundle (it is complete, or the bundle
-                # shrank without a new ETag): start again from byte 0 on the next poll.
-                partial.unlink(missing_ok=True)
-                state.pop("partial_etag", None)
-                write_json(state_path, state)
-                raise SourceUnreachable(
-                    f"bundle URL {url} refused to resume at byte {have} (HTTP 416); the "
-                    "download restarts from the beginning on the next poll"
-                )
-            if resp.status_code not in (200, 206):
-                raise SourceUnreachable(f"bundle URL {url} answered HTTP {resp.status_code}")
-            append = resp.status_code == 206 and have > 0
-            total = have if append else 0
-            declared = resp.headers.get("Content-Length")
-            if declared and int(declared) + total > limit:
-                raise BundleError(
-                    f"bundle at {url} is {int(declared) + total} bytes, over the limit of {limit}"
-                )
-            etag = resp.headers.get("ETag")
-            state.update({"partial_etag": etag} if etag else {})
-            write_json(state_path, state)
-            with partial.open("ab" if append else "wb") as out:
-                # Chunks as they arrive (no re-chunking buffer): every byte received before a
-                # connection breaks is on disk, so the next poll resumes exactly there.
-                for chunk in resp.iter_bytes():
-                    total += len(chunk)
-                    stats["bytes"] += len(chunk)
-                    if total > limit:
-                        raise BundleError(
-                            f"bundle at {url} is over the limit of {limit} bytes; download stopped"
-                        )
-                    if time.monotonic() > deadline:
-                        raise SourceUnreachable(
-                            f"bundle download from {url} took too long; will resume"
-                        )
-                    out.write(chunk)
-            last_modified = resp.headers.get("Last-Modified")
-    except BundleError:
-        partial.unlink(missing_ok=True)
-        state.pop("partial_etag", None)
-        write_json(state_path, state)
-        raise
-    except httpx.HTTPError as exc:
-        raise SourceUnreachable(
-            f"bundle URL {url} unreachable: {exc}; a partial download resumes next poll"
-        ) from exc
-    done = work / "current.bundle"
-    partial.replace(done)
-    state.pop("partial_etag", None)
-    state.pop("bundle_revision", None)
-    state.update({"etag": etag, "last_modified": last_modified, "fetched_at": time.time()})
-    write_json(state_path, state)
-    return done, stats
-
-
-def op_http_fetch(req: WorkerRequest) -> WorkerAnswer:
-    """Poll an HTTP bundle source; an unchanged bundle costs one conditional request.
-
-    After a 304 the bundle downloaded before (``bundles/http/current.bundle``) is imported
-    again only when its revision is neither applied nor known bad (an import cut short, a
-    dry run) or when the operator asks (``sync --retry`` / ``--allow-rollback``); a bundle
-    refused as a file (damaged, too large, missing prerequisites) is deleted, so the 304s
-    that follow cost nothing.
-    """
-    url = req.source.url if req.source else ""
-    try:
-        path, stats = http_download(req)
-    except KeystoneError as exc:
-        return WorkerAnswer.failed(_error(exc), FetchedTip(source=url))
-    wire = {"http": stats}
-    state_path = Path(req.runtime) / "state" / "http-source.json"
-    state = read_json(state_path, {}) or {}
-    if path is None:
-        current = Path(req.runtime) / "bundles" / "http" / "current.bundle"
-        rev = state.get("bundle_revision")
-        unchanged = FetchedTip(revision=rev, source=url, bytes=stats["bytes"], wire=wire)
-        if not current.is_file():
-            return WorkerAnswer(
-                ok=True, tip=replace(unchanged, revision=req.applied), gate=Gate.UP_TO_DATE
-            )
-        skip = gate(req, rev)
-        if skip is not None:
-            return WorkerAnswer(ok=True, tip=unchanged, gate=skip)
-        path = current  # never verified (an import cut short), or verified but not deployed
-    try:
-        out = op_import_bundle(replace(req, bundle=str(path), source_label=url))
-    except KeystoneError as exc:
-        out = WorkerAnswer.failed(_error(exc), FetchedTip(source=url))
-    if out.tip.revision:
-        state["bundle_revision"] = out.tip.revision
-        write_json(state_path, state)
-    elif not out.ok:
-        path.unlink(missing_ok=True)
-    tip = replace(out.tip, bytes=stats["bytes"], wire={**out.tip.wire, **wire})
-    return replace(out, tip=tip)
-
-
 def op_mark_applied(req: WorkerRequest) -> WorkerAnswer:
     """Record the anti-rollback anchor in the mirror (survives loss of the state dir)."""
     mirror = _mirror(req)
@@ -429,8 +303,8 @@ def op_mark_applied(req: WorkerRequest) -> WorkerAnswer:
 OPS: dict[WorkerOp, Callable[[WorkerRequest], WorkerAnswer]] = {
     WorkerOp.FETCH: op_fetch,
     WorkerOp.VERIFY_REV: op_verify_rev,
-    WorkerOp.IMPORT_BUNDLE: op_import_bundle,
-    WorkerOp.HTTP_FETCH: op_http_fetch,
+    WorkerOp.IMPORT_BUNDLE: op_fetch,
+    WorkerOp.HTTP_FETCH: op_fetch,
     WorkerOp.MARK_APPLIED: op_mark_applied,
 }
 
