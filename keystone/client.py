@@ -494,6 +494,27 @@ class Client:
                     operation=op,
                 )
 
+    def follow_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
+        """The result of operation ``op_id``, following the newer ones that superseded it.
+
+        A queued request that a newer one replaced (latest wins) ends "superseded by <id>":
+        what the caller asked for is then decided by that newer operation, so this waits on it.
+
+        Raises:
+            OperationTimeout: ``timeout`` passed first (it counts for the whole chain).
+            AgentUnreachable: no agent answered.
+        """
+        import time  # lazy: keeps the fast status path's imports as they were
+
+        deadline = time.monotonic() + timeout
+        while True:
+            op = self.wait_operation(op_id, max(0.0, deadline - time.monotonic()))
+            result = dict(op.get("result") or {})
+            newer = op.get("superseded_by") or result.get("superseded_by")
+            if result.get("result") != "superseded" or not newer:
+                return result
+            op_id = str(newer)
+
 
 class _StaleConnection(Exception):
     """A reused keep-alive connection was closed by the server before it answered."""

@@ -13,10 +13,8 @@ Every command that talks to the agent takes the connection options of ``keystone
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -28,7 +26,7 @@ from keystone.cli import views
 from keystone.cli.common import Command, add_commands, command, fail
 from keystone.cli.fast import read_components, read_health, read_status
 from keystone.cli.session import ExitCode, Output, Session, exit_for
-from keystone.client import ApiError, Client, component_path, error_for
+from keystone.client import ApiError, Client, OperationTimeout, component_path, error_for
 from keystone.errors import AgentUnreachable, UsageError, ValidationError
 from keystone.runtime.signing import (
     load_certificates,
@@ -200,29 +198,15 @@ def _upload_recipes(client: Client, recipes: list[tuple[str, str, str, str]]) ->
     return sent
 
 
-def json_key(entry: Any) -> str:
-    """A history entry as one comparable string."""
-    return json.dumps(entry, sort_keys=True, default=str)
-
-
-def _history_marks(client: Client) -> set[str]:
-    return {json_key(e) for e in client.get("/v1/history", params={"limit": "20"})}
-
-
-def _wait_applied(client: Client, before: set[str], deadline: float) -> dict[str, Any]:
-    """Poll the history until the agent records the outcome of this apply; return it."""
-    delay = 0.1
-    while True:
-        for entry in client.get("/v1/history", params={"limit": "20"}):
-            if entry.get("kind") == "apply" and json_key(entry) not in before:
-                return dict(entry)
-        if time.monotonic() > deadline:
-            raise AgentUnreachable(
-                "the plan was accepted but its deployment had not finished when --timeout "
-                "passed; follow it with `keystone status`"
-            )
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+def _wait_applied(client: Client, op_id: str, timeout: float) -> dict[str, Any]:
+    """The outcome of this apply: the agent holds the request until its operation is done."""
+    try:
+        return client.follow_operation(op_id, timeout)
+    except OperationTimeout:
+        raise AgentUnreachable(
+            "the plan was accepted but its deployment had not finished when --timeout "
+            "passed; follow it with `keystone status`"
+        ) from None
 
 
 def _apply(session: Session, plan: Path, *, dry: bool, wait: bool, timeout: str) -> None:
@@ -240,7 +224,6 @@ def _apply(session: Session, plan: Path, *, dry: bool, wait: bool, timeout: str)
         text = _read_local(plan, "plan").decode("utf-8", errors="replace")
         text, recipes, _unknown = offline.prepare_plan(text, file=str(plan))
         uploaded = _upload_recipes(client, recipes)
-        before = _history_marks(client) if wait and not dry else set()
         data = client.post(
             "/v1/plan/apply",
             params={"dry": "true"} if dry else None,
@@ -251,7 +234,7 @@ def _apply(session: Session, plan: Path, *, dry: bool, wait: bool, timeout: str)
         data["uploaded"] = uploaded
         code = ExitCode.OK
         if wait and not dry:
-            outcome = _wait_applied(client, before, time.monotonic() + wait_s)
+            outcome = _wait_applied(client, str(data.get("operation") or ""), wait_s)
             data["result"] = outcome.get("result")
             data["error"] = outcome.get("error") or outcome.get("reason")
             code = exit_for(outcome.get("result"))

@@ -42,6 +42,10 @@ def sync_cmd(
         "retry": str(retry).lower(),
     }
     data = session.request("POST", "/v1/sync", params=params)
+    if data.get("result") == "superseded" and data.get("superseded_by"):
+        # A newer request replaced this one in the agent's queue: its outcome is the answer.
+        with session.client() as client:
+            data = client.follow_operation(str(data["superseded_by"]), 600.0)
     session.emit(data, views.sync_text)
     fail(exit_for(data.get("result")))
 

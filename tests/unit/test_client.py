@@ -59,6 +59,7 @@ class Control:
         self.plans: list[tuple[str, bool]] = []
         self.bundle: bytes = b""
         self.history_entries: list[dict[str, Any]] = []
+        self.operations: dict[str, dict[str, Any]] = {}
         self.fail: dict[str, Exception] = {}
 
     def _rec(self, name: str, arg: Any = None) -> None:
@@ -142,13 +143,23 @@ class Control:
         if "refuse-me" in text:
             raise ValidationError("unknown field x", file="request body", line=1)
         self.plans.append((text, dry))
+        op: dict[str, Any] = {}
         if not dry:
-            self.history_entries.insert(
-                0, {"time": 1.0 + len(self.plans), "kind": "apply", "result": "ok"}
-            )
+            entry = {"time": 1.0 + len(self.plans), "kind": "apply", "result": "ok"}
+            self.history_entries.insert(0, entry)
+            op = {"operation": f"op-{len(self.plans)}"}
+            self.operations[op["operation"]] = entry
         return {"status": "dry-run" if dry else "applying", "layers": [["db"], ["api"]],
                 "actions": [{"action": "start", "component": "db", "version": "1", "layer": 0,
-                             "reason": "added"}], "unknownFields": [], "warnings": []}  # fmt: skip
+                             "reason": "added"}], "unknownFields": [], "warnings": [],
+                **op}  # fmt: skip
+
+    def operation(self, op_id: str, *, wait: float | None = None) -> dict[str, Any]:
+        self._rec("operation", op_id)
+        if op_id not in self.operations:
+            raise NotFound(f"no operation {op_id}")
+        # The entry object itself: a test may change the outcome after the apply returned.
+        return {"id": op_id, "kind": "apply", "state": "done", "result": self.operations[op_id]}
 
     def reconcile(self) -> dict[str, Any]:
         self._rec("reconcile")
