@@ -7,18 +7,26 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from keystone.errors import UnsafeArchiveError, ValidationError
 from keystone.sources.base import IncompleteHistory, split_repo_path
 from keystone.sources.pack import _hex, _is_gitlink
 
-if TYPE_CHECKING:
-    from keystone.sources.mirror import (
-        GitMirror,  # the mirror makes TreeReaders: no cycle at run time
-    )
+__all__ = ["ObjectStore", "TreeReader"]
 
-__all__ = ["TreeReader"]
+
+class ObjectStore(Protocol):
+    """What a :class:`TreeReader` reads of the mirror that made it (a ``GitMirror``).
+
+    A protocol, not the class: the mirror makes tree readers, so naming it here would be a cycle.
+    """
+
+    def resolve(self, ref_or_rev: str) -> str: ...
+
+    def _commit_fields(self, sha: str) -> tuple[tuple[str, ...], int, str]: ...
+
+    def _object(self, sha: str) -> Any: ...
 
 
 def _entry_name(raw: bytes, where: str) -> str:
@@ -38,13 +46,13 @@ def _entry_name(raw: bytes, where: str) -> str:
 
 
 class TreeReader:
-    """Read-only access to the tree of one commit in a :class:`GitMirror`.
+    """Read-only access to the tree of one commit in a ``GitMirror``.
 
     It implements :class:`keystone.sources.base.FileSource`. Symlinks and submodules are never
     followed: reading one is refused, and they list with ``is_dir`` False.
     """
 
-    def __init__(self, mirror: GitMirror, rev: str) -> None:
+    def __init__(self, mirror: ObjectStore, rev: str) -> None:
         self.mirror = mirror
         self.revision = mirror.resolve(rev)
         self._tree = mirror._commit_fields(self.revision)[2]
