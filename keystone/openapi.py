@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from keystone import __version__
+
 JSON = dict[str, Any]
 
 
@@ -641,8 +643,6 @@ def _paths() -> dict[str, JSON]:
 
 def openapi_document() -> JSON:
     """The OpenAPI 3.0 document of the agent API."""
-    from keystone import __version__
-
     return {
         "openapi": "3.0.3",
         "info": {

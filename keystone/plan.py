@@ -18,6 +18,7 @@ from keystone.dag import Graph, build_graph
 from keystone.errors import ValidationError
 from keystone.recipe import Recipe, check_segment, parse_recipe
 from keystone.repopath import repo_path_problem
+from keystone.state import atomic_write
 from keystone.tomlsrc import Reader
 
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
@@ -291,8 +292,6 @@ class RecipeStore:
         self, text: str, *, force: bool, environ: Mapping[str, str] | None = None
     ) -> tuple[Recipe, Path, bool]:
         """Validate and store; returns (recipe, path, replaced). Raises FileExistsError."""
-        from keystone.state import atomic_write
-
         recipe = parse_recipe(
             text, file="uploaded recipe", environ=environ if environ is not None else os.environ
         )

@@ -147,6 +147,7 @@ class ApiServer:
 
     def openapi_bytes(self) -> bytes:
         if self._openapi is None:
+            # lazy: the OpenAPI document is 600 lines of data, built only when a client asks
             from keystone.openapi import openapi_document
 
             self._openapi = json.dumps(openapi_document(), indent=1).encode()
