@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -387,7 +388,7 @@ def _free_y(lay: Layout, column: int, want: float) -> float:
     if not boxes:
         return want
     gaps = [boxes[0].y - GAP_Y / 2]
-    gaps += [(a.y + a.h + b.y) / 2 for a, b in zip(boxes, boxes[1:], strict=False)]
+    gaps += [(a.y + a.h + b.y) / 2 for a, b in pairwise(boxes)]
     gaps.append(boxes[-1].y + boxes[-1].h + GAP_Y / 2)
     return min(gaps, key=lambda g: abs(g - want))
 
