@@ -43,6 +43,8 @@ class ApiServer:
         tls: serve HTTPS; with ``client_ca`` clients need a certificate from that CA.
         log_root: where component logs live (``runtime/logs/<name>/stdout.log``); by default
             ``logs`` beside the token file, which is the runtime directory's layout.
+        sessions: the status page's session table (tests pass one with their own clock); by
+            default one is made at the first login.
 
     Raises:
         UsageError: when asked to listen beyond loopback without an explicit token or mTLS,
@@ -58,6 +60,7 @@ class ApiServer:
         token_file: Path,
         tls: TlsConfig | None = None,
         log_root: Path | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.control = control
         self.log_root = log_root if log_root is not None else token_file.parent / "logs"
@@ -85,7 +88,7 @@ class ApiServer:
         self._openapi: bytes | None = None
         # The status page's login sessions: created at the first login, so that an agent whose
         # page nobody opens never imports keystone.ui.
-        self._sessions: Sessions | None = None
+        self._sessions: Sessions | None = sessions
         self._sessions_lock = threading.Lock()
 
     def _ssl_context(self) -> ssl.SSLContext:
