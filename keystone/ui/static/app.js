@@ -210,12 +210,12 @@ async function refresh() {
   if (state.busy) return; // one poll at a time, whatever the timers do
   state.busy = true;
   try {
-    const [health, components, history, datasets] = await Promise.all([
-      fetch("/healthz", { cache: "no-store" }).then((r) => r.json()).catch(() => null),
-      api("GET", "/v1/components"),
-      api("GET", "/v1/history?limit=20"),
-      api("GET", "/v1/datasets").catch(() => []),
-    ]);
+    // One request after another: the browser then keeps one connection to the agent, so the
+    // agent keeps one handler thread for the page instead of one per parallel request.
+    const health = await fetch("/healthz", { cache: "no-store" }).then((r) => r.json()).catch(() => null);
+    const components = await api("GET", "/v1/components");
+    const history = await api("GET", "/v1/history?limit=20");
+    const datasets = await api("GET", "/v1/datasets").catch(() => []);
     // No [source]: the agent answers 400 and the page says so instead of failing.
     const revision = await api("GET", "/v1/revision").catch(() => null);
     drawHealth(health);
