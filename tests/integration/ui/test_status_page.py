@@ -160,7 +160,6 @@ class TestStatusPage:
         )
 
         # With a browser polling for a while: the agent's RSS.
-        wait_for(lambda: browser.js("1"), timeout=1, what="page")
         polls_seen = len(browser.requests)
         wait_for(lambda: len(browser.requests) >= polls_seen + 20, timeout=30, what="a few polls")
         idle_with_browser = rss_kib(agent.proc.pid)
