@@ -207,6 +207,16 @@ SCHEMAS: dict[str, JSON] = {
             "components": {"type": "array", "items": _ref("Component")},
         },
     },
+    "ComponentLogs": {
+        "type": "object",
+        "required": ["component", "stdout", "stderr"],
+        "properties": {
+            "component": _STR,
+            "lines": {**_INT, "description": "The lines asked for"},
+            "stdout": {**_STRS, "description": "Last lines of stdout.log, oldest first"},
+            "stderr": {**_STRS, "description": "Last lines of stderr.log, oldest first"},
+        },
+    },
     "Graph": {
         "type": "object",
         "required": ["nodes", "edges", "order"],
@@ -397,16 +407,24 @@ def _paths() -> dict[str, JSON]:
             "post": _op(
                 "Stop one component",
                 "Stops a single component; its dependents are left running. It stays stopped "
-                "until restarted or the plan is applied again.",
+                "until restarted or the plan is applied again. With dry=true (an addition), "
+                "answers what would stop and what depends on it, and changes nothing.",
                 "stop_component",
                 {
                     "204": {
                         "description": "Stopped; the Keystone-Operation header names the "
                         "operation (stops are serialized with deployments)",
-                    }
+                    },
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {"stopOrder": _STRS, "dependents": _STRS},
+                        },
+                        "With dry=true: the component that would stop, and its dependents",
+                    ),
                 },
-                errors=(404, 500),
-                params=[name],
+                errors=(400, 404, 500),
+                params=[name, _query("dry", "true: report only", _BOOL, "true")],
             )
         },
         "/v1/components/{name}:restart": {
@@ -435,6 +453,25 @@ def _paths() -> dict[str, JSON]:
                         "timeout", "How long to wait, as a duration (default 60s)", None, "120s"
                     ),
                     _query("dry", "true: report what would be restarted", _BOOL, "true"),
+                ],
+            )
+        },
+        "/v1/components/{name}/logs": {
+            "get": _op(
+                "Recent log lines of one component",
+                "The last lines of the component's stdout.log and stderr.log (an addition: "
+                "not in the Go API). At most 1000 lines of each, read from the last 256 KiB.",
+                "component_logs",
+                {"200": _json(_ref("ComponentLogs"), "The log tails")},
+                errors=(400, 404),
+                params=[
+                    name,
+                    _query(
+                        "lines",
+                        "How many lines of each log (1 to 1000, default 50)",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                        "50",
+                    ),
                 ],
             )
         },
@@ -480,9 +517,29 @@ def _paths() -> dict[str, JSON]:
         "/v1/plan/graph": {
             "get": _op(
                 "Dependency graph",
-                "Nodes, edges and start layers of the applied plan.",
+                "Nodes, edges and start layers of the applied plan. With format=dot, mermaid "
+                "or svg (an addition), the same graph drawn, nodes coloured by state.",
                 "plan_graph",
-                {"200": _json(_ref("Graph"), "The graph")},
+                {
+                    "200": {
+                        "description": "The graph (JSON), or its picture",
+                        "content": {
+                            "application/json": {"schema": _ref("Graph")},
+                            "image/svg+xml": {"schema": _STR},
+                            "text/vnd.graphviz": {"schema": _STR},
+                            "text/vnd.mermaid": {"schema": _STR},
+                        },
+                    }
+                },
+                errors=(400,),
+                params=[
+                    _query(
+                        "format",
+                        "json (default), dot, mermaid or svg",
+                        {"type": "string", "enum": ["json", "dot", "mermaid", "svg"]},
+                        "svg",
+                    )
+                ],
             )
         },
         "/v1/plan/apply": {

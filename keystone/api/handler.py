@@ -17,18 +17,24 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from loguru import logger
 
+from keystone.api.logtail import MAX_LINES, tail_lines
 from keystone.api.routes import (
     DRAIN_LIMIT,
+    ROUTES,
+    UI_HEADER,
+    UI_ROUTES,
     ApiError,
     Query,
     Route,
     duration,
     flag,
+    is_ui,
     match_routes,
     param,
     status_of,
@@ -43,8 +49,20 @@ class HandlerHost(Protocol):
     control: AgentControl
     max_request: int
     max_bundle: int
+    log_root: Path
+
+    @property
+    def secure_cookies(self) -> bool: ...
 
     def authorized(self, header: str | None) -> bool: ...
+
+    def token_valid(self, token: str) -> bool: ...
+
+    def open_session(self) -> str: ...
+
+    def session_valid(self, cookie_header: str | None) -> bool: ...
+
+    def close_session(self, cookie_header: str | None) -> None: ...
 
     def openapi_bytes(self) -> bytes: ...
 
@@ -276,18 +294,19 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- dispatch ---
 
+    def _credentials(self) -> str:
+        """How the request authenticates: ``bearer``, ``cookie`` (a status-page session), or
+        ``""`` for neither."""
+        if self.api.authorized(self.headers.get("Authorization")):
+            return "bearer"
+        if self.api.session_valid(self.headers.get("Cookie")):
+            return "cookie"
+        return ""
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         path = url.path
-        matched = match_routes(path)
-        if path != "/healthz" and not self.api.authorized(self.headers.get("Authorization")):
-            self._discard_body()
-            self._unauthorized()
-            return
-        if not matched:
-            self._discard_body()
-            self._error(404, f"no such route: {path} (see /v1/openapi.json)")
-            return
+        matched = match_routes(path, UI_ROUTES if is_ui(path) else ROUTES)
         chosen = next(
             (
                 (r, params)
@@ -296,6 +315,30 @@ class Handler(BaseHTTPRequestHandler):
             ),
             None,
         )
+        public = path == "/healthz" or (chosen is not None and not chosen[0].auth)
+        self._how = "" if public else self._credentials()
+        if not public and not self._how:
+            self._discard_body()
+            self._unauthorized()
+            return
+        # SameSite=Strict keeps the cookie off cross-site requests in today's browsers; the
+        # header, which a cross-site form or image cannot set, covers the others.
+        if (
+            self._how == "cookie"
+            and self.command not in ("GET", "HEAD")
+            and self.headers.get(UI_HEADER, "").strip() != "1"
+        ):
+            self._discard_body()
+            self._error(
+                403,
+                f"a request signed in with the status page's cookie that changes state must "
+                f"carry the header {UI_HEADER}: 1 (or use Authorization: Bearer)",
+            )
+            return
+        if not matched:
+            self._discard_body()
+            self._error(404, f"no such route: {path} (see /v1/openapi.json)")
+            return
         if chosen is None:
             allow = ", ".join(sorted({r.method for r, _ in matched} | _gets(matched)))
             self._discard_body()
@@ -404,6 +447,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def h_stop_component(self, q: Query, body: bytes, name: str) -> None:
         self._json_object(body)
+        if flag(q, "dry", "dry_run"):
+            # A stop touches that one component; the dry run names it and what depends on it
+            # (which keeps running without it), and changes nothing.
+            if name not in {c.get("name") for c in self.c.components()}:
+                raise NotFound(f"component {name!r} is not in the applied plan")
+            edges = self.c.plan_graph().get("edges") or []
+            needs = sorted({e["from"] for e in edges if e.get("to") == name})
+            self._send(200, {"stopOrder": [name], "dependents": needs})
+            return
         op = self.c.stop_component(name)
         # 204 as the Go agent answers: the operation id travels in a header.
         self._send(204, headers={"Keystone-Operation": op} if op else None)
@@ -416,6 +468,24 @@ class Handler(BaseHTTPRequestHandler):
         timeout = duration(q, "timeout", 60.0)
         dry = flag(q, "dry", "dry_run")
         self._send(200, self.c.restart_component(name, wait=wait, timeout=timeout, dry=dry))
+
+    def h_component_logs(self, q: Query, body: bytes, name: str) -> None:
+        value = param(q, "lines") or "50"
+        if not value.isdigit() or not 1 <= int(value) <= MAX_LINES:
+            raise ApiError(400, f"query parameter lines={value!r}: expected 1 to {MAX_LINES}")
+        if name not in {c.get("name") for c in self.c.components()}:
+            raise NotFound(f"component {name!r} is not in the applied plan")
+        logdir = self.api.log_root / name
+        n = int(value)
+        self._send(
+            200,
+            {
+                "component": name,
+                "lines": n,
+                "stdout": tail_lines(logdir / "stdout.log", n),
+                "stderr": tail_lines(logdir / "stderr.log", n),
+            },
+        )
 
     def h_recipes(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.recipes())
@@ -433,7 +503,19 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, self.c.plan_status())
 
     def h_plan_graph(self, q: Query, body: bytes) -> None:
-        self._send(200, self.c.plan_graph())
+        fmt = (param(q, "format") or "json").strip().lower()
+        if fmt == "json":
+            self._send(200, self.c.plan_graph())
+            return
+        if fmt not in _GRAPH_TYPES:
+            raise ApiError(
+                400, f"query parameter format={fmt!r}: expected json, dot, mermaid or svg"
+            )
+        # Lazy: only a client asking for a picture pays for the renderer.
+        from keystone.graph import graph_command
+
+        text = graph_command(self.c.plan_graph(), fmt, self.c.components())
+        self._send(200, text.encode(), content_type=_GRAPH_TYPES[fmt], headers=_NO_STORE)
 
     def h_apply_plan(self, q: Query, body: bytes) -> None:
         text, doc = self._toml_body(body, "plan")
@@ -493,6 +575,77 @@ class Handler(BaseHTTPRequestHandler):
         wait = duration(q, "wait", 0.0) if param(q, "wait") else None
         self._send(200, self.c.operation(id, wait=min(wait, 300.0) if wait else None))
 
+    # --- the status page (keystone.ui, imported on the first /ui request) --------------------
+
+    def _page(self, status: int, data: bytes, content_type: str, csp: str | None = None) -> None:
+        from keystone.ui import assets
+
+        self._send(
+            status,
+            data,
+            content_type=content_type,
+            headers=assets.headers(csp) if csp else assets.headers(),
+        )
+
+    def _redirect(self, location: str, headers: Mapping[str, str] | None = None) -> None:
+        self._send(303, b"", headers={"Location": location, **(headers or {})})
+
+    def h_ui_page(self, q: Query, body: bytes) -> None:
+        if not self._credentials():
+            self._redirect("/ui/login")
+            return
+        self.h_ui_asset(q, body, asset="index.html")
+
+    def h_ui_login_page(self, q: Query, body: bytes) -> None:
+        from keystone.ui import assets
+
+        if self._credentials():
+            self._redirect("/ui/")
+            return
+        self._page(200, assets.login_page(), assets.TYPES[".html"], assets.LOGIN_CSP)
+
+    def h_ui_login(self, q: Query, body: bytes) -> None:
+        from keystone.ui import assets
+        from keystone.ui.session import set_cookie
+
+        origin = self.headers.get("Origin")
+        if origin and origin != "null" and urlsplit(origin).netloc != self.headers.get("Host"):
+            raise ApiError(403, f"login from another origin ({origin}) refused")
+        doc = self._json_object(body)
+        if doc is not None:
+            token = doc.get("token")
+        else:
+            form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+            token = param(form, "token")
+        if not isinstance(token, str) or not self.api.token_valid(token):
+            logger.warning("api: status page login from {} refused", self.address_string())
+            if doc is not None:
+                self._unauthorized()
+            else:
+                page = assets.login_page("Wrong token.")
+                self._page(401, page, assets.TYPES[".html"], assets.LOGIN_CSP)
+            return
+        cookie = set_cookie(self.api.open_session(), secure=self.api.secure_cookies)
+        logger.info("api: status page login from {}", self.address_string())
+        if doc is not None:
+            self._send(200, {"login": True}, headers={"Set-Cookie": cookie, **_NO_STORE})
+        else:
+            self._redirect("/ui/", {"Set-Cookie": cookie, **_NO_STORE})
+
+    def h_ui_logout(self, q: Query, body: bytes) -> None:
+        from keystone.ui.session import clear_cookie
+
+        self.api.close_session(self.headers.get("Cookie"))
+        self._send(204, headers={"Set-Cookie": clear_cookie(secure=self.api.secure_cookies)})
+
+    def h_ui_asset(self, q: Query, body: bytes, asset: str) -> None:
+        from keystone.ui import assets
+
+        found = assets.read(asset)
+        if found is None or asset == "login.html":
+            raise ApiError(404, f"no such file of the status page: {asset}")
+        self._page(200, *found)
+
     def h_import_bundle(self, q: Query, body: bytes) -> None:
         length = self._length()
         if length is None:
@@ -514,6 +667,14 @@ class Handler(BaseHTTPRequestHandler):
                 # upload as the next request.
                 self.close_connection = True
         self._send(200, result)
+
+
+_GRAPH_TYPES = {
+    "svg": "image/svg+xml",
+    "dot": "text/vnd.graphviz; charset=utf-8",
+    "mermaid": "text/vnd.mermaid; charset=utf-8",
+}
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
 def _gets(matched: list[tuple[Route, dict[str, str]]]) -> set[str]:

@@ -69,6 +69,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/components", "components"),
     Route("POST", "/v1/components/{name}:stop", "stop_component"),
     Route("POST", "/v1/components/{name}:restart", "restart_component"),
+    Route("GET", "/v1/components/{name}/logs", "component_logs"),
     Route("GET", "/v1/recipes", "recipes"),
     Route("POST", "/v1/recipes", "upload_recipe", body="text"),
     Route("DELETE", "/v1/recipes/{name}/{version}", "delete_recipe"),
@@ -90,10 +91,33 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def match_routes(path: str) -> list[tuple[Route, dict[str, str]]]:
+UI_ROUTES: tuple[Route, ...] = (
+    Route("GET", "/ui", "ui_page", auth=False),
+    Route("GET", "/ui/", "ui_page", auth=False),
+    Route("GET", "/ui/login", "ui_login_page", auth=False),
+    Route("POST", "/ui/login", "ui_login", auth=False, body="text"),
+    Route("POST", "/ui/logout", "ui_logout"),
+    Route("GET", "/ui/{asset}", "ui_asset"),
+)
+"""The status page (keystone.ui): not part of the API document. ``ui_page`` and the login
+page decide for themselves (a visitor without a session is sent to the login form)."""
+
+UI_HEADER = "X-Keystone-UI"
+"""A request authenticated by the page's session cookie that changes state must carry this
+header with the value ``1``: a cross-site form or image cannot set it (CSRF defence)."""
+
+
+def is_ui(path: str) -> bool:
+    """Whether ``path`` belongs to the status page rather than the API."""
+    return path == "/ui" or path.startswith("/ui/")
+
+
+def match_routes(
+    path: str, routes: tuple[Route, ...] = ROUTES
+) -> list[tuple[Route, dict[str, str]]]:
     """Every route whose path template matches ``path``, with its path parameters (decoded)."""
     out = []
-    for route in ROUTES:
+    for route in routes:
         m = route.pattern.match(path)
         if m:
             out.append((route, {k: unquote(v) for k, v in m.groupdict().items()}))

@@ -9,6 +9,7 @@ import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -26,6 +27,9 @@ from keystone.control import AgentControl
 from keystone.errors import UsageError
 from keystone.units import parse_size
 
+if TYPE_CHECKING:
+    from keystone.ui.session import Sessions
+
 
 class ApiServer:
     """The HTTP API of one agent.
@@ -37,6 +41,10 @@ class ApiServer:
             which is created with a random token (mode 0600) if it does not exist.
         token_file: where the generated token lives (``runtime/api.token``).
         tls: serve HTTPS; with ``client_ca`` clients need a certificate from that CA.
+        log_root: where component logs live (``runtime/logs/<name>/stdout.log``); by default
+            ``logs`` beside the token file, which is the runtime directory's layout.
+        sessions: the status page's session table (tests pass one with their own clock); by
+            default one is made at the first login.
 
     Raises:
         UsageError: when asked to listen beyond loopback without an explicit token or mTLS,
@@ -51,8 +59,11 @@ class ApiServer:
         token: str | None,
         token_file: Path,
         tls: TlsConfig | None = None,
+        log_root: Path | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.control = control
+        self.log_root = log_root if log_root is not None else token_file.parent / "logs"
         self.host, self.port = parse_listen(listen)
         self.tls = tls
         self.token_file = token_file
@@ -75,6 +86,10 @@ class ApiServer:
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._openapi: bytes | None = None
+        # The status page's login sessions: created at the first login, so that an agent whose
+        # page nobody opens never imports keystone.ui.
+        self._sessions: Sessions | None = sessions
+        self._sessions_lock = threading.Lock()
 
     def _ssl_context(self) -> ssl.SSLContext:
         assert self.tls is not None
@@ -144,6 +159,42 @@ class ApiServer:
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(digest(value.strip()), self._token_digest)
+
+    def token_valid(self, token: str) -> bool:
+        """Whether ``token`` is the API token (constant-time); the status page's login."""
+        return hmac.compare_digest(digest(token.strip()), self._token_digest)
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Session cookies are marked Secure when the API is served over TLS."""
+        return self.tls is not None
+
+    def open_session(self) -> str:
+        """Start a status-page session after a login; returns its id (the cookie's value)."""
+        with self._sessions_lock:
+            if self._sessions is None:
+                from keystone.ui.session import Sessions
+
+                self._sessions = Sessions()
+            sessions = self._sessions
+        return sessions.open()
+
+    def session_valid(self, cookie_header: str | None) -> bool:
+        """Whether a ``Cookie`` header carries a live status-page session."""
+        sessions = self._sessions
+        if sessions is None or not cookie_header:
+            return False  # nobody ever logged in: no session can be valid
+        from keystone.ui.session import session_id
+
+        return sessions.check(session_id(cookie_header))
+
+    def close_session(self, cookie_header: str | None) -> None:
+        """End the session named by a ``Cookie`` header (logout)."""
+        sessions = self._sessions
+        if sessions is not None and cookie_header:
+            from keystone.ui.session import session_id
+
+            sessions.close(session_id(cookie_header))
 
     def openapi_bytes(self) -> bytes:
         if self._openapi is None:
