@@ -11,10 +11,12 @@ tar, and the patch lives at ``GET {server}/delta/{from_sha256}/{to_sha256}`` (``
 one, so the client asks again a few times).
 
 Memory: :func:`apply_patch` streams. The zstd layer is decompressed to a file, the three bzip2
-blocks are read as streams, the base is memory-mapped (page cache, not heap), and the byte-wise
+blocks are read as streams, the base is read where the control triples point, and the byte-wise
 additions are done by ``bsdiff4``'s C core one bounded piece of a control triple at a time, the
-result going to disk as it is hashed. ``bsdiff4.patch`` would hold the base, the decompressed
-diff block (about the size of the new file) and the new file at once.
+result going to disk as it is hashed. The base is read with ``pread`` piece by piece rather than
+memory-mapped: mapped pages count in the process's RSS, read ones stay in the page cache.
+``bsdiff4.patch`` would hold the base, the decompressed diff block (about the size of the new
+file) and the new file at once.
 
 ``bsdiff4`` and ``zstandard`` are imported inside the functions that use them: the resident
 agent never loads them, and without them every delta falls back to the full download.
@@ -26,7 +28,6 @@ import bz2
 import contextlib
 import gzip
 import hashlib
-import mmap
 import os
 import re
 import sys
@@ -360,12 +361,8 @@ def _apply_streams(
         for block in (ctrl, diff, extra):
             stack.callback(block.close)
         base_fh = stack.enter_context(open(base, "rb"))
-        old_size = os.fstat(base_fh.fileno()).st_size
-        old: mmap.mmap | bytes = (
-            stack.enter_context(mmap.mmap(base_fh.fileno(), 0, access=mmap.ACCESS_READ))
-            if old_size
-            else b""
-        )
+        base_fd = base_fh.fileno()
+        old_size = os.fstat(base_fd).st_size
         out = stack.enter_context(open(part, "wb"))
         newpos = oldpos = 0
         one = core.encode_int64(0)
@@ -380,7 +377,7 @@ def _apply_streams(
                 lo, hi = max(oldpos, 0), min(oldpos + n, old_size)
                 # Bytes of the base outside it count as zero, as in bspatch; bsdiff4 pads a
                 # short source with zeros at the end, so only a negative start needs padding.
-                src = old[lo:hi] if hi > lo else b""
+                src = os.pread(base_fd, hi - lo, lo) if hi > lo else b""
                 if oldpos < 0:
                     src = bytes(min(n, -oldpos)) + src
                 try:
