@@ -196,6 +196,7 @@ def verify_recipe_signature(
     trust_bundle: Path | None,
     *,
     insecure_skip_verify: bool = False,
+    data: bytes | None = None,
     at: datetime | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> str | None:
@@ -208,6 +209,9 @@ def verify_recipe_signature(
         recipe: the recipe file.
         trust_bundle: the configured trust bundle; ``None`` refuses (no way to check).
         insecure_skip_verify: skip the check (the caller logs it loudly); returns ``None``.
+        data: the recipe bytes the caller read and will parse; the signature is checked over
+            these rather than over a second read of the file, so what is parsed is what was
+            verified. ``None`` reads the file.
         at: the time validity is judged at (default now).
         environ: where ``KEYSTONE_LEAF_CERT`` is read.
 
@@ -245,7 +249,9 @@ def verify_recipe_signature(
             reason="no-certificate",
         )
     try:
-        return _rs.verify_file(recipe, sig, cert, Path(trust_bundle), at=at)
+        if data is None:
+            return _rs.verify_file(recipe, sig, cert, Path(trust_bundle), at=at)
+        return _verify_bytes(data, sig, cert, Path(trust_bundle), at)
     except _rs.SignatureRejected as exc:
         raise RecipeSignatureError(
             f"recipe {recipe} refused: its signature does not verify: {exc}",
@@ -258,3 +264,18 @@ def verify_recipe_signature(
             path=recipe,
             reason="bad-certificate",
         ) from exc
+
+
+def _verify_bytes(data: bytes, sig: Path, cert: Path, bundle: Path, at: datetime | None) -> str:
+    import hashlib
+    from datetime import UTC
+
+    chain = _rs.load_certificates(cert.read_bytes(), what=str(cert))
+    roots = _rs.load_certificates(bundle.read_bytes(), what=str(bundle))
+    signature = sig.read_bytes()[: _rs.MAX_SIGNATURE_BYTES + 1]
+    if len(signature) > _rs.MAX_SIGNATURE_BYTES:
+        raise _rs.SignatureRejected(
+            f"{sig} is larger than a signature can be", reason="bad-signature-encoding"
+        )
+    check = _rs.SignatureCheck(tuple(chain), tuple(roots), at or datetime.now(UTC))
+    return _rs.verify_signature(hashlib.sha256(data).digest(), signature, check)

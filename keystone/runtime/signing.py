@@ -13,6 +13,11 @@ here: a leaf needs no SAN; if it has a keyUsage, digitalSignature must be in it;
 extendedKeyUsage, codeSigning (or anyExtendedKeyUsage) must be in it. Validity dates, the chain to a
 root of the bundle, CA basicConstraints and keyCertSign are still checked by the library.
 
+A chain that policy refuses is walked once more by the Go Keystone's rules (``crypto/x509``):
+that accepts what its ``scripts/dev-sign.sh`` makes with openssl, an X.509 v1 leaf and a CA
+without keyUsage. Each issuer must still verify the certificate below it, be valid at the time,
+be a CA when it is an intermediate, and carry keyCertSign if it has a keyUsage at all.
+
 ``cryptography`` is imported inside the functions: the resident agent never loads it.
 """
 

@@ -287,6 +287,18 @@ class TestRecipeSignatures:
         assert info.value.reason == reason
         assert str(recipe) in str(info.value)
 
+    def test_the_bytes_parsed_are_the_bytes_verified(self, tmp_path: Path) -> None:
+        """With data=, the signature is judged over the bytes the caller read, not a re-read."""
+        ca, key, leaf = dev_sign_material(tmp_path / "trust", "ed25519")
+        recipe = self._recipe(tmp_path)
+        openssl_sign(tmp_path, key, recipe, "ed25519")
+        env = {"KEYSTONE_LEAF_CERT": str(leaf)}
+        read = recipe.read_bytes()
+        assert sign.verify_recipe_signature(recipe, ca, data=read, environ=env)
+        with pytest.raises(sign.RecipeSignatureError) as info:
+            sign.verify_recipe_signature(recipe, ca, data=read + b"# swapped\n", environ=env)
+        assert info.value.reason == "bad-signature"
+
     def test_insecure_skip_verify_skips(self, tmp_path: Path) -> None:
         """--insecure-skip-verify returns None without looking for anything."""
         assert (
