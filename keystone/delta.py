@@ -57,7 +57,8 @@ class DeltaError(KeystoneError):
     Attributes:
         reason: ``no-base``, ``too-large``, ``unsupported-format``, ``not-found``, ``http``,
             ``network``, ``timeout``, ``corrupt-patch``, ``digest-mismatch``, ``unavailable``
-            (bsdiff4/zstandard not installed).
+            (bsdiff4/zstandard not installed); :class:`DeltaOutcome` adds ``io`` (a local
+            file that cannot be written or read).
     """
 
     def __init__(self, message: str, *, reason: str) -> None:
@@ -556,6 +557,11 @@ def fetch_delta(
             clock,
             verify,
         )
+    except OSError as exc:
+        logger.info(
+            "artifact {}: delta unavailable (io: {}); downloading the whole artifact", what, exc
+        )
+        return DeltaOutcome(applied=False, reason="io", message=str(exc))
     except DeltaError as exc:
         logger.info(
             "artifact {}: delta unavailable ({}: {}); downloading the whole artifact",

@@ -137,6 +137,7 @@ class DeltaService:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._run = run
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
         self._gen_lock = threading.Semaphore(1)
         self._stat: dict[str, tuple[int, int, str, int]] = self._load_index()
         self._by_sha: dict[str, tuple[Path, int]] = {}
@@ -161,6 +162,10 @@ class DeltaService:
 
     def scan(self) -> dict[str, tuple[Path, int]]:
         """Rescan the root; hash only new or changed archives. Returns ``sha -> (path, tar size)``."""
+        with self._scan_lock:  # one walk at a time; a second caller then sees its result
+            return self._scan()
+
+    def _scan(self) -> dict[str, tuple[Path, int]]:
         cache_real = os.path.realpath(self.cache_dir)
         seen: dict[str, tuple[int, int, str, int]] = {}
         for dirpath, dirnames, filenames in os.walk(self.root):

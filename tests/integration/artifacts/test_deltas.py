@@ -414,6 +414,17 @@ class TestFallbacks:
         served = go_route(b"z" * 200_000)
         assert self._fetch(tmp_path, served.url, v1, v2, full_bytes=100_000).reason == "too-large"
 
+    def test_destination_not_writable(
+        self, tmp_path: Path, go_route: Callable[..., Served]
+    ) -> None:
+        """A local write that fails is a fallback too (io), not an exception."""
+        v1, v2 = releases()
+        served = go_route(go_patch(v1, v2))
+        got = delta.fetch_delta(
+            delta.DeltaSpec(served.url, sha(v2)), base_file(tmp_path, v1), tmp_path / "no" / "o.tar"
+        )
+        assert not got.applied and got.reason == "io"
+
     def test_server_down(self, tmp_path: Path) -> None:
         """Nothing listening: network."""
         v1, v2 = releases()
