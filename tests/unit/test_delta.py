@@ -157,6 +157,14 @@ class TestApplyPatch:
         delta.make_patch(tmp_path / "a.tar", tmp_path / "b.tar", tmp_path / "p.zst")
         raw = zstandard.ZstdDecompressor().decompress((tmp_path / "p.zst").read_bytes())
         assert bsdiff4.patch(base, raw) == target
+        # The layout gabstv/go-bsdiff's bspatch reads: magic, two block lengths and the new
+        # size, then bzip2 streams at 32, 32+ctrl and 32+ctrl+diff.
+        ctrl_len, diff_len, new_len = (
+            int.from_bytes(raw[i : i + 8], "little") for i in (8, 16, 24)
+        )
+        assert raw[:8] == b"BSDIFF40" and new_len == len(target)
+        for offset in (32, 32 + ctrl_len, 32 + ctrl_len + diff_len):
+            assert raw[offset : offset + 3] == b"BZh"
 
     def _corrupt(self, base: bytes, target: bytes) -> dict[str, bytes]:
         raw = bsdiff4.diff(base, target)
