@@ -55,7 +55,8 @@ class DeltaError(KeystoneError):
     """A delta that cannot be used; the caller downloads the whole artifact instead.
 
     Attributes:
-        reason: ``no-base``, ``too-large``, ``unsupported-format``, ``not-found``, ``http``,
+        reason: ``no-base``, ``bad-input`` (a relative server, a malformed digest),
+            ``too-large``, ``unsupported-format``, ``not-found``, ``http`` (another status),
             ``network``, ``timeout``, ``corrupt-patch``, ``digest-mismatch``, ``unavailable``
             (bsdiff4/zstandard not installed); :class:`DeltaOutcome` adds ``io`` (a local
             file that cannot be written or read).
@@ -150,10 +151,12 @@ def delta_url(server: str, from_sha: str, to_sha: str) -> str:
         DeltaError: ``http`` for a relative server or digests that are not lowercase hex.
     """
     if not server or not _absolute_http(server):
-        raise DeltaError(f"delta server {server!r} must be an absolute URL", reason="http")
+        raise DeltaError(f"delta server {server!r} must be an absolute URL", reason="bad-input")
     for what, sha in (("base", from_sha), ("target", to_sha)):
         if not is_sha256_hex(sha):
-            raise DeltaError(f"{what} digest {sha!r} is not a sha256 hex digest", reason="http")
+            raise DeltaError(
+                f"{what} digest {sha!r} is not a sha256 hex digest", reason="bad-input"
+            )
     parts = urlsplit(server)
     path = parts.path.rstrip("/") + f"/delta/{from_sha}/{to_sha}"
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
@@ -311,7 +314,7 @@ def apply_patch(
     core, _ = _libs()
     if not is_sha256_hex(want_sha256):
         raise DeltaError(
-            f"declared digest {want_sha256!r} is not a sha256 hex digest", reason="http"
+            f"declared digest {want_sha256!r} is not a sha256 hex digest", reason="bad-input"
         )
     out = Path(out)
     raw = out.with_name(out.name + ".bsdiff.part")
