@@ -94,7 +94,7 @@ class DatasetSpec:
     max_age: float = DEFAULT_REFRESH * MAX_AGE_MULTIPLE
     keep: int = DEFAULT_KEEP
     required: bool = True
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     github_token: str = field(default="", repr=False)
 
     @property

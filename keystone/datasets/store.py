@@ -138,7 +138,7 @@ class DatasetState:
             return cls(
                 name=name,
                 manifest_uri=str(data.get("manifest_uri") or ""),
-                accepted_published=parse_time(accepted, what="accepted_published")
+                accepted_published=parse_time(str(accepted), what="accepted_published")
                 if accepted
                 else None,
                 accepted_sha256=str(data.get("accepted_sha256") or ""),
@@ -152,7 +152,7 @@ class DatasetState:
                 },
                 bad=tuple(BadRecord.from_json(b) for b in data.get("bad") or ()),
             )
-        except (KeyError, TypeError, ValueError, ValidationError):
+        except (AttributeError, KeyError, TypeError, ValueError, ValidationError):
             return cls(name=name)
 
     def is_bad(self, published: datetime, sha256: str) -> BadRecord | None:
@@ -319,9 +319,10 @@ class DatasetStore:
         fsync_dir(link.parent)
 
     def prune(self, name: str, keep: int, protect: tuple[str, ...] = ()) -> list[str]:
-        """Keep the newest ``keep`` versions plus the active and ``protect``; remove the rest.
+        """Remove versions, oldest first, until ``keep`` remain; never the active or ``protect``.
 
-        Returns the removed versions, oldest first. ``protect`` exists because the active version
+        Go's rule: protected versions count towards ``keep`` (more remain only when the
+        protected ones alone exceed it). Returns the removed versions, oldest first. ``protect`` exists because the active version
         is not always the newest: after a rollback the newest directory is the one that failed.
         """
         keep = max(keep, 1)
