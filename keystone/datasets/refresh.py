@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 from keystone import manifest as _manifest
@@ -34,6 +34,9 @@ from keystone.datasets.spec import DatasetSpec, check_name
 from keystone.datasets.store import DatasetStore
 from keystone.errors import KeystoneError, Refused, Retryable, UsageError, ValidationError
 from keystone.runtime.archive import ArchiveLimits, ArchiveRefused
+
+if TYPE_CHECKING:
+    from keystone.runtime.clock import TrustedClock
 
 MAX_MANIFEST_BYTES = _manifest.MAX_MANIFEST_BYTES
 MAX_SIGNATURE_BYTES = 64 * 1024
@@ -272,6 +275,27 @@ def artifact_name(uri: str) -> str:
     return "data" if name in ("", ".", "..") or "\x00" in name else name
 
 
+def trusted_clock_hooks(
+    clock: TrustedClock,
+) -> tuple[Callable[[], datetime], Callable[[datetime], None], Callable[[], bool]]:
+    """``(verification_time, observe_published, clock_trusted)`` over the agent's trusted clock.
+
+    Certificates are judged at the clock's floor-protected time; an accepted manifest's
+    ``published`` advances its high-water mark; ages are unknown while the clock is behind.
+    """
+
+    def verification_time() -> datetime:
+        return datetime.fromtimestamp(clock.verification_time().now, UTC)
+
+    def observe(when: datetime) -> None:
+        clock.observe(when.timestamp())
+
+    def trusted() -> bool:
+        return clock.read().trusted
+
+    return verification_time, observe, trusted
+
+
 @dataclass(frozen=True)
 class Documents:
     """A manifest with its detached signature and (optionally) its signer certificate."""
@@ -400,6 +424,15 @@ class Resolver:
                 f"dataset {spec.name} refused: {message}", dataset=spec.name, reason=reason
             )
 
+        try:
+            at = self.verification_time()
+        except KeystoneError as exc:
+            # KEYSTONE_CLOCK_POLICY=strict with the clock behind: NTP clears it, so retry later.
+            raise DatasetUnavailable(
+                f"dataset {spec.name}: certificates cannot be judged now: {exc}",
+                dataset=spec.name,
+                reason="clock-behind",
+            ) from exc
         with tempfile.TemporaryDirectory(prefix="keystone-manifest-") as tmp:
             path = Path(tmp) / "manifest.toml"
             path.write_bytes(docs.manifest)
@@ -431,7 +464,7 @@ class Resolver:
                     path,
                     trust_bundle=self.trust_bundle,
                     cert=cert,
-                    at=self.verification_time(),
+                    at=at,
                     environ={},
                 )
             except SignatureRejected as exc:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from keystone.datasets import DatasetManager, DatasetSpec, DatasetStore, Resolver
 from keystone.datasets.bundle import read_bundle_datasets
 from keystone.datasets.manager import FAILED, UPDATED
+from keystone.datasets.refresh import trusted_clock_hooks
 from keystone.datasets.schedule import DatasetScheduler
 from keystone.errors import BundleError
+from keystone.runtime.clock import STRICT, TrustedClock
 from tests.integration.artifacts.conftest import Pki
 from tests.integration.datasets.conftest import BASE, Hub, Publisher, Wall, make_manager
 
@@ -186,3 +189,54 @@ class TestScheduler:
         [result] = asyncio.run(sched.run_due())
         assert result.result == FAILED
         assert sched.next_due["cve"] - clock.monotonic() == 60.0
+
+
+class TestLocalAndClock:
+    """Manifests read from local paths (air-gapped), and the trusted clock's part."""
+
+    def test_local_path_manifest(self, tmp_path: Path, pki: Pki, publisher: Publisher) -> None:
+        """manifest, signature and payload as local files: the same signature and digest rules."""
+        media = tmp_path / "media"
+        media.mkdir()
+        publisher.publish(0)
+        hubfiles = publisher.hub.files
+        (media / "cve.manifest.toml").write_bytes(hubfiles[publisher.manifest_path])
+        (media / "cve.manifest.toml.sig").write_bytes(hubfiles[publisher.manifest_path + ".sig"])
+        (media / "signer.pem").write_bytes(pki.cert("signer").read_bytes())
+        mgr = make_manager(tmp_path, pki)
+        spec = DatasetSpec(
+            name="cve",
+            manifest=str(media / "cve.manifest.toml"),
+            sig_uri=str(media / "cve.manifest.toml.sig"),
+            cert_uri=f"file://{media / 'signer.pem'}",
+        )
+        mgr.bind("scanner", [spec])
+        # The manifest names an http uri; the payload still comes from the hub, verified.
+        assert asyncio.run(mgr.refresh("cve")).result == UPDATED
+
+    def test_trusted_clock_hooks(self, tmp_path: Path, pki: Pki, publisher: Publisher) -> None:
+        """An accepted publication raises the high-water mark; strict mode behind it refuses."""
+        publisher.publish(0, published=BASE.replace(year=2027))
+        wall = Wall(BASE.timestamp())
+        clock = TrustedClock(tmp_path / "state", wall=wall, build=0.0)
+        verification_time, observe, trusted = trusted_clock_hooks(clock)
+        store = DatasetStore(tmp_path / "datasets")
+        resolver = Resolver(
+            store,
+            trust_bundle=pki.cert("ca"),
+            verification_time=lambda: datetime.now(UTC),
+            observe_published=observe,
+            environ={},
+        )
+        mgr = DatasetManager(store, resolver, wall=wall, clock_trusted=trusted)
+        mgr.bind("scanner", [publisher.spec()])
+        assert asyncio.run(mgr.refresh("cve")).result == UPDATED
+        assert clock.mark() == BASE.replace(year=2027).timestamp()
+        assert not trusted()  # the wall clock is now behind a signed time the device has seen
+        assert mgr.age("cve") is None
+        strict = TrustedClock(tmp_path / "state", STRICT, wall=wall, build=0.0)
+        resolver.verification_time = trusted_clock_hooks(strict)[0]
+        publisher.publish(1, published=BASE.replace(year=2028))
+        result = asyncio.run(mgr.refresh("cve"))
+        assert result.result == FAILED and "cannot be judged" in result.reason
+        assert verification_time() >= BASE.replace(year=2027)
