@@ -275,6 +275,20 @@ def artifact_name(uri: str) -> str:
     return "data" if name in ("", ".", "..") or "\x00" in name else name
 
 
+def _limits_from_env(environ: Mapping[str, str]) -> ArchiveLimits:
+    """The artifact unpack bounds (``KEYSTONE_MAX_EXTRACT_BYTES`` / ``_FILES``) for payloads."""
+    from keystone.units import parse_size
+
+    base = ArchiveLimits()
+    try:
+        return ArchiveLimits(
+            max_bytes=parse_size(environ.get("KEYSTONE_MAX_EXTRACT_BYTES") or base.max_bytes),
+            max_files=parse_size(environ.get("KEYSTONE_MAX_EXTRACT_FILES") or base.max_files),
+        )
+    except ValueError as exc:
+        raise UsageError(f"KEYSTONE_MAX_EXTRACT_BYTES / _FILES: {exc}") from None
+
+
 def trusted_clock_hooks(
     clock: TrustedClock,
 ) -> tuple[Callable[[], datetime], Callable[[datetime], None], Callable[[], bool]]:
@@ -358,7 +372,7 @@ class Resolver:
         self.observe_published = observe_published
         self.insecure_skip_verify = insecure_skip_verify
         self.environ = dict(os.environ if environ is None else environ)
-        self.limits = limits or ArchiveLimits()
+        self.limits = limits or _limits_from_env(self.environ)
         self._monotonic = monotonic
 
     # --- step 1 -------------------------------------------------------------------------------
