@@ -297,15 +297,20 @@ class DatasetManager:
             return await self._roll_back(b, staged, previous, failure)
         self.activations[(name, "ok")] += 1
         self.refreshes[(name, UPDATED)] += 1
-        removed = self.store.prune(name, b.spec.keep, (previous,))
-        if removed:
-            logger.info("[dataset] name={} msg=kept; pruned {}", name, ", ".join(removed))
-        kept = self.store.load_state(name).versions
+        await asyncio.to_thread(self._retain, b, previous)
+        return RefreshResult(name, UPDATED, staged.version)
+
+    def _retain(self, b: Binding, previous: str) -> None:
+        """Prune old versions and their cached payloads (in a thread: trees can be large)."""
+        name = b.spec.name
         try:
+            removed = self.store.prune(name, b.spec.keep, (previous,))
+            if removed:
+                logger.info("[dataset] name={} msg=kept; pruned {}", name, ", ".join(removed))
+            kept = self.store.load_state(name).versions
             self.resolver.payloads.collect(b.spec, {r.sha256 for r in kept.values()})
         except OSError as exc:
-            logger.warning("[dataset] name={} msg=payload cache cleanup failed: {}", name, exc)
-        return RefreshResult(name, UPDATED, staged.version)
+            logger.warning("[dataset] name={} msg=retention failed: {}", name, exc)
 
     async def _tell(self, b: Binding) -> str | None:
         """Reload the component and watch it through the grace period; the failure, or None."""
@@ -363,7 +368,7 @@ class DatasetManager:
         )
         self.activations[(name, "rolled-back")] += 1
         self.refreshes[(name, FAILED)] += 1
-        self.store.prune(name, b.spec.keep, (previous,))
+        await asyncio.to_thread(self._retain, b, previous)
         return RefreshResult(name, FAILED, previous, reason, rolled_back=True)
 
     async def refresh_all(self, names: Iterable[str] | None = None) -> list[RefreshResult]:

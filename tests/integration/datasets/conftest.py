@@ -116,6 +116,7 @@ class Publisher:
         sign: bool = True,
         tamper_payload: bool = False,
         openssl_signer: bool = False,
+        delta_server: str | None = None,
     ) -> manifest.Manifest:
         """Put version ``2026-08-<14+day>`` on the hub; return its manifest."""
         tar = self.payload(day, text)
@@ -127,6 +128,7 @@ class Publisher:
             uri=self.hub.url(rel),
             version=version,
             published=published or BASE + timedelta(days=day),
+            delta_server=delta_server,
         )
         mpath = self.work / f"{self.name}-{day}.manifest.toml"
         mpath.write_bytes(manifest.render_manifest(m))

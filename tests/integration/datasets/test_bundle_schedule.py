@@ -240,3 +240,45 @@ class TestLocalAndClock:
         result = asyncio.run(mgr.refresh("cve"))
         assert result.result == FAILED and "cannot be judged" in result.reason
         assert verification_time() >= BASE.replace(year=2027)
+
+
+class TestDelta:
+    """A manifest with [delta] rebuilds the new tar from the active one; any failure downloads."""
+
+    def _two_days(
+        self, tmp_path: Path, pki: Pki, publisher: Publisher, hub: Hub, patch: bytes | None
+    ) -> tuple[DatasetManager, list[str]]:
+        # Large enough and similar enough that a patch is much smaller than the tar.
+        common = "".join(f"{i:08d} vendor-{i % 97}\n" for i in range(20000))
+        m0 = publisher.publish(0, text=common)
+        mgr = make_manager(tmp_path, pki)
+        mgr.bind("scanner", [publisher.spec()])
+        assert asyncio.run(mgr.refresh("cve")).result == UPDATED
+        m1 = publisher.publish(1, text=common + "00020000 new vendor\n", delta_server=hub.url(""))
+        route = f"delta/{m0.artifact.sha256}/{m1.artifact.sha256}"
+        if patch is not None:
+            hub.files[route] = patch
+        else:
+            from keystone.delta import make_patch
+
+            out = tmp_path / "p.zst"
+            make_patch(publisher.work / "cve-0.tar", publisher.work / "cve-1.tar", out)
+            hub.files[route] = out.read_bytes()
+        hub.seen.clear()
+        assert asyncio.run(mgr.refresh("cve")).result == UPDATED
+        text = (tmp_path / "datasets" / "cve" / "current" / "data.txt").read_text()
+        assert text.endswith("00020000 new vendor\n")
+        return mgr, hub.seen
+
+    def test_patch_applied(self, tmp_path: Path, pki: Pki, publisher: Publisher, hub: Hub) -> None:
+        """The payload is never downloaded: the patch is, and the result passes the digest."""
+        _mgr, seen = self._two_days(tmp_path, pki, publisher, hub, None)
+        assert any(p.startswith("/delta/") for p in seen)
+        assert not any(p.endswith(".tar") for p in seen)
+
+    def test_corrupt_patch_falls_back(
+        self, tmp_path: Path, pki: Pki, publisher: Publisher, hub: Hub
+    ) -> None:
+        """A patch that does not apply is ignored and the whole payload downloaded."""
+        _mgr, seen = self._two_days(tmp_path, pki, publisher, hub, b"not a patch")
+        assert any(p.endswith("-2026-08-15.tar") for p in seen)
