@@ -505,19 +505,20 @@ class Resolver:
                     dataset=spec.name,
                     reason="rolled-back",
                 )
-            active = self.store.active(spec.name)
-            record = state.versions.get(active)
-            # Accepted but never activated (an interrupted run): stage it again.
-            return not (
-                active == m.version and record is not None and record.sha256 == m.artifact.sha256
-            )
-        try:
-            _manifest.check_not_replayed(m, state.accepted_published)
-        except _manifest.ManifestReplayed as exc:
-            raise DatasetRefused(
-                f"dataset {spec.name} refused: {exc}", dataset=spec.name, reason="replayed"
-            ) from exc
-        return True
+        else:
+            try:
+                _manifest.check_not_replayed(m, state.accepted_published)
+            except _manifest.ManifestReplayed as exc:
+                raise DatasetRefused(
+                    f"dataset {spec.name} refused: {exc}", dataset=spec.name, reason="replayed"
+                ) from exc
+        # Already serving these bytes under this label (also after a crash between the switch
+        # and the record): nothing to stage.
+        active = self.store.active(spec.name)
+        record = state.versions.get(active)
+        return not (
+            active == m.version and record is not None and record.sha256 == m.artifact.sha256
+        )
 
     # --- steps 4 and 5 ------------------------------------------------------------------------
 

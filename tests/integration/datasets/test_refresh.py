@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -352,6 +353,19 @@ class TestRestart:
         assert result.result == FAILED and "replay" in result.reason  # type: ignore[attr-defined]
         assert old.version == "2026-08-14"
         assert read_current(tmp_path) == "feed of day 1\n"
+
+    def test_crash_between_switch_and_record(
+        self, tmp_path: Path, pki: Pki, publisher: Publisher
+    ) -> None:
+        """current already points at the new version but the anchor was not written: unchanged."""
+        publisher.publish(0)
+        mgr = make_manager(tmp_path, pki)
+        mgr.bind("scanner", [publisher.spec()])
+        refresh(mgr)
+        state = mgr.store.load_state("cve")
+        mgr.store.save_state(replace(state, accepted_published=None, accepted_sha256=""))
+        assert refresh(mgr).result == UNCHANGED  # type: ignore[attr-defined]
+        assert mgr.store.load_state("cve").accepted_published == BASE
 
 
 class TestGating:
