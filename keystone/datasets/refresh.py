@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class DocumentFetcher(Protocol):
         self, uri: str, *, headers: Mapping[str, str], limit: int, deadline: float
     ) -> bytes: ...
 
+    def close(self) -> None:
+        """Release connections (called after each refresh's documents)."""
+        ...
+
 
 class PayloadFetcher(Protocol):
     """Fetches a dataset payload and verifies it against a digest; returns a readable path."""
@@ -135,6 +140,16 @@ class HttpDocumentFetcher:
         self.tls_verify = tls_verify
         self.connect_timeout = connect_timeout
         self._monotonic = monotonic
+        # One client per thread and refresh: its TLS context is costly to build three times,
+        # and refreshes of two datasets may run in two threads at once.
+        self._local = threading.local()
+
+    def close(self) -> None:
+        """Close this thread's client, if one is open."""
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            self._local.client = None
 
     def fetch(self, uri: str, *, headers: Mapping[str, str], limit: int, deadline: float) -> bytes:
         """Return the document's bytes.
@@ -150,34 +165,38 @@ class HttpDocumentFetcher:
         import httpx  # lazy: the resident agent does not load httpx until a dataset is fetched
 
         url = uri
-        with httpx.Client(verify=self.tls_verify, follow_redirects=False) as client:
-            for _ in range(MAX_REDIRECTS + 1):
-                remaining = deadline - self._monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"{uri}: not fetched within the deadline")
-                sent = dict(headers) if _origin(url) == _origin(uri) else {}
-                timeout = httpx.Timeout(remaining, connect=min(self.connect_timeout, remaining))
-                try:
-                    with client.stream("GET", url, headers=sent, timeout=timeout) as resp:
-                        if resp.status_code in (301, 302, 303, 307, 308):
-                            url = urljoin(url, resp.headers.get("location", ""))
-                            if urlsplit(url).scheme not in ("http", "https"):
-                                raise ValueError(f"{uri}: a redirect leaves http(s)")
-                            continue
-                        if resp.status_code == 404:
-                            raise DocumentNotFound(f"{url} answered 404")
-                        if resp.status_code != 200:
-                            raise OSError(f"{url} answered HTTP {resp.status_code}")
-                        body = bytearray()
-                        for chunk in resp.iter_bytes():
-                            body += chunk
-                            if len(body) > limit:
-                                raise ValueError(f"{url} sent more than {limit} bytes")
-                            if self._monotonic() > deadline:
-                                raise TimeoutError(f"{uri}: not fetched within the deadline")
-                        return bytes(body)
-                except httpx.HTTPError as exc:
-                    raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = httpx.Client(
+                verify=self.tls_verify, follow_redirects=False
+            )
+        for _ in range(MAX_REDIRECTS + 1):
+            remaining = deadline - self._monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{uri}: not fetched within the deadline")
+            sent = dict(headers) if _origin(url) == _origin(uri) else {}
+            timeout = httpx.Timeout(remaining, connect=min(self.connect_timeout, remaining))
+            try:
+                with client.stream("GET", url, headers=sent, timeout=timeout) as resp:
+                    if resp.status_code in (301, 302, 303, 307, 308):
+                        url = urljoin(url, resp.headers.get("location", ""))
+                        if urlsplit(url).scheme not in ("http", "https"):
+                            raise ValueError(f"{uri}: a redirect leaves http(s)")
+                        continue
+                    if resp.status_code == 404:
+                        raise DocumentNotFound(f"{url} answered 404")
+                    if resp.status_code != 200:
+                        raise OSError(f"{url} answered HTTP {resp.status_code}")
+                    body = bytearray()
+                    for chunk in resp.iter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            raise ValueError(f"{url} sent more than {limit} bytes")
+                        if self._monotonic() > deadline:
+                            raise TimeoutError(f"{uri}: not fetched within the deadline")
+                    return bytes(body)
+            except httpx.HTTPError as exc:
+                raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
         raise OSError(f"{uri}: more than {MAX_REDIRECTS} redirects")
 
 
@@ -403,6 +422,14 @@ class Resolver:
                     dataset=spec.name,
                 ) from exc
 
+        try:
+            return self._fetch_documents(spec, get)
+        finally:
+            self.documents.close()
+
+    def _fetch_documents(
+        self, spec: DatasetSpec, get: Callable[[str, int, str], bytes]
+    ) -> Documents:
         body = get(spec.manifest, MAX_MANIFEST_BYTES, "manifest")
         sig: bytes | None = None
         cert: bytes | None = None
