@@ -35,6 +35,7 @@ from keystone.datasets.refresh import (
 )
 from keystone.datasets.spec import DatasetSpec, ReloadPlan
 from keystone.datasets.store import BadRecord, DatasetState, DatasetStore, VersionRecord
+from keystone.errors import KeystoneError
 
 REASON_LIMIT = 200  # Go's truncateReason: a status line, not a log
 
@@ -280,7 +281,7 @@ class DatasetManager:
         started = time.monotonic()
         try:
             self.store.activate(name, staged.version)
-        except (OSError, ValueError) as exc:
+        except (OSError, KeystoneError) as exc:
             self.activations[(name, FAILED)] += 1
             return self._record_failure(b, f"dataset {name}: activating {staged.version}: {exc}")
         logger.info(
@@ -348,7 +349,7 @@ class DatasetManager:
             return RefreshResult(name, FAILED, staged.version, reason)
         try:
             self.store.activate(name, previous)
-        except (OSError, ValueError) as exc:
+        except (OSError, KeystoneError) as exc:
             logger.error("[dataset] name={} msg=ROLLBACK FAILED to {}: {}", name, previous, exc)
         else:
             if b.reload.declared and b.notifier is not None:
