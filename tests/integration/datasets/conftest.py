@@ -97,14 +97,17 @@ class Publisher:
     def manifest_path(self) -> str:
         return f"datasets/{self.name}.manifest.toml"
 
-    def payload(self, day: int, text: str | None = None) -> Path:
-        """An uncompressed tar holding ``data.txt``."""
+    def payload(self, day: int, text: str | None = None, extra: tuple[str, ...] = ()) -> Path:
+        """An uncompressed tar holding ``data.txt`` (and empty files named in ``extra``)."""
         src = self.work / f"src-{day}"
         src.mkdir(parents=True, exist_ok=True)
         (src / "data.txt").write_text(text if text is not None else f"feed of day {day}\n")
+        for name in extra:
+            (src / name).write_text("")
         tar = self.work / f"{self.name}-{day}.tar"
         with tarfile.open(tar, "w") as tf:
-            tf.add(src / "data.txt", arcname="data.txt")
+            for name in ("data.txt", *extra):
+                tf.add(src / name, arcname=name)
         return tar
 
     def publish(
@@ -117,9 +120,10 @@ class Publisher:
         tamper_payload: bool = False,
         openssl_signer: bool = False,
         delta_server: str | None = None,
+        extra: tuple[str, ...] = (),
     ) -> manifest.Manifest:
         """Put version ``2026-08-<14+day>`` on the hub; return its manifest."""
-        tar = self.payload(day, text)
+        tar = self.payload(day, text, extra)
         version = (BASE + timedelta(days=day)).strftime("%Y-%m-%d")
         rel = f"datasets/{self.name}-{version}.tar"
         m = manifest.new_manifest(
