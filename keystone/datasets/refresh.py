@@ -34,7 +34,7 @@ from keystone import manifest as _manifest
 from keystone.datasets.spec import DatasetSpec, check_name
 from keystone.datasets.store import DatasetStore
 from keystone.errors import KeystoneError, Refused, Retryable, UsageError, ValidationError
-from keystone.runtime.archive import ArchiveLimits, ArchiveRefused
+from keystone.runtime.archive import ArchiveLimits, ArchiveRefused, remove_tree
 
 if TYPE_CHECKING:
     from keystone.runtime.clock import TrustedClock
@@ -270,8 +270,6 @@ class ArtifactPayloadFetcher:
 
     def collect(self, spec: DatasetSpec, keep: set[str]) -> None:
         """Drop cached payloads that no kept version needs (the store's ``sha256/<hex>`` blobs)."""
-        from keystone.runtime.archive import remove_tree
-
         cache = self.store.cache_dir(spec.name)
         try:
             names = os.listdir(cache / "sha256")
