@@ -13,6 +13,11 @@ here: a leaf needs no SAN; if it has a keyUsage, digitalSignature must be in it;
 extendedKeyUsage, codeSigning (or anyExtendedKeyUsage) must be in it. Validity dates, the chain to a
 root of the bundle, CA basicConstraints and keyCertSign are still checked by the library.
 
+A chain that policy refuses is walked once more by the Go Keystone's rules (``crypto/x509``):
+that accepts what its ``scripts/dev-sign.sh`` makes with openssl, an X.509 v1 leaf and a CA
+without keyUsage. Each issuer must still verify the certificate below it, be valid at the time,
+be a CA when it is an intermediate, and carry keyCertSign if it has a keyUsage at all.
+
 ``cryptography`` is imported inside the functions: the resident agent never loads it.
 """
 
@@ -261,6 +266,11 @@ def verify_chain(
     except xv.VerificationError as exc:
         text = str(exc)
         subject = leaf.subject.rfc4514_string()
+        # The web-PKI verifier refuses what the Go Keystone (crypto/x509) accepts and what its
+        # scripts/dev-sign.sh makes with openssl: an X.509 v1 leaf, a CA without keyUsage.
+        # Those chains are walked here, by the rules Go applies (see _go_chain_error).
+        if _go_chain_error(leaf, intermediates, roots, at) is None:
+            return
         if "not valid at validation time" in text:
             raise SignatureRejected(
                 f"certificate {subject!r} chains only through a CA certificate that is not valid "
@@ -273,6 +283,84 @@ def verify_chain(
             "with a certificate from a trusted CA",
             reason="untrusted-chain",
         ) from exc
+
+
+def _same_cert(a: Certificate, b: Certificate) -> bool:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return a.public_bytes(Encoding.DER) == b.public_bytes(Encoding.DER)
+
+
+def _may_issue(issuer: Certificate, at: datetime, *, is_root: bool) -> bool:
+    """Whether ``issuer`` may sign certificates at ``at``, as Go's crypto/x509 judges it.
+
+    Go ignores keyUsage and requires basicConstraints CA only of intermediates; here a CA that
+    carries a keyUsage without keyCertSign, or a basicConstraints saying it is no CA, is still
+    refused (openssl never makes those for a CA), and the CA extendedKeyUsage rule of the
+    web-PKI path applies too.
+    """
+    from cryptography import x509
+
+    if not issuer.not_valid_before_utc <= at <= issuer.not_valid_after_utc:
+        return False
+    try:
+        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None and not is_root:
+        return False
+    if bc is not None and not bc.ca:
+        return False
+    try:
+        ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        ku = None
+    if ku is not None and not ku.key_cert_sign:
+        return False
+    try:
+        eku = issuer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return bool({_CODE_SIGNING, _ANY_EKU} & _oid_strings(eku))
+
+
+def _go_chain_error(
+    leaf: Certificate,
+    intermediates: Sequence[Certificate],
+    roots: Sequence[Certificate],
+    at: datetime,
+    *,
+    max_depth: int = 8,
+) -> str | None:
+    """Walk ``leaf`` up to a root by Go's rules; ``None`` when a path exists, else why not.
+
+    Each step finds a certificate whose subject is the current issuer and whose key verifies the
+    current certificate's signature (RSA, ECDSA, Ed25519), valid at ``at``. The leaf's dates and
+    usage were checked by the caller.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    current = leaf
+    for _ in range(max_depth):
+        if any(_same_cert(current, root) for root in roots):
+            return None
+        candidates = [(c, True) for c in roots] + [(c, False) for c in intermediates]
+        for cand, is_root in candidates:
+            if cand.subject != current.issuer or _same_cert(cand, current):
+                continue
+            try:
+                current.verify_directly_issued_by(cand)
+            except (InvalidSignature, ValueError, TypeError):
+                continue  # another key, or an algorithm the issuer cannot have used
+            if not _may_issue(cand, at, is_root=is_root):
+                continue
+            if is_root:
+                return None
+            current = cand
+            break
+        else:
+            return f"no issuer of {current.subject.rfc4514_string()!r} in the trust bundle"
+    return "the chain is longer than 8 certificates"
 
 
 @dataclass(frozen=True)
