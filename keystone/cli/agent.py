@@ -75,14 +75,54 @@ def serve_artifacts_cmd(
     addr: Annotated[
         str, typer.Option("--addr", help="listen address; ':9000' means all interfaces")
     ] = ":9000",
+    deltas: Annotated[
+        bool,
+        typer.Option(
+            "--deltas",
+            help="also serve bsdiff+zstd patches between the versions under --root "
+            "(GET /delta/{from}/{to}, the Go agent's route)",
+        ),
+    ] = False,
+    deltas_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--deltas-cache",
+            help="where patches are kept (default $XDG_CACHE_HOME/keystone/deltas)",
+        ),
+    ] = None,
+    delta_max_source_mb: Annotated[
+        int,
+        typer.Option(
+            "--delta-max-source-mb",
+            help="do not diff versions whose tar is larger (bsdiff needs ~17x the old tar in RAM)",
+        ),
+    ] = 64,
+    delta_generate_wait: Annotated[
+        float,
+        typer.Option(
+            "--delta-generate-wait",
+            help="seconds a request waits for a new patch before answering 404 (clients retry)",
+        ),
+    ] = 10.0,
 ) -> None:
     """Serve artifact files over HTTP with Range, ETag and /healthz (the Go keystoneserver)."""
-    # lazy: the artifact runtime (loguru, the archive readers) loads only to serve
-    from keystone.runtime.artifacts import serve_artifacts
+    # lazy: the server and its delta support load only to serve
+    from keystone.serve import DeltaOptions, serve_artifacts
 
     if not root.is_dir():
         raise typer.BadParameter(f"{root} is not a directory", param_hint="--root")
-    serve_artifacts(root, addr)
+    if delta_max_source_mb <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--delta-max-source-mb")
+    options = (
+        DeltaOptions(
+            cache_dir=deltas_cache,
+            max_source_bytes=delta_max_source_mb << 20,
+            generate_wait=delta_generate_wait,
+        )
+        if deltas
+        else None
+    )
+    serve_artifacts(root, addr, deltas=options)
 
 
 COMMANDS: tuple[tuple[str, Command], ...] = (

@@ -50,7 +50,7 @@ from keystone.runtime.artifacts.policy import (
     redact_uri,
     request_headers,
 )
-from keystone.runtime.artifacts.store import ArtifactStore, serve_artifacts
+from keystone.runtime.artifacts.store import ArtifactStore
 
 __all__ = [
     "DEFAULT_CACHE_LIMIT",
@@ -82,5 +82,4 @@ __all__ = [
     "public_error_type",
     "redact_uri",
     "request_headers",
-    "serve_artifacts",
 ]

@@ -62,7 +62,6 @@ from keystone.runtime.signing import (
     load_certificates,
     verify_signature,
 )
-from keystone.serve import serve_artifacts as _serve
 from keystone.state import fsync_dir, write_json
 
 # --- the store ----------------------------------------------------------------------------------
@@ -683,8 +682,3 @@ def _place_symlink(target: str, target_dir: Path, name: str) -> None:
     if dest.is_dir() and not dest.is_symlink():
         remove_tree(dest)
     os.replace(tmp, dest)
-
-
-def serve_artifacts(root: Path, addr: str) -> None:
-    """Serve ``root`` over HTTP until interrupted (see :func:`keystone.serve.serve_artifacts`)."""
-    _serve(root, addr)

@@ -454,3 +454,63 @@ class TestFallbacks:
             tmp_path, served.url, v1, v2, timeout=5.0, retry_interval=15.0, wait=waits
         )
         assert got.reason == "not-found" and waits.calls == [] and len(served.requests) == 1
+
+
+class TestServeArtifactsCommand:
+    """``keystone serve-artifacts --deltas`` from the command line, as an operator runs it."""
+
+    def test_the_command_serves_files_and_patches(
+        self, tmp_path: Path, store: tuple[Path, bytes, bytes]
+    ) -> None:
+        """--deltas with --deltas-cache: the file route and the delta route, and the patch applies."""
+        import re
+        import signal
+        import subprocess
+        import sys
+
+        root, v1, v2 = store
+        cache = tmp_path / "cli-cache"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keystone", "serve-artifacts", "--root", str(root),
+             "--addr", "127.0.0.1:0", "--deltas", "--deltas-cache", str(cache),
+             "--delta-generate-wait", "30"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+
+            def listening() -> str | None:
+                line = proc.stderr.readline() if proc.stderr else ""
+                m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+                return m.group(1) if m else None
+
+            url = wait_until(listening, timeout=30, what="serve-artifacts to listen")
+            drain = threading.Thread(target=lambda: list(proc.stderr or []), daemon=True)
+            drain.start()
+            want = (root / "app" / "app-1.0.0.tar.gz").read_bytes()
+            assert httpx.get(f"{url}/app/app-1.0.0.tar.gz").content == want
+            got = delta.fetch_delta(
+                delta.DeltaSpec(url, sha(v2)), base_file(tmp_path, v1), tmp_path / "v2.tar"
+            )
+            assert got.applied, got.message
+            assert (tmp_path / "v2.tar").read_bytes() == v2
+            assert list(cache.glob("*.delta.zst")), "the patch is kept in --deltas-cache"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=20)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        assert code == 0
+
+    def test_a_bad_bound_is_refused(self, tmp_path: Path) -> None:
+        """A non-positive --delta-max-source-mb is a usage error (exit 2), nothing served."""
+        import subprocess
+        import sys
+
+        (tmp_path / "r").mkdir()
+        r = subprocess.run(
+            [sys.executable, "-m", "keystone", "serve-artifacts", "--root", str(tmp_path / "r"),
+             "--addr", "127.0.0.1:0", "--deltas", "--delta-max-source-mb", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2 and "--delta-max-source-mb" in r.stderr
