@@ -25,6 +25,7 @@ settings.register_profile(
     "keystone-ci",
     max_examples=int(os.environ.get("KEYSTONE_FUZZ_EXAMPLES") or 120),
     derandomize=True,
+    database=None,  # a fixed seed: nothing to replay, and nothing written to .hypothesis/
     deadline=None,  # the properties bound their own time (see check_time), load-independent
     suppress_health_check=_SLOW_OK,
     print_blob=True,
