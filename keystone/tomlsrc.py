@@ -28,7 +28,7 @@ Path_ = tuple[str | int, ...]
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
 _WS = re.compile(r"[ \t]*")
-_VALUE_STOP = re.compile(r"""["'\[\]{}#\n]""")
+_VALUE_STOP = re.compile(r"""["'\[\]{}#\n,]""")
 _BASIC_STOP = re.compile(r'[\\"\n]')
 _ML_BASIC_STOP = re.compile(r'\\.|"""', re.DOTALL)
 _AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
@@ -91,9 +91,14 @@ class LineIndex:
             path = self._prefix + tuple(names)
             self._lines.setdefault(path, start_line)
             self.defs.append(_Def("key", path, start_line, self._prefix))
-            self._value()
+            self._deeper(len(path) - 1, start_line)
+            self._value(len(path) - 1)
 
     def _header(self, names: list[str], array: bool, line: int) -> None:
+        if len(names) > 256:  # far over any depth bound: refused, so skip the index work
+            self._deeper(len(names), line)
+            self._prefix = tuple(names)
+            return
         out: list[str | int] = []
         for i, name in enumerate(names):
             out.append(name)
@@ -104,8 +109,15 @@ class LineIndex:
             if key in self._arrays and (array or not last):
                 out.append(self._arrays[key])
         self._prefix = tuple(out)
+        self._deeper(len(self._prefix), line)
         self._lines.setdefault(self._prefix, line)
         self.defs.append(_Def("array" if array else "table", self._prefix, line))
+
+    def _deeper(self, depth: int, line: int) -> None:
+        """Record nesting ``depth`` (tables and arrays around a value) seen at ``line``."""
+        if depth > self.max_depth:
+            self.max_depth = depth
+            self.depth_line = line
 
     def _skip_ws(self) -> None:
         m = _WS.match(self._text, self._pos)
@@ -214,10 +226,14 @@ class LineIndex:
         self._line += t.count("\n", begin, end)
         self._pos = end
 
-    def _value(self) -> None:
-        """Skip one value (arrays may span lines), tracking bracket depth."""
+    def _value(self, base: int) -> None:
+        """Skip one value (arrays may span lines), tracking its nesting below ``base``.
+
+        Keys inside inline tables count too: a dotted key of thousands of parts is as deep
+        as thousands of brackets (and the parser's cost grows with its square).
+        """
         t, n = self._text, len(self._text)
-        depth = 0
+        stack: list[str] = []
         while self._pos < n:
             m = _VALUE_STOP.search(t, self._pos)
             if m is None:
@@ -226,21 +242,26 @@ class LineIndex:
             c = m.group(0)
             self._pos = m.start()
             if c == "\n":
-                if depth == 0:
+                if not stack:
                     return
                 self._pos += 1
                 self._line += 1
             elif c == "#":
                 self._skip_line()
             elif c in "[{":
-                depth += 1
-                if depth > self.max_depth:
-                    self.max_depth = depth
-                    self.depth_line = self._line
+                stack.append(c)
+                self._deeper(base + len(stack), self._line)
                 self._pos += 1
+                if c == "{":
+                    self._inline_key(base + len(stack))
             elif c in "]}":
-                depth = max(0, depth - 1)
+                if stack:
+                    stack.pop()
                 self._pos += 1
+            elif c == ",":
+                self._pos += 1
+                if stack and stack[-1] == "{":
+                    self._inline_key(base + len(stack))
             elif t.startswith(c * 3, self._pos):
                 self._multiline(c * 3)
             else:
@@ -251,6 +272,17 @@ class LineIndex:
                     self._literal_string()
                 if self._pos == at:
                     self._pos += 1
+
+    def _inline_key(self, table_depth: int) -> None:
+        """Measure the key of an inline table's entry at the position, if there is one."""
+        at, line = self._pos, self._line
+        names = self._key()
+        self._skip_ws()
+        if names is not None and self._pos < len(self._text) and self._text[self._pos] == "=":
+            self._deeper(table_depth + len(names) - 1, line)
+            self._pos += 1
+        else:
+            self._pos = at
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -340,7 +372,7 @@ def parse_toml(
     if idx.max_depth > lim.max_toml_depth:
         raise lim.refuse(
             "max_toml_depth",
-            f"{idx.max_depth} levels of arrays or inline tables",
+            f"{idx.max_depth} levels of tables and arrays",
             what="the nesting",
             file=file,
             line=idx.depth_line,
@@ -404,14 +436,17 @@ def _check_values(root: dict[str, Any], file: str, idx: LineIndex, lim: Limits) 
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
                 stack.append(((*path, k), v, depth + 1))
-        elif isinstance(node, int) and not isinstance(node, bool):
-            if not _INT64[0] <= node <= _INT64[1]:
-                raise ValidationError(
-                    "integer out of range (TOML integers are 64-bit)",
-                    file=file,
-                    line=idx.line(path),
-                    field=dotted(path),
-                )
+        elif (
+            isinstance(node, int)
+            and not isinstance(node, bool)
+            and not _INT64[0] <= node <= _INT64[1]
+        ):
+            raise ValidationError(
+                "integer out of range (TOML integers are 64-bit)",
+                file=file,
+                line=idx.line(path),
+                field=dotted(path),
+            )
 
 
 @dataclass
@@ -498,7 +533,15 @@ class Reader:
     ) -> str | None:
         value = self._typed(path, (str,), "a string", required, default)
         assert value is None or isinstance(value, str)
+        if value is not None:
+            self._no_nul(path, value)
         return value
+
+    def _no_nul(self, path: Path_, value: str) -> None:
+        # A NUL cannot reach a command line, an environment or a path: refuse it here
+        # rather than fail at spawn time.
+        if "\0" in value:
+            raise self.error(path, "expected a string without NUL characters (\\u0000)")
 
     def flag(self, path: Path_, *, default: bool = False) -> bool:
         value = self._typed(path, (bool,), "true or false", False, default)
@@ -523,6 +566,8 @@ class Reader:
             return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(path, f"expected an array of strings, got {_kind(value)}")
+        for i, item in enumerate(value):
+            self._no_nul((*path, i), item)
         return tuple(value)
 
     def str_table(self, path: Path_) -> dict[str, str]:
@@ -537,6 +582,8 @@ class Reader:
                 raise self.error((*path, k), f"expected a string, got {_kind(v)}")
             if not isinstance(v, str):
                 raise self.error((*path, k), f'expected a string, got {_kind(v)} (quote it: "{v}")')
+            self._no_nul((*path, k), k)
+            self._no_nul((*path, k), v)
             out[k] = v
         return out
 

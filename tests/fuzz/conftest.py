@@ -15,11 +15,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 EXAMPLES: Counter[str] = Counter()
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+# No "explain" phase: it traces every line run by the megabyte-sized failing examples, which
+# takes gigabytes; the shrunk example and its reproduce blob say enough.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
 
 settings.register_profile(
     "keystone-ci",
@@ -28,6 +31,7 @@ settings.register_profile(
     database=None,  # a fixed seed: nothing to replay, and nothing written to .hypothesis/
     deadline=None,  # the properties bound their own time (see check_time), load-independent
     suppress_health_check=_SLOW_OK,
+    phases=_PHASES,
     print_blob=True,
 )
 settings.register_profile(
@@ -36,6 +40,7 @@ settings.register_profile(
     derandomize=False,
     deadline=None,
     suppress_health_check=_SLOW_OK,
+    phases=_PHASES,
     print_blob=True,
 )
 settings.load_profile(os.environ.get("KEYSTONE_FUZZ_PROFILE") or "keystone-ci")

@@ -8,6 +8,7 @@ UnicodeDecodeError, MemoryError), a hang, or an invalid file that was accepted.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,30 @@ class TestBoundsInParsers:
         """Nesting by dotted headers counts too."""
         with pytest.raises(LimitExceeded, match="max_toml_depth"):
             parse_recipe(BASE + "[" + ".".join(["a"] * 40) + "]\n", file="r.toml")
+
+    @pytest.mark.parametrize(
+        "nest",
+        [
+            ".".join(["b"] * 20_000) + " = 1",
+            "zz = {" + ".".join(["b"] * 20_000) + " = 1}",
+            "zz = [{a = 1, " + ".".join(['"b"'] * 20_000) + " = 1}]",
+            "[" + ".".join(["b"] * 200_000) + "]",
+        ],
+    )
+    def test_long_dotted_keys_are_refused_before_parsing(self, nest: str) -> None:
+        """A dotted key of 20,000 parts is 20,000 levels: refused by the scan, before the
+        parser (whose cost grows with the square of the parts: 2 GB and 5 s for this one)."""
+        started = time.monotonic()
+        with pytest.raises(LimitExceeded, match="max_toml_depth"):
+            parse_recipe(BASE + nest + "\n", file="r.toml")
+        assert time.monotonic() - started < 5
+
+    def test_depth_at_the_bound_is_accepted(self) -> None:
+        """32 levels parse; 33 do not."""
+        ok = "[" + ".".join(["b"] * 32) + "]\n"
+        assert parse_recipe(BASE + ok, file="r.toml").unknown_fields
+        with pytest.raises(LimitExceeded):
+            parse_recipe(BASE + "[" + ".".join(["b"] * 33) + "]\n", file="r.toml")
 
     def test_components_are_bounded(self) -> None:
         """A plan of 10,000 components is refused clearly, naming the bound."""
