@@ -8,6 +8,8 @@ UnicodeDecodeError, MemoryError), a hang, or an invalid file that was accepted.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -267,6 +269,33 @@ class TestBoundsInParsers:
         assert str(path) in str(exc.value)
         assert "52428800 bytes is over" not in str(exc.value)
         assert "(50 MiB; the limit is 1 MiB)" in str(exc.value)
+
+    def test_refusing_50_mb_stays_small(self, tmp_path: Path) -> None:
+        """The process refusing a 50 MB recipe stays under the agent's 40 MB RSS budget: the
+        file is never read (it is 50 MB of real data here, not a sparse file)."""
+        path = tmp_path / "big.recipe.toml"
+        with path.open("w") as f:
+            f.write(BASE.replace('"x"', '"x', 1))
+            for _ in range(50):
+                f.write("x" * (1 << 20))
+            f.write('"\n')
+        # VmHWM (the high-water mark of this process image), not ru_maxrss, which Linux
+        # carries over from the forking test process
+        code = (
+            "import sys\n"
+            "from pathlib import Path\n"
+            "from keystone.errors import LimitExceeded\n"
+            "from keystone.recipe import load_recipe\n"
+            "try:\n"
+            "    load_recipe(Path(sys.argv[1]))\n"
+            "except LimitExceeded:\n"
+            "    status = Path('/proc/self/status').read_text()\n"
+            "    print(next(l.split()[1] for l in status.splitlines() if l.startswith('VmHWM')))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+        )
+        assert int(out.stdout) < 40 * 1024, f"peak RSS {int(out.stdout) // 1024} MB"
 
     def test_text_over_the_bound(self) -> None:
         """Text already in memory (a git blob, a request body) is measured before parsing."""
