@@ -235,7 +235,6 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         lim = Limits.from_env(env)
         text = read_bounded(
             path,
-            max_bytes=lim.max_config_bytes,
             limits=lim,
             bound="max_config_bytes",
             display=str(path),

@@ -156,9 +156,17 @@ def byte_length(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def read_bounded(path: os.PathLike[str] | str, *, max_bytes: int, limits: Limits, bound: str,
-                 display: str, what: str) -> str:
-    """Read a regular UTF-8 file of at most ``max_bytes`` without reading more than that.
+def read_bounded(
+    path: os.PathLike[str] | str,
+    *,
+    limits: Limits,
+    bound: str,
+    display: str,
+    what: str,
+    max_bytes: int | None = None,
+) -> str:
+    """Read a regular UTF-8 file of at most ``max_bytes`` (default: the value of ``bound``
+    in ``limits``) without reading more than that.
 
     The size is checked with ``fstat`` before reading, and the read stops one byte past the
     bound, so a huge file is refused without being held in memory. A FIFO or device is refused
@@ -168,6 +176,8 @@ def read_bounded(path: os.PathLike[str] | str, *, max_bytes: int, limits: Limits
         ValidationError: the file is missing, unreadable, not a regular file or not UTF-8
             (naming ``display``); ``LimitExceeded`` when it is larger than ``max_bytes``.
     """
+    if max_bytes is None:
+        max_bytes = int(getattr(limits, bound))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -194,8 +204,9 @@ def read_bounded(path: os.PathLike[str] | str, *, max_bytes: int, limits: Limits
             chunks.append(chunk)
             size += len(chunk)
         if size > max_bytes:  # the file grew after fstat
-            raise limits.refuse(bound, f"more than {_human(max_bytes, 'bytes')}",
-                                what=f"{what} file", file=display)
+            raise limits.refuse(
+                bound, f"more than {_human(max_bytes, 'bytes')}", what=f"{what} file", file=display
+            )
     except OSError as exc:
         raise ValidationError(f"cannot read {what}: {exc.strerror or exc}", file=display) from None
     finally:

@@ -128,7 +128,6 @@ def load_plan(path: Path, *, display: str | None = None, limits: Limits | None =
     name = display or str(path)
     text = read_bounded(
         path,
-        max_bytes=lim.max_plan_bytes,
         limits=lim,
         bound="max_plan_bytes",
         display=name,
@@ -269,7 +268,6 @@ class FileRecipes:
         lim = self.limits
         return read_bounded(
             p,
-            max_bytes=lim.max_recipe_bytes,
             limits=lim,
             bound="max_recipe_bytes",
             display=display,

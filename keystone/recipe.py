@@ -574,7 +574,6 @@ def load_recipe(
     name = display or str(path)
     text = read_bounded(
         path,
-        max_bytes=lim.max_recipe_bytes,
         limits=lim,
         bound="max_recipe_bytes",
         display=name,
