@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from keystone.errors import ValidationError
+from keystone.limits import BOUNDS, Limits, read_bounded
 from keystone.recipe import check_segment
 from keystone.tomlsrc import Path_, Reader
-from keystone.units import parse_duration
+from keystone.units import parse_duration, parse_size
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class AgentConfig:
     reconcile_interval: float = 0.0
     reconcile_jitter: float | None = None
     bundle_watch: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
     file: str | None = None
 
     @property
@@ -81,15 +83,45 @@ def _path(r: Reader, path: Path_, base: Path) -> Path | None:
     raw = r.text(path)
     if raw is None or raw == "":
         return None
-    p = Path(raw).expanduser()
+    try:
+        p = Path(raw).expanduser()
+    except RuntimeError as exc:  # ~user with no such user
+        raise r.error(path, f"cannot expand {raw!r}: {exc}") from None
     return p if p.is_absolute() else base / p
 
 
-def parse_config(text: str, *, file: str, base: Path | None = None) -> AgentConfig:
-    """Parse ``agent.toml``; relative paths are relative to the file's directory."""
-    r = Reader.from_text(text, file=file)
+def _limits(r: Reader) -> Limits:
+    """``[limits]``: every bound of keystone.limits by name; sizes may be written "2M"."""
+    out = Limits()
+    for name, bound in BOUNDS.items():
+        path: Path_ = ("limits", name)
+        raw = r.get(path)
+        if raw is None:
+            continue
+        value: object = raw
+        if bound.unit == "bytes" and isinstance(raw, str):
+            try:
+                value = parse_size(raw)
+            except ValueError as exc:
+                raise r.error(path, str(exc)) from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            kind = "a size such as 1M or a number" if bound.unit == "bytes" else "a number"
+            raise r.error(path, f"expected {kind} >= 1, got {raw!r}")
+        out = replace(out, **{name: value})
+    return out
+
+
+def parse_config(
+    text: str, *, file: str, base: Path | None = None, limits: Limits | None = None
+) -> AgentConfig:
+    """Parse ``agent.toml``; relative paths are relative to the file's directory.
+
+    ``limits`` bounds the file itself (default: ``Limits.from_env()``); the ``[limits]`` table
+    it holds becomes ``AgentConfig.limits``.
+    """
+    r = Reader.from_text(text, file=file, limits=limits, size_bound="max_config_bytes")
     base = base or Path(file).parent
-    r.table((), {"device", "source", "trust", "api", "paths", "reconcile", "bundles"})
+    r.table((), {"device", "source", "trust", "api", "paths", "reconcile", "bundles", "limits"})
     r.table(("device",), {"id", "labels"})
     cfg = AgentConfig()
     dev_id = r.text(("device", "id"))
@@ -180,6 +212,8 @@ def parse_config(text: str, *, file: str, base: Path | None = None) -> AgentConf
         )
     if r.table(("bundles",), {"watch"}) is not None:
         cfg = replace(cfg, bundle_watch=r.str_list(("bundles", "watch")) or ())
+    if r.table(("limits",), set(BOUNDS)) is not None:
+        cfg = replace(cfg, limits=_limits(r))
     unknown = r.unknown_messages()
     if unknown:
         raise ValidationError("; ".join(unknown) + " (remove or fix these keys)", file=file)
@@ -187,16 +221,33 @@ def parse_config(text: str, *, file: str, base: Path | None = None) -> AgentConf
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Load ``path`` (or defaults) and apply environment overrides."""
+    """Load ``path`` (or defaults) and apply environment overrides.
+
+    Raises:
+        ValidationError: the file is missing, unreadable, over ``max_config_bytes`` (checked
+            before reading it) or does not validate, naming it.
+        UsageError: a ``KEYSTONE_MAX_*`` variable that is not a whole number >= 1.
+    """
     env = os.environ if environ is None else environ
     if path is None:
         cfg = AgentConfig()
     else:
+        lim = Limits.from_env(env)
+        text = read_bounded(
+            path,
+            limits=lim,
+            bound="max_config_bytes",
+            display=str(path),
+            what="config",
+        )
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValidationError("config file not found", file=str(path)) from None
-        cfg = parse_config(text, file=str(path), base=path.resolve().parent)
+            base = path.resolve().parent
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (3.11)
+            raise ValidationError(
+                f"cannot resolve the config path: {exc}", file=str(path)
+            ) from None
+        cfg = parse_config(text, file=str(path), base=base, limits=lim)
+    cfg = replace(cfg, limits=Limits.from_env(env, base=cfg.limits))
     if env.get("KEYSTONE_DEVICE_ID"):
         cfg = replace(cfg, device_id=env["KEYSTONE_DEVICE_ID"])
     if env.get("KEYSTONE_LABELS"):

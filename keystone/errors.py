@@ -6,7 +6,9 @@ The tree, classified by what the caller (a sync loop, the CLI) should do next::
     ├── UsageError                     misuse of a command or config (exit 2)
     ├── Refused                        wait for new input; do not retry the same thing (exit 3)
     │   ├── ValidationError            a recipe, plan or config that does not validate
-    │   │   └── GraphError             dependency cycle, missing hard dependency
+    │   │   ├── GraphError             dependency cycle, missing hard dependency
+    │   │   ├── DuplicateKeyError      a TOML key or table defined twice (both lines)
+    │   │   └── LimitExceeded          an input over a bound of keystone.limits
     │   ├── VerificationError          signatures, trust, anti-rollback, freshness
     │   │   ├── SignatureError         a commit or artifact signature that does not verify
     │   │   ├── RollbackRefused        the new revision does not descend from the applied one
@@ -81,6 +83,49 @@ class ValidationError(Refused):
 
 class GraphError(ValidationError):
     """A dependency cycle or a missing hard dependency."""
+
+
+class DuplicateKeyError(ValidationError):
+    """A TOML key or table defined twice: ``duplicate key 'x' at f.toml:7, first defined at
+    line 3``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        first_line: int | None = None,
+    ) -> None:
+        self.first_line = first_line
+        super().__init__(message, file=file, line=line, field=field)
+
+    def _render(self) -> str:
+        # The location sits inside the sentence, so it is not repeated as a prefix.
+        where = (self.file or "") + (f":{self.line}" if self.line else "")
+        first = f", first defined at line {self.first_line}" if self.first_line else ""
+        at = f" at {where}" if where else ""
+        return f"{self.reason}{at}{first}"
+
+
+class LimitExceeded(ValidationError):
+    """An input over one of the bounds of ``keystone.limits``; the message names the bound
+    and how to raise it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        bound: str,
+        limit: int,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.bound = bound
+        self.limit = limit
+        super().__init__(message, file=file, line=line, field=field)
 
 
 class VerificationError(Refused):

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from keystone.dag import Graph, build_graph
 from keystone.errors import ValidationError
+from keystone.limits import Limits, read_bounded
 from keystone.recipe import Recipe, check_segment, parse_recipe
 from keystone.repopath import repo_path_problem
 from keystone.state import atomic_write
 from keystone.tomlsrc import Reader
 
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
-STORE_REF = re.compile(r"^([A-Za-z0-9._+-]+):([A-Za-z0-9._+-]+)$")
+STORE_REF = re.compile(r"^([A-Za-z0-9._+-]+):([A-Za-z0-9._+-]+)\Z")
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,25 @@ class DesiredPlan:
         return {n: c.recipe for n, c in self.components.items()}
 
 
-def parse_plan(text: str, *, file: str) -> PlanFile:
-    """Parse plan TOML; duplicate names and unsafe names are errors naming file and line."""
-    r = Reader.from_text(text, file=file)
+def parse_plan(text: str, *, file: str, limits: Limits | None = None) -> PlanFile:
+    """Parse plan TOML; duplicate names and unsafe names are errors naming file and line.
+
+    ``limits`` (default: ``Limits.from_env()``) bounds its size, nesting and number of
+    components.
+    """
+    lim = limits or Limits.from_env()
+    r = Reader.from_text(text, file=file, limits=lim, size_bound="max_plan_bytes")
     r.table((), {"components"})
+    listed = r.get(("components",))
+    if isinstance(listed, list) and len(listed) > lim.max_components:
+        raise lim.refuse(
+            "max_components",
+            len(listed),
+            what="the number of components",
+            file=file,
+            line=r.index.line(("components", lim.max_components)),
+            field="components",
+        )
     entries: list[PlanEntry] = []
     seen: dict[str, int | None] = {}
     for path, _ in r.tables(("components",), {"name", "recipe", "enabled"}):
@@ -108,16 +124,18 @@ def parse_plan(text: str, *, file: str) -> PlanFile:
     return PlanFile(tuple(entries), file, tuple(r.unknown_messages()))
 
 
-def load_plan(path: Path, *, display: str | None = None) -> PlanFile:
-    """Read and parse a plan file."""
+def load_plan(path: Path, *, display: str | None = None, limits: Limits | None = None) -> PlanFile:
+    """Read and parse a plan file (its size checked before it is read)."""
+    lim = limits or Limits.from_env()
     name = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValidationError("plan file not found", file=name) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"cannot read plan: {exc}", file=name) from None
-    return parse_plan(text, file=name)
+    text = read_bounded(
+        path,
+        limits=lim,
+        bound="max_plan_bytes",
+        display=name,
+        what="plan",
+    )
+    return parse_plan(text, file=name, limits=lim)
 
 
 def merge_entries(files: list[PlanFile]) -> tuple[list[PlanEntry], list[str]]:
@@ -146,12 +164,26 @@ def resolve_entries(
     sources: tuple[str, ...] = (),
     unknown: list[str] | None = None,
     cache: dict[tuple[object, ...], Recipe] | None = None,
+    limits: Limits | None = None,
 ) -> DesiredPlan:
     """Load the recipe of every entry and validate the graph.
 
     ``cache`` (a dict the caller keeps for a batch, e.g. the two revisions of a diff) reuses
     recipes parsed from the same text with the same values of the variables it names.
+    ``limits`` (default: ``Limits.from_env()``) bounds the number of components after the
+    merge and every recipe.
     """
+    lim = limits or Limits.from_env()
+    if len(entries) > lim.max_components:
+        first = entries[lim.max_components]
+        raise lim.refuse(
+            "max_components",
+            len(entries),
+            what="the number of components of the merged plan",
+            file=first.file or None,
+            line=first.line,
+            field="components",
+        )
     comps: dict[str, Component] = {}
     unknown_all = list(unknown or [])
     env = environ if environ is not None else os.environ
@@ -164,7 +196,7 @@ def resolve_entries(
             key = (text, display, *((n, env.get(n)) for n in names))
             recipe = cache.get(key)
         if recipe is None:
-            recipe = parse_recipe(text, file=display, environ=env)
+            recipe = parse_recipe(text, file=display, environ=env, limits=lim)
             if cache is not None:
                 cache[key] = recipe
         unknown_all.extend(recipe.unknown_fields)
@@ -178,18 +210,47 @@ def resolve_entries(
 def safe_join(
     root: Path, rel: str, *, file: str | None = None, line: int | None = None, field: str = "recipe"
 ) -> Path:
-    """``root / rel`` if it stays inside ``root`` (symlinks resolved), else a ValidationError."""
-    if not rel or (rel.startswith("/") and not Path(rel).resolve().is_relative_to(root.resolve())):
+    """``root / rel`` if it stays inside ``root`` (symlinks resolved), else a ValidationError.
+
+    A path the system cannot resolve (too long, a NUL, a symlink loop) is a ValidationError
+    naming it too.
+    """
+    try:
+        if not rel or (
+            rel.startswith("/") and not Path(rel).resolve().is_relative_to(root.resolve())
+        ):
+            raise ValidationError(
+                f"path {_short(rel)!r} is outside the plan root {root}",
+                file=file,
+                line=line,
+                field=field,
+            )
+        candidate = (root / rel).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a symlink loop (3.11)
         raise ValidationError(
-            f"path {rel!r} is outside the plan root {root}", file=file, line=line, field=field
-        )
+            f"cannot resolve path {_short(rel)!r}: {_reason(exc)}",
+            file=file,
+            line=line,
+            field=field,
+        ) from None
     plain = rel.startswith("/") or repo_path_problem(rel) is None  # no '..', no backslash
-    candidate = (root / rel).resolve() if plain else None
-    if candidate is None or not candidate.is_relative_to(root.resolve()):
+    if not plain or not candidate.is_relative_to(root.resolve()):
         raise ValidationError(
-            f"path {rel!r} escapes the plan root {root}", file=file, line=line, field=field
+            f"path {_short(rel)!r} escapes the plan root {root}",
+            file=file,
+            line=line,
+            field=field,
         )
     return candidate
+
+
+def _short(text: str, keep: int = 120) -> str:
+    """``text`` cut to ``keep`` characters for a message (a path may be kilobytes long)."""
+    return text if len(text) <= keep else f"{text[:keep]}...({len(text)} characters)"
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 class FileRecipes:
@@ -199,9 +260,22 @@ class FileRecipes:
     repository root) and then next to the plan file; it must not leave either.
     """
 
-    def __init__(self, root: Path, store: RecipeStore | None = None) -> None:
+    def __init__(
+        self, root: Path, store: RecipeStore | None = None, limits: Limits | None = None
+    ) -> None:
         self.root = root
         self.store = store
+        self.limits = limits or Limits.from_env()
+
+    def _read(self, p: Path, display: str) -> str:
+        lim = self.limits
+        return read_bounded(
+            p,
+            limits=lim,
+            bound="max_recipe_bytes",
+            display=display,
+            what="recipe",
+        )
 
     def __call__(self, e: PlanEntry) -> tuple[str, str]:
         m = STORE_REF.match(e.recipe)
@@ -221,21 +295,26 @@ class FileRecipes:
                     line=e.line,
                     field="recipe",
                 )
-            return path.read_text(encoding="utf-8"), f"store:{e.recipe}"
+            return self._read(path, f"store:{e.recipe}"), f"store:{e.recipe}"
         plan_dir = Path(e.file).parent if e.file else self.root
         tried: list[Path] = []
         for base in (self.root, plan_dir):
             p = safe_join(base, e.recipe, file=e.file, line=e.line)
             tried.append(p)
-            if p.is_file():
-                try:
-                    return p.read_text(encoding="utf-8"), _display(p)
-                except (PermissionError, UnicodeDecodeError) as exc:
-                    raise ValidationError(
-                        f"cannot read recipe {p}: {exc}", file=e.file, line=e.line, field="recipe"
-                    ) from None
+            try:
+                found = p.is_file()
+            except (OSError, ValueError) as exc:
+                raise ValidationError(
+                    f"cannot read recipe {_short(str(p))}: {_reason(exc)}",
+                    file=e.file,
+                    line=e.line,
+                    field="recipe",
+                ) from None
+            if found:
+                return self._read(p, _display(p)), _display(p)
+        looked = ", ".join(sorted({_short(str(t)) for t in tried}))
         raise ValidationError(
-            f"recipe file not found: {e.recipe} (looked in {', '.join(sorted({str(t) for t in tried}))})",
+            f"recipe file not found: {_short(e.recipe)} (looked in {looked})",
             file=e.file,
             line=e.line,
             field="recipe",
@@ -255,16 +334,19 @@ def load_desired(
     root: Path | None = None,
     store: RecipeStore | None = None,
     environ: Mapping[str, str] | None = None,
+    limits: Limits | None = None,
 ) -> DesiredPlan:
     """Load a local plan file and its recipes into a validated DesiredPlan."""
-    pf = load_plan(plan_path)
+    lim = limits or Limits.from_env()
+    pf = load_plan(plan_path, limits=lim)
     entries, unknown = merge_entries([pf])
     return resolve_entries(
         entries,
-        FileRecipes(root or Path.cwd(), store),
+        FileRecipes(root or Path.cwd(), store, lim),
         environ=environ,
         sources=(str(plan_path),),
         unknown=unknown,
+        limits=lim,
     )
 
 
@@ -331,17 +413,58 @@ def plan_to_json(plan: DesiredPlan) -> dict[str, object]:
     }
 
 
-def plan_from_json(data: Mapping[str, object], *, environ: Mapping[str, str]) -> DesiredPlan:
-    """Rebuild a DesiredPlan from ``plan_to_json`` output."""
+def plan_from_json(
+    data: Mapping[str, object],
+    *,
+    environ: Mapping[str, str],
+    file: str = "state snapshot",
+    limits: Limits | None = None,
+) -> DesiredPlan:
+    """Rebuild a DesiredPlan from ``plan_to_json`` output.
+
+    Raises:
+        ValidationError: naming ``file`` and the field, for a snapshot of the wrong shape
+            (a damaged state file), as well as for a recipe in it that no longer parses.
+    """
+    if not isinstance(data, Mapping):
+        raise ValidationError(
+            f"expected an object, got {type(data).__name__}", file=file, field="plan"
+        )
     comps = data.get("components") or []
-    assert isinstance(comps, list)
+    if not isinstance(comps, list):
+        raise ValidationError("expected a list", file=file, field="plan.components")
     texts: dict[str, tuple[str, str]] = {}
     entries: list[PlanEntry] = []
-    for c in comps:
-        entries.append(PlanEntry(c["name"], c["recipe_ref"], True, c.get("origin", ""), None))
-        texts[c["name"]] = (c["recipe_text"], c.get("recipe_source") or c["recipe_ref"])
+    for i, c in enumerate(comps):
+        where = f"plan.components[{i}]"
+        if not isinstance(c, Mapping):
+            raise ValidationError("expected an object", file=file, field=where)
+        name, ref, text = c.get("name"), c.get("recipe_ref"), c.get("recipe_text")
+        origin, source = c.get("origin", ""), c.get("recipe_source") or ref
+        for key, value in (
+            ("name", name),
+            ("recipe_ref", ref),
+            ("recipe_text", text),
+            ("origin", origin),
+            ("recipe_source", source),
+        ):
+            if not isinstance(value, str):
+                raise ValidationError(
+                    f"expected a string, got {type(value).__name__}",
+                    file=file,
+                    field=f"{where}.{key}",
+                )
+        assert isinstance(name, str) and isinstance(ref, str) and isinstance(text, str)
+        assert isinstance(origin, str) and isinstance(source, str)
+        entries.append(PlanEntry(name, ref, True, origin, None))
+        texts[name] = (text, source)
     sources = data.get("sources") or []
-    assert isinstance(sources, list)
+    if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
+        raise ValidationError("expected a list of strings", file=file, field="plan.sources")
     return resolve_entries(
-        entries, lambda e: texts[e.name], environ=environ, sources=tuple(sources)
+        entries,
+        lambda e: texts[e.name],
+        environ=environ,
+        sources=tuple(sources),
+        limits=limits,
     )

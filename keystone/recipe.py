@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -19,12 +20,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keystone.env import SubstitutionError, substitute
-from keystone.errors import ValidationError
+from keystone.limits import Limits, read_bounded
 from keystone.semver import Constraint, Version
 from keystone.tomlsrc import Path_, Reader
 from keystone.units import parse_duration, parse_size
 
-SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._+-]{1,128}$")
+SAFE_SEGMENT = re.compile(r"[A-Za-z0-9._+-]{1,128}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CAPABILITY = re.compile(r"CAP_[A-Z_]+")
+_USER = re.compile(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?")
 
 
 def validate_check(check: str) -> str | None:
@@ -60,7 +64,7 @@ def validate_check(check: str) -> str | None:
 
 def check_segment(value: str) -> str | None:
     """Why ``value`` is not a safe path segment, or None if it is."""
-    if not SAFE_SEGMENT.match(value):
+    if not SAFE_SEGMENT.fullmatch(value):
         return "expected 1-128 characters of [A-Za-z0-9._+-]"
     if value in (".", "..") or ".." in value:
         return "must not be '.' or '..' or contain '..'"
@@ -275,10 +279,23 @@ def _sub(r: Reader, path: Path_, text: str, environ: Mapping[str, str]) -> str:
         raise r.error(path, str(exc)) from None
 
 
-def parse_recipe(text: str, *, file: str, environ: Mapping[str, str] | None = None) -> Recipe:
-    """Parse and validate recipe TOML ``text`` (``file`` is used in messages)."""
+def parse_recipe(
+    text: str,
+    *,
+    file: str,
+    environ: Mapping[str, str] | None = None,
+    limits: Limits | None = None,
+) -> Recipe:
+    """Parse and validate recipe TOML ``text`` (``file`` is used in messages).
+
+    ``limits`` (default: ``Limits.from_env()``) bounds its size and nesting.
+
+    Raises:
+        ValidationError: with file, line, field and what was expected (``LimitExceeded``
+            for a recipe over a bound, ``DuplicateKeyError`` for a key defined twice).
+    """
     env = environ if environ is not None else {}
-    r = Reader.from_text(text, file=file)
+    r = Reader.from_text(text, file=file, limits=limits, size_bound="max_recipe_bytes")
     r.table((), _TOP)
 
     r.table(("metadata",), {"name", "version", "description", "publisher", "type"}, required=True)
@@ -395,7 +412,7 @@ def parse_recipe(text: str, *, file: str, environ: Mapping[str, str] | None = No
         args = r.str_list((*ep, "args")) or ()
         envt = r.str_table((*ep, "env"))
         for key in envt:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            if not _ENV_NAME.fullmatch(key):
                 raise r.error(
                     (*ep, "env", key),
                     "expected an environment variable name [A-Za-z_][A-Za-z0-9_]*",
@@ -438,12 +455,12 @@ def parse_recipe(text: str, *, file: str, environ: Mapping[str, str] | None = No
             norm: list[str] = []
             for c in caps:
                 name = c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()
-                if not re.match(r"^CAP_[A-Z_]+$", name):
+                if not _CAPABILITY.fullmatch(name):
                     raise r.error((*sp, "capabilities"), f"not a capability name: {c!r}")
                 norm.append(name)
             caps = tuple(norm)
         user = r.text((*sp, "user"))
-        if user is not None and not re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", user):
+        if user is not None and not _USER.fullmatch(user):
             raise r.error((*sp, "user"), "expected user, uid, user:group or uid:gid")
         security = Security(
             user=user, no_new_privileges=r.flag((*sp, "no_new_privileges")), capabilities=caps
@@ -529,7 +546,7 @@ def _cpu_quota(r: Reader, path: Path_) -> float | None:
     if value is None:
         return None
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError
         if isinstance(value, str) and value.strip().endswith("%"):
             cores = float(value.strip()[:-1]) / 100.0
@@ -539,20 +556,27 @@ def _cpu_quota(r: Reader, path: Path_) -> float | None:
         raise r.error(
             path, f'expected cores as a number (0.5) or a percentage ("50%"), got {value!r}'
         ) from None
-    if cores <= 0:
-        raise r.error(path, "expected a positive quota")
+    if not math.isfinite(cores) or cores <= 0:
+        raise r.error(path, f"expected a positive, finite quota, got {value!r}")
     return cores
 
 
 def load_recipe(
-    path: Path, *, environ: Mapping[str, str] | None = None, display: str | None = None
+    path: Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    display: str | None = None,
+    limits: Limits | None = None,
 ) -> Recipe:
-    """Read and parse a recipe file; a missing or unreadable file is a ValidationError naming it."""
+    """Read and parse a recipe file; a missing, unreadable or oversized file is a
+    ValidationError naming it (the size is checked before the file is read)."""
+    lim = limits or Limits.from_env()
     name = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValidationError("recipe file not found", file=name) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"cannot read recipe: {exc}", file=name) from None
-    return parse_recipe(text, file=name, environ=environ)
+    text = read_bounded(
+        path,
+        limits=lim,
+        bound="max_recipe_bytes",
+        display=name,
+        what="recipe",
+    )
+    return parse_recipe(text, file=name, environ=environ, limits=lim)

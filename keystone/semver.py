@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 _VERSION = re.compile(
-    r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$"
+    r"v?([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?"
 )
 
 
@@ -28,7 +28,7 @@ class Version:
     @classmethod
     def parse(cls, text: str) -> Version:
         """Parse ``1``, ``1.2``, ``v1.2.3``, ``1.2.3-rc.1+build``; raise ``ValueError`` otherwise."""
-        m = _VERSION.match(text.strip())
+        m = _VERSION.fullmatch(text.strip())
         if not m:
             raise ValueError(f"not a semantic version: {text!r}")
         pre: tuple[tuple[int, int | str], ...] = ()
@@ -41,7 +41,7 @@ class Version:
         return (self.major, self.minor, self.patch, 0 if self.pre else 1, self.pre)
 
 
-_CMP = re.compile(r"^(=|==|!=|>=|<=|>|<|~>|~|\^)?\s*(v?[0-9xX*][0-9A-Za-z.+*-]*)$")
+_CMP = re.compile(r"(=|==|!=|>=|<=|>|<|~>|~|\^)?\s*(v?[0-9xX*][0-9A-Za-z.+*-]*)")
 
 
 def _cmp(a: Version, b: Version) -> int:
@@ -126,7 +126,7 @@ class Constraint:
                 if not tokens:
                     raise ValueError(f"empty alternative in version constraint {text!r}")
                 for tok in tokens:
-                    m = _CMP.match(tok.strip())
+                    m = _CMP.fullmatch(tok.strip())
                     if not m:
                         raise ValueError(f"invalid version constraint {tok.strip()!r} in {text!r}")
                     try:

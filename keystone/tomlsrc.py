@@ -1,82 +1,290 @@
-"""TOML documents read with tomlkit, with the line of every key for error messages.
+"""TOML documents, strictly parsed, with the line of every key for error messages.
 
-tomlkit keeps no line numbers on parsed items, so ``LineIndex`` scans the source once and maps
-each dotted key path (array-of-table entries by index: ``("artifacts", 1, "uri")``) to the line
-where it is written. ``Reader`` walks a parsed document against a declared schema, converting
-values strictly (a float where a string is expected is an error) and collecting unknown keys.
+Documents are parsed with the standard library's ``tomllib`` (TOML 1.0, as the Go Keystone's
+go-toml reads them). Parsed values carry no line numbers, so ``LineIndex`` scans the source once
+(in linear time, strings and comments skipped) and maps each dotted key path (array-of-table
+entries by index: ``("artifacts", 1, "uri")``) to the line where it is written; the same scan
+measures bracket nesting, so a deeply nested document is refused before the parser recurses,
+and explains a duplicate key or table with both of its lines. ``Reader`` walks a parsed
+document against a declared schema, converting values strictly (a float where a string is
+expected is an error) and collecting unknown keys.
+
+No exception but Keystone's own (``ValidationError`` and its subclasses) leaves this module.
 """
 
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from keystone.errors import ValidationError
+from keystone.errors import DuplicateKeyError, ValidationError
+from keystone.limits import Limits, byte_length
 
 Path_ = tuple[str | int, ...]
 
-_HEADER = re.compile(r"^\s*(\[\[|\[)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY = re.compile(
-    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
-)
-_KEY_PART = re.compile(r"""[A-Za-z0-9_-]+|"([^"]*)"|'([^']*)'""")
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+_WS = re.compile(r"[ \t]*")
+_VALUE_STOP = re.compile(r"""["'\[\]{}#\n,]""")
+_BASIC_STOP = re.compile(r'[\\"\n]')
+_ML_BASIC_STOP = re.compile(r'\\.|"""', re.DOTALL)
+_AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
+_TRIPLE_LITERAL = "'" * 3
 
 
-def _split_key(text: str) -> list[str]:
-    parts = []
-    for m in _KEY_PART.finditer(text):
-        parts.append(
-            m.group(1)
-            if m.group(1) is not None
-            else m.group(2)
-            if m.group(2) is not None
-            else m.group(0)
-        )
-    return parts
+@dataclass(frozen=True)
+class _Def:
+    kind: str  # "key", "table", "array" (an [[array]] entry), "dotted" (implied by a dotted key)
+    path: Path_
+    line: int
+    table: Path_ = ()  # for a key: the header path in force where it is written
 
 
 class LineIndex:
-    """Maps key paths of a TOML source to 1-based line numbers."""
+    """Maps key paths of a TOML source to 1-based line numbers; measures bracket nesting.
+
+    The scan never raises and always advances, whatever the text: it runs before the parser,
+    on documents that may not be TOML at all.
+    """
 
     def __init__(self, text: str) -> None:
         self._lines: dict[Path_, int] = {}
-        arrays: dict[tuple[str, ...], int] = {}
-        prefix: Path_ = ()
-        in_multiline: str | None = None
-        for number, line in enumerate(text.splitlines(), start=1):
-            if in_multiline:
-                if line.count(in_multiline) % 2 == 1:
-                    in_multiline = None
-                continue
-            header = _HEADER.match(line)
-            if header:
-                names = _split_key(header.group(2))
-                if header.group(1) == "[[":
-                    key = tuple(names)
-                    arrays[key] = arrays.get(key, -1) + 1
-                prefix = self._with_indexes(names, arrays)
-                self._lines.setdefault(prefix, number)
-                continue
-            m = _KEY.match(line)
-            if m:
-                path = prefix + tuple(_split_key(m.group(1)))
-                self._lines.setdefault(path, number)
-                rest = line[m.end() :]
-                for quote in ('"""', "'''"):
-                    if rest.count(quote) % 2 == 1:
-                        in_multiline = quote
+        self.defs: list[_Def] = []
+        self.max_depth = 0
+        self.depth_line: int | None = None
+        self._text = text
+        self._pos = 0
+        self._line = 1
+        self._arrays: dict[Path_, int] = {}
+        self._prefix: Path_ = ()
+        self._scan()
 
-    @staticmethod
-    def _with_indexes(names: list[str], arrays: dict[tuple[str, ...], int]) -> Path_:
+    # -- scanning ---------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        t, n = self._text, len(self._text)
+        while True:
+            self._skip_blank()
+            if self._pos >= n:
+                return
+            start_line = self._line
+            if t[self._pos] == "[":
+                array = t.startswith("[[", self._pos)
+                self._pos += 2 if array else 1
+                names = self._key()
+                if names is not None:
+                    self._header(names, array, start_line)
+                self._skip_line()
+                continue
+            before = self._pos
+            names = self._key()
+            self._skip_ws()
+            if names is None or self._pos >= n or t[self._pos] != "=":
+                if self._pos == before:
+                    self._pos += 1  # always advance
+                self._skip_line()
+                continue
+            self._pos += 1
+            path = self._prefix + tuple(names)
+            self._lines.setdefault(path, start_line)
+            self.defs.append(_Def("key", path, start_line, self._prefix))
+            self._deeper(len(path) - 1, start_line)
+            self._value(len(path) - 1)
+
+    def _header(self, names: list[str], array: bool, line: int) -> None:
+        if len(names) > 256:  # far over any depth bound: refused, so skip the index work
+            self._deeper(len(names), line)
+            self._prefix = tuple(names)
+            return
         out: list[str | int] = []
-        for i in range(len(names)):
-            out.append(names[i])
-            key = tuple(names[: i + 1])
-            if key in arrays:
-                out.append(arrays[key])
-        return tuple(out)
+        for i, name in enumerate(names):
+            out.append(name)
+            key = tuple(out)
+            last = i == len(names) - 1
+            if last and array:
+                self._arrays[key] = self._arrays.get(key, -1) + 1
+            if key in self._arrays and (array or not last):
+                out.append(self._arrays[key])
+        self._prefix = tuple(out)
+        self._deeper(len(self._prefix), line)
+        self._lines.setdefault(self._prefix, line)
+        self.defs.append(_Def("array" if array else "table", self._prefix, line))
+
+    def _deeper(self, depth: int, line: int) -> None:
+        """Record nesting ``depth`` (tables and arrays around a value) seen at ``line``."""
+        if depth > self.max_depth:
+            self.max_depth = depth
+            self.depth_line = line
+
+    def _skip_ws(self) -> None:
+        m = _WS.match(self._text, self._pos)
+        if m:
+            self._pos = m.end()
+
+    def _skip_blank(self) -> None:
+        t, n = self._text, len(self._text)
+        while self._pos < n:
+            c = t[self._pos]
+            if c in " \t\r":
+                self._pos += 1
+            elif c == "\n":
+                self._pos += 1
+                self._line += 1
+            elif c == "#":
+                self._skip_line()
+            else:
+                return
+
+    def _skip_line(self) -> None:
+        """To the next newline (not past it), ignoring what is in between."""
+        end = self._text.find("\n", self._pos)
+        self._pos = len(self._text) if end < 0 else end
+
+    def _key(self) -> list[str] | None:
+        """A dotted key at the position (bare or quoted parts), or None if there is none."""
+        t, n = self._text, len(self._text)
+        parts: list[str] = []
+        while True:
+            self._skip_ws()
+            if self._pos >= n:
+                return None
+            c = t[self._pos]
+            part: str | None
+            if c == '"':
+                part = self._basic_string()
+            elif c == "'":
+                part = self._literal_string()
+            else:
+                m = _BARE.match(t, self._pos)
+                part = m.group(0) if m else None
+                if m:
+                    self._pos = m.end()
+            if part is None:
+                return None
+            parts.append(part)
+            self._skip_ws()
+            if self._pos < n and t[self._pos] == ".":
+                self._pos += 1
+                continue
+            if self._pos < n and t[self._pos] == "]":  # a header's end: "]" or "]]"
+                self._pos += 2 if t.startswith("]]", self._pos) else 1
+            return parts
+
+    def _basic_string(self) -> str | None:
+        """A one-line basic string starting at the position (its raw text), or None."""
+        t = self._text
+        i = self._pos + 1
+        while True:
+            m = _BASIC_STOP.search(t, i)
+            if m is None or m.group(0) == "\n":
+                self._pos = len(t) if m is None else m.start()
+                return None
+            if m.group(0) == "\\":
+                i = m.end() + 1
+                continue
+            raw = t[self._pos + 1 : m.start()]
+            self._pos = m.end()
+            return raw
+
+    def _literal_string(self) -> str | None:
+        t = self._text
+        end = t.find("'", self._pos + 1)
+        nl = t.find("\n", self._pos + 1)
+        if end < 0 or (0 <= nl < end):
+            self._pos = len(t) if nl < 0 else nl
+            return None
+        raw = t[self._pos + 1 : end]
+        self._pos = end + 1
+        return raw
+
+    def _multiline(self, quote: str) -> None:
+        """Skip a multi-line string whose opening ``quote`` (three characters) is here."""
+        t = self._text
+        begin = self._pos
+        end = len(t)
+        if quote == '"""':
+            i = begin + 3
+            while True:
+                m = _ML_BASIC_STOP.search(t, i)
+                if m is None:
+                    break
+                if m.group(0) == '"""':
+                    end = m.end()
+                    break
+                i = m.end()
+        else:
+            found = t.find(_TRIPLE_LITERAL, begin + 3)
+            if found >= 0:
+                end = found + 3
+        extra = 0
+        while end < len(t) and t[end] == quote[0] and extra < 2:  # up to two more quotes
+            end += 1
+            extra += 1
+        self._line += t.count("\n", begin, end)
+        self._pos = end
+
+    def _value(self, base: int) -> None:
+        """Skip one value (arrays may span lines), tracking its nesting below ``base``.
+
+        Keys inside inline tables count too: a dotted key of thousands of parts is as deep
+        as thousands of brackets (and the parser's cost grows with its square).
+        """
+        t, n = self._text, len(self._text)
+        stack: list[str] = []
+        while self._pos < n:
+            m = _VALUE_STOP.search(t, self._pos)
+            if m is None:
+                self._pos = n
+                return
+            c = m.group(0)
+            self._pos = m.start()
+            if c == "\n":
+                if not stack:
+                    return
+                self._pos += 1
+                self._line += 1
+            elif c == "#":
+                self._skip_line()
+            elif c in "[{":
+                stack.append(c)
+                self._deeper(base + len(stack), self._line)
+                self._pos += 1
+                if c == "{":
+                    self._inline_key(base + len(stack))
+            elif c in "]}":
+                if stack:
+                    stack.pop()
+                self._pos += 1
+            elif c == ",":
+                self._pos += 1
+                if stack and stack[-1] == "{":
+                    self._inline_key(base + len(stack))
+            elif t.startswith(c * 3, self._pos):
+                self._multiline(c * 3)
+            else:
+                at = self._pos
+                if c == '"':
+                    self._basic_string()
+                else:
+                    self._literal_string()
+                if self._pos == at:
+                    self._pos += 1
+
+    def _inline_key(self, table_depth: int) -> None:
+        """Measure the key of an inline table's entry at the position, if there is one."""
+        at, line = self._pos, self._line
+        names = self._key()
+        self._skip_ws()
+        if names is not None and self._pos < len(self._text) and self._text[self._pos] == "=":
+            self._deeper(table_depth + len(names) - 1, line)
+            self._pos += 1
+        else:
+            self._pos = at
+
+    # -- queries ----------------------------------------------------------------------------
 
     def line(self, path: Path_) -> int | None:
         """The line of ``path``, or of its nearest written ancestor."""
@@ -85,6 +293,37 @@ class LineIndex:
             if p in self._lines:
                 return self._lines[p]
             p = p[:-1]
+        return None
+
+    def first_conflict(self) -> tuple[_Def, _Def] | None:
+        """The first definition that repeats or contradicts an earlier one, with that one.
+
+        Only consulted once the parser has refused a document for a duplicate, to say where
+        both definitions are; TOML's own rules stay the parser's.
+        """
+        seen: dict[Path_, _Def] = {}
+        for d in self.defs:
+            path = d.path[:-1] if d.kind == "array" else d.path
+            for cut in range(1, len(path)):
+                q = path[:cut]
+                earlier = seen.get(q)
+                if earlier is not None and earlier.kind == "key":
+                    return earlier, d
+                if d.kind == "key" and cut > len(d.table):
+                    # a dotted key's inner tables: they may not reopen a [table]
+                    if earlier is not None and earlier.kind in ("table", "array"):
+                        return earlier, _Def("dotted", q, d.line)
+                    if earlier is None:
+                        seen[q] = _Def("dotted", q, d.line)
+            earlier = seen.get(path)
+            if d.kind == "array":
+                if earlier is not None and earlier.kind != "array":
+                    return earlier, _Def("array", path, d.line)
+                seen.setdefault(path, _Def("array", path, d.line))
+                continue
+            if earlier is not None:
+                return earlier, d
+            seen[path] = d
         return None
 
 
@@ -99,20 +338,115 @@ def dotted(path: Path_) -> str:
     return out
 
 
-def parse_toml(text: str, *, file: str) -> dict[str, Any]:
-    """Parse TOML with tomlkit into plain Python values; syntax errors name file and line."""
-    import tomlkit
-    from tomlkit.exceptions import ParseError
+_KIND = {
+    "key": "a key",
+    "dotted": "a dotted key",
+    "table": "a table",
+    "array": "an array of tables",
+}
 
+
+def parse_toml(
+    text: str,
+    *,
+    file: str,
+    limits: Limits | None = None,
+    size_bound: str = "max_recipe_bytes",
+    index: LineIndex | None = None,
+) -> dict[str, Any]:
+    """Parse TOML into plain Python values, refusing what is over ``limits``.
+
+    The size (``size_bound``, a field of ``Limits``) is checked before anything else, the
+    bracket nesting before the parser runs. Syntax errors name file and line; a duplicate key
+    or table names both lines.
+
+    Raises:
+        ValidationError: malformed TOML (``DuplicateKeyError`` for a duplicate,
+            ``LimitExceeded`` for a document over a bound).
+    """
+    lim = limits or Limits.from_env()
+    size = byte_length(text)
+    if size > int(getattr(lim, size_bound)):
+        raise lim.refuse(size_bound, size, what="the file", file=file)
+    idx = index or LineIndex(text)
+    if idx.max_depth > lim.max_toml_depth:
+        raise lim.refuse(
+            "max_toml_depth",
+            f"{idx.max_depth} levels of tables and arrays",
+            what="the nesting",
+            file=file,
+            line=idx.depth_line,
+        )
     try:
-        doc = tomlkit.parse(text)
-    except ParseError as exc:
-        raise ValidationError(
-            f"malformed TOML: {exc}", file=file, line=getattr(exc, "line", None)
+        value = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _decode_error(exc, text, file, idx) from None
+    except RecursionError:  # nesting the scan did not see (it counts brackets only)
+        raise lim.refuse(
+            "max_toml_depth", "too deep to parse", what="the nesting", file=file
         ) from None
-    value = doc.unwrap()
-    assert isinstance(value, dict)
+    _check_values(value, file, idx, lim)
     return value
+
+
+def _decode_error(exc: Exception, text: str, file: str, idx: LineIndex) -> ValidationError:
+    message = str(exc)
+    m = _AT.search(message)
+    reason = message[: m.start()] if m else message
+    line: int | None = None
+    column = ""
+    if m and m.group(1):
+        line = int(m.group(1))
+        column = f" (column {m.group(2)})"
+    elif m:
+        line = (text.count("\n") + (0 if text.endswith("\n") else 1)) or None
+    if reason.startswith(("Cannot overwrite a value", "Cannot declare", "Cannot mutate")):
+        pair = idx.first_conflict()
+        if pair is not None:
+            first, again = pair
+            what = "table" if again.kind in ("table", "array") else "key"
+            detail = "" if first.kind == again.kind else f" (earlier {_KIND[first.kind]})"
+            return DuplicateKeyError(
+                f"duplicate {what} {dotted(again.path)!r}{detail}",
+                file=file,
+                line=again.line,
+                field=dotted(again.path),
+                first_line=first.line,
+            )
+        return ValidationError(
+            f"malformed TOML: a key or table defined twice ({reason})", file=file, line=line
+        )
+    return ValidationError(f"malformed TOML: {reason}{column}", file=file, line=line)
+
+
+def _check_values(root: dict[str, Any], file: str, idx: LineIndex, lim: Limits) -> None:
+    """Depth of tables and arrays, and integers TOML can represent (64-bit), iteratively."""
+    stack: list[tuple[Path_, Any, int]] = [((), root, 0)]
+    while stack:
+        path, node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > lim.max_toml_depth:
+                raise lim.refuse(
+                    "max_toml_depth",
+                    f"more than {lim.max_toml_depth} levels at {dotted(path)}",
+                    what="the nesting",
+                    file=file,
+                    line=idx.line(path),
+                )
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                stack.append(((*path, k), v, depth + 1))
+        elif (
+            isinstance(node, int)
+            and not isinstance(node, bool)
+            and not _INT64[0] <= node <= _INT64[1]
+        ):
+            raise ValidationError(
+                "integer out of range (TOML integers are 64-bit)",
+                file=file,
+                line=idx.line(path),
+                field=dotted(path),
+            )
 
 
 @dataclass
@@ -125,9 +459,23 @@ class Reader:
     unknown: list[tuple[int | None, str]] = field(default_factory=list)
 
     @classmethod
-    def from_text(cls, text: str, *, file: str) -> Reader:
-        """Parse ``text`` and index its lines."""
-        return cls(parse_toml(text, file=file), file, LineIndex(text))
+    def from_text(
+        cls,
+        text: str,
+        *,
+        file: str,
+        limits: Limits | None = None,
+        size_bound: str = "max_recipe_bytes",
+    ) -> Reader:
+        """Parse ``text`` (bounded by ``limits``; ``size_bound`` names its size bound) and
+        index its lines."""
+        lim = limits or Limits.from_env()
+        size = byte_length(text)
+        if size > int(getattr(lim, size_bound)):  # before the line scan, not after
+            raise lim.refuse(size_bound, size, what="the file", file=file)
+        index = LineIndex(text)
+        data = parse_toml(text, file=file, limits=lim, size_bound=size_bound, index=index)
+        return cls(data, file, index)
 
     def error(self, path: Path_, message: str) -> ValidationError:
         """A ValidationError located at ``path``."""
@@ -185,7 +533,15 @@ class Reader:
     ) -> str | None:
         value = self._typed(path, (str,), "a string", required, default)
         assert value is None or isinstance(value, str)
+        if value is not None:
+            self._no_nul(path, value)
         return value
+
+    def _no_nul(self, path: Path_, value: str) -> None:
+        # A NUL cannot reach a command line, an environment or a path: refuse it here
+        # rather than fail at spawn time.
+        if "\0" in value:
+            raise self.error(path, "expected a string without NUL characters (\\u0000)")
 
     def flag(self, path: Path_, *, default: bool = False) -> bool:
         value = self._typed(path, (bool,), "true or false", False, default)
@@ -210,6 +566,8 @@ class Reader:
             return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(path, f"expected an array of strings, got {_kind(value)}")
+        for i, item in enumerate(value):
+            self._no_nul((*path, i), item)
         return tuple(value)
 
     def str_table(self, path: Path_) -> dict[str, str]:
@@ -224,6 +582,8 @@ class Reader:
                 raise self.error((*path, k), f"expected a string, got {_kind(v)}")
             if not isinstance(v, str):
                 raise self.error((*path, k), f'expected a string, got {_kind(v)} (quote it: "{v}")')
+            self._no_nul((*path, k), k)
+            self._no_nul((*path, k), v)
             out[k] = v
         return out
 

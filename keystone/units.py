@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
+# Go's time.Duration is int64 nanoseconds: about 292 years.
+MAX_DURATION = (2**63 - 1) / 1e9
 _UNIT_SECONDS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -31,8 +34,8 @@ def parse_duration(text: str) -> float:
         s = s[1:]
     if s == "0":
         return 0.0
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return sign * float(s)
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", s):
+        return sign * _in_range(float(s), text)
     pos = 0
     total = 0.0
     while pos < len(s):
@@ -41,7 +44,13 @@ def parse_duration(text: str) -> float:
             raise ValueError(f"invalid duration {text!r} (expected e.g. 500ms, 30s, 5m, 1h)")
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         pos = m.end()
-    return sign * total
+    return sign * _in_range(total, text)
+
+
+def _in_range(seconds: float, text: str) -> float:
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ValueError(f"duration {text[:40]!r} is out of range (at most about 292 years)")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -61,7 +70,8 @@ def format_duration(seconds: float) -> str:
     return out
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$", re.ASCII)
+MAX_SIZE = 2**63 - 1
 _SIZE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
@@ -74,11 +84,16 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise ValueError("size must not be negative")
+        if text > MAX_SIZE:
+            raise ValueError("size is out of range (at most 2^63-1 bytes)")
         return text
-    m = _SIZE.match(text)
+    m = _SIZE.fullmatch(text)
     if not m:
         raise ValueError(f"invalid size {text!r} (expected e.g. 512K, 128M, 2G)")
     number, unit, binary = m.group(1), m.group(2).lower(), m.group(3)
     decimal = text.strip().endswith(("B", "b")) and not binary and unit != ""
     base = 1000 if decimal else 1024
-    return int(float(number) * base ** _SIZE_POWER[unit])
+    value = float(number) * base ** _SIZE_POWER[unit]
+    if not math.isfinite(value) or value > MAX_SIZE:
+        raise ValueError(f"size {text[:40]!r} is out of range (at most 2^63-1 bytes)")
+    return int(value)

@@ -1,0 +1,221 @@
+"""Bounds on every input Keystone parses, in one place (docs/limits.md is the table).
+
+Each bound has a name, a default, an environment variable and a key in the agent config's
+``[limits]`` table. ``Limits.from_env`` reads them (environment over config file over default,
+as every other setting); a layer that refuses an input raises ``LimitExceeded`` built by
+``Limits.refuse``, whose message names the bound and how to raise it. The module imports only
+the standard library and ``keystone.errors`` so that any layer (the sync worker, the API,
+bundles) can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+
+from keystone.errors import LimitExceeded, UsageError, ValidationError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One documented bound: its default, where to raise it, and what it refuses."""
+
+    name: str  # the field of ``Limits`` and the key of ``[limits]`` in agent.toml
+    default: int
+    env: str
+    unit: str  # "bytes" or a plural noun ("components", "levels")
+    refuses: str
+
+
+BOUNDS: dict[str, Bound] = {
+    b.name: b
+    for b in (
+        Bound(
+            "max_recipe_bytes",
+            1 * MiB,
+            "KEYSTONE_MAX_RECIPE_BYTES",
+            "bytes",
+            "a recipe file larger than this, before it is read or parsed",
+        ),
+        Bound(
+            "max_plan_bytes",
+            1 * MiB,
+            "KEYSTONE_MAX_PLAN_BYTES",
+            "bytes",
+            "a plan file larger than this, before it is read or parsed",
+        ),
+        Bound(
+            "max_config_bytes",
+            1 * MiB,
+            "KEYSTONE_MAX_CONFIG_BYTES",
+            "bytes",
+            "an agent.toml larger than this, before it is read or parsed",
+        ),
+        Bound(
+            "max_components",
+            1000,
+            "KEYSTONE_MAX_COMPONENTS",
+            "components",
+            "a plan file, or the merged plan of a device, with more components than this",
+        ),
+        Bound(
+            "max_toml_depth",
+            32,
+            "KEYSTONE_MAX_TOML_DEPTH",
+            "levels",
+            "a TOML document nesting tables and arrays deeper than this",
+        ),
+    )
+}
+
+
+def _human(value: int, unit: str) -> str:
+    if unit == "bytes":
+        for div, suffix in ((1 << 30, "GiB"), (MiB, "MiB"), (1 << 10, "KiB")):
+            if value >= div and value % div == 0:
+                return f"{value // div} {suffix}"
+        return f"{value} bytes"
+    return f"{value} {unit}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds in force; every field is named after its ``Bound``."""
+
+    max_recipe_bytes: int = BOUNDS["max_recipe_bytes"].default
+    max_plan_bytes: int = BOUNDS["max_plan_bytes"].default
+    max_config_bytes: int = BOUNDS["max_config_bytes"].default
+    max_components: int = BOUNDS["max_components"].default
+    max_toml_depth: int = BOUNDS["max_toml_depth"].default
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, base: Limits | None = None
+    ) -> Limits:
+        """``base`` (the config file's values, else the defaults) with environment overrides.
+
+        Raises:
+            UsageError: a variable that is not a positive whole number.
+        """
+        env = os.environ if environ is None else environ
+        out = base or cls()
+        for f in fields(cls):
+            bound = BOUNDS[f.name]
+            raw = env.get(bound.env)
+            if raw is None or raw.strip() == "":
+                continue
+            out = replace(out, **{f.name: parse_bound(bound, raw, where=bound.env)})
+        return out
+
+    def refuse(
+        self,
+        name: str,
+        actual: int | str,
+        *,
+        what: str,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> LimitExceeded:
+        """The refusal for ``what`` being over bound ``name`` (``actual`` as measured)."""
+        bound = BOUNDS[name]
+        limit = int(getattr(self, name))
+        over = actual if isinstance(actual, str) else _human(actual, bound.unit)
+        return LimitExceeded(
+            f"{what} is over the limit ({over}; the limit is {_human(limit, bound.unit)}): "
+            f"raise it with {bound.env} or [limits] {name} in agent.toml",
+            bound=name,
+            limit=limit,
+            file=file,
+            line=line,
+            field=field,
+        )
+
+
+def parse_bound(bound: Bound, raw: object, *, where: str) -> int:
+    """A bound's value from the environment or the config: a whole number >= 1."""
+    if isinstance(raw, bool):
+        raise UsageError(f"{where}: expected a whole number >= 1 for {bound.name}, got {raw!r}")
+    try:
+        value = int(raw.strip(), 10) if isinstance(raw, str) else raw
+    except ValueError:
+        value = None
+    if not isinstance(value, int) or value < 1:
+        raise UsageError(f"{where}: expected a whole number >= 1 for {bound.name}, got {raw!r}")
+    return value
+
+
+def byte_length(text: str) -> int:
+    """UTF-8 length of ``text`` without encoding it when it is ASCII."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def read_bounded(
+    path: os.PathLike[str] | str,
+    *,
+    limits: Limits,
+    bound: str,
+    display: str,
+    what: str,
+    max_bytes: int | None = None,
+) -> str:
+    """Read a regular UTF-8 file of at most ``max_bytes`` (default: the value of ``bound``
+    in ``limits``) without reading more than that.
+
+    The size is checked with ``fstat`` before reading, and the read stops one byte past the
+    bound, so a huge file is refused without being held in memory. A FIFO or device is refused
+    (opened non-blocking, so a FIFO without a writer does not hang).
+
+    Raises:
+        ValidationError: the file is missing, unreadable, not a regular file or not UTF-8
+            (naming ``display``); ``LimitExceeded`` when it is larger than ``max_bytes``.
+    """
+    if max_bytes is None:
+        max_bytes = int(getattr(limits, bound))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ValidationError(f"{what} file not found", file=display) from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ValidationError(f"cannot open {what}: invalid path ({exc})", file=display) from None
+    except OSError as exc:
+        raise ValidationError(
+            f"cannot open {what}: {exc.strerror or exc}", file=display[:512]
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ValidationError(f"cannot read {what}: {kind}", file=display)
+        if st.st_size > max_bytes:
+            raise limits.refuse(bound, st.st_size, what=f"{what} file", file=display)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 16, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:  # the file grew after fstat
+            raise limits.refuse(
+                bound, f"more than {_human(max_bytes, 'bytes')}", what=f"{what} file", file=display
+            )
+    except OSError as exc:
+        raise ValidationError(f"cannot read {what}: {exc.strerror or exc}", file=display) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValidationError(
+            f"not UTF-8 text (byte {exc.start}: {exc.reason})", file=display, line=line
+        ) from None
