@@ -162,10 +162,14 @@ class Node:
             self.save_soon()
             raise
         self._prune_metrics()
+        if result.ok:
+            self.plan_path = source
+        # The outcome is on disk before anyone is told: a device that loses power right after
+        # "running" comes back on this plan and adopts its processes.
+        self.save_now()
         self.plan_state = "running" if result.ok else "failed"
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
-            self.plan_path = source
             self.background(self.gc())
         if record:
             self.record_deploy("apply", result, source=source)

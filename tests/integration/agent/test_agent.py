@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from keystone.runtime.process import pgid_members, read_start_ticks
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +73,13 @@ class TestDemo:
         env = demo_env()
         first = make_agent("--demo", env=env).start()
         before = first.wait_states({"db": "healthy", "cache": "healthy", "api": "healthy"})
+        # The deployment is complete (and on disk) once the plan says running, not when the
+        # last component turns healthy a moment before.
+        wait_until(
+            lambda: first.api("GET", "/v1/plan/status")[1].get("status") == "running",
+            timeout=30,
+            what="the demo plan to be running",
+        )
         first.stop(signal.SIGKILL)
         pids = {n: c["pid"] for n, c in before.items()}
         assert all(pgid_members(os.getpgid(p)) for p in pids.values()), (
