@@ -12,6 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from keystone.adapters.settings import (  # brokers: light dataclasses only
+    MqttConfig,
+    NatsConfig,
+    apply_broker_env,
+    parse_broker_tables,
+)
 from keystone.errors import ValidationError
 from keystone.recipe import check_segment
 from keystone.tomlsrc import Path_, Reader
@@ -58,6 +64,8 @@ class AgentConfig:
     reconcile_interval: float = 0.0
     reconcile_jitter: float | None = None
     bundle_watch: tuple[str, ...] = ()
+    mqtt: MqttConfig | None = None  # brokers: [mqtt]
+    nats: NatsConfig | None = None  # brokers: [nats]
     file: str | None = None
 
     @property
@@ -89,7 +97,9 @@ def parse_config(text: str, *, file: str, base: Path | None = None) -> AgentConf
     """Parse ``agent.toml``; relative paths are relative to the file's directory."""
     r = Reader.from_text(text, file=file)
     base = base or Path(file).parent
-    r.table((), {"device", "source", "trust", "api", "paths", "reconcile", "bundles"})
+    r.table(
+        (), {"device", "source", "trust", "api", "paths", "reconcile", "bundles", "mqtt", "nats"}
+    )
     r.table(("device",), {"id", "labels"})
     cfg = AgentConfig()
     dev_id = r.text(("device", "id"))
@@ -180,6 +190,8 @@ def parse_config(text: str, *, file: str, base: Path | None = None) -> AgentConf
         )
     if r.table(("bundles",), {"watch"}) is not None:
         cfg = replace(cfg, bundle_watch=r.str_list(("bundles", "watch")) or ())
+    mqtt, nats = parse_broker_tables(r, base)  # brokers
+    cfg = replace(cfg, mqtt=mqtt, nats=nats)
     unknown = r.unknown_messages()
     if unknown:
         raise ValidationError("; ".join(unknown) + " (remove or fix these keys)", file=file)
@@ -222,4 +234,5 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         "strict",
     ):
         raise ValidationError("expected high-water or strict", field="KEYSTONE_CLOCK_POLICY")
-    return cfg
+    mqtt, nats = apply_broker_env(cfg.mqtt, cfg.nats, env)  # brokers
+    return replace(cfg, mqtt=mqtt, nats=nats)
