@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -262,9 +261,11 @@ def _health(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Re
 
 
 def _recipes(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
-    # Go lists the store's file names; the HTTP API's entries ride along for our clients.
+    # Go lists its store's file names (name-version.toml); the HTTP API's entries ride along.
     items = control.recipes()
-    return Reply(True, {"recipes": [Path(str(r["path"])).name for r in items], "items": items})
+    return Reply(
+        True, {"recipes": [f"{r['name']}-{r['version']}.toml" for r in items], "items": items}
+    )
 
 
 def _add_recipe(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
