@@ -50,22 +50,30 @@ def stream_config(name: str) -> api.StreamConfig:
     )
 
 
+class BadJob(ValueError):
+    """A job that cannot run: its id (``unknown`` when unreadable, as in Go) and why."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
 def parse_job(data: bytes) -> tuple[str, str, dict[str, Any]]:
-    """(id, type, payload) of a job message; ValueError says what is wrong."""
+    """(id, type, payload) of a job message; ``BadJob`` says what is wrong."""
     try:
         job = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"invalid job format: {exc}") from None
+        raise BadJob("unknown", f"invalid job format: {exc}") from None
     if not isinstance(job, dict):
-        raise ValueError("invalid job format: expected a JSON object")
-    job_id = job.get("id") if isinstance(job.get("id"), str) else "unknown"
+        raise BadJob("unknown", "invalid job format: expected a JSON object")
+    job_id = str(job["id"]) if isinstance(job.get("id"), str | int) else "unknown"
     kind = job.get("type")
     if kind not in JOB_TYPES:
-        raise ValueError(f"unknown job type: {kind}")
+        raise BadJob(job_id, f"unknown job type: {kind}")
     payload = job.get("payload") or {}
     if not isinstance(payload, dict):
-        raise ValueError("invalid job format: payload must be a JSON object")
-    return str(job_id), str(kind), payload
+        raise BadJob(job_id, "invalid job format: payload must be a JSON object")
+    return job_id, str(kind), payload
 
 
 class JobQueue:
@@ -139,8 +147,9 @@ class JobQueue:
         """Run one job, then ack, nak or terminate it, and publish its result."""
         try:
             job_id, kind, payload = parse_job(msg.data)
-        except ValueError as exc:
-            job_id, reply = "unknown", Reply(False, error=str(exc))
+        except BadJob as exc:
+            job_id, reply = exc.job_id, Reply(False, error=str(exc))
+            logger.warning("[nats] job {} refused: {}", job_id, exc)
             with contextlib.suppress(Exception):
                 await msg.term()
             await self._result(job_id, reply)

@@ -265,10 +265,20 @@ class NatsProbe:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def connect(self, *subjects: str) -> NatsProbe:
-        import nats
+        from nats.aio.client import Client
 
         async def go() -> None:
-            self.nc = await nats.connect(self.url, allow_reconnect=False, **self.opts)
+            nc = Client()
+            try:
+                await nc.connect(self.url, allow_reconnect=False, **self.opts)
+            except BaseException:
+                # A refused connection leaves its socket open unless closed here.
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                if nc._transport is not None:
+                    nc._transport.close()
+                raise
+            self.nc = nc
             for s in subjects:
                 await self.follow(s)
 
