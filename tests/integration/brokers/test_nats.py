@@ -132,7 +132,7 @@ class TestRequests:
             ready(ops)
             anon = NatsProbe(server.port)
             probes.append(anon)
-            with pytest.raises(Exception, match="(?i)authorization"):
+            with pytest.raises(Exception, match=r"(?i)authorization"):
                 anon.connect()
         finally:
             server.stop()
