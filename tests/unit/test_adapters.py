@@ -212,7 +212,7 @@ class TestCodec:
 
     @pytest.mark.parametrize("payload", [b"{", b"[1]", b'"x"', b"\xff\xfe"])
     def test_decode_refuses(self, payload: bytes) -> None:
-        with pytest.raises(BadRequest, match="^invalid request"):
+        with pytest.raises(BadRequest, match=r"^invalid request"):
             decode(payload)
 
     @pytest.mark.parametrize(
