@@ -99,7 +99,12 @@ def mosquitto(tmp: Path, *, users: dict[str, str] | None = None) -> Broker:
     conf = tmp / f"mosquitto-{port}.conf"
     # Run as whoever runs the tests: mosquitto started as root would switch to its own user,
     # who cannot read the test's temporary files.
-    lines = [f"listener {port} 127.0.0.1", "persistence false", f"user {getpass.getuser()}"]
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "persistence false",
+        "set_tcp_nodelay true",
+        f"user {getpass.getuser()}",
+    ]
     if users:
         pwfile = tmp / f"mosquitto-{port}.passwd"
         pwfile.write_text("")
