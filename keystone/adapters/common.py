@@ -311,19 +311,28 @@ HANDLERS: dict[str, Handler] = {
 
 
 class Commands:
-    """Runs one adapter's commands in one bounded pool.
+    """Runs commands for the adapters in one bounded thread pool.
 
     Args:
         control: the agent's control service.
         policy: what broker commands may do here.
-        workers: the pool's size: commands beyond it wait their turn.
+        pool: the pool to run in (the adapters of one agent share one); None: own one.
+        workers: the size of an own pool: commands beyond it wait their turn.
     """
 
-    def __init__(self, control: AgentControl, policy: Policy, *, workers: int = 4) -> None:
+    def __init__(
+        self,
+        control: AgentControl,
+        policy: Policy,
+        *,
+        pool: ThreadPoolExecutor | None = None,
+        workers: int = 4,
+    ) -> None:
         self.control = control
         self.policy = policy
         self._workers = workers
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = pool
+        self._owned = pool is None
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -350,7 +359,7 @@ class Commands:
         return await self.execute(name, req), correlation(req)
 
     def close(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None and self._owned:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 

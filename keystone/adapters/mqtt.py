@@ -108,6 +108,7 @@ class MqttAdapter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     # --- Trigger ----------------------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class MqttAdapter:
         if client is None:
             return
         self._client = None
+        self._stopping = True
 
         def close() -> None:
             if self.connected:
@@ -218,7 +220,7 @@ class MqttAdapter:
         self.events.publish("state")
 
     def _disconnected(self, reason: str) -> None:
-        if self.connected:
+        if self.connected and not self._stopping:
             logger.warning("[mqtt] connection lost ({}); reconnecting", reason)
         self.connected = False
 

@@ -116,6 +116,7 @@ class NatsAdapter:
         self.connects = 0
         self._main: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     @property
     def connected(self) -> bool:
@@ -128,6 +129,7 @@ class NatsAdapter:
         self.events.start()
 
     async def stop(self) -> None:
+        self._stopping = True
         await self.events.stop()
         if self._main is not None and not self._main.done():
             self._main.cancel()
@@ -189,6 +191,8 @@ class NatsAdapter:
         logger.warning("[nats] {}", exc)
 
     async def _on_disconnected(self) -> None:
+        if self._stopping:
+            return
         logger.warning("[nats] disconnected from {}; reconnecting", self.cfg.url)
 
     async def _on_reconnected(self) -> None:

@@ -7,6 +7,7 @@ Only what is configured is imported: an agent with ``[mqtt]`` loads paho-mqtt, o
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from keystone.adapters.common import Commands, Policy
@@ -22,6 +23,8 @@ def broker_configured(config: AgentConfig) -> bool:
 def build_adapters(config: AgentConfig, control: AgentControl) -> list[Any]:
     """The adapters ``config`` asks for (each is a ``keystone.sync.triggers.Trigger``)."""
     git_synced = bool(config.source is not None and config.source.url)
+    # One bounded pool for every adapter's commands (threads start only when a command comes).
+    pool = ThreadPoolExecutor(4, thread_name_prefix="keystone-broker")
     adapters: list[Any] = []
     if config.mqtt is not None and config.mqtt.broker:
         # paho-mqtt is loaded only by an agent with an MQTT broker.
@@ -35,7 +38,7 @@ def build_adapters(config: AgentConfig, control: AgentControl) -> list[Any]:
         adapters.append(
             MqttAdapter(
                 config.mqtt,
-                Commands(control, policy),
+                Commands(control, policy, pool=pool),
                 device_id=config.device_id,
                 labels=config.labels,
             )
@@ -52,7 +55,7 @@ def build_adapters(config: AgentConfig, control: AgentControl) -> list[Any]:
         adapters.append(
             NatsAdapter(
                 config.nats,
-                Commands(control, policy),
+                Commands(control, policy, pool=pool),
                 device_id=config.device_id,
                 labels=config.labels,
             )
