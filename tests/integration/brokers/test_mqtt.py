@@ -197,10 +197,13 @@ class TestConnection:
     ) -> None:
         """status is retained "online" while connected; SIGKILL makes the broker publish "offline"."""
         agent = make_agent("--config", str(mqtt_config(tmp_path, mqtt_broker.port))).start()
+        first = MqttProbe(mqtt_broker.port).connect(f"keystone/{DEV}/status")
+        probes.append(first)
+        first.wait(lambda t, p, r: p == b"online")  # live or retained: the agent is connected
         late = MqttProbe(mqtt_broker.port).connect(f"keystone/{DEV}/status")
         probes.append(late)
         _, payload, retained = late.wait(lambda t, p, r: p == b"online")
-        assert retained
+        assert retained  # a subscriber arriving later sees the retained status at once
         agent.stop(signal.SIGKILL)
         late.wait(lambda t, p, r: p == b"offline", timeout=20)
         after = MqttProbe(mqtt_broker.port).connect(f"keystone/{DEV}/status")
