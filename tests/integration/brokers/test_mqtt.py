@@ -265,3 +265,31 @@ class TestConnection:
             assert agent.components()["db"]["state"] == "healthy"
         finally:
             broker.stop()
+
+
+class TestBrokerDownAtStart:
+    def test_agent_starts_without_its_brokers_and_connects_when_they_come(
+        self, make_agent: Any, tmp_path: Path, probes: list[Any]
+    ) -> None:
+        """No broker at start: components run; MQTT and NATS connect once the servers are up."""
+        from tests.integration.brokers.conftest import NatsProbe, nats_server
+
+        mq, ns = mosquitto(tmp_path), nats_server(tmp_path)
+        extra = f'max_reconnect_wait = "2s"\n\n[nats]\nurl = "nats://127.0.0.1:{ns.port}"\n'
+        agent = start_demo(make_agent, mqtt_config(tmp_path, mq.port, extra=extra))
+        pids = {n: c["pid"] for n, c in agent.components().items()}
+        mq.start()
+        ns.start()
+        try:
+            probe = MqttProbe(mq.port).connect(f"keystone/{DEV}/#")
+            probes.append(probe)
+            online(probe, timeout=30)
+            assert probe.request(DEV, "status")["success"] is True
+            nats = NatsProbe(ns.port).connect(f"keystone.{DEV}.events.state")
+            probes.append(nats)
+            nats.wait(lambda s, d: json.loads(d)["deviceId"] == DEV, timeout=60)
+            assert nats.request(f"keystone.{DEV}.cmd.health")["success"] is True
+            assert {n: c["pid"] for n, c in agent.components().items()} == pids
+        finally:
+            mq.stop()
+            ns.stop()
