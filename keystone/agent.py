@@ -85,6 +85,7 @@ class Agent:
         )
         self._start_notifier()
         self._start_sync()
+        self._start_brokers()  # brokers
         self._start_reconcile_timer()
         node.background(self._rotate_logs())
         logger.info(
@@ -164,6 +165,19 @@ class Agent:
             self.triggers.append(BundleWatch(engine, cfg.bundle_watch))
         for trigger in self.triggers:
             trigger.start()
+
+    def _start_brokers(self) -> None:  # brokers: the MQTT / NATS adapters are triggers too
+        cfg = self.config
+        if not ((cfg.mqtt and cfg.mqtt.broker) or (cfg.nats and cfg.nats.url)):
+            return
+        # The adapters and their client libraries load only on an agent that uses a broker.
+        from keystone.adapters.wiring import build_adapters, chain_change
+
+        adapters = build_adapters(cfg, self.service)
+        self.node.on_component_change = chain_change(self.node.on_component_change, adapters)
+        for adapter in adapters:
+            adapter.start()
+        self.triggers.extend(adapters)
 
     def _start_reconcile_timer(self) -> None:
         interval = self.config.reconcile_interval

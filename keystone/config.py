@@ -12,6 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from keystone.brokerconfig import (  # brokers: light dataclasses only (a model, like this module)
+    MqttConfig,
+    NatsConfig,
+    apply_broker_env,
+    parse_broker_tables,
+)
 from keystone.errors import ValidationError
 from keystone.limits import BOUNDS, Limits, read_bounded
 from keystone.recipe import check_segment
@@ -60,6 +66,8 @@ class AgentConfig:
     reconcile_jitter: float | None = None
     bundle_watch: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    mqtt: MqttConfig | None = None  # brokers: [mqtt]
+    nats: NatsConfig | None = None  # brokers: [nats]
     file: str | None = None
 
     @property
@@ -121,7 +129,21 @@ def parse_config(
     """
     r = Reader.from_text(text, file=file, limits=limits, size_bound="max_config_bytes")
     base = base or Path(file).parent
-    r.table((), {"device", "source", "trust", "api", "paths", "reconcile", "bundles", "limits"})
+    r.table(
+        (),
+        {
+            "device",
+            "source",
+            "trust",
+            "api",
+            "paths",
+            "reconcile",
+            "bundles",
+            "limits",
+            "mqtt",
+            "nats",
+        },
+    )
     r.table(("device",), {"id", "labels"})
     cfg = AgentConfig()
     dev_id = r.text(("device", "id"))
@@ -214,6 +236,8 @@ def parse_config(
         cfg = replace(cfg, bundle_watch=r.str_list(("bundles", "watch")) or ())
     if r.table(("limits",), set(BOUNDS)) is not None:
         cfg = replace(cfg, limits=_limits(r))
+    mqtt, nats = parse_broker_tables(r, base)  # brokers
+    cfg = replace(cfg, mqtt=mqtt, nats=nats)
     unknown = r.unknown_messages()
     if unknown:
         raise ValidationError("; ".join(unknown) + " (remove or fix these keys)", file=file)
@@ -273,4 +297,5 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         "strict",
     ):
         raise ValidationError("expected high-water or strict", field="KEYSTONE_CLOCK_POLICY")
-    return cfg
+    mqtt, nats = apply_broker_env(cfg.mqtt, cfg.nats, env)  # brokers
+    return replace(cfg, mqtt=mqtt, nats=nats)

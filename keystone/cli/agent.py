@@ -11,8 +11,41 @@ import typer
 from keystone.cli.common import Command, add_commands
 from keystone.demo import DEMO_DIR, DEMO_PLAN
 
+_BOOLEAN_FLAGS = frozenset({"tls-verify", "jetstream", "accept-local-plans"})
+
+
+def broker_flags(args: list[str]) -> dict[str, str]:
+    """Go's ``--mqtt-*`` / ``--nats-*`` agent flags among ``args`` (``--flag value`` or
+    ``--flag=value``; a boolean alone means true). Anything else is a usage error naming it."""
+    # lazy: the broker settings load with the agent, not with --help
+    from keystone.brokerconfig import FLAG_FIELDS
+
+    flags: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.lstrip("-").partition("=")
+        prefix, _, rest = name.partition("-")
+        if not arg.startswith("-") or rest not in FLAG_FIELDS.get(prefix, {}):
+            raise typer.BadParameter(
+                f"unknown option {arg!r} (broker flags are --mqtt-* and --nats-*: see "
+                "docs/brokers.md)"
+            )
+        if not eq:
+            following = args[i + 1] if i + 1 < len(args) else None
+            if rest in _BOOLEAN_FLAGS and (following is None or following.startswith("-")):
+                value = "true"
+            elif following is None:
+                raise typer.BadParameter(f"{arg} needs a value")
+            else:
+                value, i = following, i + 1
+        flags[name] = value
+        i += 1
+    return flags
+
 
 def agent_cmd(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="agent.toml")] = None,
     http: Annotated[
         str | None, typer.Option("--http", help="API listen address (default 127.0.0.1:8080)")
@@ -37,7 +70,13 @@ def agent_cmd(
     ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
-    """Run the agent in the foreground until SIGTERM/SIGINT."""
+    """Run the agent in the foreground until SIGTERM/SIGINT.
+
+    Also takes the Go agent's broker flags (--mqtt-broker, --mqtt-qos, --nats-url,
+    --nats-jetstream, ... as in docs/brokers.md); they win over KEYSTONE_MQTT_* / KEYSTONE_NATS_*
+    and the [mqtt] / [nats] tables of agent.toml.
+    """
+    flags = broker_flags(list(ctx.args))
     # lazy: asyncio, loguru, the config parser and the agent itself: only to run it, not --help
     import asyncio
 
@@ -53,6 +92,15 @@ def agent_cmd(
         cfg = replace(cfg, labels=tuple(x.strip() for x in labels.split(",") if x.strip()))
     if device is not None:
         cfg = replace(cfg, device_id=device)
+    if flags:
+        from keystone.brokerconfig import apply_broker_flags
+        from keystone.errors import KeystoneError
+
+        try:
+            mqtt, nats = apply_broker_flags(cfg.mqtt, cfg.nats, flags)
+        except KeystoneError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        cfg = replace(cfg, mqtt=mqtt, nats=nats)
     if demo and apply:
         raise typer.BadParameter("--demo and --apply are exclusive")
 
@@ -124,6 +172,11 @@ def serve_artifacts_cmd(
     )
     serve_artifacts(root, addr, deltas=options)
 
+
+agent_cmd.context_settings = {  # type: ignore[attr-defined]
+    "allow_extra_args": True,
+    "ignore_unknown_options": True,
+}
 
 COMMANDS: tuple[tuple[str, Command], ...] = (
     ("agent", agent_cmd),

@@ -141,6 +141,7 @@ def add_commands(
             found = True
     for name, fn in commands:
         if only in (None, name):
-            app.command(name)(fn)
+            # A command may take flags typer does not declare (the agent's broker flags).
+            app.command(name, context_settings=getattr(fn, "context_settings", None))(fn)
             found = True
     return found
