@@ -6,6 +6,7 @@ verification or validation, 4 deployment failed and rolled back (``session.ExitC
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
@@ -33,12 +34,14 @@ def register(only: str | None) -> bool:
     """Add the command ``only`` (every command when None) to the app; True if one matched."""
     if agent.register(app, only) and only is not None:
         return True
-    # lazy: the other groups (API client, signing, bundle tools) stay out of the agent's memory
-    from keystone.cli import control, fleet, gitops
-
     found = only is None
-    for group in (control, gitops, fleet):  # in the order --help lists them, after the agent's
-        found = group.register(app, only) or found
+    # In the order --help lists them, after the agent's; imported one by one and only until the
+    # one holding ``only``: each loads its own libraries (the API client, signing, the bundle
+    # and fleet tools), which a command of another group must not pay for.
+    for name in ("control", "gitops", "fleet"):
+        group = importlib.import_module(f"keystone.cli.{name}")
+        if group.register(app, only) and only is not None:
+            return True
     return found
 
 

@@ -19,7 +19,6 @@ from keystone.cli.common import add_commands, command, fail
 from keystone.cli.session import ExitCode, Output, Session, exit_for
 from keystone.errors import AgentUnreachable
 from keystone.sync.imports import stage_bundle
-from keystone.sync.inspect import inspect
 
 plan_app = typer.Typer(help="Offline tools on a fleet checkout.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Air-gapped bundles: create, inspect, import.", no_args_is_help=True)
@@ -145,6 +144,9 @@ def bundle_inspect(
     ] = None,
 ) -> None:
     """Revision, signer, prerequisites, components per label and artifacts of a bundle."""
+    # lazy: inspecting loads the bundle reader, the trust policy and the plan parser
+    from keystone.sync.inspect import inspect
+
     data = inspect(path, allowed_signers=allowed_signers)
     output.emit(data, views.bundle_text)
     sig = data.get("signature")
