@@ -33,14 +33,7 @@ from keystone.errors import (
     StaleRevision,
     ValidationError,
 )
-from keystone.sources import (
-    BundleFileSource,
-    FetchResult,
-    GitSource,
-    HttpBundleSource,
-    Source,
-    cache_bundle_artifacts,
-)
+from keystone.sources.base import FetchResult, Source
 from keystone.sync.imports import max_bundle_bytes
 from keystone.sync.model import (
     FetchedTip,
@@ -200,8 +193,11 @@ def _export_artifacts(req: WorkerRequest, tree: Any, tip: str, desired: Any) -> 
 
 def _source(req: WorkerRequest) -> Source:
     """The source a fetch request names: the git remote, the bundle URL, or a bundle file."""
+    # lazy: each source loads its own readers (a git poll needs no bundle or HTTP code)
     runtime = Path(req.runtime)
     if req.op is WorkerOp.IMPORT_BUNDLE:
+        from keystone.sources.file import BundleFileSource
+
         return BundleFileSource(
             Path(req.bundle or ""),
             lambda: _mirror(req),
@@ -212,6 +208,8 @@ def _source(req: WorkerRequest) -> Source:
     if src is None:
         raise ValidationError("no [source] is configured", field="source")
     if req.op is WorkerOp.HTTP_FETCH:
+        from keystone.sources.http import HttpBundleSource
+
         return HttpBundleSource(
             src.url,
             state_file=runtime / "state" / "http-source.json",
@@ -222,6 +220,8 @@ def _source(req: WorkerRequest) -> Source:
             # A kept bundle whose revision is applied or known bad is not imported again.
             settled=lambda rev: gate(req, rev) is not None,
         )
+    from keystone.sources.git import GitSource
+
     return GitSource(src.url, src.ref or "refs/heads/main", _mirror(req), timeout=src.timeout)
 
 
@@ -267,6 +267,8 @@ def op_fetch(req: WorkerRequest) -> WorkerAnswer:
     mirror = _mirror(req)
     answer = checked(req, mirror, tip)
     if answer.verified is not None and result.bundle is not None and result.bundle.artifacts:
+        from keystone.sources.bundle import cache_bundle_artifacts
+
         try:
             cache_bundle_artifacts(
                 result.bundle.path,
