@@ -611,6 +611,7 @@ def _fetch_delta(
             reason="too-large",
         )
     _libs()
+    # lazy: the runtime package is not needed to read or write a patch
     from keystone.runtime.signing import sha256_file
 
     base_sha = sha256_file(Path(base_tar))

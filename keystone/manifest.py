@@ -340,6 +340,7 @@ def sign_manifest(path: Path, key: Path, cert: Path | None = None) -> Path:
         ManifestError: the manifest is invalid.
         UsageError, SignatureRejected: from :func:`keystone.sign.sign_file`.
     """
+    # lazy: signing loads cryptography; parsing a manifest does not need it
     from keystone import sign
 
     load_manifest(path)
@@ -371,6 +372,7 @@ def verify_manifest(
     Raises:
         ManifestError, SignatureRejected, ManifestReplayed, UsageError (no certificate).
     """
+    # lazy: signing loads cryptography; parsing a manifest does not need it
     from keystone import sign
 
     m = load_manifest(path)

@@ -578,6 +578,7 @@ class Handler(BaseHTTPRequestHandler):
     # --- the status page (keystone.ui, imported on the first /ui request) --------------------
 
     def _page(self, status: int, data: bytes, content_type: str, csp: str | None = None) -> None:
+        # lazy: the status page loads on its first request, never in an agent nobody looks at
         from keystone.ui import assets
 
         self._send(
@@ -597,6 +598,7 @@ class Handler(BaseHTTPRequestHandler):
         self.h_ui_asset(q, body, asset="index.html")
 
     def h_ui_login_page(self, q: Query, body: bytes) -> None:
+        # lazy: the status page loads on its first request, never in an agent nobody looks at
         from keystone.ui import assets
 
         if self._credentials():
@@ -605,7 +607,10 @@ class Handler(BaseHTTPRequestHandler):
         self._page(200, assets.login_page(), assets.TYPES[".html"], assets.LOGIN_CSP)
 
     def h_ui_login(self, q: Query, body: bytes) -> None:
+        # lazy: the status page loads on its first request, never in an agent nobody looks at
         from keystone.ui import assets
+
+        # lazy: the status page loads on its first request, never in an agent nobody looks at
         from keystone.ui.session import set_cookie
 
         origin = self.headers.get("Origin")
@@ -633,12 +638,14 @@ class Handler(BaseHTTPRequestHandler):
             self._redirect("/ui/", {"Set-Cookie": cookie, **_NO_STORE})
 
     def h_ui_logout(self, q: Query, body: bytes) -> None:
+        # lazy: the status page loads on its first request, never in an agent nobody looks at
         from keystone.ui.session import clear_cookie
 
         self.api.close_session(self.headers.get("Cookie"))
         self._send(204, headers={"Set-Cookie": clear_cookie(secure=self.api.secure_cookies)})
 
     def h_ui_asset(self, q: Query, body: bytes, asset: str) -> None:
+        # lazy: the status page loads on its first request, never in an agent nobody looks at
         from keystone.ui import assets
 
         found = assets.read(asset)

@@ -28,6 +28,7 @@ from keystone.errors import UsageError
 from keystone.units import parse_size
 
 if TYPE_CHECKING:
+    # lazy: the status page loads on its first request, never in an agent nobody looks at
     from keystone.ui.session import Sessions
 
 
@@ -173,6 +174,7 @@ class ApiServer:
         """Start a status-page session after a login; returns its id (the cookie's value)."""
         with self._sessions_lock:
             if self._sessions is None:
+                # lazy: the status page loads on its first request, never in an agent nobody looks at
                 from keystone.ui.session import Sessions
 
                 self._sessions = Sessions()
@@ -184,6 +186,7 @@ class ApiServer:
         sessions = self._sessions
         if sessions is None or not cookie_header:
             return False  # nobody ever logged in: no session can be valid
+        # lazy: the status page loads on its first request, never in an agent nobody looks at
         from keystone.ui.session import session_id
 
         return sessions.check(session_id(cookie_header))
@@ -192,6 +195,7 @@ class ApiServer:
         """End the session named by a ``Cookie`` header (logout)."""
         sessions = self._sessions
         if sessions is not None and cookie_header:
+            # lazy: the status page loads on its first request, never in an agent nobody looks at
             from keystone.ui.session import session_id
 
             sessions.close(session_id(cookie_header))

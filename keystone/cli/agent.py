@@ -93,6 +93,7 @@ def agent_cmd(
     if device is not None:
         cfg = replace(cfg, device_id=device)
     if flags:
+        # lazy: broker settings and errors, only when broker flags are given
         from keystone.brokerconfig import apply_broker_flags
         from keystone.errors import KeystoneError
 

@@ -243,6 +243,7 @@ class ArtifactPayloadFetcher:
 
     def fetch(self, spec: DatasetSpec, uri: str, sha256: str) -> Path:
         """Download (or find cached) and verify; raise DatasetRefused / DatasetUnavailable."""
+        # lazy: these errors come with the artifact store this payload fetcher uses
         from keystone.errors import ArtifactFetchError, ArtifactIntegrityError, UnsafeArchiveError
 
         artifact = _PayloadArtifact(
@@ -294,6 +295,7 @@ def artifact_name(uri: str) -> str:
 
 def _limits_from_env(environ: Mapping[str, str]) -> ArchiveLimits:
     """The artifact unpack bounds (``KEYSTONE_MAX_EXTRACT_BYTES`` / ``_FILES``) for payloads."""
+    # lazy: only a bound given as a size string needs it
     from keystone.units import parse_size
 
     base = ArchiveLimits()
@@ -456,6 +458,7 @@ class Resolver:
             DatasetRefused: unsigned, no trust bundle, no certificate, bad signature or chain,
                 expired certificate, or an invalid document.
         """
+        # lazy: signature checks load cryptography, only for a manifest to verify
         from keystone.runtime.signing import SignatureRejected
 
         def refuse(message: str, reason: str) -> DatasetRefused:
