@@ -18,6 +18,7 @@ from keystone.cli import views
 from keystone.cli.common import add_commands, command, fail
 from keystone.cli.session import ExitCode, Output, Session, exit_for
 from keystone.errors import AgentUnreachable
+from keystone.graph import FORMATS, plan_diff_command
 from keystone.sync.imports import stage_bundle
 from keystone.sync.inspect import inspect
 
@@ -63,13 +64,30 @@ def plan_diff(
     repo: RepoOpt = Path("."),
     labels: LabelsOpt = "",
     device: Annotated[str, typer.Option("--device")] = "any-device",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="text (changes and actions), or a picture: dot, svg or mermaid"
+        ),
+    ] = "text",
 ) -> None:
-    """What moving a device from REV_A to REV_B changes, in deployment order."""
+    """What moving a device from REV_A to REV_B changes, in deployment order, or drawn as the
+    desired graph with its nodes marked added, changed, restarted, removed or unchanged."""
+    if fmt not in ("text", *FORMATS):
+        raise typer.BadParameter(f"expected text, {', '.join(FORMATS)}", param_hint="--format")
     # lazy: keystone.fleet pulls in git, the resolver and the deployer (~100 ms): not for --help
     from keystone import fleet
 
+    data = fleet.diff(
+        repo, rev_a, rev_b, device=device, labels=_labels(labels), graphs=fmt != "text"
+    )
+    if fmt == "text" or output.as_json:
+        output.emit(data, views.plan_diff_text)
+        return
+    graphs = data["graphs"]
     output.emit(
-        fleet.diff(repo, rev_a, rev_b, device=device, labels=_labels(labels)), views.plan_diff_text
+        data,
+        lambda d: plan_diff_command(graphs["from"], graphs["to"], d["changes"], fmt).rstrip("\n"),
     )
 
 

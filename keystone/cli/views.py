@@ -180,29 +180,6 @@ def graph_text(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _dot_id(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def graph_dot(d: dict[str, Any]) -> str:
-    """Graphviz: dependency -> dependent (the start order), one rank per layer; ``soft`` edges
-    dashed, ``ordering`` dotted."""
-    style = {"hard": "solid", "soft": "dashed", "ordering": "dotted"}
-    lines = ["digraph keystone {", "  rankdir=LR;", "  node [shape=box];"]
-    for layer in d.get("order") or []:
-        lines.append("  { rank=same; " + " ".join(_dot_id(n) + ";" for n in layer) + " }")
-    for n in d.get("nodes") or []:
-        lines.append(f"  {_dot_id(n)};")
-    for e in d.get("edges") or []:
-        kind = e.get("type", "hard")
-        lines.append(
-            f"  {_dot_id(e['to'])} -> {_dot_id(e['from'])} "
-            f'[style={style.get(kind, "solid")}, label="{kind}"];'
-        )
-    lines.append("}")
-    return "\n".join(lines)
-
-
 def actions_text(d: dict[str, Any]) -> str:
     """An apply (or dry run): status, layers, the ordered actions and warnings."""
     lines = []
