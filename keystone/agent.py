@@ -18,6 +18,7 @@ from typing import Any
 from loguru import logger
 
 from keystone.config import AgentConfig
+from keystone.drift import DriftMonitor
 from keystone.env import substitution_env
 from keystone.errors import ValidationError
 from keystone.node import Node
@@ -45,6 +46,12 @@ class Agent:
         self.listen = http or config.api.listen
         self.slot = DesiredSlot()
         self.service = ControlService(config, self.node, self.slot)
+        self.drift = self.service.drift_monitor = DriftMonitor(
+            self.node.deployer,
+            emit=self.node.emit,
+            metrics=self.node.metrics,
+            submit=self.slot.submit,
+        )
         self.engine: SyncEngine | None = None
         self.triggers: list[Trigger] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +93,8 @@ class Agent:
         self._start_notifier()
         self._start_sync()
         self._start_reconcile_timer()
+        if self.config.drift_interval > 0:
+            node.background(self.drift.run(self.config.drift_interval))
         node.background(self._rotate_logs())
         logger.info(
             "agent ready: {} component(s); API on {}", len(node.deployer.supervisors), self.listen

@@ -59,6 +59,7 @@ class AgentConfig:
     reconcile_interval: float = 0.0
     reconcile_jitter: float | None = None
     bundle_watch: tuple[str, ...] = ()
+    drift_interval: float = 3600.0  # re-hash installed files this often; 0: only on demand
     limits: Limits = field(default_factory=Limits)
     file: str | None = None
 
@@ -121,7 +122,9 @@ def parse_config(
     """
     r = Reader.from_text(text, file=file, limits=limits, size_bound="max_config_bytes")
     base = base or Path(file).parent
-    r.table((), {"device", "source", "trust", "api", "paths", "reconcile", "bundles", "limits"})
+    r.table(
+        (), {"device", "source", "trust", "api", "paths", "reconcile", "bundles", "limits", "drift"}
+    )
     r.table(("device",), {"id", "labels"})
     cfg = AgentConfig()
     dev_id = r.text(("device", "id"))
@@ -212,6 +215,8 @@ def parse_config(
         )
     if r.table(("bundles",), {"watch"}) is not None:
         cfg = replace(cfg, bundle_watch=r.str_list(("bundles", "watch")) or ())
+    if r.table(("drift",), {"interval"}) is not None:
+        cfg = replace(cfg, drift_interval=_dur(r, ("drift", "interval"), cfg.drift_interval))
     if r.table(("limits",), set(BOUNDS)) is not None:
         cfg = replace(cfg, limits=_limits(r))
     unknown = r.unknown_messages()
@@ -268,6 +273,11 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             cfg = replace(cfg, reconcile_jitter=parse_duration(env["KEYSTONE_RECONCILE_JITTER"]))
         except ValueError as exc:
             raise ValidationError(str(exc), field="KEYSTONE_RECONCILE_JITTER") from None
+    if env.get("KEYSTONE_DRIFT_INTERVAL"):
+        try:
+            cfg = replace(cfg, drift_interval=parse_duration(env["KEYSTONE_DRIFT_INTERVAL"]))
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="KEYSTONE_DRIFT_INTERVAL") from None
     if env.get("KEYSTONE_CLOCK_POLICY") and env["KEYSTONE_CLOCK_POLICY"] not in (
         "high-water",
         "strict",

@@ -19,6 +19,7 @@ from typing import BinaryIO, TypeVar
 from keystone import __version__
 from keystone.config import AgentConfig
 from keystone.control import JSON, Conflict, NotFound
+from keystone.drift import DriftMonitor
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError, UsageError, ValidationError
 from keystone.node import Node, apply_record
@@ -49,6 +50,7 @@ class ControlService:
         self.node = node
         self.slot = slot
         self.engine: SyncEngine | None = None
+        self.drift_monitor: DriftMonitor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
 
@@ -77,8 +79,29 @@ class ControlService:
         }
 
     def components(self) -> list[JSON]:
-        sups = self.node.deployer.supervisors.values()
-        return [s.to_json() for s in sorted(sups, key=lambda s: s.name)]
+        sups = sorted(self.node.deployer.supervisors.values(), key=lambda s: s.name)
+        monitor = self.drift_monitor
+        if monitor is None:
+            return [s.to_json() for s in sups]
+        return [{**s.to_json(), "drift": monitor.of(s)} for s in sups]
+
+    # --- drift ------------------------------------------------------------------------------
+
+    def _monitor(self) -> DriftMonitor:
+        if self.drift_monitor is None:
+            raise Conflict("drift detection is not running in this agent")
+        return self.drift_monitor
+
+    def drift(self) -> JSON:
+        return self._monitor().to_json()
+
+    def drift_check(self) -> JSON:
+        monitor = self._monitor()
+
+        async def go() -> JSON:
+            return await monitor.check()
+
+        return self._call(go)
 
     def plan_status(self) -> JSON:
         node = self.node

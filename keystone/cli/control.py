@@ -400,9 +400,9 @@ def sign_cmd(
     )
 
 
-@command(connect=False)
+@command(connect=True)
 def verify_cmd(
-    output: Output,
+    output: Session,
     path: Annotated[
         Path | None, typer.Argument(help="file to verify (omit with --rev)", dir_okay=False)
     ] = None,
@@ -435,9 +435,23 @@ def verify_cmd(
     gpg_home: Annotated[
         Path | None, typer.Option("--gpg-home", help="gpg home for OpenPGP commits (with --rev)")
     ] = None,
+    installed: Annotated[
+        bool,
+        typer.Option(
+            "--installed",
+            help="ask the agent to re-hash every component's installed files now "
+            "(POST /v1/drift:check); exit 3 if any drifted",
+        ),
+    ] = False,
 ) -> None:
     """Verify a file's detached signature the way the agent will; or, with --rev (or no FILE),
-    a fleet commit's signature against an allowed-signers file."""
+    a fleet commit's signature against an allowed-signers file; or, with --installed, the
+    installed files of the running components against their install manifests."""
+    if installed:
+        data = output.request("POST", "/v1/drift:check")
+        output.emit(data, views.drift_text)
+        fail(ExitCode.REFUSED if data.get("drifted") else ExitCode.OK)
+        return
     if rev is not None or path is None:
         # lazy: keystone.fleet pulls in git, the trust policy and the deployer (~100 ms)
         from keystone import fleet

@@ -138,6 +138,11 @@ def status_text(d: dict[str, Any]) -> str:
     if d.get("error"):
         lines.append(f"error: {d['error']}")
     lines += [f"warning: unknown field {u}" for u in d.get("unknownFields") or []]
+    checked = [c for c in d.get("components") or [] if c.get("drift")]
+    if checked:
+        lines.append(
+            "drift: " + "; ".join(f"{c['name']} {drift_summary(c['drift'])}" for c in checked)
+        )
     lines += ["", components_text(d.get("components") or [])]
     return "\n".join(lines)
 
@@ -164,6 +169,33 @@ def revision_text(d: dict[str, Any]) -> str:
         lines.append(
             f"failed:           {short(rev)} {info.get('kind', '')}: {info.get('reason', '')}"[:160]
         )
+    return "\n".join(lines)
+
+
+def drift_summary(d: dict[str, Any] | None) -> str:
+    """One component's drift in a few words: ``clean``, ``3 changed, 1 added``, or ``-``."""
+    if not d:
+        return "-"
+    if not d.get("drifted"):
+        return "clean"
+    parts = [f"{d[k]} {k}" for k in ("changed", "added", "removed") if d.get(k)]
+    return ", ".join(parts)
+
+
+def drift_text(d: dict[str, Any]) -> str:
+    """``verify --installed``: each component's drift and the files it names."""
+    comps = d.get("components") or []
+    if not comps:
+        return "no components"
+    lines = []
+    for c in comps:
+        drift = c.get("drift")
+        policy = c.get("policy") or "report"
+        state = drift_summary(drift) if drift else "no install manifest"
+        lines.append(f"{c['name']}: {state} (drift = {policy})")
+        files = (drift or {}).get("files") or {}
+        for kind in ("changed", "added", "removed"):
+            lines += [f"  {kind:<8} {p}" for p in files.get(kind) or []]
     return "\n".join(lines)
 
 
