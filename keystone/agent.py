@@ -27,6 +27,7 @@ from keystone.runtime.logs import rotate_logs
 from keystone.runtime.supervisor import RestartTuning
 from keystone.service import ControlService
 from keystone.slot import DesiredSlot
+from keystone.stick import StickReporter
 from keystone.sync.engine import SyncEngine
 from keystone.sync.pipeline import SyncSettings
 from keystone.sync.scheduler import device_offset
@@ -52,6 +53,7 @@ class Agent:
             metrics=self.node.metrics,
             submit=self.slot.submit,
         )
+        self.reporter = StickReporter(self.node, device=config.device_id, drift=self.drift)
         self.engine: SyncEngine | None = None
         self.triggers: list[Trigger] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +95,7 @@ class Agent:
         self._start_notifier()
         self._start_sync()
         self._start_reconcile_timer()
+        node.background(self.reporter.ensure_key())
         if self.config.drift_interval > 0:
             node.background(self.drift.run(self.config.drift_interval))
         node.background(self._rotate_logs())
@@ -170,7 +173,7 @@ class Agent:
             )
         self.triggers.append(StagedBundles(engine, self.runtime))
         if cfg.bundle_watch:
-            self.triggers.append(BundleWatch(engine, cfg.bundle_watch))
+            self.triggers.append(BundleWatch(engine, cfg.bundle_watch, on_imported=self.reporter))
         for trigger in self.triggers:
             trigger.start()
 

@@ -284,6 +284,12 @@ SCHEMAS: dict[str, JSON] = {
             "applied_at": _NUMN,
             "last_sync": {"nullable": True, **_OBJ},
             "suspended": _BOOL,
+            "device_key": {
+                "nullable": True,
+                "description": "The device's Ed25519 report key: algorithm, public_key "
+                "(base64), fingerprint (sha256:<hex>), file",
+                **_OBJ,
+            },
         },
     },
     "SyncResult": {

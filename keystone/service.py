@@ -32,6 +32,7 @@ from keystone.plan import (
     parse_plan,
     resolve_entries,
 )
+from keystone.report import public_info
 from keystone.runtime.deployer import PlannedChanges
 from keystone.runtime.supervisor import State, Supervisor
 from keystone.slot import DesiredSlot, Job, Operation
@@ -349,7 +350,8 @@ class ControlService:
         return self._call(go, None)
 
     def revision(self) -> JSON:
-        return self._call(self._engine().revision_info)
+        info = self._call(self._engine().revision_info)
+        return {**info, "device_key": public_info(self.node.runtime / "state")}
 
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         eng = self._polling_engine()

@@ -164,10 +164,32 @@ def revision_text(d: dict[str, Any]) -> str:
         lines.append(f"  reason:         {last['error']}")
     if d.get("suspended"):
         lines.append("polling:          SUSPENDED (keystone resume)")
+    key = d.get("device_key")
+    if key:
+        lines.append(f"device key:       {key.get('algorithm')} {key.get('fingerprint')}")
     for rev, info in (d.get("failed") or {}).items():
         info = info if isinstance(info, dict) else {"reason": info}
         lines.append(
             f"failed:           {short(rev)} {info.get('kind', '')}: {info.get('reason', '')}"[:160]
+        )
+    return "\n".join(lines)
+
+
+def report_verdict_text(d: dict[str, Any]) -> str:
+    """``report verify``: who signed it and what it says, or why it is refused."""
+    if not d.get("ok"):
+        return f"refused: {d['file']}: {d.get('reason')}"
+    lines = [
+        f"ok: {d['file']}",
+        f"  device:     {d.get('device') or '-'} ({d.get('fingerprint')})",
+        f"  written:    {d.get('created_at') or '-'}",
+        f"  outcome:    {d.get('outcome') or '-'}",
+        f"  applied:    {d.get('applied') or '-'}",
+    ]
+    for c in (d.get("report") or {}).get("components") or []:
+        lines.append(
+            f"  {c.get('name')}: {c.get('state')} {c.get('version') or ''}"
+            f" drift {drift_summary(c.get('drift'))}"
         )
     return "\n".join(lines)
 
