@@ -188,7 +188,15 @@ class DriftMonitor:
                 logger.error("drift repair of {}: reinstall failed: {}", name, exc)
                 errors.append(f"{type(exc).__name__}: {exc}")
 
-        pid, dependents = await self.deployer.restart_component(name, reinstall=reinstall)
+        current = await asyncio.to_thread(drift.check, sup.paths.workdir)
+        if current is None or not current.drifted:
+            # queued behind a deployment that replaced the files, or put right by hand
+            return {"component": name, "result": "clean"}
+        if sup.wanted:
+            pid, dependents = await self.deployer.restart_component(name, reinstall=reinstall)
+        else:  # stopped by an operator: put the files back, leave it stopped
+            await reinstall(sup)
+            pid, dependents = sup.pid, []
         after = await self._recheck(name)
         result = "failed" if errors or (after is not None and after.drifted) else "ok"
         if self.metrics is not None:

@@ -47,6 +47,7 @@ class FakeDeployer:
                 name=name,
                 version="1.0.0",
                 pid=100,
+                wanted=True,
                 paths=SimpleNamespace(workdir=workdir),
                 component=SimpleNamespace(name=name, recipe=SimpleNamespace(drift=policy)),
             )
@@ -174,5 +175,36 @@ class TestRepair:
             assert result["result"] == "failed" and "disk full" in result["error"]
             assert result["pid"] == 101
             assert history[-1]["kind"] == "drift-repair" and history[-1]["result"] == "failed"
+
+        asyncio.run(main())
+
+    def test_nothing_to_repair_by_the_time_it_runs(self, tmp_path: Path) -> None:
+        """Put right before the queued job runs (a deployment, a person): no restart."""
+        monitor, deployer, _history, jobs = _monitor(tmp_path, {"x": "repair"})
+        work = deployer.supervisors["x"].paths.workdir
+        (work / "app/a.txt").write_text("tampered\n")
+
+        async def main() -> None:
+            await monitor.check()
+            (work / "app/a.txt").write_text("a\n")
+            result = await jobs[0].run("op-1")
+            assert result == {"component": "x", "result": "clean"}
+            assert deployer.supervisors["x"].pid == 100 and deployer.preparer.installs == []
+
+        asyncio.run(main())
+
+    def test_a_stopped_component_gets_its_files_back_and_stays_stopped(
+        self, tmp_path: Path
+    ) -> None:
+        monitor, deployer, _history, jobs = _monitor(tmp_path, {"x": "repair"})
+        sup = deployer.supervisors["x"]
+        sup.wanted, sup.pid = False, None
+        (sup.paths.workdir / "app/b.txt").unlink()
+
+        async def main() -> None:
+            await monitor.check()
+            result = await jobs[0].run("op-1")
+            assert result["result"] == "ok" and result["pid"] is None
+            assert (sup.paths.workdir / "app/b.txt").read_text() == "b\n"
 
         asyncio.run(main())
