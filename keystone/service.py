@@ -94,7 +94,12 @@ class ControlService:
         return self.drift_monitor
 
     def drift(self) -> JSON:
-        return self._monitor().to_json()
+        monitor = self._monitor()
+
+        async def read() -> JSON:  # on the loop: a check may be updating it
+            return monitor.to_json()
+
+        return self._call(read)
 
     def drift_check(self) -> JSON:
         monitor = self._monitor()
