@@ -18,6 +18,7 @@ from typing import Any
 from loguru import logger
 
 from keystone.config import AgentConfig
+from keystone.drift import DriftMonitor
 from keystone.env import substitution_env
 from keystone.errors import ValidationError
 from keystone.node import Node
@@ -26,6 +27,7 @@ from keystone.runtime.logs import rotate_logs
 from keystone.runtime.supervisor import RestartTuning
 from keystone.service import ControlService
 from keystone.slot import DesiredSlot
+from keystone.stick import StickReporter
 from keystone.sync.engine import SyncEngine
 from keystone.sync.pipeline import SyncSettings
 from keystone.sync.scheduler import device_offset
@@ -45,6 +47,13 @@ class Agent:
         self.listen = http or config.api.listen
         self.slot = DesiredSlot()
         self.service = ControlService(config, self.node, self.slot)
+        self.drift = self.service.drift_monitor = DriftMonitor(
+            self.node.deployer,
+            emit=self.node.emit,
+            metrics=self.node.metrics,
+            submit=self.slot.submit,
+        )
+        self.reporter = StickReporter(self.node, device=config.device_id, drift=self.drift)
         self.engine: SyncEngine | None = None
         self.triggers: list[Trigger] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -87,6 +96,9 @@ class Agent:
         self._start_sync()
         self._start_brokers()  # brokers
         self._start_reconcile_timer()
+        node.background(self.reporter.ensure_key())
+        if self.config.drift_interval > 0:
+            node.background(self.drift.run(self.config.drift_interval))
         node.background(self._rotate_logs())
         logger.info(
             "agent ready: {} component(s); API on {}", len(node.deployer.supervisors), self.listen
@@ -162,7 +174,7 @@ class Agent:
             )
         self.triggers.append(StagedBundles(engine, self.runtime))
         if cfg.bundle_watch:
-            self.triggers.append(BundleWatch(engine, cfg.bundle_watch))
+            self.triggers.append(BundleWatch(engine, cfg.bundle_watch, on_imported=self.reporter))
         for trigger in self.triggers:
             trigger.start()
 

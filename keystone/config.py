@@ -65,6 +65,7 @@ class AgentConfig:
     reconcile_interval: float = 0.0
     reconcile_jitter: float | None = None
     bundle_watch: tuple[str, ...] = ()
+    drift_interval: float = 3600.0  # re-hash installed files this often; 0: only on demand
     limits: Limits = field(default_factory=Limits)
     mqtt: MqttConfig | None = None  # brokers: [mqtt]
     nats: NatsConfig | None = None  # brokers: [nats]
@@ -142,6 +143,7 @@ def parse_config(
             "limits",
             "mqtt",
             "nats",
+            "drift",
         },
     )
     r.table(("device",), {"id", "labels"})
@@ -234,6 +236,8 @@ def parse_config(
         )
     if r.table(("bundles",), {"watch"}) is not None:
         cfg = replace(cfg, bundle_watch=r.str_list(("bundles", "watch")) or ())
+    if r.table(("drift",), {"interval"}) is not None:
+        cfg = replace(cfg, drift_interval=_dur(r, ("drift", "interval"), cfg.drift_interval))
     if r.table(("limits",), set(BOUNDS)) is not None:
         cfg = replace(cfg, limits=_limits(r))
     mqtt, nats = parse_broker_tables(r, base)  # brokers
@@ -292,6 +296,11 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             cfg = replace(cfg, reconcile_jitter=parse_duration(env["KEYSTONE_RECONCILE_JITTER"]))
         except ValueError as exc:
             raise ValidationError(str(exc), field="KEYSTONE_RECONCILE_JITTER") from None
+    if env.get("KEYSTONE_DRIFT_INTERVAL"):
+        try:
+            cfg = replace(cfg, drift_interval=parse_duration(env["KEYSTONE_DRIFT_INTERVAL"]))
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="KEYSTONE_DRIFT_INTERVAL") from None
     if env.get("KEYSTONE_CLOCK_POLICY") and env["KEYSTONE_CLOCK_POLICY"] not in (
         "high-water",
         "strict",

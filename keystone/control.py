@@ -99,6 +99,14 @@ class AgentControl(Protocol):
 
     # --- GitOps (sync engine) ---------------------------------------------------------------
 
+    def drift(self) -> JSON:
+        """``GET /v1/drift``: the last drift check of every component's installed files."""
+        ...
+
+    def drift_check(self) -> JSON:
+        """``POST /v1/drift:check``: check every component's installed files now."""
+        ...
+
     def revision(self) -> JSON:
         """``{applied, last_known_good, source, signer, applied_at, last_sync, suspended}``."""
         ...

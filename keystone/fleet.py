@@ -117,19 +117,30 @@ def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -
 
 
 def diff(
-    repo: Path, rev_a: str, rev_b: str, *, device: str, labels: Sequence[str]
+    repo: Path,
+    rev_a: str,
+    rev_b: str,
+    *,
+    device: str,
+    labels: Sequence[str],
+    graphs: bool = False,
 ) -> dict[str, Any]:
-    """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order."""
+    """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order;
+    with ``graphs``, also both dependency graphs (``{"from": ..., "to": ...}``, each as
+    ``GET /v1/plan/graph`` answers it) for a picture of the change."""
     cache: dict[Any, Any] = {}  # recipes unchanged between the revisions are parsed once
     a, la = resolve_at(repo, rev_a, device=device, labels=labels, cache=cache)
     b, lb = resolve_at(repo, rev_b, device=device, labels=labels, cache=cache)
     changes, actions = plan_actions(a, b)
-    return {
+    out: dict[str, Any] = {
         "from": la,
         "to": lb,
         "changes": changes.to_json(),
         "actions": [x.to_json() for x in actions],
     }
+    if graphs:
+        out["graphs"] = {"from": a.graph.to_json(), "to": b.graph.to_json()}
+    return out
 
 
 def verify(

@@ -17,7 +17,9 @@ Added: ``keystone_build_info{version,python}``, ``keystone_uptime_seconds``,
 ``keystone_deployments_total{result}``, ``keystone_rollbacks_total{result}``, and the sync
 metrics ``keystone_sync_total{result,source}``, ``keystone_sync_duration_seconds``,
 ``keystone_sync_last_timestamp_seconds``, ``keystone_revision_info{revision,source}``,
-``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``.
+``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``, and
+``keystone_drift_files{name,kind}`` (installed files ``changed``, ``added`` or ``removed`` since
+install at the last check) with ``keystone_drift_repairs_total{name,result}``.
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
@@ -25,6 +27,7 @@ memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import threading
@@ -204,6 +207,18 @@ class Metrics:
         self.cache_bytes = Gauge(
             "keystone_artifact_cache_bytes", "Bytes held in the artifact cache", registry=r
         )
+        self.drift_files = Gauge(
+            "keystone_drift_files",
+            "Installed files that differ from their install manifest, by kind",
+            ["name", "kind"],
+            registry=r,
+        )
+        self.drift_repairs = Counter(
+            "keystone_drift_repairs_total",
+            "Reinstalls of drifted components by result",
+            ["name", "result"],
+            registry=r,
+        )
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -272,6 +287,20 @@ class Metrics:
     def set_clock_trusted(self, trusted: bool) -> None:
         """Whether the system clock is at or after the trusted clock's mark."""
         self.clock_trusted.set(1 if trusted else 0)
+
+    def set_drift(self, name: str, counts: dict[str, int] | None) -> None:
+        """A component's drifted file counts (``changed``, ``added``, ``removed``); None drops
+        its series (no manifest, or it left the plan)."""
+        for kind in ("changed", "added", "removed"):
+            if counts is None:
+                with contextlib.suppress(KeyError):  # never set: nothing to drop
+                    self.drift_files.remove(name, kind)
+            else:
+                self.drift_files.labels(name, kind).set(counts.get(kind, 0))
+
+    def drift_repair(self, name: str, result: str) -> None:
+        """Count a drift repair of ``name``: ``ok`` or ``failed``."""
+        self.drift_repairs.labels(name, result).inc()
 
     def reconcile(self, result: str, duration: float, repairs: int) -> None:
         """Count a reconcile pass, its duration and how many components it started again."""

@@ -265,6 +265,15 @@ SCHEMAS: dict[str, JSON] = {
         },
     },
     "ReconcileResult": {"type": "object", "properties": {"repaired": _STRS}},
+    "Drift": {
+        "type": "object",
+        "properties": {
+            "last_check": _NUMN,
+            "checks": {"type": "integer"},
+            "drifted": _STRS,
+            "components": {"type": "array", "items": _OBJ},
+        },
+    },
     "Revision": {
         "type": "object",
         "properties": {
@@ -275,6 +284,12 @@ SCHEMAS: dict[str, JSON] = {
             "applied_at": _NUMN,
             "last_sync": {"nullable": True, **_OBJ},
             "suspended": _BOOL,
+            "device_key": {
+                "nullable": True,
+                "description": "The device's Ed25519 report key: algorithm, public_key "
+                "(base64), fingerprint (sha256:<hex>), file",
+                **_OBJ,
+            },
         },
     },
     "SyncResult": {
@@ -588,6 +603,25 @@ def _paths() -> dict[str, JSON]:
                 "Go-agent compatibility: nothing to refresh.",
                 "datasets_refresh",
                 {"200": _json({"type": "array", "items": _OBJ}, "Always []")},
+            )
+        },
+        "/v1/drift": {
+            "get": _op(
+                "Drift of installed files (addition)",
+                "Per component: files changed, added or removed since install at the last "
+                "check, and its drift policy (report or repair).",
+                "drift",
+                {"200": _json(_ref("Drift"), "The last drift check")},
+            )
+        },
+        "/v1/drift:check": {
+            "post": _op(
+                "Check installed files now (addition)",
+                "Re-hashes every component's installed files and answers the drift; where a "
+                'recipe says drift = "repair", a repair is queued behind any deployment.',
+                "drift_check",
+                {"200": _json(_ref("Drift"), "The drift found")},
+                errors=(500,),
             )
         },
         "/v1/revision": {

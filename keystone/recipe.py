@@ -202,6 +202,7 @@ class Recipe:
     reload: Reload | None = None
     shutdown: Shutdown | None = None
     resources: Resources = field(default_factory=Resources)
+    drift: str = "report"
     source: str = ""
     unknown_fields: tuple[str, ...] = ()
     text: str = field(default="", repr=False, compare=False)
@@ -217,7 +218,8 @@ class Recipe:
     def content_hash(self) -> str:
         """SHA-256 over everything that changes what runs (not the file name or comments)."""
         data = asdict(self)
-        for key in ("source", "unknown_fields", "text"):
+        # drift only says what to do when installed files change: not a reason to restart
+        for key in ("source", "unknown_fields", "text", "drift"):
             data.pop(key, None)
         for dep in data["dependencies"]:
             dep.pop("line", None)
@@ -225,7 +227,9 @@ class Recipe:
         return hashlib.sha256(blob).hexdigest()
 
 
-_TOP = {"metadata", "dependencies", "artifacts", "datasets", "lifecycle", "resources"}
+_TOP = {"metadata", "dependencies", "artifacts", "datasets", "lifecycle", "resources", "drift"}
+DRIFT_POLICIES = ("report", "repair")
+"""What the agent does when a component's installed files drift: say so, or reinstall them."""
 _ARTIFACT = {"uri", "sha256", "sig_uri", "cert_uri", "unpack", "github_token", "headers", "delta"}
 _DATASET = {
     "name",
@@ -516,7 +520,12 @@ def parse_recipe(
             cpu_quota=_cpu_quota(r, (*rsp, "cpu_quota")),
         )
 
+    drift = r.text(("drift",)) or "report"
+    if drift not in DRIFT_POLICIES:
+        raise r.error(("drift",), f"expected report or repair, got {drift!r}")
+
     return Recipe(
+        drift=drift,
         metadata=meta,
         dependencies=tuple(deps),
         artifacts=tuple(artifacts),

@@ -19,6 +19,7 @@ from typing import BinaryIO, TypeVar
 from keystone import __version__
 from keystone.config import AgentConfig
 from keystone.control import JSON, Conflict, NotFound
+from keystone.drift import DriftMonitor
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError, UsageError, ValidationError
 from keystone.node import Node, apply_record
@@ -31,6 +32,7 @@ from keystone.plan import (
     parse_plan,
     resolve_entries,
 )
+from keystone.report import public_info
 from keystone.runtime.deployer import PlannedChanges
 from keystone.runtime.supervisor import State, Supervisor
 from keystone.slot import DesiredSlot, Job, Operation
@@ -49,6 +51,7 @@ class ControlService:
         self.node = node
         self.slot = slot
         self.engine: SyncEngine | None = None
+        self.drift_monitor: DriftMonitor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
 
@@ -77,8 +80,34 @@ class ControlService:
         }
 
     def components(self) -> list[JSON]:
-        sups = self.node.deployer.supervisors.values()
-        return [s.to_json() for s in sorted(sups, key=lambda s: s.name)]
+        sups = sorted(self.node.deployer.supervisors.values(), key=lambda s: s.name)
+        monitor = self.drift_monitor
+        if monitor is None:
+            return [s.to_json() for s in sups]
+        return [{**s.to_json(), "drift": monitor.of(s)} for s in sups]
+
+    # --- drift ------------------------------------------------------------------------------
+
+    def _monitor(self) -> DriftMonitor:
+        if self.drift_monitor is None:
+            raise Conflict("drift detection is not running in this agent")
+        return self.drift_monitor
+
+    def drift(self) -> JSON:
+        monitor = self._monitor()
+
+        async def read() -> JSON:  # on the loop: a check may be updating it
+            return monitor.to_json()
+
+        return self._call(read)
+
+    def drift_check(self) -> JSON:
+        monitor = self._monitor()
+
+        async def go() -> JSON:
+            return await monitor.check()
+
+        return self._call(go)
 
     def plan_status(self) -> JSON:
         node = self.node
@@ -326,7 +355,8 @@ class ControlService:
         return self._call(go, None)
 
     def revision(self) -> JSON:
-        return self._call(self._engine().revision_info)
+        info = self._call(self._engine().revision_info)
+        return {**info, "device_key": public_info(self.node.runtime / "state")}
 
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         eng = self._polling_engine()

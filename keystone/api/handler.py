@@ -541,6 +541,13 @@ class Handler(BaseHTTPRequestHandler):
     def h_datasets_refresh(self, q: Query, body: bytes) -> None:
         self._send(200, [])
 
+    def h_drift(self, q: Query, body: bytes) -> None:
+        self._send(200, self.c.drift())
+
+    def h_drift_check(self, q: Query, body: bytes) -> None:
+        self._json_object(body)
+        self._send(200, self.c.drift_check())
+
     def h_revision(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.revision())
 

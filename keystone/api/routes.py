@@ -80,6 +80,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/plan/stop", "stop_plan"),
     Route("GET", "/v1/datasets", "datasets"),
     Route("POST", "/v1/datasets:refresh", "datasets_refresh"),
+    Route("GET", "/v1/drift", "drift"),
+    Route("POST", "/v1/drift:check", "drift_check"),
     Route("GET", "/v1/revision", "revision"),
     Route("POST", "/v1/sync", "sync"),
     Route("GET", "/v1/history", "history"),

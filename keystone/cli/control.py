@@ -28,6 +28,7 @@ from keystone.cli.fast import read_components, read_health, read_status
 from keystone.cli.session import ExitCode, Output, Session, exit_for
 from keystone.client import ApiError, Client, OperationTimeout, component_path, error_for
 from keystone.errors import AgentUnreachable, UsageError, ValidationError
+from keystone.graph import FORMATS, graph_command
 from keystone.runtime.signing import (
     load_certificates,
     sha256_file,
@@ -158,17 +159,27 @@ def stop_plan_cmd(session: Session) -> None:
     session.emit({"stopped": True}, lambda d: "plan stopped")
 
 
+GRAPH_FORMATS = ("text", *FORMATS)
+
+
 @command(connect=True)
 def graph_cmd(
     session: Session,
-    fmt: Annotated[str, typer.Option("--format", help="text (start layers) or dot")] = "text",
+    fmt: Annotated[
+        str, typer.Option("--format", help="text (start layers), dot, svg or mermaid")
+    ] = "text",
 ) -> None:
-    """The dependency graph of the applied plan: start layers, or Graphviz dot
-    (GET /v1/plan/graph)."""
-    if fmt not in ("text", "dot"):
-        raise typer.BadParameter("expected text or dot", param_hint="--format")
+    """The dependency graph of the applied plan: start layers, or a picture in Graphviz dot,
+    SVG or Mermaid, nodes coloured by state (GET /v1/plan/graph, GET /v1/components)."""
+    if fmt not in GRAPH_FORMATS:
+        raise typer.BadParameter(f"expected {', '.join(GRAPH_FORMATS)}", param_hint="--format")
     data = session.request("GET", "/v1/plan/graph")
-    session.emit(data, views.graph_dot if fmt == "dot" else views.graph_text)
+    if fmt == "text" or session.as_json:
+        session.emit(data, views.graph_text)
+        return
+    components = session.request("GET", "/v1/components")
+    rows = components if isinstance(components, list) else []
+    session.emit(data, lambda d: graph_command(d, fmt, rows).rstrip("\n"))
 
 
 @command(connect=True)
@@ -389,9 +400,9 @@ def sign_cmd(
     )
 
 
-@command(connect=False)
+@command(connect=True)
 def verify_cmd(
-    output: Output,
+    output: Session,
     path: Annotated[
         Path | None, typer.Argument(help="file to verify (omit with --rev)", dir_okay=False)
     ] = None,
@@ -424,9 +435,23 @@ def verify_cmd(
     gpg_home: Annotated[
         Path | None, typer.Option("--gpg-home", help="gpg home for OpenPGP commits (with --rev)")
     ] = None,
+    installed: Annotated[
+        bool,
+        typer.Option(
+            "--installed",
+            help="ask the agent to re-hash every component's installed files now "
+            "(POST /v1/drift:check); exit 3 if any drifted",
+        ),
+    ] = False,
 ) -> None:
     """Verify a file's detached signature the way the agent will; or, with --rev (or no FILE),
-    a fleet commit's signature against an allowed-signers file."""
+    a fleet commit's signature against an allowed-signers file; or, with --installed, the
+    installed files of the running components against their install manifests."""
+    if installed:
+        data = output.request("POST", "/v1/drift:check")
+        output.emit(data, views.drift_text)
+        fail(ExitCode.REFUSED if data.get("drifted") else ExitCode.OK)
+        return
     if rev is not None or path is None:
         # lazy: keystone.fleet pulls in git, the trust policy and the deployer (~100 ms)
         from keystone import fleet

@@ -1,4 +1,5 @@
-"""Fleet tools: ``plan render/diff`` on a fleet checkout, and air-gapped ``bundle``s.
+"""Fleet tools: ``plan render/diff`` on a fleet checkout, air-gapped ``bundle``s, and the
+``report verify`` of what a device wrote back on the stick.
 
 ``plan render``, ``plan diff`` and ``bundle create/inspect`` work offline (the work is done by
 ``keystone.fleet`` and ``keystone.sync.inspect``); ``bundle import`` hands a bundle to the
@@ -18,10 +19,14 @@ from keystone.cli import views
 from keystone.cli.common import add_commands, command, fail
 from keystone.cli.session import ExitCode, Output, Session, exit_for
 from keystone.errors import AgentUnreachable
+from keystone.graph import FORMATS, plan_diff_command
 from keystone.sync.imports import stage_bundle
 
 plan_app = typer.Typer(help="Offline tools on a fleet checkout.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Air-gapped bundles: create, inspect, import.", no_args_is_help=True)
+report_app = typer.Typer(
+    help="Signed device reports written back on the stick.", no_args_is_help=True
+)
 
 RepoOpt = Annotated[Path, typer.Option("--repo", help="fleet repository (checkout or bare)")]
 LabelsOpt = Annotated[str, typer.Option("--labels", help="device labels, comma separated")]
@@ -62,13 +67,30 @@ def plan_diff(
     repo: RepoOpt = Path("."),
     labels: LabelsOpt = "",
     device: Annotated[str, typer.Option("--device")] = "any-device",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="text (changes and actions), or a picture: dot, svg or mermaid"
+        ),
+    ] = "text",
 ) -> None:
-    """What moving a device from REV_A to REV_B changes, in deployment order."""
+    """What moving a device from REV_A to REV_B changes, in deployment order, or drawn as the
+    desired graph with its nodes marked added, changed, restarted, removed or unchanged."""
+    if fmt not in ("text", *FORMATS):
+        raise typer.BadParameter(f"expected text, {', '.join(FORMATS)}", param_hint="--format")
     # lazy: keystone.fleet pulls in git, the resolver and the deployer (~100 ms): not for --help
     from keystone import fleet
 
+    data = fleet.diff(
+        repo, rev_a, rev_b, device=device, labels=_labels(labels), graphs=fmt != "text"
+    )
+    if fmt == "text" or output.as_json:
+        output.emit(data, views.plan_diff_text)
+        return
+    graphs = data["graphs"]
     output.emit(
-        fleet.diff(repo, rev_a, rev_b, device=device, labels=_labels(labels)), views.plan_diff_text
+        data,
+        lambda d: plan_diff_command(graphs["from"], graphs["to"], d["changes"], fmt).rstrip("\n"),
     )
 
 
@@ -192,7 +214,53 @@ def bundle_import(
     session.emit({"result": "staged", "path": str(staged)}, lambda d: views.staged_text(path, d))
 
 
+@report_app.command("verify")
+@command(connect=False, json_errors=False)
+def report_verify(
+    output: Output,
+    path: Annotated[Path, typer.Argument(help="a keystone-report-<device>-<time>.json")],
+    device_key: Annotated[
+        str,
+        typer.Option(
+            "--device-key",
+            help="the device's public key file (its device.pub) or fingerprint (sha256:<hex>)",
+        ),
+    ],
+) -> None:
+    """Check a device report's signature and that the device key made it: exit 0 when it
+    verifies, 3 (with the reason) when it does not."""
+    # keystone.report loads cryptography for the check; only this command needs it
+    from keystone import report
+
+    try:
+        verified = report.verify_file(path, device_key)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device-key") from None
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: {exc.strerror or exc}", param_hint="FILE") from None
+    except report.ReportRefused as exc:
+        output.emit({"ok": False, "file": str(path), "reason": str(exc)}, views.report_verdict_text)
+        fail(ExitCode.REFUSED)
+        return
+    rep = verified.report
+    output.emit(
+        {
+            "ok": True,
+            "file": str(path),
+            "device": verified.device,
+            "fingerprint": verified.fingerprint,
+            "created_at": rep.get("created_at"),
+            "outcome": rep.get("outcome"),
+            "applied": (rep.get("revision") or {}).get("applied"),
+            "report": rep,
+        },
+        views.report_verdict_text,
+    )
+
+
 def register(app: typer.Typer, only: str | None = None) -> bool:
-    """Add the ``plan`` and ``bundle`` groups to ``app`` (just ``only`` when given); True if
-    any matched."""
-    return add_commands(app, only, (), (("plan", plan_app), ("bundle", bundle_app)))
+    """Add the ``plan``, ``bundle`` and ``report`` groups to ``app`` (just ``only`` when
+    given); True if any matched."""
+    return add_commands(
+        app, only, (), (("plan", plan_app), ("bundle", bundle_app), ("report", report_app))
+    )

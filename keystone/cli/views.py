@@ -138,6 +138,11 @@ def status_text(d: dict[str, Any]) -> str:
     if d.get("error"):
         lines.append(f"error: {d['error']}")
     lines += [f"warning: unknown field {u}" for u in d.get("unknownFields") or []]
+    checked = [c for c in d.get("components") or [] if c.get("drift")]
+    if checked:
+        lines.append(
+            "drift: " + "; ".join(f"{c['name']} {drift_summary(c['drift'])}" for c in checked)
+        )
     lines += ["", components_text(d.get("components") or [])]
     return "\n".join(lines)
 
@@ -159,11 +164,60 @@ def revision_text(d: dict[str, Any]) -> str:
         lines.append(f"  reason:         {last['error']}")
     if d.get("suspended"):
         lines.append("polling:          SUSPENDED (keystone resume)")
+    key = d.get("device_key")
+    if key:
+        lines.append(f"device key:       {key.get('algorithm')} {key.get('fingerprint')}")
     for rev, info in (d.get("failed") or {}).items():
         info = info if isinstance(info, dict) else {"reason": info}
         lines.append(
             f"failed:           {short(rev)} {info.get('kind', '')}: {info.get('reason', '')}"[:160]
         )
+    return "\n".join(lines)
+
+
+def report_verdict_text(d: dict[str, Any]) -> str:
+    """``report verify``: who signed it and what it says, or why it is refused."""
+    if not d.get("ok"):
+        return f"refused: {d['file']}: {d.get('reason')}"
+    lines = [
+        f"ok: {d['file']}",
+        f"  device:     {d.get('device') or '-'} ({d.get('fingerprint')})",
+        f"  written:    {d.get('created_at') or '-'}",
+        f"  outcome:    {d.get('outcome') or '-'}",
+        f"  applied:    {d.get('applied') or '-'}",
+    ]
+    for c in (d.get("report") or {}).get("components") or []:
+        lines.append(
+            f"  {c.get('name')}: {c.get('state')} {c.get('version') or ''}"
+            f" drift {drift_summary(c.get('drift'))}"
+        )
+    return "\n".join(lines)
+
+
+def drift_summary(d: dict[str, Any] | None) -> str:
+    """One component's drift in a few words: ``clean``, ``3 changed, 1 added``, or ``-``."""
+    if not d:
+        return "-"
+    if not d.get("drifted"):
+        return "clean"
+    parts = [f"{d[k]} {k}" for k in ("changed", "added", "removed") if d.get(k)]
+    return ", ".join(parts)
+
+
+def drift_text(d: dict[str, Any]) -> str:
+    """``verify --installed``: each component's drift and the files it names."""
+    comps = d.get("components") or []
+    if not comps:
+        return "no components"
+    lines = []
+    for c in comps:
+        drift = c.get("drift")
+        policy = c.get("policy") or "report"
+        state = drift_summary(drift) if drift else "no install manifest"
+        lines.append(f"{c['name']}: {state} (drift = {policy})")
+        files = (drift or {}).get("files") or {}
+        for kind in ("changed", "added", "removed"):
+            lines += [f"  {kind:<8} {p}" for p in files.get(kind) or []]
     return "\n".join(lines)
 
 
@@ -177,29 +231,6 @@ def graph_text(d: dict[str, Any]) -> str:
     if edges:
         lines.append("")
         lines += [f"{e['from']} -> {e['to']} ({e.get('type', 'hard')})" for e in edges]
-    return "\n".join(lines)
-
-
-def _dot_id(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def graph_dot(d: dict[str, Any]) -> str:
-    """Graphviz: dependency -> dependent (the start order), one rank per layer; ``soft`` edges
-    dashed, ``ordering`` dotted."""
-    style = {"hard": "solid", "soft": "dashed", "ordering": "dotted"}
-    lines = ["digraph keystone {", "  rankdir=LR;", "  node [shape=box];"]
-    for layer in d.get("order") or []:
-        lines.append("  { rank=same; " + " ".join(_dot_id(n) + ";" for n in layer) + " }")
-    for n in d.get("nodes") or []:
-        lines.append(f"  {_dot_id(n)};")
-    for e in d.get("edges") or []:
-        kind = e.get("type", "hard")
-        lines.append(
-            f"  {_dot_id(e['to'])} -> {_dot_id(e['from'])} "
-            f'[style={style.get(kind, "solid")}, label="{kind}"];'
-        )
-    lines.append("}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ the resident agent.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from typing import Any
 
 from keystone import errors
 from keystone.plan import Component
+from keystone.runtime import drift
 from keystone.runtime.deployer import LOCAL_ARTIFACTS, ArtifactContext
 from keystone.runtime.process import ProcessRunner
 from keystone.workerproc import ErrorInfo, call
@@ -115,7 +117,8 @@ class WorkerPreparer:
     async def install(
         self, component: Component, workdir: Path, *, context: ArtifactContext = LOCAL_ARTIFACTS
     ) -> None:
-        """Copy prepared artifacts into ``workdir`` (the cached originals stay immutable)."""
+        """Copy prepared artifacts into ``workdir`` (the cached originals stay immutable), then
+        record the manifest of what was installed (``keystone.runtime.drift``)."""
         # As in policy(): loaded only for a plan with artifacts.
         from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, PreparedArtifact
 
@@ -124,11 +127,22 @@ class WorkerPreparer:
             await self.prepare([component], context=context)
             prepared = self._prepared.get(component.content_hash(), [])
         store = ArtifactStore(ArtifactPolicy.from_json(self.policy(context)))
+        files: list[str] = []
+        dirs: list[str] = []
         try:
             for p in prepared:
-                store.install(PreparedArtifact.from_json(p), workdir)
+                item = PreparedArtifact.from_json(p)
+                store.install(item, workdir)
+                if item.unpacked is not None:
+                    tree_files, tree_dirs = drift.tree_paths(item.unpacked)
+                    files += tree_files
+                    dirs += tree_dirs
+                else:
+                    files.append(item.name)
         finally:
             store.close()
+        # Hashing what was installed may take a while for a large tree: not on the loop.
+        await asyncio.to_thread(drift.record, workdir, files, dirs)
 
     def _observe(self, answer: dict[str, Any]) -> None:
         if answer.get("clock_trusted") is not None:

@@ -12,7 +12,7 @@ work dirs (``components/<name>/<version>``), so a rollback starts at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -417,8 +417,14 @@ class Deployer:
         changes = ChangeSet((), (), (), (), tuple(self.applied.components))
         return DeployResult(failure is None, changes, actions, *(failure or (None, None)))
 
-    async def restart_component(self, name: str) -> tuple[int | None, list[str]]:
+    async def restart_component(
+        self, name: str, *, reinstall: Callable[[Supervisor], Awaitable[None]] | None = None
+    ) -> tuple[int | None, list[str]]:
         """Restart ``name`` and its hard/soft dependents; returns (pid, dependents).
+
+        ``reinstall``, when given, runs while ``name`` is stopped, before it starts again (a
+        drift repair puts its installed files back there); it reports its own failures and
+        does not raise, so the component and its dependents always start again.
 
         Dependents stop first (reverse order) and start again once ``name`` has left its
         starting state (healthy, or given up on by its own start timeout), so a restart never
@@ -432,6 +438,8 @@ class Deployer:
                 await self.supervisors[n].stop(reason=f"dependency {name} restarting")
             sup = self.supervisors[name]
             await sup.stop(reason="restart")
+            if reinstall is not None:
+                await reinstall(sup)
             await sup.start()
             sup.restarts += 1
             await sup.wait_for(lambda st: st not in (State.STARTING, State.INSTALLING), None)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -107,16 +108,24 @@ class BundleWatch(_TaskTrigger):
     """Each bundle that appears under a watched mount pattern (a USB stick) is imported once.
 
     The mounts are scanned every ``every`` seconds; a file is known by its sha256 (in the
-    ledger), so the same bundle on another stick is not imported again.
+    ledger), so the same bundle on another stick is not imported again. ``on_imported(path,
+    sha256, result)`` runs after each import (the report written back on the stick); its
+    failures are logged, never fatal.
     """
 
     def __init__(
-        self, engine: SyncEngine, patterns: tuple[str, ...], *, every: float = 5.0
+        self,
+        engine: SyncEngine,
+        patterns: tuple[str, ...],
+        *,
+        every: float = 5.0,
+        on_imported: Callable[[Path, str, dict[str, Any]], Awaitable[Any]] | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
         self.patterns = patterns
         self.every = every
+        self.on_imported = on_imported
         self._seen: set[tuple[str, int, int]] = set()
 
     async def run(self) -> None:
@@ -156,3 +165,8 @@ class BundleWatch(_TaskTrigger):
                 str(path), imported[digest].time, str(result.get("result"))
             )
             engine.host.save_soon()
+            if self.on_imported is not None:
+                try:
+                    await self.on_imported(path, digest, dict(result))
+                except Exception:  # a report that cannot be made never stops the watch
+                    logger.exception("watched bundle {}: after-import hook failed", path)

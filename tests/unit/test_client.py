@@ -172,6 +172,25 @@ class Control:
         self._rec("metrics")
         return b"keystone_up 1\n", "text/plain; version=0.0.4; charset=utf-8"
 
+    def drift(self) -> dict[str, Any]:
+        self._rec("drift")
+        return {"last_check": None, "checks": 0, "drifted": [], "components": []}
+
+    def drift_check(self) -> dict[str, Any]:
+        self._rec("drift_check")
+        drift = {
+            "drifted": True,
+            "changed": 1,
+            "added": 0,
+            "removed": 0,
+            "files": {"changed": ["bin/app"], "added": [], "removed": []},
+            "checked": 3,
+            "checked_at": 2.0,
+        }
+        return {"last_check": 2.0, "checks": 1, "drifted": ["api"],
+                "components": [{"name": "api", "version": "1.2.0", "policy": "report",
+                                "drift": drift}]}  # fmt: skip
+
     def revision(self) -> dict[str, Any]:
         self._rec("revision")
         return {"applied": "a" * 40, "last_known_good": "a" * 40, "source": "git",

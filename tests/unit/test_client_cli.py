@@ -195,7 +195,21 @@ class TestReads:
         dot = cli("graph", "--format", "dot").stdout
         assert dot.startswith("digraph keystone {") and '"db" -> "api"' in dot
         assert cli.json("graph")["order"] == [["db"], ["api"]]
-        assert cli("graph", "--format", "svg").exit_code == 2
+        assert cli("graph", "--format", "png").exit_code == 2
+
+    def test_graph_pictures_coloured_by_state(self, cli: Cli) -> None:
+        """graph --format svg|mermaid: the picture, each node filled by its component's state
+        (api healthy, db failed in the fake)."""
+        from keystone import graph
+
+        svg = cli("graph", "--format", "svg").stdout
+        assert "<svg" in svg[:100] and svg.rstrip().endswith("</svg>")
+        assert graph.PALETTE["healthy"][0] in svg and graph.PALETTE["failed"][0] in svg
+        mermaid = cli("graph", "--format", "mermaid").stdout
+        assert mermaid.startswith(("flowchart LR", "graph LR")) and "db" in mermaid
+        dot = cli("graph", "--format", "dot").stdout
+        assert graph.PALETTE["failed"][0] in dot
+        assert cli.json("graph", "--format", "svg")["order"] == [["db"], ["api"]]
 
 
 class TestActions:

@@ -71,7 +71,7 @@ class TestReadCommands:
         assert dot.startswith("digraph") and dot.rstrip().endswith("}")
         assert '"db" -> "cache"' in dot and '"cache" -> "api"' in dot
         assert as_json(demo_agent.cli("graph", "--json"))["order"] == [["db"], ["cache"], ["api"]]
-        assert demo_agent.cli("graph", "--format", "svg").returncode == 2
+        assert demo_agent.cli("graph", "--format", "png").returncode == 2
 
     def test_restart_dry_changes_nothing(self, demo_agent: AgentProc) -> None:
         """restart --dry and restart-dry print the orders and restart nothing."""
