@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keystone.datasets.spec import DatasetSpec, parse_datasets, reload_plan
+from keystone.datasetspec import DatasetSpec, parse_datasets, reload_plan
 from keystone.delta import DeltaSpec, parse_delta_table
 from keystone.env import SubstitutionError, substitute
 from keystone.limits import Limits, read_bounded
