@@ -17,7 +17,10 @@ Added: ``keystone_build_info{version,python}``, ``keystone_uptime_seconds``,
 ``keystone_deployments_total{result}``, ``keystone_rollbacks_total{result}``, and the sync
 metrics ``keystone_sync_total{result,source}``, ``keystone_sync_duration_seconds``,
 ``keystone_sync_last_timestamp_seconds``, ``keystone_revision_info{revision,source}``,
-``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``.
+``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``, and the delta
+update counters ``keystone_artifact_delta_bytes_total{kind}`` (``downloaded``: patch bytes
+fetched; ``saved``: what the full downloads would have taken beyond them) and
+``keystone_artifact_fetches_total{path}`` (``full`` or ``delta``).
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
@@ -204,6 +207,22 @@ class Metrics:
         self.cache_bytes = Gauge(
             "keystone_artifact_cache_bytes", "Bytes held in the artifact cache", registry=r
         )
+        self.delta_bytes = Counter(
+            "keystone_artifact_delta_bytes_total",
+            "Delta updates: patch bytes downloaded, and bytes the full downloads would have added",
+            ["kind"],
+            registry=r,
+        )
+        self.artifact_fetches = Counter(
+            "keystone_artifact_fetches_total",
+            "Artifacts fetched, by path: the whole artifact or a delta patch",
+            ["path"],
+            registry=r,
+        )
+        for kind in ("downloaded", "saved"):
+            self.delta_bytes.labels(kind)
+        for path in ("full", "delta"):
+            self.artifact_fetches.labels(path)
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -268,6 +287,15 @@ class Metrics:
     def set_cache_bytes(self, n: int) -> None:
         """Bytes in the artifact cache (after a GC or a download)."""
         self.cache_bytes.set(n)
+
+    def artifact_fetched(self, via: str, wire_bytes: int, saved_bytes: int) -> None:
+        """Count one artifact brought in by ``full`` download or ``delta`` patch (cache: nothing)."""
+        if via not in ("full", "delta"):
+            return
+        self.artifact_fetches.labels(via).inc()
+        if via == "delta":
+            self.delta_bytes.labels("downloaded").inc(max(0, wire_bytes))
+            self.delta_bytes.labels("saved").inc(max(0, saved_bytes))
 
     def set_clock_trusted(self, trusted: bool) -> None:
         """Whether the system clock is at or after the trusted clock's mark."""

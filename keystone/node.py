@@ -66,6 +66,7 @@ class Node:
             on_change=self._on_component_change,
         )
         self.metrics: Metrics | None = Metrics()
+        self.preparer.on_prepared = self._on_artifact_prepared
         self.ledger = Ledger()
         self.plan_path = ""
         self.plan_state = "idle"
@@ -256,6 +257,28 @@ class Node:
             self.emit({"kind": kind, "result": outcome, **result.to_json(), **extra})
 
     # --- housekeeping -----------------------------------------------------------------------
+
+    def _on_artifact_prepared(self, prepared: Mapping[str, Any]) -> None:
+        # The worker's own log stays in the worker; the path taken is the agent's to say.
+        via = str(prepared.get("via") or "cache")
+        wire = int(prepared.get("wire_bytes") or 0)
+        saved = int(prepared.get("saved_bytes") or 0)
+        what = f"artifact {prepared.get('uri')} of component {prepared.get('component')!r}"
+        if via == "delta":
+            logger.info(
+                "{}: installed from a delta patch: {} B on the wire, ~{} B saved", what, wire, saved
+            )
+        elif via == "full" and prepared.get("delta_fallback"):
+            logger.info(
+                "{}: delta unavailable ({}); downloaded the whole artifact ({} B)",
+                what,
+                prepared.get("delta_fallback"),
+                wire,
+            )
+        elif via == "full":
+            logger.info("{}: downloaded whole ({} B)", what, wire)
+        if self.metrics is not None:
+            self.metrics.artifact_fetched(via, wire, saved)
 
     def _on_component_change(self, sup: Supervisor) -> None:
         if self.metrics is not None and self.deployer.supervisors.get(sup.name) is sup:
