@@ -17,6 +17,8 @@ from typing import Any
 from loguru import logger
 
 from keystone.config import AgentConfig
+from keystone.datasets.agent import AgentDatasets
+from keystone.datasets.manager import RefreshResult
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError
 from keystone.ledger import Ledger, ProcessRecord, Snapshot
@@ -57,6 +59,12 @@ class Node:
             self.runner, self.runtime, allow_unsigned=config.trust.allow_unsigned_artifacts
         )
         install_timeout = parse_duration(os.environ.get("KEYSTONE_INSTALL_TIMEOUT", "2m"))
+        self.datasets = AgentDatasets(
+            self.runtime,
+            lambda: self.deployer.supervisors,
+            device_id=config.device_id,
+            on_result=self._on_dataset_result,
+        )
         self.deployer = Deployer(
             self.runner,
             self.runtime,
@@ -64,8 +72,11 @@ class Node:
             tuning=tuning,
             install_timeout=install_timeout,
             on_change=self._on_component_change,
+            component_env=self.datasets.component_env,
+            start_gate=self.datasets.start_gate,
         )
         self.metrics: Metrics | None = Metrics()
+        self.metrics.add_samples(self.datasets.metric_samples)
         self.preparer.on_prepared = self._on_artifact_prepared
         self.ledger = Ledger()
         self.plan_path = ""
@@ -163,6 +174,7 @@ class Node:
             self.save_soon()
             raise
         self._prune_metrics()
+        self.datasets.sync_plan(self.deployer.applied)
         self.plan_state = "running" if result.ok else "failed"
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
@@ -238,6 +250,10 @@ class Node:
                 sup = self.deployer.make_supervisor(comp)
                 self.deployer.supervisors[name] = sup
                 sup.adopt(handle)
+                if comp.recipe.datasets:
+                    # Running already: its datasets are on disk; keep them fresh from here.
+                    self.datasets.bind(comp)
+                    self.datasets.scheduler.sync_bindings()
                 logger.info("adopted {} (pid {}) from the previous run", name, handle.pid)
             elif handle is not None:
                 logger.info("stopping stale {} (pid {}) left by the previous run", name, handle.pid)
@@ -257,6 +273,19 @@ class Node:
             self.emit({"kind": kind, "result": outcome, **result.to_json(), **extra})
 
     # --- housekeeping -----------------------------------------------------------------------
+
+    def _on_dataset_result(self, result: RefreshResult) -> None:
+        if result.result != "unchanged":
+            self.emit(
+                {
+                    "kind": "dataset",
+                    "result": result.result,
+                    "dataset": result.name,
+                    "version": result.version,
+                    **({"reason": result.reason} if result.reason else {}),
+                    **({"rolled_back": True} if result.rolled_back else {}),
+                }
+            )
 
     def _on_artifact_prepared(self, prepared: Mapping[str, Any]) -> None:
         # The worker's own log stays in the worker; the path taken is the agent's to say.
@@ -334,6 +363,7 @@ class Node:
 
     async def close(self) -> None:
         """Cancel background work, stop every component in reverse order, save."""
+        await self.datasets.stop()
         for t in list(self._background):
             t.cancel()
         await self.deployer.stop_all(reason="agent shutdown")

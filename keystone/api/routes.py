@@ -80,6 +80,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/plan/stop", "stop_plan"),
     Route("GET", "/v1/datasets", "datasets"),
     Route("POST", "/v1/datasets:refresh", "datasets_refresh"),
+    Route("GET", "/v1/datasets/{name}", "dataset"),
     Route("GET", "/v1/revision", "revision"),
     Route("POST", "/v1/sync", "sync"),
     Route("GET", "/v1/history", "history"),
