@@ -34,10 +34,15 @@ def register(only: str | None) -> bool:
     if agent.register(app, only) and only is not None:
         return True
     # lazy: the other groups (API client, signing, bundle tools) stay out of the agent's memory
-    from keystone.cli import control, fleet, gitops
+    from keystone.cli import control, fleet, gitops, manifests
 
     found = only is None
-    for group in (control, gitops, fleet):  # in the order --help lists them, after the agent's
+    for group in (
+        control,
+        manifests,
+        gitops,
+        fleet,
+    ):  # in the order --help lists them, after the agent's
         found = group.register(app, only) or found
     return found
 
