@@ -101,7 +101,7 @@ class Agent:
             if node.stopped
             else ("running" if node.deployer.applied.components else "idle")
         )
-        node.datasets.start()
+        node.start_datasets()
         self._start_notifier()
         self._start_sync()
         self._start_reconcile_timer()

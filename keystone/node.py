@@ -12,18 +12,16 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from keystone.config import AgentConfig
-from keystone.datasets.agent import AgentDatasets
-from keystone.datasets.manager import RefreshResult
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError
 from keystone.ledger import Ledger, ProcessRecord, Snapshot
 from keystone.metrics import Metrics
-from keystone.plan import DesiredPlan, RecipeStore, plan_from_json, plan_to_json
+from keystone.plan import Component, DesiredPlan, RecipeStore, plan_from_json, plan_to_json
 from keystone.recipe import parse_recipe
 from keystone.runtime.artifact_client import WorkerPreparer
 from keystone.runtime.deployer import (
@@ -39,6 +37,10 @@ from keystone.state import History
 from keystone.sync.model import WorkerAnswer, WorkerRequest
 from keystone.units import parse_duration
 from keystone.workerproc import ErrorInfo, call
+
+if TYPE_CHECKING:
+    from keystone.datasets.agent import AgentDatasets
+    from keystone.datasets.manager import RefreshResult
 
 SYNC_WORKER = "keystone.sync.worker"
 
@@ -59,12 +61,9 @@ class Node:
             self.runner, self.runtime, allow_unsigned=config.trust.allow_unsigned_artifacts
         )
         install_timeout = parse_duration(os.environ.get("KEYSTONE_INSTALL_TIMEOUT", "2m"))
-        self.datasets = AgentDatasets(
-            self.runtime,
-            lambda: self.deployer.supervisors,
-            device_id=config.device_id,
-            on_result=self._on_dataset_result,
-        )
+        # Created on first use (a plan with datasets): its modules stay out of other agents.
+        self._datasets: AgentDatasets | None = None
+        self._datasets_started = False
         self.deployer = Deployer(
             self.runner,
             self.runtime,
@@ -72,11 +71,10 @@ class Node:
             tuning=tuning,
             install_timeout=install_timeout,
             on_change=self._on_component_change,
-            component_env=self.datasets.component_env,
-            start_gate=self.datasets.start_gate,
+            component_env=self._component_env,
+            start_gate=self._start_gate,
         )
         self.metrics: Metrics | None = Metrics()
-        self.metrics.add_samples(self.datasets.metric_samples)
         self.preparer.on_prepared = self._on_artifact_prepared
         self.ledger = Ledger()
         self.plan_path = ""
@@ -174,7 +172,8 @@ class Node:
             self.save_soon()
             raise
         self._prune_metrics()
-        self.datasets.sync_plan(self.deployer.applied)
+        if self._datasets is not None:
+            self._datasets.sync_plan(self.deployer.applied)
         self.plan_state = "running" if result.ok else "failed"
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
@@ -274,6 +273,45 @@ class Node:
 
     # --- housekeeping -----------------------------------------------------------------------
 
+    # --- datasets ---------------------------------------------------------------------------
+
+    @property
+    def datasets(self) -> AgentDatasets:
+        """The agent's dataset side (store, resolver, manager, scheduler), made on first use."""
+        if self._datasets is None:
+            # lazy: the dataset modules (tarfile, zipfile, manifests) only for a plan with datasets
+            from keystone.datasets.agent import AgentDatasets
+
+            self._datasets = AgentDatasets(
+                self.runtime,
+                lambda: self.deployer.supervisors,
+                device_id=self.config.device_id,
+                on_result=self._on_dataset_result,
+            )
+            if self.metrics is not None:
+                self.metrics.add_samples(self._datasets.metric_samples)
+            if self._datasets_started:
+                self._datasets.start()
+        return self._datasets
+
+    def start_datasets(self) -> None:
+        """Run the dataset schedule on the loop (now, or when the first dataset appears)."""
+        self._datasets_started = True
+        if self._datasets is not None:
+            self._datasets.start()
+
+    def datasets_json(self) -> list[dict[str, Any]]:
+        """``GET /v1/datasets``: empty while no component declares a dataset."""
+        return [] if self._datasets is None else self._datasets.list_json()
+
+    def _component_env(self, component: Component) -> dict[str, str]:
+        return self.datasets.component_env(component) if component.recipe.datasets else {}
+
+    async def _start_gate(self, component: Component) -> str | None:
+        if not component.recipe.datasets and self._datasets is None:
+            return None
+        return await self.datasets.start_gate(component)
+
     def _on_dataset_result(self, result: RefreshResult) -> None:
         if result.result != "unchanged":
             self.emit(
@@ -363,7 +401,8 @@ class Node:
 
     async def close(self) -> None:
         """Cancel background work, stop every component in reverse order, save."""
-        await self.datasets.stop()
+        if self._datasets is not None:
+            await self._datasets.stop()
         for t in list(self._background):
             t.cancel()
         await self.deployer.stop_all(reason="agent shutdown")
