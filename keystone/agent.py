@@ -23,6 +23,7 @@ from keystone.env import substitution_env
 from keystone.errors import ValidationError
 from keystone.node import Node
 from keystone.plan import DesiredPlan, FileRecipes, merge_entries, parse_plan, resolve_entries
+from keystone.recipesig import RecipeFileVerifier
 from keystone.runtime.logs import rotate_logs
 from keystone.runtime.supervisor import RestartTuning
 from keystone.service import ControlService
@@ -61,14 +62,31 @@ class Agent:
         self.notifier: Any = None
         self._shutdown: asyncio.Event | None = None
 
-    def load_plan_file(self, path: Path, *, root: Path | None = None) -> DesiredPlan:
-        """Validate a local plan file and its recipes (raises before anything runs)."""
+    def load_plan_file(
+        self,
+        path: Path,
+        *,
+        root: Path | None = None,
+        verify_signatures: bool = True,
+        insecure_skip_verify: bool = False,
+    ) -> DesiredPlan:
+        """Validate a local plan file and its recipes (raises before anything runs).
+
+        With a trust bundle configured, every recipe file it names must carry a valid
+        ``<recipe>.sig`` (:mod:`keystone.recipesig`); ``verify_signatures=False`` is for the
+        built-in demo, whose recipes ship inside the package.
+        """
         text = _read_plan(path)
         pf = parse_plan(text, file=str(path))
         entries, unknown = merge_entries([pf])
+        verify = (
+            RecipeFileVerifier.from_env(insecure_skip_verify=insecure_skip_verify)
+            if verify_signatures
+            else None
+        )
         return resolve_entries(
             entries,
-            FileRecipes(root or Path.cwd(), self.node.store),
+            FileRecipes(root or Path.cwd(), self.node.store, verify=verify),
             environ=substitution_env(),
             sources=(str(path),),
             unknown=unknown,
@@ -92,6 +110,7 @@ class Agent:
             if node.stopped
             else ("running" if node.deployer.applied.components else "idle")
         )
+        node.start_datasets()
         self._start_notifier()
         self._start_sync()
         self._start_brokers()  # brokers

@@ -97,6 +97,20 @@ class AgentControl(Protocol):
         """Prometheus exposition (body, content type)."""
         ...
 
+    # --- datasets ----------------------------------------------------------------------------
+
+    def datasets(self) -> list[JSON]:
+        """Every dataset a component declares, in the Go agent's shape (``GET /v1/datasets``)."""
+        ...
+
+    def dataset(self, name: str) -> JSON:
+        """One dataset with its versions, refused manifests and spec; NotFound if undeclared."""
+        ...
+
+    def refresh_datasets(self) -> list[JSON]:
+        """Check every dataset for a new version now (full verification), then list them."""
+        ...
+
     # --- GitOps (sync engine) ---------------------------------------------------------------
 
     def drift(self) -> JSON:

@@ -218,6 +218,16 @@ def decompress_to_tar(
     return h.hexdigest()
 
 
+def _sha256_file(path: Path) -> str:
+    # Local, not runtime.signing's: the recipe model imports this module and must not reach
+    # into the runtime.
+    h = hashlib.sha256()
+    with open(path, "rb") as src:
+        while block := src.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tar_sha256(path: Path) -> str:
     """The SHA-256 of an archive's uncompressed tar (what delta URLs name a version by)."""
     h = hashlib.sha256()
@@ -611,10 +621,7 @@ def _fetch_delta(
             reason="too-large",
         )
     _libs()
-    # lazy: the runtime package is not needed to read or write a patch
-    from keystone.runtime.signing import sha256_file
-
-    base_sha = sha256_file(Path(base_tar))
+    base_sha = _sha256_file(Path(base_tar))
     url = delta_url(spec.server, base_sha, spec.sha256)
     patch = dest.with_name(dest.name + ".delta.zst.part")
     # A patch as large as the full download saves nothing.

@@ -17,9 +17,15 @@ Added: ``keystone_build_info{version,python}``, ``keystone_uptime_seconds``,
 ``keystone_deployments_total{result}``, ``keystone_rollbacks_total{result}``, and the sync
 metrics ``keystone_sync_total{result,source}``, ``keystone_sync_duration_seconds``,
 ``keystone_sync_last_timestamp_seconds``, ``keystone_revision_info{revision,source}``,
-``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``, and
+``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``,
 ``keystone_drift_files{name,kind}`` (installed files ``changed``, ``added`` or ``removed`` since
-install at the last check) with ``keystone_drift_repairs_total{name,result}``.
+install at the last check) with ``keystone_drift_repairs_total{name,result}``;
+the delta update counters ``keystone_artifact_delta_bytes_total{kind}`` (``downloaded``: patch bytes
+fetched; ``saved``: what the full downloads would have taken beyond them) and
+``keystone_artifact_fetches_total{path}`` (``full`` or ``delta``); and the Go agent's dataset
+series (:mod:`keystone.datasets.status`, through :meth:`Metrics.add_samples`):
+``keystone_dataset_age_seconds``, ``_stale``, ``_activations_total``, ``_refreshes_total``,
+``_last_timestamp_seconds``.
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
@@ -32,7 +38,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +119,31 @@ class _Component:
     rss_bytes: int | None = None
     # last CPU sample: (monotonic seconds, ticks, process start) to compute a rate
     sample: tuple[float, int, int] | None = None
+
+
+class _SampleCollector:
+    """A prometheus collector over plain samples, grouped into families by name."""
+
+    def __init__(self, sources: list[Callable[[], Iterable[Any]]]) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        families: dict[str, Any] = {}
+        for source in self.sources:
+            try:
+                samples = list(source())
+            except Exception:  # a scrape must not fail for one source (it is read in a thread)
+                continue
+            for smp in samples:
+                fam = families.get(smp.name)
+                if fam is None:
+                    keys = [k for k, _ in smp.labels]
+                    make = CounterMetricFamily if smp.kind == "counter" else GaugeMetricFamily
+                    fam = families[smp.name] = make(smp.name, smp.help, labels=keys)
+                fam.add_metric([v for _, v in smp.labels], smp.value)
+        yield from families.values()
 
 
 class Metrics:
@@ -219,6 +250,25 @@ class Metrics:
             ["name", "result"],
             registry=r,
         )
+        self.delta_bytes = Counter(
+            "keystone_artifact_delta_bytes_total",
+            "Delta updates: patch bytes downloaded, and bytes the full downloads would have added",
+            ["kind"],
+            registry=r,
+        )
+        self.artifact_fetches = Counter(
+            "keystone_artifact_fetches_total",
+            "Artifacts fetched, by path: the whole artifact or a delta patch",
+            ["path"],
+            registry=r,
+        )
+        for kind in ("downloaded", "saved"):
+            self.delta_bytes.labels(kind)
+        for path in ("full", "delta"):
+            self.artifact_fetches.labels(path)
+        # Series computed at scrape time from plain samples (the datasets'), see add_samples.
+        self._sample_sources: list[Callable[[], Iterable[Any]]] = []
+        r.register(_SampleCollector(self._sample_sources))
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -283,6 +333,21 @@ class Metrics:
     def set_cache_bytes(self, n: int) -> None:
         """Bytes in the artifact cache (after a GC or a download)."""
         self.cache_bytes.set(n)
+
+    def add_samples(self, source: Callable[[], Iterable[Any]]) -> None:
+        """Export what ``source`` answers at each scrape: objects with ``name``, ``kind``
+        (``gauge``/``counter``), ``help``, ``labels`` (pairs) and ``value``
+        (:class:`keystone.datasets.status.Sample`: the dataset series)."""
+        self._sample_sources.append(source)
+
+    def artifact_fetched(self, via: str, wire_bytes: int, saved_bytes: int) -> None:
+        """Count one artifact brought in by ``full`` download or ``delta`` patch (cache: nothing)."""
+        if via not in ("full", "delta"):
+            return
+        self.artifact_fetches.labels(via).inc()
+        if via == "delta":
+            self.delta_bytes.labels("downloaded").inc(max(0, wire_bytes))
+            self.delta_bytes.labels("saved").inc(max(0, saved_bytes))
 
     def set_clock_trusted(self, trusted: bool) -> None:
         """Whether the system clock is at or after the trusted clock's mark."""

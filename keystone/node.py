@@ -12,7 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -21,7 +21,7 @@ from keystone.env import substitution_env
 from keystone.errors import KeystoneError
 from keystone.ledger import Ledger, ProcessRecord, Snapshot
 from keystone.metrics import Metrics
-from keystone.plan import DesiredPlan, RecipeStore, plan_from_json, plan_to_json
+from keystone.plan import Component, DesiredPlan, RecipeStore, plan_from_json, plan_to_json
 from keystone.recipe import parse_recipe
 from keystone.runtime.artifact_client import WorkerPreparer
 from keystone.runtime.deployer import (
@@ -37,6 +37,10 @@ from keystone.state import History
 from keystone.sync.model import WorkerAnswer, WorkerRequest
 from keystone.units import parse_duration
 from keystone.workerproc import ErrorInfo, call
+
+if TYPE_CHECKING:
+    from keystone.datasets.agent import AgentDatasets
+    from keystone.datasets.manager import RefreshResult
 
 SYNC_WORKER = "keystone.sync.worker"
 
@@ -57,6 +61,9 @@ class Node:
             self.runner, self.runtime, allow_unsigned=config.trust.allow_unsigned_artifacts
         )
         install_timeout = parse_duration(os.environ.get("KEYSTONE_INSTALL_TIMEOUT", "2m"))
+        # Created on first use (a plan with datasets): its modules stay out of other agents.
+        self._datasets: AgentDatasets | None = None
+        self._datasets_started = False
         self.deployer = Deployer(
             self.runner,
             self.runtime,
@@ -64,8 +71,11 @@ class Node:
             tuning=tuning,
             install_timeout=install_timeout,
             on_change=self._on_component_change,
+            component_env=self._component_env,
+            start_gate=self._start_gate,
         )
         self.metrics: Metrics | None = Metrics()
+        self.preparer.on_prepared = self._on_artifact_prepared
         self.ledger = Ledger()
         self.plan_path = ""
         self.plan_state = "idle"
@@ -162,6 +172,8 @@ class Node:
             self.save_soon()
             raise
         self._prune_metrics()
+        if self._datasets is not None:
+            self._datasets.sync_plan(self.deployer.applied)
         if result.ok:
             self.plan_path = source
         # The outcome is on disk before anyone is told: a device that loses power right after
@@ -241,6 +253,10 @@ class Node:
                 sup = self.deployer.make_supervisor(comp)
                 self.deployer.supervisors[name] = sup
                 sup.adopt(handle)
+                if comp.recipe.datasets:
+                    # Running already: its datasets are on disk; keep them fresh from here.
+                    self.datasets.bind(comp)
+                    self.datasets.scheduler.sync_bindings()
                 logger.info("adopted {} (pid {}) from the previous run", name, handle.pid)
             elif handle is not None:
                 logger.info("stopping stale {} (pid {}) left by the previous run", name, handle.pid)
@@ -260,6 +276,80 @@ class Node:
             self.emit({"kind": kind, "result": outcome, **result.to_json(), **extra})
 
     # --- housekeeping -----------------------------------------------------------------------
+
+    # --- datasets ---------------------------------------------------------------------------
+
+    @property
+    def datasets(self) -> AgentDatasets:
+        """The agent's dataset side (store, resolver, manager, scheduler), made on first use."""
+        if self._datasets is None:
+            # lazy: the dataset modules (tarfile, zipfile, manifests) only for a plan with datasets
+            from keystone.datasets.agent import AgentDatasets
+
+            self._datasets = AgentDatasets(
+                self.runtime,
+                lambda: self.deployer.supervisors,
+                device_id=self.config.device_id,
+                on_result=self._on_dataset_result,
+            )
+            if self.metrics is not None:
+                self.metrics.add_samples(self._datasets.metric_samples)
+            if self._datasets_started:
+                self._datasets.start()
+        return self._datasets
+
+    def start_datasets(self) -> None:
+        """Run the dataset schedule on the loop (now, or when the first dataset appears)."""
+        self._datasets_started = True
+        if self._datasets is not None:
+            self._datasets.start()
+
+    def datasets_json(self) -> list[dict[str, Any]]:
+        """``GET /v1/datasets``: empty while no component declares a dataset."""
+        return [] if self._datasets is None else self._datasets.list_json()
+
+    def _component_env(self, component: Component) -> dict[str, str]:
+        return self.datasets.component_env(component) if component.recipe.datasets else {}
+
+    async def _start_gate(self, component: Component) -> str | None:
+        if not component.recipe.datasets and self._datasets is None:
+            return None
+        return await self.datasets.start_gate(component)
+
+    def _on_dataset_result(self, result: RefreshResult) -> None:
+        if result.result != "unchanged":
+            self.emit(
+                {
+                    "kind": "dataset",
+                    "result": result.result,
+                    "dataset": result.name,
+                    "version": result.version,
+                    **({"reason": result.reason} if result.reason else {}),
+                    **({"rolled_back": True} if result.rolled_back else {}),
+                }
+            )
+
+    def _on_artifact_prepared(self, prepared: Mapping[str, Any]) -> None:
+        # The worker's own log stays in the worker; the path taken is the agent's to say.
+        via = str(prepared.get("via") or "cache")
+        wire = int(prepared.get("wire_bytes") or 0)
+        saved = int(prepared.get("saved_bytes") or 0)
+        what = f"artifact {prepared.get('uri')} of component {prepared.get('component')!r}"
+        if via == "delta":
+            logger.info(
+                "{}: installed from a delta patch: {} B on the wire, ~{} B saved", what, wire, saved
+            )
+        elif via == "full" and prepared.get("delta_fallback"):
+            logger.info(
+                "{}: delta unavailable ({}); downloaded the whole artifact ({} B)",
+                what,
+                prepared.get("delta_fallback"),
+                wire,
+            )
+        elif via == "full":
+            logger.info("{}: downloaded whole ({} B)", what, wire)
+        if self.metrics is not None:
+            self.metrics.artifact_fetched(via, wire, saved)
 
     def _on_component_change(self, sup: Supervisor) -> None:
         if self.metrics is not None and self.deployer.supervisors.get(sup.name) is sup:
@@ -315,6 +405,8 @@ class Node:
 
     async def close(self) -> None:
         """Cancel background work, stop every component in reverse order, save."""
+        if self._datasets is not None:
+            await self._datasets.stop()
         for t in list(self._background):
             t.cancel()
         await self.deployer.stop_all(reason="agent shutdown")

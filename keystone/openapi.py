@@ -140,6 +140,24 @@ SCHEMAS: dict[str, JSON] = {
             "components": _INT,
         },
     },
+    "Dataset": {
+        "type": "object",
+        "required": ["name", "path", "stale"],
+        "properties": {
+            "name": _STR,
+            "version": _STR,
+            "published": _STR,
+            "manifestUri": _STR,
+            "path": _STR,
+            "lastRefresh": _STR,
+            "lastResult": _STR,
+            "refresh": _STR,
+            "maxAge": _STR,
+            "ageSeconds": _INT,
+            "ageUnknown": _BOOL,
+            "stale": _BOOL,
+        },
+    },
     "Component": {
         "type": "object",
         "required": ["name", "state", "restarts", "pid"],
@@ -592,17 +610,33 @@ def _paths() -> dict[str, JSON]:
         "/v1/datasets": {
             "get": _op(
                 "List datasets",
-                "Go-agent compatibility: this agent manages no datasets, so the list is empty.",
+                "What each dataset a component declares is serving, in the Go agent's shape: "
+                "version, published, lastRefresh, lastResult, refresh, maxAge, ageSeconds; "
+                "stale past max_age; ageUnknown when the clock cannot be trusted.",
                 "datasets",
-                {"200": _json({"type": "array", "items": _OBJ}, "Always []")},
+                {"200": _json({"type": "array", "items": _ref("Dataset")}, "Datasets")},
+            )
+        },
+        "/v1/datasets/{name}": {
+            "get": _op(
+                "One dataset (addition)",
+                "The list entry plus its component, versions on disk, refused manifests, the "
+                "anti-replay anchor and the variable its component reads the path from.",
+                "dataset",
+                {"200": _json(_ref("Dataset"), "The dataset")},
+                errors=(404,),
+                params=[_path("name", "Dataset name as the recipe declares it", "oui")],
             )
         },
         "/v1/datasets:refresh": {
             "post": _op(
-                "Refresh datasets",
-                "Go-agent compatibility: nothing to refresh.",
+                "Refresh datasets now",
+                "Checks every dataset for a new version immediately, through the same "
+                "signature, anti-replay, activation, reload and rollback as a scheduled refresh; "
+                "answers the list afterwards (one failing dataset does not hide the others).",
                 "datasets_refresh",
-                {"200": _json({"type": "array", "items": _OBJ}, "Always []")},
+                {"200": _json({"type": "array", "items": _ref("Dataset")}, "Datasets")},
+                errors=(500,),
             )
         },
         "/v1/drift": {

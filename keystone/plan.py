@@ -261,11 +261,19 @@ class FileRecipes:
     """
 
     def __init__(
-        self, root: Path, store: RecipeStore | None = None, limits: Limits | None = None
+        self,
+        root: Path,
+        store: RecipeStore | None = None,
+        limits: Limits | None = None,
+        *,
+        verify: Callable[[Path, str], None] | None = None,
     ) -> None:
         self.root = root
         self.store = store
         self.limits = limits or Limits.from_env()
+        # Called with (path, text) for every recipe read from the filesystem (not the store):
+        # the agent's recipe signature check.
+        self.verify = verify
 
     def _read(self, p: Path, display: str) -> str:
         lim = self.limits
@@ -311,7 +319,10 @@ class FileRecipes:
                     field="recipe",
                 ) from None
             if found:
-                return self._read(p, _display(p)), _display(p)
+                text = self._read(p, _display(p))
+                if self.verify is not None:
+                    self.verify(p, text)
+                return text, _display(p)
         looked = ", ".join(sorted({_short(str(t)) for t in tried}))
         raise ValidationError(
             f"recipe file not found: {_short(e.recipe)} (looked in {looked})",

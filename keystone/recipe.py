@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from keystone.datasetspec import DatasetSpec, parse_datasets, reload_plan
+from keystone.delta import DeltaSpec, parse_delta_table
 from keystone.env import SubstitutionError, substitute
 from keystone.limits import Limits, read_bounded
 from keystone.semver import Constraint, Version
-from keystone.tomlsrc import Path_, Reader
+from keystone.tomlsrc import Path_, Reader, dotted
 from keystone.units import parse_duration, parse_size
 
 SAFE_SEGMENT = re.compile(r"[A-Za-z0-9._+-]{1,128}")
@@ -127,6 +129,7 @@ class Artifact:
     unpack: bool = False
     github_token: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict)
+    delta: DeltaSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class Recipe:
     shutdown: Shutdown | None = None
     resources: Resources = field(default_factory=Resources)
     drift: str = "report"
+    datasets: tuple[DatasetSpec, ...] = ()
     source: str = ""
     unknown_fields: tuple[str, ...] = ()
     text: str = field(default="", repr=False, compare=False)
@@ -231,18 +235,6 @@ _TOP = {"metadata", "dependencies", "artifacts", "datasets", "lifecycle", "resou
 DRIFT_POLICIES = ("report", "repair")
 """What the agent does when a component's installed files drift: say so, or reinstall them."""
 _ARTIFACT = {"uri", "sha256", "sig_uri", "cert_uri", "unpack", "github_token", "headers", "delta"}
-_DATASET = {
-    "name",
-    "manifest",
-    "sig_uri",
-    "cert_uri",
-    "refresh",
-    "max_age",
-    "keep",
-    "required",
-    "headers",
-    "github_token",
-}
 _CONTAINER = {
     "image",
     "runtime",
@@ -342,11 +334,13 @@ def parse_recipe(
                     (*path, "sha256"), "expected 64 hex digits (optionally prefixed sha256:)"
                 )
             sha = m.group(1).lower()
+        delta: DeltaSpec | None = None
         if "delta" in tbl:
-            r.table((*path, "delta"), {"server", "sha256", "format"})
-            raise r.error(
-                (*path, "delta"),
-                "delta updates are not yet supported by this agent; remove [artifacts.delta]",
+            dpath: Path_ = (*path, "delta")
+            # Unknown keys are recorded on the reader like every other table's.
+            r.table(dpath, {"server", "sha256", "format"})
+            delta = parse_delta_table(
+                tbl["delta"], file=file, line=r.index.line(dpath), field=dotted(dpath)
             )
         artifacts.append(
             Artifact(
@@ -357,11 +351,11 @@ def parse_recipe(
                 unpack=r.flag((*path, "unpack")),
                 github_token=r.text((*path, "github_token")) or None,
                 headers=r.str_table((*path, "headers")),
+                delta=delta,
             )
         )
 
-    for path, _ in r.tables(("datasets",), _DATASET):
-        raise r.error(path, "datasets are not yet supported by this agent; remove [[datasets]]")
+    datasets = parse_datasets(r)
 
     r.table(("lifecycle",), {"install", "run", "reload", "shutdown"})
     install = Install()
@@ -492,6 +486,9 @@ def parse_recipe(
         if not sig and not script:
             raise r.error(rp, "expected signal or script")
         reload = Reload(signal=sig, script=script, grace=_duration(r, (*rp, "grace"), 30.0))
+    if datasets and reload is not None:
+        # Go's dataset reload rules: one of signal or script, a signal from the allow-list.
+        reload_plan(reload.signal, reload.script, reload.grace, run_type=run_type, file=file)
 
     shutdown: Shutdown | None = None
     shp: Path_ = ("lifecycle", "shutdown")
@@ -534,6 +531,7 @@ def parse_recipe(
         reload=reload,
         shutdown=shutdown,
         resources=resources,
+        datasets=datasets,
         source=file,
         unknown_fields=tuple(r.unknown_messages()),
         text=text,

@@ -311,6 +311,35 @@ class ControlService:
     def reconcile(self) -> JSON:
         return {"repaired": self._call(self.node.repair)}
 
+    # --- datasets ----------------------------------------------------------------------------
+
+    def datasets(self) -> list[JSON]:
+        return self._call(self._datasets_list)
+
+    def dataset(self, name: str) -> JSON:
+        async def one() -> JSON:
+            try:
+                if not self.node.datasets_json():
+                    raise KeyError(name)
+                return self.node.datasets.detail_json(name)
+            except KeyError:
+                raise NotFound(f"dataset {name!r} is declared by no component") from None
+
+        return self._call(one)
+
+    def refresh_datasets(self) -> list[JSON]:
+        async def refresh() -> list[JSON]:
+            if not self.node.datasets_json():
+                return []
+            await self.node.datasets.refresh_all()
+            return self.node.datasets_json()
+
+        return self._call(refresh, None)
+
+    async def _datasets_list(self) -> list[JSON]:
+        # On the loop: the bindings change there.
+        return self.node.datasets_json()
+
     def stop_plan(self) -> str:
         """Stop every component, serialized with deployments; returns the operation id."""
         node = self.node

@@ -535,11 +535,13 @@ class Handler(BaseHTTPRequestHandler):
         self._send(204, headers={"Keystone-Operation": op} if op else None)
 
     def h_datasets(self, q: Query, body: bytes) -> None:
-        # Datasets are a Go-agent feature this agent does not manage: none, honestly.
-        self._send(200, [])
+        self._send(200, self.c.datasets())
+
+    def h_dataset(self, q: Query, body: bytes, name: str) -> None:
+        self._send(200, self.c.dataset(name))
 
     def h_datasets_refresh(self, q: Query, body: bytes) -> None:
-        self._send(200, [])
+        self._send(200, self.c.refresh_datasets())
 
     def h_drift(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.drift())

@@ -82,6 +82,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/datasets:refresh", "datasets_refresh"),
     Route("GET", "/v1/drift", "drift"),
     Route("POST", "/v1/drift:check", "drift_check"),
+    Route("GET", "/v1/datasets/{name}", "dataset"),
     Route("GET", "/v1/revision", "revision"),
     Route("POST", "/v1/sync", "sync"),
     Route("GET", "/v1/history", "history"),

@@ -69,6 +69,15 @@ def agent_cmd(
         bool, typer.Option("--log-json", help="JSON log lines for journald/collectors")
     ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    insecure_skip_verify: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-skip-verify",
+            envvar="KEYSTONE_INSECURE_SKIP_VERIFY",
+            help="accept recipe files without a valid .sig even with a trust bundle "
+            "(development only; a WARNING for each)",
+        ),
+    ] = False,
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
 
@@ -112,7 +121,12 @@ def agent_cmd(
         plan_path = DEMO_PLAN if demo else apply
         assert plan_path is not None
         # A plan that does not validate stops us here, before anything is started.
-        initial = agent.load_plan_file(plan_path, root=DEMO_DIR if demo else None)
+        initial = agent.load_plan_file(
+            plan_path,
+            root=DEMO_DIR if demo else None,
+            verify_signatures=not demo,
+            insecure_skip_verify=insecure_skip_verify,
+        )
         source = "demo" if demo else str(plan_path)
         for line in initial.unknown_fields:
             typer.echo(f"warning: {line}", err=True)

@@ -38,7 +38,7 @@ def register(only: str | None) -> bool:
     # In the order --help lists them, after the agent's; imported one by one and only until the
     # one holding ``only``: each loads its own libraries (the API client, signing, the bundle
     # and fleet tools), which a command of another group must not pay for.
-    for name in ("control", "gitops", "fleet"):
+    for name in ("control", "manifests", "gitops", "fleet"):
         group = importlib.import_module(f"keystone.cli.{name}")
         if group.register(app, only) and only is not None:
             return True

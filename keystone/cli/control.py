@@ -30,10 +30,7 @@ from keystone.client import ApiError, Client, OperationTimeout, component_path, 
 from keystone.errors import AgentUnreachable, UsageError, ValidationError
 from keystone.graph import FORMATS, graph_command
 from keystone.runtime.signing import (
-    load_certificates,
     sha256_file,
-    sign_file,
-    verify_digest,
     verify_file,
 )
 from keystone.units import parse_duration
@@ -385,13 +382,14 @@ def sign_cmd(
     ] = None,
 ) -> None:
     """Write a detached signature over the file's SHA-256 (what the agent verifies)."""
-    signature = sign_file(path, key)
-    if cert is not None:
-        chain = load_certificates(_read_local(cert, "certificate"), what=str(cert))
-        verify_digest(bytes.fromhex(sha256_file(path)), signature, chain[0])
-    dest = out or path.with_name(path.name + ".sig")
+    # lazy: cryptography and the key loaders only for this command
+    from keystone import sign
+
+    # PKCS#8, PKCS#1 or SEC1 keys; with --cert, checked against it before anything is written.
+    signature = sign.sign_file(path, key, cert)
+    dest = out or sign.sig_path_for(path)
     try:
-        dest.write_bytes(signature)
+        sign.write_signature(dest, signature)
     except OSError as exc:
         raise UsageError(f"{dest}: cannot write the signature: {exc.strerror or exc}") from None
     output.emit(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ class WorkerPreparer:
         self.timeout = 1800.0 + 60.0
         self._prepared: dict[str, list[dict[str, Any]]] = {}
         self.clock_trusted: bool | None = None
+        # Told of every artifact the worker prepared (how it came, bytes on the wire): metrics.
+        self.on_prepared: Callable[[Mapping[str, Any]], None] | None = None
 
     def policy(self, context: ArtifactContext = LOCAL_ARTIFACTS) -> dict[str, Any]:
         """The artifact policy for the worker: the Go environment variables plus our settings."""
@@ -110,6 +112,8 @@ class WorkerPreparer:
         by_component: dict[str, list[dict[str, Any]]] = {}
         for prepared in answer.get("prepared") or []:
             by_component.setdefault(str(prepared["component"]), []).append(prepared)
+            if self.on_prepared is not None:
+                self.on_prepared(prepared)
         for c in components:
             if c.recipe.artifacts:
                 self._prepared[c.content_hash()] = by_component.get(c.name, [])

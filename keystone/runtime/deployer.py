@@ -12,7 +12,7 @@ work dirs (``components/<name>/<version>``), so a rollback starts at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -184,8 +184,14 @@ class Deployer:
         install_timeout: float = 120.0,
         on_change: Callable[[Supervisor], None] | None = None,
         clock: Clock | None = None,
+        component_env: Callable[[Component], Mapping[str, str]] | None = None,
+        start_gate: Callable[[Component], Awaitable[str | None]] | None = None,
     ) -> None:
         self.runner = runner
+        # Extra environment for a component's process (its datasets' paths), and a check
+        # before each start that may refuse it with a reason (a required dataset missing).
+        self.component_env = component_env
+        self.start_gate = start_gate
         self.clock: Clock = clock or MonotonicClock()
         self.runtime_dir = runtime_dir
         self.preparer = preparer
@@ -205,8 +211,22 @@ class Deployer:
             tuning=self.tuning,
             install_timeout=self.install_timeout,
             on_change=self.on_change,
+            env_passthrough=self.component_env(component) if self.component_env else None,
             clock=self.clock,
         )
+
+    async def _start(self, sups: Sequence[Supervisor]) -> None:
+        """Start ``sups`` together; one the start gate refuses is left FAILED with the reason."""
+        go = list(sups)
+        if self.start_gate is not None:
+            go = []
+            for sup in sups:
+                why = await self.start_gate(sup.component)
+                if why:
+                    sup.refuse_start(why)
+                else:
+                    go.append(sup)
+        await asyncio.gather(*(s.start() for s in go))
 
     def dry_run(self, desired: DesiredPlan) -> tuple[ChangeSet, list[Action]]:
         """The actions a deployment of ``desired`` would take; nothing is done."""
@@ -281,7 +301,7 @@ class Deployer:
                     sups.append(sup)
                     started.append(sup)
                     self.supervisors[comp.name] = sup
-                await asyncio.gather(*(s.start() for s in sups))
+                await self._start(sups)
                 failure = await self._wait_layer(sups)
                 if failure is not None:
                     result.ok = False
@@ -412,7 +432,7 @@ class Deployer:
                 )
                 sups.append(sup)
             if sups:
-                await asyncio.gather(*(s.start() for s in sups))
+                await self._start(sups)
                 failure = failure or await self._wait_layer(sups)
         changes = ChangeSet((), (), (), (), tuple(self.applied.components))
         return DeployResult(failure is None, changes, actions, *(failure or (None, None)))

@@ -278,6 +278,18 @@ class Supervisor:
             return
         await self._spawn()
 
+    def refuse_start(self, reason: str) -> None:
+        """Do not start: leave the component FAILED with ``reason`` (a start gate said no).
+
+        It stays wanted, so a reconcile asks the gate again and starts it once it says yes.
+        """
+        self.wanted = True
+        if self.state in RUNNING or self.state is State.BACKOFF:
+            return
+        if self.state is State.STOPPED:
+            self._set(State.PENDING)
+        self._set(State.FAILED, reason)
+
     async def _install(self) -> None:
         script = self.component.recipe.install.script
         workdir = self.paths.workdir

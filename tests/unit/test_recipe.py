@@ -220,18 +220,52 @@ class TestBadRecipes:
         ):
             parse_recipe(FULL_RECIPE, file="api.recipe.toml", environ={})
 
-    def test_datasets_and_delta_refused_by_name(self) -> None:
-        """Datasets and delta updates are parsed and refused as not yet supported."""
-        with pytest.raises(ValidationError, match="datasets are not yet supported"):
-            parse_recipe(
-                GO_README_RECIPE + '\n[[datasets]]\nname = "maps"\nmanifest = "m.json"\n', file="r"
-            )
+    def test_datasets_and_delta_accepted(self) -> None:
+        """Datasets and delta updates, once refused by name, parse onto the recipe."""
+        r = parse_recipe(
+            GO_README_RECIPE + '\n[[datasets]]\nname = "maps"\nmanifest = "https://h/m.toml"\n',
+            file="r",
+        )
+        assert [d.name for d in r.datasets] == ["maps"]
+        assert r.datasets[0].sig_uri == "https://h/m.toml.sig"
+        assert r.datasets[0].required and r.datasets[0].keep == 2
+        sha = "ab" * 32
         delta = GO_README_RECIPE.replace(
             "unpack = true",
-            'unpack = true\n[artifacts.delta]\nserver = "https://d"\nformat = "bsdiff+zstd"',
+            f'unpack = true\n[artifacts.delta]\nserver = "https://d"\nsha256 = "{sha.upper()}"',
         )
-        with pytest.raises(ValidationError, match="delta updates are not yet supported"):
+        spec = parse_recipe(delta, file="r").artifacts[0].delta
+        assert spec is not None
+        assert (spec.server, spec.sha256, spec.format) == ("https://d", sha, "bsdiff+zstd")
+        assert parse_recipe(GO_README_RECIPE, file="r").artifacts[0].delta is None
+
+    def test_delta_and_dataset_errors_are_located(self) -> None:
+        """A delta without its tar digest and a bad dataset name name the file and field."""
+        delta = GO_README_RECIPE.replace(
+            "unpack = true", 'unpack = true\n[artifacts.delta]\nserver = "https://d"'
+        )
+        with pytest.raises(ValidationError, match=r"^r:\d+: artifacts\[0\]\.delta\.sha256"):
             parse_recipe(delta, file="r")
+        with pytest.raises(ValidationError, match=r"datasets\[0\]\.name"):
+            parse_recipe(
+                GO_README_RECIPE + '\n[[datasets]]\nname = "a/b"\nmanifest = "https://h/m"\n',
+                file="r",
+            )
+
+    def test_dataset_reload_rules(self) -> None:
+        """With datasets, the reload follows Go's rules: one of signal or script."""
+        both = (
+            GO_README_RECIPE
+            + '\n[[datasets]]\nname = "maps"\nmanifest = "https://h/m"\n'
+            + '[lifecycle.reload]\nsignal = "SIGHUP"\nscript = "kill -HUP 1"\n'
+        )
+        if "[lifecycle.reload]" in GO_README_RECIPE:
+            pytest.skip("the sample already declares a reload")
+        with pytest.raises(ValidationError, match="pick one"):
+            parse_recipe(both, file="r")
+        # Without datasets the same table keeps its old meaning.
+        plain = both.replace('[[datasets]]\nname = "maps"\nmanifest = "https://h/m"\n', "")
+        assert parse_recipe(plain, file="r").reload is not None
 
     def test_container_refused(self) -> None:
         """Container components are refused clearly instead of being run as processes."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from keystone import errors as errors_module
+from keystone.delta import DeltaSpec, parse_delta_table
 from keystone.errors import (
     ArtifactFetchError,
     ArtifactIntegrityError,
@@ -50,6 +51,7 @@ class ArtifactSpec:
     unpack: bool = False
     github_token: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict)
+    delta: DeltaSpec | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ArtifactSpec:
@@ -68,6 +70,7 @@ class ArtifactSpec:
             unpack=bool(data.get("unpack", False)),
             github_token=data.get("github_token"),
             headers=dict(data.get("headers") or {}),
+            delta=_delta_from_json(data.get("delta")),
         )
 
     @classmethod
@@ -81,13 +84,33 @@ class ArtifactSpec:
             unpack=artifact.unpack,
             github_token=artifact.github_token,
             headers=dict(artifact.headers),
+            # Not part of ArtifactLike: an artifact without [artifacts.delta] has no such field.
+            delta=getattr(artifact, "delta", None),
         )
 
     def to_json(self) -> dict[str, Any]:
         """The worker's JSON form (it carries the token: send it over a pipe, never argv)."""
         out = asdict(self)
         out["headers"] = dict(self.headers)
+        if self.delta is not None:
+            out["delta"] = _delta_to_json(self.delta)
         return out
+
+
+def _delta_to_json(spec: DeltaSpec) -> dict[str, str]:
+    return {"server": spec.server, "sha256": spec.sha256, "format": spec.format}
+
+
+def _delta_from_json(data: Any) -> DeltaSpec | None:
+    """The ``delta`` of an artifact's JSON form (``None`` when absent), validated again."""
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise UsageError("an artifact's 'delta' must be an object")
+    try:
+        return parse_delta_table({k: data[k] for k in ("server", "sha256", "format") if k in data})
+    except KeystoneError as exc:
+        raise UsageError(f"an artifact's 'delta': {exc}") from None
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -158,6 +181,13 @@ class PreparedArtifact:
         name: the file name it gets in a work dir (the URI's last path segment).
         unpacked: the unpacked tree (read-only) when the recipe asks ``unpack = true``.
         signed_by: the signer's certificate subject, when a signature was verified.
+        via: how the bytes came: ``cache`` (already held), ``full`` (the whole artifact was
+            fetched) or ``delta`` (patched from the previous version's tar; ``path`` then does
+            not exist and ``unpacked`` holds the verified tree).
+        wire_bytes: bytes fetched for it now (the artifact, or the patch).
+        saved_bytes: for a delta, the bytes the full download would have taken beyond the
+            patch (estimated by the previous version's archive size).
+        delta_fallback: why a declared delta was not used and the whole artifact was fetched.
     """
 
     sha256: str
@@ -166,6 +196,11 @@ class PreparedArtifact:
     name: str
     unpacked: Path | None = None
     signed_by: str | None = None
+    # How it came, not what it is: two prepares of the same artifact compare equal.
+    via: str = field(default="cache", compare=False)
+    wire_bytes: int = field(default=0, compare=False)
+    saved_bytes: int = field(default=0, compare=False)
+    delta_fallback: str = field(default="", compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for the worker's answer."""
@@ -176,6 +211,10 @@ class PreparedArtifact:
             "name": self.name,
             "unpacked": None if self.unpacked is None else str(self.unpacked),
             "signed_by": self.signed_by,
+            "via": self.via,
+            "wire_bytes": self.wire_bytes,
+            "saved_bytes": self.saved_bytes,
+            "delta_fallback": self.delta_fallback,
         }
 
     @classmethod
@@ -188,6 +227,10 @@ class PreparedArtifact:
             name=str(data["name"]),
             unpacked=None if data.get("unpacked") is None else Path(data["unpacked"]),
             signed_by=data.get("signed_by"),
+            via=str(data.get("via") or "cache"),
+            wire_bytes=int(data.get("wire_bytes") or 0),
+            saved_bytes=int(data.get("saved_bytes") or 0),
+            delta_fallback=str(data.get("delta_fallback") or ""),
         )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from keystone import delta as _delta
 from keystone.errors import UsageError
 from keystone.runtime.archive import (
     ArchiveLimits,
@@ -109,6 +110,8 @@ class ArtifactStore:
         policy: where and how.
         wall_clock: the system clock for certificate expiry (a seam for tests).
         monotonic: the clock for deadlines and throughput (a seam for tests).
+        delta_wait: how to wait before asking a delta server again for a patch it is still
+            computing (a seam for tests).
     """
 
     def __init__(
@@ -117,8 +120,10 @@ class ArtifactStore:
         *,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        delta_wait: Callable[[float], None] = time.sleep,
     ) -> None:
         self.policy = policy
+        self._delta_wait = delta_wait
         self.root = policy.cache_dir
         self._wall = wall_clock
         self._downloader = Downloader(policy, monotonic)
@@ -197,6 +202,9 @@ class ArtifactStore:
         # One HTTP client per prepare (artifact, signature, certificate share its connections);
         # closing it here leaves no socket open between syncs.
         with self._locked(fcntl.LOCK_SH), contextlib.closing(self._downloader):
+            patched, no_delta = self._from_delta(artifact, pinned, label, component)
+            if patched is not None:
+                return patched
             sha, size, tmp = self._obtain(artifact, pinned, label, component)
             try:
                 if pinned is not None and sha != pinned:
@@ -208,6 +216,7 @@ class ArtifactStore:
                 signed_by = None
                 if artifact.sig_uri:
                     signed_by = self._verify_signature(artifact, sha, label, component)
+                fetched = tmp is not None
                 if tmp is not None:
                     blob = self.blob_path(sha)
                     blob.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +224,7 @@ class ArtifactStore:
                     os.replace(tmp, blob)
                     tmp = None
                     _fsync_dir(blob.parent)
+                    self._record_origin(sha, component, artifact.uri)
             finally:
                 if tmp is not None:
                     tmp.unlink(missing_ok=True)
@@ -229,6 +239,172 @@ class ArtifactStore:
             name=artifact_name(artifact.uri),
             unpacked=unpacked,
             signed_by=signed_by,
+            via="full" if fetched else "cache",
+            wire_bytes=size if fetched else 0,
+            delta_fallback=no_delta if fetched else "",
+        )
+
+    # delta updates
+    def _record_origin(self, sha: str, component: str, uri: str) -> None:
+        # Which component a blob was fetched for: a later version of it finds its delta base here.
+        meta = self._meta(sha)
+        with contextlib.suppress(OSError):
+            meta.mkdir(parents=True, exist_ok=True)
+            write_json(meta / "origin.json", {"component": component, "name": artifact_name(uri)})
+
+    def _delta_base(self, component: str, exclude: str) -> Path | None:
+        """The newest cached ``.tar.gz``/``.tgz`` blob fetched for ``component`` (Go: one candidate)."""
+        best: tuple[float, Path] | None = None
+        meta_root = self.root / "meta"
+        if not meta_root.is_dir():
+            return None
+        for sha in os.listdir(meta_root):
+            if sha == exclude or not HEX64.match(sha):
+                continue
+            try:
+                origin = json.loads((meta_root / sha / "origin.json").read_text(encoding="utf-8"))
+                blob = self.blob_path(sha)
+                mtime = blob.stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            if not isinstance(origin, dict) or origin.get("component") != component:
+                continue
+            if not _delta.is_gzip_name(str(origin.get("name") or "")):
+                continue
+            if best is None or mtime > best[0]:
+                best = (mtime, blob)
+        return None if best is None else best[1]
+
+    def _from_delta(
+        self, artifact: ArtifactLike, pinned: str | None, label: str, component: str
+    ) -> tuple[PreparedArtifact | None, str]:
+        """Prepare from a patch of the previous version's tar, or ``(None, why not)``: download it.
+
+        Taken (as in Go) only for an unpacked archive whose recipe declares ``[artifacts.delta]``
+        and which is not cached. The patched tar is verified against the recipe's
+        ``delta.sha256``: that digest, in a recipe the agent verified, is what vouches for the
+        bytes on this path (the archive's own pin and signature are of the ``.tar.gz``, which a
+        patch never reproduces). Every failure falls back to the full download.
+        """
+        spec: _delta.DeltaSpec | None = getattr(artifact, "delta", None)
+        if spec is None:
+            return None, ""
+        if not artifact.unpack:
+            logger.info("{}: delta skipped: only unpacked archives are patched", label)
+            return None, "only unpacked archives are patched"
+        if pinned is None:
+            return None, "the artifact pins no sha256 to cache the patched tree under"
+        tree = self.unpacked_path(pinned)
+        marker = self._meta(pinned) / "delta.json"
+        if self.blob_path(pinned).is_file():
+            return None, ""  # cached whole: the ordinary path re-hashes it
+        if tree.is_dir():
+            try:
+                made = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None, ""
+            if isinstance(made, dict) and made.get("tar_sha256") == spec.sha256:
+                self._touch(pinned)
+                return self._delta_prepared(artifact, pinned, tree, int(made.get("bytes") or 0)), ""
+            return None, ""
+        base = self._delta_base(component, pinned)
+        work = self.root / "tmp" / f"delta-{secrets.token_hex(8)}"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            base_tar: Path | None = None
+            if base is not None:
+                try:
+                    base_tar = work / "base.tar"
+                    # Blobs are named by their hash; the link gives the decompressor the name.
+                    named = work / "base.tar.gz"
+                    named.symlink_to(base)
+                    _delta.decompress_to_tar(
+                        named, base_tar, max_bytes=self.policy.max_extract_bytes
+                    )
+                except _delta.DeltaError as exc:
+                    logger.info(
+                        "{}: delta unavailable ({}: {}); downloading the whole artifact",
+                        label,
+                        exc.reason,
+                        exc,
+                    )
+                    return None, f"{exc.reason}: {exc}"
+            outcome = _delta.fetch_delta(
+                spec,
+                base_tar,
+                work / "target.tar",
+                full_bytes=base.stat().st_size if base is not None else None,
+                headers=artifact.headers,
+                verify=self.policy.tls_verify,
+                wait=self._delta_wait,
+                label=label,
+            )
+            if not outcome.applied or outcome.path is None:
+                return None, f"{outcome.reason}: {outcome.message}"
+            limits = ArchiveLimits(
+                max_bytes=self.policy.max_extract_bytes, max_files=self.policy.max_files
+            )
+            try:
+                result = unpack(outcome.path, tree, limits, what=f"{label} (patched)")
+            except FileExistsError:
+                pass  # another process made the same tree meanwhile
+            except ArchiveRefused as exc:
+                logger.warning(
+                    "{}: the patched tar does not unpack ({}); downloading the whole artifact",
+                    label,
+                    exc,
+                )
+                return None, f"the patched tar does not unpack: {exc}"
+            else:
+                meta = self._meta(pinned)
+                meta.mkdir(parents=True, exist_ok=True)
+                write_json(meta / "unpacked.json", {"bytes": result.bytes, "files": result.files})
+                write_json(
+                    marker,
+                    {
+                        "tar_sha256": spec.sha256,
+                        "bytes": outcome.target_bytes,
+                        "patch_bytes": outcome.patch_bytes,
+                        "base": base.name if base is not None else None,
+                    },
+                )
+            logger.info(
+                "{}: installed from a delta patch: {} B on the wire, ~{} B saved",
+                label,
+                outcome.patch_bytes,
+                outcome.saved_bytes,
+            )
+            self._touch(pinned)
+            return self._delta_prepared(
+                artifact,
+                pinned,
+                tree,
+                outcome.target_bytes,
+                wire=outcome.patch_bytes,
+                saved=outcome.saved_bytes,
+            ), ""
+        finally:
+            remove_tree(work)
+
+    def _delta_prepared(
+        self,
+        artifact: ArtifactLike,
+        sha: str,
+        tree: Path,
+        size: int,
+        *,
+        wire: int = 0,
+        saved: int = 0,
+    ) -> PreparedArtifact:
+        return PreparedArtifact(
+            sha256=sha,
+            path=self.blob_path(sha),
+            size=size,
+            name=artifact_name(artifact.uri),
+            unpacked=tree,
+            via="delta" if wire else "cache",
+            wire_bytes=wire,
+            saved_bytes=saved,
         )
 
     def _obtain(
