@@ -37,6 +37,13 @@ from keystone.runtime.archive import (
     unpack,
 )
 from keystone.runtime.artifacts.download import Downloader, Fetch, Sink
+from keystone.runtime.artifacts.files import (
+    ensure_real_dir,
+    fsync_dir_quietly,
+    hash_file,
+    place_file,
+    place_symlink,
+)
 from keystone.runtime.artifacts.model import (
     ArtifactArchiveError,
     ArtifactDownloadError,
@@ -63,41 +70,9 @@ from keystone.runtime.signing import (
     load_certificates,
     verify_signature,
 )
-from keystone.state import fsync_dir, write_json
+from keystone.state import write_json
 
 # --- the store ----------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fsync_dir(path)
-
-
-def _copy_file(src: Path, dst_fd: int) -> None:
-    """Copy a file into an empty open descriptor, in the kernel where it can (reflink on
-    btrfs/XFS through ``copy_file_range``), else with plain reads and writes."""
-    with open(src, "rb") as fh:
-        in_fd = fh.fileno()
-        size = os.fstat(in_fd).st_size
-        offset = 0
-        with contextlib.suppress(OSError):  # EXDEV/ENOSYS/EINVAL: fall back below
-            while offset < size:
-                n = os.copy_file_range(in_fd, dst_fd, size - offset, offset, offset)
-                if n == 0:
-                    break
-                offset += n
-        fh.seek(offset)
-        os.lseek(dst_fd, offset, os.SEEK_SET)
-        while chunk := fh.read(CHUNK):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(dst_fd, view) :]
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256")
-        return digest.hexdigest(), fh.tell()
 
 
 class ArtifactStore:
@@ -223,7 +198,7 @@ class ArtifactStore:
                     os.chmod(tmp, 0o444)
                     os.replace(tmp, blob)
                     tmp = None
-                    _fsync_dir(blob.parent)
+                    fsync_dir_quietly(blob.parent)
                     self._record_origin(sha, component, artifact.uri)
             finally:
                 if tmp is not None:
@@ -414,7 +389,7 @@ class ArtifactStore:
         if pinned is not None:
             blob = self.blob_path(pinned)
             if blob.is_file():
-                sha, size = _hash_file(blob)
+                sha, size = hash_file(blob)
                 if sha == pinned:
                     logger.debug("{}: cache hit {}", label, pinned)
                     return sha, size, None
@@ -701,26 +676,26 @@ class ArtifactStore:
         if prepared.unpacked is not None:
             self._install_tree(prepared.unpacked, workdir)
         else:
-            _place_file(prepared.path, workdir, prepared.name, 0o644)
-        _fsync_dir(workdir)
+            place_file(prepared.path, workdir, prepared.name, 0o644)
+        fsync_dir_quietly(workdir)
 
     def _install_tree(self, tree: Path, workdir: Path) -> None:
         for dirpath, dirnames, filenames in os.walk(tree):
             rel = Path(dirpath).relative_to(tree)
             target_dir = workdir / rel
-            _ensure_real_dir(target_dir)
+            ensure_real_dir(target_dir)
             for name in list(dirnames):
                 src = Path(dirpath) / name
                 if src.is_symlink():
                     dirnames.remove(name)
-                    _place_symlink(os.readlink(src), target_dir, name)
+                    place_symlink(os.readlink(src), target_dir, name)
             for name in filenames:
                 src = Path(dirpath) / name
                 if src.is_symlink():
-                    _place_symlink(os.readlink(src), target_dir, name)
+                    place_symlink(os.readlink(src), target_dir, name)
                 else:
                     mode = (src.stat().st_mode & 0o555) | 0o200
-                    _place_file(src, target_dir, name, mode)
+                    place_file(src, target_dir, name, mode)
 
     # gc
     def _entries(self) -> list[tuple[str, int, float]]:
@@ -822,39 +797,3 @@ class ArtifactStore:
         self.blob_path(sha).unlink(missing_ok=True)
         remove_tree(self.unpacked_path(sha))
         remove_tree(self._meta(sha))
-
-
-def _ensure_real_dir(path: Path) -> None:
-    """Make ``path`` a real directory, replacing a symlink or file a component may have left."""
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def _place_file(src: Path, target_dir: Path, name: str, mode: int) -> None:
-    """Copy ``src`` to ``target_dir/name`` through a fresh temp file and one rename."""
-    tmp = target_dir / f".{name}.keystone-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            _copy_file(src, fd)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dest = target_dir / name
-        if dest.is_dir() and not dest.is_symlink():
-            remove_tree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _place_symlink(target: str, target_dir: Path, name: str) -> None:
-    tmp = target_dir / f".{name}.keystone-{secrets.token_hex(4)}"
-    os.symlink(target, tmp)
-    dest = target_dir / name
-    if dest.is_dir() and not dest.is_symlink():
-        remove_tree(dest)
-    os.replace(tmp, dest)
