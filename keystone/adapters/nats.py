@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -59,10 +60,45 @@ class Subjects:
         return subject == self.fleet_sync or subject in self.label_sync
 
 
+_JWT_BEGIN = "-----BEGIN NATS USER JWT-----"
+_SEED_BEGIN = "-----BEGIN USER NKEY SEED-----"
+
+
+def creds_seed(path: Path) -> str | None:
+    """The NKey seed of a credentials file that holds no JWT, else None.
+
+    A ``.creds`` file is a user JWT and its NKey seed. nats-py always sends the JWT it finds
+    (empty or not), which only a server in operator (JWT) mode accepts; a file with no JWT is
+    meant for a server that lists the user's NKey in its config, so it authenticates with the
+    seed alone, like ``nkey``. An unreadable file is left to nats-py, which says why.
+    """
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError):
+        return None
+
+    def block(begin: str) -> str:
+        for i, line in enumerate(lines):
+            if begin in line:
+                # The value is the first non-empty line before the block's END marker.
+                for value in lines[i + 1 :]:
+                    if value.startswith("-"):
+                        return ""
+                    if value:
+                        return value
+        return ""
+
+    if block(_JWT_BEGIN):
+        return None
+    seed = block(_SEED_BEGIN)
+    return seed or None
+
+
 def connect_options(cfg: NatsConfig, device_id: str) -> dict[str, Any]:
     """nats-py connect() options: TLS and authentication in Go's priority order.
 
-    NKey > credentials file > token > user/password (Go's ``buildAuthOptions``).
+    NKey > credentials file > token > user/password (Go's ``buildAuthOptions``); a
+    credentials file without a JWT authenticates with its NKey seed (``creds_seed``).
     """
     opts: dict[str, Any] = {
         "servers": [u.strip() for u in cfg.url.split(",") if u.strip()],
@@ -77,7 +113,11 @@ def connect_options(cfg: NatsConfig, device_id: str) -> dict[str, Any]:
     if cfg.nkey:
         opts["nkeys_seed"] = str(cfg.nkey)
     elif cfg.creds:
-        opts["user_credentials"] = str(cfg.creds)
+        seed = creds_seed(cfg.creds)
+        if seed is not None:
+            opts["nkeys_seed_str"] = seed
+        else:
+            opts["user_credentials"] = str(cfg.creds)
     elif cfg.token:
         opts["token"] = cfg.token
     elif cfg.user:

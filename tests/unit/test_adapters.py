@@ -430,6 +430,42 @@ class TestNames:
         assert opts["token"] == "t" and "user" not in opts and "tls" not in opts
         assert opts["name"] == "keystone-agent-d" and opts["max_reconnect_attempts"] == -1
 
+    @pytest.mark.parametrize(
+        ("text", "seed"),
+        [
+            # nsc's layout with a JWT: left to nats-py (operator mode).
+            (
+                "-----BEGIN NATS USER JWT-----\neyJhbGciOi.x.y\n------END NATS USER JWT------\n\n"
+                "-----BEGIN USER NKEY SEED-----\nSUAXYZ\n------END USER NKEY SEED------\n",
+                None,
+            ),
+            # No JWT at all, or an empty JWT block: the seed alone.
+            ("-----BEGIN USER NKEY SEED-----\nSUAXYZ\n------END USER NKEY SEED------\n", "SUAXYZ"),
+            (
+                "-----BEGIN NATS USER JWT-----\n\n------END NATS USER JWT------\n"
+                "-----BEGIN USER NKEY SEED-----\n  SUAXYZ  \n-----END USER NKEY SEED-----\n",
+                "SUAXYZ",
+            ),
+            # Neither: nats-py reports the file.
+            ("garbage\n", None),
+            ("-----BEGIN USER NKEY SEED-----\n------END USER NKEY SEED------\n", None),
+        ],
+    )
+    def test_a_creds_file_without_a_jwt_authenticates_with_its_seed(
+        self, tmp_path: Path, text: str, seed: str | None
+    ) -> None:
+        from keystone.adapters.nats import connect_options, creds_seed
+
+        creds = tmp_path / "device.creds"
+        creds.write_text(text)
+        assert creds_seed(creds) == seed
+        opts = connect_options(NatsConfig(url="nats://x", creds=creds), "d")
+        if seed is None:
+            assert opts["user_credentials"] == str(creds) and "nkeys_seed_str" not in opts
+        else:
+            assert opts["nkeys_seed_str"] == seed and "user_credentials" not in opts
+        assert creds_seed(tmp_path / "missing.creds") is None
+
 
 class TestLazyImports:
     def test_an_agent_without_brokers_imports_no_adapter(self) -> None:
