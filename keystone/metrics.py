@@ -17,7 +17,8 @@ Added: ``keystone_build_info{version,python}``, ``keystone_uptime_seconds``,
 ``keystone_deployments_total{result}``, ``keystone_rollbacks_total{result}``, and the sync
 metrics ``keystone_sync_total{result,source}``, ``keystone_sync_duration_seconds``,
 ``keystone_sync_last_timestamp_seconds``, ``keystone_revision_info{revision,source}``,
-``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``.
+``keystone_signature_failures_total{kind}``, ``keystone_artifact_cache_bytes``; and the broker
+adapters' ``keystone_broker_connected{adapter}`` and ``keystone_broker_events_dropped_total{adapter}``.
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
@@ -204,6 +205,18 @@ class Metrics:
         self.cache_bytes = Gauge(
             "keystone_artifact_cache_bytes", "Bytes held in the artifact cache", registry=r
         )
+        self.broker_connected = Gauge(
+            "keystone_broker_connected",
+            "1 while the broker adapter is connected, 0 otherwise",
+            ["adapter"],
+            registry=r,
+        )
+        self.broker_dropped = Counter(
+            "keystone_broker_events_dropped_total",
+            "Events dropped from a broker adapter's full buffer while the broker was away",
+            ["adapter"],
+            registry=r,
+        )
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -272,6 +285,14 @@ class Metrics:
     def set_clock_trusted(self, trusted: bool) -> None:
         """Whether the system clock is at or after the trusted clock's mark."""
         self.clock_trusted.set(1 if trusted else 0)
+
+    def set_broker_connected(self, adapter: str, connected: bool) -> None:
+        """A broker adapter (``mqtt``, ``nats``) connected or lost its broker."""
+        self.broker_connected.labels(adapter).set(1 if connected else 0)
+
+    def broker_events_dropped(self, adapter: str, n: int = 1) -> None:
+        """Count events a broker adapter dropped from its full buffer (0 creates the series)."""
+        self.broker_dropped.labels(adapter).inc(n)
 
     def reconcile(self, result: str, duration: float, repairs: int) -> None:
         """Count a reconcile pass, its duration and how many components it started again."""

@@ -28,7 +28,16 @@ import paho.mqtt.client as paho
 from loguru import logger
 from paho.mqtt.enums import CallbackAPIVersion
 
-from keystone.adapters.common import Commands, EventBuffer, EventLoop, Reply, encode, tls_context
+from keystone.adapters.common import (
+    AdapterMetrics,
+    BrokerMetrics,
+    Commands,
+    EventBuffer,
+    EventLoop,
+    Reply,
+    encode,
+    tls_context,
+)
 from keystone.brokerconfig import MqttConfig
 from keystone.control import JSON
 from keystone.sync.scheduler import device_offset
@@ -90,13 +99,15 @@ class MqttAdapter:
         *,
         device_id: str,
         labels: tuple[str, ...] = (),
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.commands = commands
         self.device_id = cfg.device_id or device_id
         self.client_id = cfg.client_id or f"keystone-{self.device_id}"
         self.topics = Topics(self.device_id, labels)
-        self.buffer = EventBuffer(cfg.buffer)
+        self.metrics = AdapterMetrics(metrics, self.name)
+        self.buffer = EventBuffer(cfg.buffer, self.metrics.dropped)
         self.events = EventLoop(
             commands.control,
             self.device_id,
@@ -224,6 +235,7 @@ class MqttAdapter:
 
     def _connected(self) -> None:
         self.connected = True
+        self.metrics.connected(True)
         self.connects += 1
         pending = self.buffer.drain()
         if self.buffer.dropped:
@@ -238,6 +250,7 @@ class MqttAdapter:
         if self.connected and not self._stopping:
             logger.warning("[mqtt] connection lost ({}); reconnecting", reason)
         self.connected = False
+        self.metrics.connected(False)
 
     def _dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
         name = self.topics.command_of(topic)

@@ -26,7 +26,15 @@ from loguru import logger
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from keystone.adapters.common import Commands, EventBuffer, EventLoop, encode, tls_context
+from keystone.adapters.common import (
+    AdapterMetrics,
+    BrokerMetrics,
+    Commands,
+    EventBuffer,
+    EventLoop,
+    encode,
+    tls_context,
+)
 from keystone.brokerconfig import NatsConfig
 from keystone.control import JSON
 from keystone.sync.scheduler import device_offset
@@ -138,12 +146,14 @@ class NatsAdapter:
         *,
         device_id: str,
         labels: tuple[str, ...] = (),
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.commands = commands
         self.device_id = cfg.device_id or device_id
         self.subjects = Subjects(self.device_id, labels)
-        self.buffer = EventBuffer(cfg.buffer)
+        self.metrics = AdapterMetrics(metrics, self.name)
+        self.buffer = EventBuffer(cfg.buffer, self.metrics.dropped)
         self.events = EventLoop(
             commands.control,
             self.device_id,
@@ -218,6 +228,7 @@ class NatsAdapter:
             await nc.subscribe(subject, cb=self._on_msg)
         logger.info("[nats] connected to {} as device {}", self.cfg.url, self.device_id)
         self.connects += 1
+        self.metrics.connected(True)
         if self.cfg.jetstream:
             # The job queue's module is loaded only by an agent that consumes it.
             from keystone.adapters.jetstream import JobQueue
@@ -231,12 +242,14 @@ class NatsAdapter:
         logger.warning("[nats] {}", exc)
 
     async def _on_disconnected(self) -> None:
+        self.metrics.connected(False)
         if self._stopping:
             return
         logger.warning("[nats] disconnected from {}; reconnecting", self.cfg.url)
 
     async def _on_reconnected(self) -> None:
         self.connects += 1
+        self.metrics.connected(True)
         logger.info("[nats] reconnected to {}", self.nc.connected_url if self.nc else "")
         self._flush()
 

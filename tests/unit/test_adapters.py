@@ -268,6 +268,33 @@ class TestEvents:
         none.push("t", b"x")
         assert none.dropped == 1 and none.drain() == []
 
+    def test_drops_and_connection_state_reach_the_metrics(self) -> None:
+        from keystone.adapters.common import AdapterMetrics
+        from keystone.metrics import Metrics
+
+        metrics = Metrics()
+        stats = AdapterMetrics(metrics, "mqtt")
+        AdapterMetrics(None, "nats").dropped()  # no metrics: nothing to do, no error
+
+        def series() -> set[str]:
+            text = metrics.render()[0].decode()
+            return {line for line in text.splitlines() if line.startswith("keystone_broker_")}
+
+        assert series() == {
+            'keystone_broker_connected{adapter="mqtt"} 0.0',
+            'keystone_broker_events_dropped_total{adapter="mqtt"} 0.0',
+        }
+        buf = EventBuffer(1, stats.dropped)
+        for i in range(4):
+            buf.push("t", bytes([i]))
+        stats.connected(True)
+        assert series() == {
+            'keystone_broker_connected{adapter="mqtt"} 1.0',
+            'keystone_broker_events_dropped_total{adapter="mqtt"} 3.0',
+        }
+        stats.connected(False)
+        assert 'keystone_broker_connected{adapter="mqtt"} 0.0' in series()
+
     def test_a_burst_of_changes_is_one_state_event(self) -> None:
         """Ten changes inside the settle window publish one state event."""
         sent: list[str] = []
