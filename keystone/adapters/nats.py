@@ -250,7 +250,10 @@ class NatsAdapter:
     async def _on_reconnected(self) -> None:
         self.connects += 1
         self.metrics.connected(True)
-        logger.info("[nats] reconnected to {}", self.nc.connected_url if self.nc else "")
+        url = self.nc.connected_url if self.nc else None
+        logger.info("[nats] reconnected to {}", url.geturl() if url else self.cfg.url)
+        if self.jobs is not None:
+            self.jobs.reconnected()
         self._flush()
 
     def _flush(self) -> None:
