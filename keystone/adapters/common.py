@@ -257,7 +257,11 @@ def _stop_comp(control: AgentControl, req: Mapping[str, Any], policy: Policy) ->
 
 
 def _health(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
-    return Reply(True, control.health())
+    # Go's HealthStatus body: uptime as a Go duration ("1h2m3.5s"); our other keys (version,
+    # device, revision, components) ride along.
+    health = dict(control.health())
+    health["uptime"] = go_duration(float(health.get("uptime") or 0))
+    return Reply(True, health)
 
 
 def _recipes(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:

@@ -107,6 +107,14 @@ SYNCED = Policy("d1", git_synced=True)
 
 
 class TestCommandTable:
+    def test_health_has_go_uptime_beside_our_keys(self) -> None:
+        reply = run_command(FakeControl(), "health", {}, PLAIN)
+        assert reply.success and reply.data == {
+            "status": "ok",
+            "uptime": "1m15.5s",
+            "revision": "abc",
+        }
+
     @pytest.mark.parametrize(
         ("name", "req", "success", "error"),
         [
