@@ -349,6 +349,103 @@ class TestJobs:
         assert info.value.job_id == job_id
 
 
+class FakeJetStream:
+    """The JetStream calls JobQueue makes, over an in-memory server that can lose its store."""
+
+    def __init__(self) -> None:
+        self.streams: set[str] = set()
+        self.consumers: set[tuple[str, str]] = set()
+        self.calls: list[str] = []
+
+    def lose_store(self) -> None:
+        self.streams.clear()
+        self.consumers.clear()
+
+    async def stream_info(self, name: str) -> Any:
+        from nats.js.errors import NotFoundError
+
+        if name not in self.streams:
+            raise NotFoundError(code=404, err_code=10059, description="stream not found")
+        return name
+
+    async def add_stream(self, config: Any) -> None:
+        self.calls.append(f"add_stream {config.name}")
+        self.streams.add(config.name)
+
+    async def consumer_info(self, stream: str, durable: str) -> Any:
+        from nats.js.errors import NotFoundError
+
+        await asyncio.sleep(0)  # a round trip: the other workers run meanwhile
+        if (stream, durable) not in self.consumers:
+            raise NotFoundError(code=404, err_code=10014, description="consumer not found")
+        return durable
+
+    async def add_consumer(self, stream: str, config: Any) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"add_consumer {config.durable_name}")
+        self.consumers.add((stream, config.durable_name))
+
+    async def pull_subscribe_bind(self, durable: str, stream: str) -> Any:
+        self.calls.append("bind")
+        return FakeSub()
+
+
+class FakeSub:
+    async def fetch(self, n: int, timeout: float) -> list[Any]:
+        await asyncio.sleep(3600)  # an idle pull: waits until it is cancelled
+        return []
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class FakeNats:
+    def __init__(self, js: FakeJetStream) -> None:
+        self.js = js
+
+    def jetstream(self) -> FakeJetStream:
+        return self.js
+
+
+class TestJobQueueRecovery:
+    def test_a_lost_stream_and_consumer_are_created_once_and_the_workers_move_over(self) -> None:
+        from keystone.adapters.jetstream import JobQueue
+        from keystone.adapters.nats import Subjects
+
+        js = FakeJetStream()
+        cfg = NatsConfig(url="nats://x", jetstream=True, js_workers=3)
+        queue = JobQueue(
+            FakeNats(js),  # type: ignore[arg-type]
+            cfg,
+            Subjects("d1"),
+            None,  # type: ignore[arg-type]  (no job runs here)
+        )
+
+        async def go() -> None:
+            await queue.start()
+            assert js.calls == ["add_stream KEYSTONE_JOBS", "add_consumer keystone-d1", "bind"]
+            await asyncio.sleep(0)  # the workers enter their pulls
+            before = list(queue._workers)
+            js.calls.clear()
+            assert await queue.check() is False and js.calls == []  # all there: nothing done
+
+            js.lose_store()
+            created = await asyncio.gather(queue.check(), queue.check(), queue.check())
+            assert sorted(created) == [False, False, True]  # one of them did it, once
+            assert js.calls == ["add_stream KEYSTONE_JOBS", "add_consumer keystone-d1", "bind"]
+            assert all(t.cancelled() or t.cancelling() for t in before)
+            assert not set(before) & set(queue._workers) and len(queue._workers) == 3
+
+            js.lose_store()
+            js.streams.add("KEYSTONE_JOBS")  # another device re-created the stream already
+            js.calls.clear()
+            assert await queue.check() is True
+            assert js.calls == ["add_consumer keystone-d1", "bind"]
+            await queue.stop()
+
+        asyncio.run(go())
+
+
 class TestSettings:
     def test_file_tables(self, tmp_path: Path) -> None:
         cfg = parse_config(
