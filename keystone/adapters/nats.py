@@ -167,6 +167,7 @@ class NatsAdapter:
         self._main: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._errors: set[str] = set()  # reported since the last connection: not logged again
 
     @property
     def connected(self) -> bool:
@@ -229,6 +230,7 @@ class NatsAdapter:
         logger.info("[nats] connected to {} as device {}", self.cfg.url, self.device_id)
         self.connects += 1
         self.metrics.connected(True)
+        self._errors.clear()
         if self.cfg.jetstream:
             # The job queue's module is loaded only by an agent that consumes it.
             from keystone.adapters.jetstream import JobQueue
@@ -239,7 +241,14 @@ class NatsAdapter:
         self.events.publish("state")
 
     async def _on_error(self, exc: Exception) -> None:
-        logger.warning("[nats] {}", exc)
+        # nats-py retries every reconnect_wait and reports each failure: an error already
+        # reported (a refused certificate, a wrong password) goes to debug, not to the log.
+        text = str(exc)
+        if text in self._errors or len(self._errors) >= 32:
+            logger.debug("[nats] {}", text)
+            return
+        self._errors.add(text)
+        logger.warning("[nats] {}", text)
 
     async def _on_disconnected(self) -> None:
         self.metrics.connected(False)
@@ -250,6 +259,7 @@ class NatsAdapter:
     async def _on_reconnected(self) -> None:
         self.connects += 1
         self.metrics.connected(True)
+        self._errors.clear()
         url = self.nc.connected_url if self.nc else None
         logger.info("[nats] reconnected to {}", url.geturl() if url else self.cfg.url)
         if self.jobs is not None:

@@ -446,6 +446,34 @@ class TestJobQueueRecovery:
         asyncio.run(go())
 
 
+class TestNatsErrors:
+    def test_a_repeated_connection_error_is_logged_once_until_connected(self) -> None:
+        from loguru import logger
+
+        from keystone.adapters.common import Commands
+        from keystone.adapters.nats import NatsAdapter
+
+        adapter = NatsAdapter(
+            NatsConfig(url="nats://x"),
+            Commands(FakeControl(), PLAIN),  # type: ignore[arg-type]
+            device_id="d1",
+        )
+        seen: list[str] = []
+        sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+        try:
+
+            async def go() -> None:
+                for text in ("bad certificate", "reset by peer", "bad certificate"):
+                    await adapter._on_error(OSError(text))
+                adapter._errors.clear()  # what a successful (re)connection does
+                await adapter._on_error(OSError("bad certificate"))
+
+            asyncio.run(go())
+        finally:
+            logger.remove(sink)
+        assert seen == ["[nats] bad certificate", "[nats] reset by peer", "[nats] bad certificate"]
+
+
 class TestSettings:
     def test_file_tables(self, tmp_path: Path) -> None:
         cfg = parse_config(
