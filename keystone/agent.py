@@ -204,7 +204,7 @@ class Agent:
         # The adapters and their client libraries load only on an agent that uses a broker.
         from keystone.adapters.wiring import build_adapters, chain_change
 
-        adapters = build_adapters(cfg, self.service)
+        adapters = build_adapters(cfg, self.service, self.node.metrics)
         self.node.on_component_change = chain_change(self.node.on_component_change, adapters)
         for adapter in adapters:
             adapter.start()

@@ -25,7 +25,9 @@ fetched; ``saved``: what the full downloads would have taken beyond them) and
 ``keystone_artifact_fetches_total{path}`` (``full`` or ``delta``); and the Go agent's dataset
 series (:mod:`keystone.datasets.status`, through :meth:`Metrics.add_samples`):
 ``keystone_dataset_age_seconds``, ``_stale``, ``_activations_total``, ``_refreshes_total``,
-``_last_timestamp_seconds``.
+``_last_timestamp_seconds``;
+the broker adapters' ``keystone_broker_connected{adapter}`` and
+``keystone_broker_events_dropped_total{adapter}``.
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
@@ -269,6 +271,18 @@ class Metrics:
         # Series computed at scrape time from plain samples (the datasets'), see add_samples.
         self._sample_sources: list[Callable[[], Iterable[Any]]] = []
         r.register(_SampleCollector(self._sample_sources))
+        self.broker_connected = Gauge(
+            "keystone_broker_connected",
+            "1 while the broker adapter is connected, 0 otherwise",
+            ["adapter"],
+            registry=r,
+        )
+        self.broker_dropped = Counter(
+            "keystone_broker_events_dropped_total",
+            "Events dropped from a broker adapter's full buffer while the broker was away",
+            ["adapter"],
+            registry=r,
+        )
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -366,6 +380,14 @@ class Metrics:
     def drift_repair(self, name: str, result: str) -> None:
         """Count a drift repair of ``name``: ``ok`` or ``failed``."""
         self.drift_repairs.labels(name, result).inc()
+
+    def set_broker_connected(self, adapter: str, connected: bool) -> None:
+        """A broker adapter (``mqtt``, ``nats``) connected or lost its broker."""
+        self.broker_connected.labels(adapter).set(1 if connected else 0)
+
+    def broker_events_dropped(self, adapter: str, n: int = 1) -> None:
+        """Count events a broker adapter dropped from its full buffer (0 creates the series)."""
+        self.broker_dropped.labels(adapter).inc(n)
 
     def reconcile(self, result: str, duration: float, repairs: int) -> None:
         """Count a reconcile pass, its duration and how many components it started again."""

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -257,7 +257,11 @@ def _stop_comp(control: AgentControl, req: Mapping[str, Any], policy: Policy) ->
 
 
 def _health(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
-    return Reply(True, control.health())
+    # Go's HealthStatus body: uptime as a Go duration ("1h2m3.5s"); our other keys (version,
+    # device, revision, components) ride along.
+    health = dict(control.health())
+    health["uptime"] = go_duration(float(health.get("uptime") or 0))
+    return Reply(True, health)
 
 
 def _recipes(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
@@ -429,21 +433,56 @@ def health_event(control: AgentControl, device_id: str, now: float) -> JSON:
     }
 
 
-class EventBuffer:
-    """Events kept while the broker is away: bounded, the oldest dropped and counted."""
+class BrokerMetrics(Protocol):
+    """The agent's metrics an adapter reports to (``keystone.metrics.Metrics``)."""
 
-    def __init__(self, size: int) -> None:
+    def set_broker_connected(self, adapter: str, connected: bool) -> None: ...
+
+    def broker_events_dropped(self, adapter: str, n: int = 1) -> None: ...
+
+
+class AdapterMetrics:
+    """One adapter's connection state and dropped events, for ``BrokerMetrics`` (or nothing).
+
+    Both series exist from the start (disconnected, none dropped), so a dashboard sees an
+    adapter that never connected.
+    """
+
+    def __init__(self, metrics: BrokerMetrics | None, adapter: str) -> None:
+        self.metrics = metrics
+        self.adapter = adapter
+        if metrics is not None:
+            metrics.set_broker_connected(adapter, False)
+            metrics.broker_events_dropped(adapter, 0)
+
+    def connected(self, up: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.set_broker_connected(self.adapter, up)
+
+    def dropped(self) -> None:
+        if self.metrics is not None:
+            self.metrics.broker_events_dropped(self.adapter)
+
+
+class EventBuffer:
+    """Events kept while the broker is away: bounded, the oldest dropped and counted.
+
+    ``on_drop`` is called once per dropped event (the adapters count them in the metrics).
+    """
+
+    def __init__(self, size: int, on_drop: Callable[[], None] | None = None) -> None:
         self._items: deque[tuple[str, bytes]] = deque(maxlen=max(size, 0) or None)
         self.size = size
         self.dropped = 0
+        self._on_drop = on_drop
 
     def push(self, subject: str, payload: bytes) -> None:
-        if self.size <= 0:
+        if self.size <= 0 or len(self._items) == self.size:
             self.dropped += 1
-            return
-        if len(self._items) == self.size:
-            self.dropped += 1
-        self._items.append((subject, payload))
+            if self._on_drop is not None:
+                self._on_drop()
+        if self.size > 0:
+            self._items.append((subject, payload))
 
     def drain(self) -> list[tuple[str, bytes]]:
         items = list(self._items)

@@ -25,7 +25,7 @@ from loguru import logger
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from keystone.adapters.common import JOB_TYPES, Commands, Reply, encode, utc_stamp
 from keystone.brokerconfig import NatsConfig
@@ -86,16 +86,15 @@ class JobQueue:
         self.commands = commands
         self.durable = f"keystone-{subjects.device_id}"
         self.processed = 0
+        self.generation = 0  # how many times the consumer was (re-)created
         self._workers: list[asyncio.Task[None]] = []
         self._sub: Any = None
+        self._lock = asyncio.Lock()
+        self._recovery: asyncio.Task[None] | None = None
+        self._fetching: set[asyncio.Task[Any]] = set()  # workers waiting in a pull
 
-    async def start(self) -> None:
-        js = self.nc.jetstream()
-        try:
-            await js.stream_info(self.cfg.js_stream)
-        except NotFoundError:
-            await js.add_stream(stream_config(self.cfg.js_stream))
-        consumer = api.ConsumerConfig(
+    def _consumer_config(self) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
             durable_name=self.durable,
             description=f"Keystone agent consumer for device {self.subjects.device_id}",
             filter_subject=self.subjects.jobs,
@@ -105,9 +104,40 @@ class JobQueue:
             max_ack_pending=self.cfg.js_max_ack_pending,
             deliver_policy=api.DeliverPolicy.ALL,
         )
-        self._sub = await js.pull_subscribe(
-            self.subjects.jobs, durable=self.durable, stream=self.cfg.js_stream, config=consumer
-        )
+
+    async def ensure(self) -> None:
+        """Create the stream (if missing) and the durable consumer, and pull from it.
+
+        Idempotent: what exists is kept (JetStream also answers an identical definition with the
+        existing one), and one lock keeps this queue's workers from doing it at once.
+        """
+        async with self._lock:
+            js = self.nc.jetstream()
+            try:
+                await js.stream_info(self.cfg.js_stream)
+            except NotFoundError:
+                try:
+                    await js.add_stream(stream_config(self.cfg.js_stream))
+                except BadRequestError as exc:
+                    # Another device created it in the meantime (10058: name already in use).
+                    if exc.err_code != 10058:
+                        raise
+            try:
+                # An existing consumer is bound as it is (as nats-py's pull_subscribe does).
+                await js.consumer_info(self.cfg.js_stream, self.durable)
+            except NotFoundError:
+                await js.add_consumer(self.cfg.js_stream, self._consumer_config())
+            old, self._sub = (
+                self._sub,
+                await js.pull_subscribe_bind(self.durable, self.cfg.js_stream),
+            )
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.unsubscribe()
+            self.generation += 1
+
+    async def start(self) -> None:
+        await self.ensure()
         loop = asyncio.get_running_loop()
         self._workers = [loop.create_task(self._work(i)) for i in range(self.cfg.js_workers)]
         logger.info(
@@ -117,31 +147,95 @@ class JobQueue:
             self.cfg.js_workers,
         )
 
+    async def check(self) -> bool:
+        """Re-create the stream and consumer if the server lost them (a restart without its
+        store); True if they were re-created. Errors (JetStream not ready yet) propagate."""
+        try:
+            await self.nc.jetstream().consumer_info(self.cfg.js_stream, self.durable)
+            return False
+        except NotFoundError:
+            pass
+        generation = self.generation
+        async with self._lock:
+            if self.generation != generation:
+                return False  # another worker (or the reconnect) has just done it
+        await self.ensure()
+        logger.warning(
+            "[nats] JetStream stream {} / consumer {} were gone on the server: re-created",
+            self.cfg.js_stream,
+            self.durable,
+        )
+        # Workers waiting on the old subscription would sit out their whole pull: start them
+        # again on the new one (a worker running a job finishes it and moves over by itself).
+        current = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for i, task in enumerate(self._workers):
+            if task in self._fetching and task is not current:
+                task.cancel()
+                self._workers[i] = loop.create_task(self._work(i))
+        return True
+
+    def reconnected(self) -> None:
+        """The connection is back: the server may be a new one without its store."""
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.check()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # JetStream not ready on a server that just started
+                logger.debug("[nats] JetStream check: {}; again in {:g}s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     async def stop(self) -> None:
-        for task in self._workers:
+        tasks = [*self._workers, *([self._recovery] if self._recovery else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._workers:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers.clear()
+        self._recovery = None
 
     async def _work(self, index: int) -> None:
         backoff = 1.0
         while True:
             try:
-                msgs = await self._sub.fetch(1, timeout=FETCH_WAIT)
+                msgs = await self._fetch()
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
+                if index == 0:
+                    # An idle queue: one worker makes sure the consumer still exists.
+                    with contextlib.suppress(Exception):
+                        await self.check()
                 continue
             except Exception as exc:  # disconnected: nats-py reconnects; try again later
                 logger.debug("[nats] job worker {}: {}", index, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+                with contextlib.suppress(Exception):
+                    await self.check()
                 continue
             backoff = 1.0
             for msg in msgs:
                 await self.process(msg)
+
+    async def _fetch(self) -> list[Msg]:
+        me = asyncio.current_task()
+        assert me is not None
+        self._fetching.add(me)
+        try:
+            msgs: list[Msg] = await self._sub.fetch(1, timeout=FETCH_WAIT)
+            return msgs
+        finally:
+            self._fetching.discard(me)
 
     async def process(self, msg: Msg) -> Reply:
         """Run one job, then ack, nak or terminate it, and publish its result."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +28,16 @@ import paho.mqtt.client as paho
 from loguru import logger
 from paho.mqtt.enums import CallbackAPIVersion
 
-from keystone.adapters.common import Commands, EventBuffer, EventLoop, Reply, encode, tls_context
+from keystone.adapters.common import (
+    AdapterMetrics,
+    BrokerMetrics,
+    Commands,
+    EventBuffer,
+    EventLoop,
+    Reply,
+    encode,
+    tls_context,
+)
 from keystone.brokerconfig import MqttConfig
 from keystone.control import JSON
 from keystone.sync.scheduler import device_offset
@@ -89,13 +99,15 @@ class MqttAdapter:
         *,
         device_id: str,
         labels: tuple[str, ...] = (),
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.commands = commands
         self.device_id = cfg.device_id or device_id
         self.client_id = cfg.client_id or f"keystone-{self.device_id}"
         self.topics = Topics(self.device_id, labels)
-        self.buffer = EventBuffer(cfg.buffer)
+        self.metrics = AdapterMetrics(metrics, self.name)
+        self.buffer = EventBuffer(cfg.buffer, self.metrics.dropped)
         self.events = EventLoop(
             commands.control,
             self.device_id,
@@ -140,6 +152,7 @@ class MqttAdapter:
         client.reconnect_delay_set(1, max(1, int(self.cfg.max_reconnect_wait)))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         self._client = client
         client.connect_async(host, port, keepalive=max(5, int(self.cfg.keepalive)))
@@ -193,9 +206,22 @@ class MqttAdapter:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._connected)
 
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError``: the exception says why (a refused
+        # port, a certificate the broker or we do not trust); paho itself logs nothing.
+        exc = sys.exc_info()[1]
+        logger.warning("[mqtt] cannot connect to {}: {}; retrying", self.cfg.broker, exc)
+
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        if not self.connected and not self._stopping:
+            # Closed before CONNACK: with TLS 1.3 a refused client certificate shows only here.
+            logger.warning(
+                "[mqtt] {} closed the connection before accepting it ({}); retrying",
+                self.cfg.broker,
+                reason,
+            )
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._disconnected, str(reason))
 
@@ -209,6 +235,7 @@ class MqttAdapter:
 
     def _connected(self) -> None:
         self.connected = True
+        self.metrics.connected(True)
         self.connects += 1
         pending = self.buffer.drain()
         if self.buffer.dropped:
@@ -223,6 +250,7 @@ class MqttAdapter:
         if self.connected and not self._stopping:
             logger.warning("[mqtt] connection lost ({}); reconnecting", reason)
         self.connected = False
+        self.metrics.connected(False)
 
     def _dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
         name = self.topics.command_of(topic)

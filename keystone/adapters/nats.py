@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -25,7 +26,15 @@ from loguru import logger
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from keystone.adapters.common import Commands, EventBuffer, EventLoop, encode, tls_context
+from keystone.adapters.common import (
+    AdapterMetrics,
+    BrokerMetrics,
+    Commands,
+    EventBuffer,
+    EventLoop,
+    encode,
+    tls_context,
+)
 from keystone.brokerconfig import NatsConfig
 from keystone.control import JSON
 from keystone.sync.scheduler import device_offset
@@ -59,10 +68,45 @@ class Subjects:
         return subject == self.fleet_sync or subject in self.label_sync
 
 
+_JWT_BEGIN = "-----BEGIN NATS USER JWT-----"
+_SEED_BEGIN = "-----BEGIN USER NKEY SEED-----"
+
+
+def creds_seed(path: Path) -> str | None:
+    """The NKey seed of a credentials file that holds no JWT, else None.
+
+    A ``.creds`` file is a user JWT and its NKey seed. nats-py always sends the JWT it finds
+    (empty or not), which only a server in operator (JWT) mode accepts; a file with no JWT is
+    meant for a server that lists the user's NKey in its config, so it authenticates with the
+    seed alone, like ``nkey``. An unreadable file is left to nats-py, which says why.
+    """
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError):
+        return None
+
+    def block(begin: str) -> str:
+        for i, line in enumerate(lines):
+            if begin in line:
+                # The value is the first non-empty line before the block's END marker.
+                for value in lines[i + 1 :]:
+                    if value.startswith("-"):
+                        return ""
+                    if value:
+                        return value
+        return ""
+
+    if block(_JWT_BEGIN):
+        return None
+    seed = block(_SEED_BEGIN)
+    return seed or None
+
+
 def connect_options(cfg: NatsConfig, device_id: str) -> dict[str, Any]:
     """nats-py connect() options: TLS and authentication in Go's priority order.
 
-    NKey > credentials file > token > user/password (Go's ``buildAuthOptions``).
+    NKey > credentials file > token > user/password (Go's ``buildAuthOptions``); a
+    credentials file without a JWT authenticates with its NKey seed (``creds_seed``).
     """
     opts: dict[str, Any] = {
         "servers": [u.strip() for u in cfg.url.split(",") if u.strip()],
@@ -77,7 +121,11 @@ def connect_options(cfg: NatsConfig, device_id: str) -> dict[str, Any]:
     if cfg.nkey:
         opts["nkeys_seed"] = str(cfg.nkey)
     elif cfg.creds:
-        opts["user_credentials"] = str(cfg.creds)
+        seed = creds_seed(cfg.creds)
+        if seed is not None:
+            opts["nkeys_seed_str"] = seed
+        else:
+            opts["user_credentials"] = str(cfg.creds)
     elif cfg.token:
         opts["token"] = cfg.token
     elif cfg.user:
@@ -98,12 +146,14 @@ class NatsAdapter:
         *,
         device_id: str,
         labels: tuple[str, ...] = (),
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.commands = commands
         self.device_id = cfg.device_id or device_id
         self.subjects = Subjects(self.device_id, labels)
-        self.buffer = EventBuffer(cfg.buffer)
+        self.metrics = AdapterMetrics(metrics, self.name)
+        self.buffer = EventBuffer(cfg.buffer, self.metrics.dropped)
         self.events = EventLoop(
             commands.control,
             self.device_id,
@@ -117,6 +167,7 @@ class NatsAdapter:
         self._main: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._errors: set[str] = set()  # reported since the last connection: not logged again
 
     @property
     def connected(self) -> bool:
@@ -178,6 +229,8 @@ class NatsAdapter:
             await nc.subscribe(subject, cb=self._on_msg)
         logger.info("[nats] connected to {} as device {}", self.cfg.url, self.device_id)
         self.connects += 1
+        self.metrics.connected(True)
+        self._errors.clear()
         if self.cfg.jetstream:
             # The job queue's module is loaded only by an agent that consumes it.
             from keystone.adapters.jetstream import JobQueue
@@ -188,16 +241,29 @@ class NatsAdapter:
         self.events.publish("state")
 
     async def _on_error(self, exc: Exception) -> None:
-        logger.warning("[nats] {}", exc)
+        # nats-py retries every reconnect_wait and reports each failure: an error already
+        # reported (a refused certificate, a wrong password) goes to debug, not to the log.
+        text = str(exc)
+        if text in self._errors or len(self._errors) >= 32:
+            logger.debug("[nats] {}", text)
+            return
+        self._errors.add(text)
+        logger.warning("[nats] {}", text)
 
     async def _on_disconnected(self) -> None:
+        self.metrics.connected(False)
         if self._stopping:
             return
         logger.warning("[nats] disconnected from {}; reconnecting", self.cfg.url)
 
     async def _on_reconnected(self) -> None:
         self.connects += 1
-        logger.info("[nats] reconnected to {}", self.nc.connected_url if self.nc else "")
+        self.metrics.connected(True)
+        self._errors.clear()
+        url = self.nc.connected_url if self.nc else None
+        logger.info("[nats] reconnected to {}", url.geturl() if url else self.cfg.url)
+        if self.jobs is not None:
+            self.jobs.reconnected()
         self._flush()
 
     def _flush(self) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from keystone.adapters.common import Commands, Policy
+from keystone.adapters.common import BrokerMetrics, Commands, Policy
 from keystone.config import AgentConfig
 from keystone.control import AgentControl
 
@@ -20,8 +20,14 @@ def broker_configured(config: AgentConfig) -> bool:
     return bool((config.mqtt and config.mqtt.broker) or (config.nats and config.nats.url))
 
 
-def build_adapters(config: AgentConfig, control: AgentControl) -> list[Any]:
-    """The adapters ``config`` asks for (each is a ``keystone.sync.triggers.Trigger``)."""
+def build_adapters(
+    config: AgentConfig, control: AgentControl, metrics: BrokerMetrics | None = None
+) -> list[Any]:
+    """The adapters ``config`` asks for (each is a ``keystone.sync.triggers.Trigger``).
+
+    ``metrics`` (the agent's ``keystone.metrics.Metrics``) gets each adapter's connection state
+    and dropped events.
+    """
     git_synced = bool(config.source is not None and config.source.url)
     # One bounded pool for every adapter's commands (threads start only when a command comes).
     pool = ThreadPoolExecutor(4, thread_name_prefix="keystone-broker")
@@ -41,6 +47,7 @@ def build_adapters(config: AgentConfig, control: AgentControl) -> list[Any]:
                 Commands(control, policy, pool=pool),
                 device_id=config.device_id,
                 labels=config.labels,
+                metrics=metrics,
             )
         )
     if config.nats is not None and config.nats.url:
@@ -58,6 +65,7 @@ def build_adapters(config: AgentConfig, control: AgentControl) -> list[Any]:
                 Commands(control, policy, pool=pool),
                 device_id=config.device_id,
                 labels=config.labels,
+                metrics=metrics,
             )
         )
     return adapters

@@ -107,6 +107,14 @@ SYNCED = Policy("d1", git_synced=True)
 
 
 class TestCommandTable:
+    def test_health_has_go_uptime_beside_our_keys(self) -> None:
+        reply = run_command(FakeControl(), "health", {}, PLAIN)
+        assert reply.success and reply.data == {
+            "status": "ok",
+            "uptime": "1m15.5s",
+            "revision": "abc",
+        }
+
     @pytest.mark.parametrize(
         ("name", "req", "success", "error"),
         [
@@ -268,6 +276,33 @@ class TestEvents:
         none.push("t", b"x")
         assert none.dropped == 1 and none.drain() == []
 
+    def test_drops_and_connection_state_reach_the_metrics(self) -> None:
+        from keystone.adapters.common import AdapterMetrics
+        from keystone.metrics import Metrics
+
+        metrics = Metrics()
+        stats = AdapterMetrics(metrics, "mqtt")
+        AdapterMetrics(None, "nats").dropped()  # no metrics: nothing to do, no error
+
+        def series() -> set[str]:
+            text = metrics.render()[0].decode()
+            return {line for line in text.splitlines() if line.startswith("keystone_broker_")}
+
+        assert series() == {
+            'keystone_broker_connected{adapter="mqtt"} 0.0',
+            'keystone_broker_events_dropped_total{adapter="mqtt"} 0.0',
+        }
+        buf = EventBuffer(1, stats.dropped)
+        for i in range(4):
+            buf.push("t", bytes([i]))
+        stats.connected(True)
+        assert series() == {
+            'keystone_broker_connected{adapter="mqtt"} 1.0',
+            'keystone_broker_events_dropped_total{adapter="mqtt"} 3.0',
+        }
+        stats.connected(False)
+        assert 'keystone_broker_connected{adapter="mqtt"} 0.0' in series()
+
     def test_a_burst_of_changes_is_one_state_event(self) -> None:
         """Ten changes inside the settle window publish one state event."""
         sent: list[str] = []
@@ -312,6 +347,131 @@ class TestJobs:
         with pytest.raises(BadJob, match=message) as info:
             parse_job(doc)
         assert info.value.job_id == job_id
+
+
+class FakeJetStream:
+    """The JetStream calls JobQueue makes, over an in-memory server that can lose its store."""
+
+    def __init__(self) -> None:
+        self.streams: set[str] = set()
+        self.consumers: set[tuple[str, str]] = set()
+        self.calls: list[str] = []
+
+    def lose_store(self) -> None:
+        self.streams.clear()
+        self.consumers.clear()
+
+    async def stream_info(self, name: str) -> Any:
+        from nats.js.errors import NotFoundError
+
+        if name not in self.streams:
+            raise NotFoundError(code=404, err_code=10059, description="stream not found")
+        return name
+
+    async def add_stream(self, config: Any) -> None:
+        self.calls.append(f"add_stream {config.name}")
+        self.streams.add(config.name)
+
+    async def consumer_info(self, stream: str, durable: str) -> Any:
+        from nats.js.errors import NotFoundError
+
+        await asyncio.sleep(0)  # a round trip: the other workers run meanwhile
+        if (stream, durable) not in self.consumers:
+            raise NotFoundError(code=404, err_code=10014, description="consumer not found")
+        return durable
+
+    async def add_consumer(self, stream: str, config: Any) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"add_consumer {config.durable_name}")
+        self.consumers.add((stream, config.durable_name))
+
+    async def pull_subscribe_bind(self, durable: str, stream: str) -> Any:
+        self.calls.append("bind")
+        return FakeSub()
+
+
+class FakeSub:
+    async def fetch(self, n: int, timeout: float) -> list[Any]:
+        await asyncio.sleep(3600)  # an idle pull: waits until it is cancelled
+        return []
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class FakeNats:
+    def __init__(self, js: FakeJetStream) -> None:
+        self.js = js
+
+    def jetstream(self) -> FakeJetStream:
+        return self.js
+
+
+class TestJobQueueRecovery:
+    def test_a_lost_stream_and_consumer_are_created_once_and_the_workers_move_over(self) -> None:
+        from keystone.adapters.jetstream import JobQueue
+        from keystone.adapters.nats import Subjects
+
+        js = FakeJetStream()
+        cfg = NatsConfig(url="nats://x", jetstream=True, js_workers=3)
+        queue = JobQueue(
+            FakeNats(js),  # type: ignore[arg-type]
+            cfg,
+            Subjects("d1"),
+            None,  # type: ignore[arg-type]  (no job runs here)
+        )
+
+        async def go() -> None:
+            await queue.start()
+            assert js.calls == ["add_stream KEYSTONE_JOBS", "add_consumer keystone-d1", "bind"]
+            await asyncio.sleep(0)  # the workers enter their pulls
+            before = list(queue._workers)
+            js.calls.clear()
+            assert await queue.check() is False and js.calls == []  # all there: nothing done
+
+            js.lose_store()
+            created = await asyncio.gather(queue.check(), queue.check(), queue.check())
+            assert sorted(created) == [False, False, True]  # one of them did it, once
+            assert js.calls == ["add_stream KEYSTONE_JOBS", "add_consumer keystone-d1", "bind"]
+            assert all(t.cancelled() or t.cancelling() for t in before)
+            assert not set(before) & set(queue._workers) and len(queue._workers) == 3
+
+            js.lose_store()
+            js.streams.add("KEYSTONE_JOBS")  # another device re-created the stream already
+            js.calls.clear()
+            assert await queue.check() is True
+            assert js.calls == ["add_consumer keystone-d1", "bind"]
+            await queue.stop()
+
+        asyncio.run(go())
+
+
+class TestNatsErrors:
+    def test_a_repeated_connection_error_is_logged_once_until_connected(self) -> None:
+        from loguru import logger
+
+        from keystone.adapters.common import Commands
+        from keystone.adapters.nats import NatsAdapter
+
+        adapter = NatsAdapter(
+            NatsConfig(url="nats://x"),
+            Commands(FakeControl(), PLAIN),  # type: ignore[arg-type]
+            device_id="d1",
+        )
+        seen: list[str] = []
+        sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+        try:
+
+            async def go() -> None:
+                for text in ("bad certificate", "reset by peer", "bad certificate"):
+                    await adapter._on_error(OSError(text))
+                adapter._errors.clear()  # what a successful (re)connection does
+                await adapter._on_error(OSError("bad certificate"))
+
+            asyncio.run(go())
+        finally:
+            logger.remove(sink)
+        assert seen == ["[nats] bad certificate", "[nats] reset by peer", "[nats] bad certificate"]
 
 
 class TestSettings:
@@ -429,6 +589,42 @@ class TestNames:
         opts = connect_options(NatsConfig(url="nats://x", token="t", user="u", password="p"), "d")
         assert opts["token"] == "t" and "user" not in opts and "tls" not in opts
         assert opts["name"] == "keystone-agent-d" and opts["max_reconnect_attempts"] == -1
+
+    @pytest.mark.parametrize(
+        ("text", "seed"),
+        [
+            # nsc's layout with a JWT: left to nats-py (operator mode).
+            (
+                "-----BEGIN NATS USER JWT-----\neyJhbGciOi.x.y\n------END NATS USER JWT------\n\n"
+                "-----BEGIN USER NKEY SEED-----\nSUAXYZ\n------END USER NKEY SEED------\n",
+                None,
+            ),
+            # No JWT at all, or an empty JWT block: the seed alone.
+            ("-----BEGIN USER NKEY SEED-----\nSUAXYZ\n------END USER NKEY SEED------\n", "SUAXYZ"),
+            (
+                "-----BEGIN NATS USER JWT-----\n\n------END NATS USER JWT------\n"
+                "-----BEGIN USER NKEY SEED-----\n  SUAXYZ  \n-----END USER NKEY SEED-----\n",
+                "SUAXYZ",
+            ),
+            # Neither: nats-py reports the file.
+            ("garbage\n", None),
+            ("-----BEGIN USER NKEY SEED-----\n------END USER NKEY SEED------\n", None),
+        ],
+    )
+    def test_a_creds_file_without_a_jwt_authenticates_with_its_seed(
+        self, tmp_path: Path, text: str, seed: str | None
+    ) -> None:
+        from keystone.adapters.nats import connect_options, creds_seed
+
+        creds = tmp_path / "device.creds"
+        creds.write_text(text)
+        assert creds_seed(creds) == seed
+        opts = connect_options(NatsConfig(url="nats://x", creds=creds), "d")
+        if seed is None:
+            assert opts["user_credentials"] == str(creds) and "nkeys_seed_str" not in opts
+        else:
+            assert opts["nkeys_seed_str"] == seed and "user_credentials" not in opts
+        assert creds_seed(tmp_path / "missing.creds") is None
 
 
 class TestLazyImports:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ class TestCommands:
         health = probe.request(DEV, "health")
         assert health["success"] is True and health["correlationId"].startswith("req-")
         assert health["data"]["status"] == "ok" and "uptime" in health["data"]
+        # Go's HealthStatus: uptime as a Go duration string; our keys beside it.
+        assert re.fullmatch(r"(\d+h)?(\d+m)?[\d.]+(ms|s)", health["data"]["uptime"])
+        assert health["data"]["device"] == DEV and "version" in health["data"]
 
         status = probe.request(DEV, "status")["data"]
         assert {"planPath", "status", "components"} <= set(status) and status["status"] == "running"

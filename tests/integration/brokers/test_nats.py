@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ class TestRequests:
         ready(probe)
         health = probe.request(subject("health"))
         assert set(health) == {"success", "data"} and health["data"]["status"] == "ok"
+        assert re.fullmatch(r"(\d+h)?(\d+m)?[\d.]+(ms|s)", health["data"]["uptime"])
+        assert health["data"]["device"] == DEV and "version" in health["data"]
         assert probe.request(subject("status"))["data"]["status"] == "running"
         comps = probe.request(subject("components"))["data"]["components"]
         assert {c["name"] for c in comps} == {"db", "cache", "api"}
