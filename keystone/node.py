@@ -347,7 +347,7 @@ class Node:
         else:
             try:
                 records += await self._import_staged(read_bundle_datasets(root))
-            except KeystoneError as exc:
+            except (KeystoneError, OSError) as exc:
                 records.append({"name": "", "result": "failed", "reason": str(exc)})
             finally:
                 shutil.rmtree(root, ignore_errors=True)
