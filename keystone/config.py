@@ -44,6 +44,19 @@ class TrustConfig:
     verify: str = "tip"  # tip | all
     max_age: float = 0.0
     allow_unsigned_artifacts: bool = True
+    # The PEM roots for dataset manifests, recipe and artifact signatures; the file equivalent
+    # of KEYSTONE_TRUST_BUNDLE / KEYSTONE_LEAF_CERT (the environment wins).
+    trust_bundle: Path | None = None
+    leaf_cert: Path | None = None
+
+    def environ(self) -> dict[str, str]:
+        """``KEYSTONE_TRUST_BUNDLE`` / ``KEYSTONE_LEAF_CERT`` for what is set here."""
+        out: dict[str, str] = {}
+        if self.trust_bundle is not None:
+            out["KEYSTONE_TRUST_BUNDLE"] = str(self.trust_bundle)
+        if self.leaf_cert is not None:
+            out["KEYSTONE_LEAF_CERT"] = str(self.leaf_cert)
+        return out
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,14 @@ def _path(r: Reader, path: Path_, base: Path) -> Path | None:
     except RuntimeError as exc:  # ~user with no such user
         raise r.error(path, f"cannot expand {raw!r}: {exc}") from None
     return p if p.is_absolute() else base / p
+
+
+def _pem_file(r: Reader, path: Path_, base: Path) -> Path | None:
+    """A PEM file that must exist now: a typo is reported at its line, not at the first refresh."""
+    p = _path(r, path, base)
+    if p is not None and not p.is_file():
+        raise r.error(path, f"{p} is not a readable file")
+    return p
 
 
 def _limits(r: Reader) -> Limits:
@@ -192,6 +213,8 @@ def parse_config(
                 "verify",
                 "max_age",
                 "allow_unsigned_artifacts",
+                "trust_bundle",
+                "leaf_cert",
             },
         )
         is not None
@@ -210,6 +233,8 @@ def parse_config(
                 allow_unsigned_artifacts=r.flag(
                     ("trust", "allow_unsigned_artifacts"), default=True
                 ),
+                trust_bundle=_pem_file(r, ("trust", "trust_bundle"), base),
+                leaf_cert=_pem_file(r, ("trust", "leaf_cert"), base),
             ),
         )
     if r.table(("api",), {"listen", "tls_cert", "tls_key", "client_ca"}) is not None:
@@ -306,5 +331,12 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         "strict",
     ):
         raise ValidationError("expected high-water or strict", field="KEYSTONE_CLOCK_POLICY")
+    # The environment wins over [trust] trust_bundle / leaf_cert, as everywhere.
+    trust = cfg.trust
+    if env.get("KEYSTONE_TRUST_BUNDLE", "").strip():
+        trust = replace(trust, trust_bundle=Path(env["KEYSTONE_TRUST_BUNDLE"].strip()))
+    if env.get("KEYSTONE_LEAF_CERT", "").strip():
+        trust = replace(trust, leaf_cert=Path(env["KEYSTONE_LEAF_CERT"].strip()))
+    cfg = replace(cfg, trust=trust)
     mqtt, nats = apply_broker_env(cfg.mqtt, cfg.nats, env)  # brokers
     return replace(cfg, mqtt=mqtt, nats=nats)

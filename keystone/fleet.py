@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from keystone.env import substitution_env
-from keystone.errors import ValidationError
+from keystone.errors import KeystoneError, ValidationError
 from keystone.plan import DesiredPlan
 from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
 from keystone.runtime.deployer import plan_actions
@@ -250,9 +250,14 @@ def build_bundle(
     every_label: bool = False,
     devices: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
+    datasets: Path | None = None,
 ) -> dict[str, Any]:
     """Write a bundle of ``rev`` of ``repo`` (incremental ``since`` a commit the devices have)
     with every artifact the plans of the chosen targets need; return what it carries.
+
+    ``datasets`` is a directory of ``<dataset name>/`` directories, each with one signed
+    ``*.manifest.toml``, its ``.sig``, an optional ``.crt`` and the payload file; they are
+    carried as ``datasets/<name>/<file>`` (checked for shape here, verified on the device).
 
     The targets are any device, plus any device with ``labels``, plus each of ``devices`` with
     ``labels``; ``every_label`` adds every label and every device that has a plan.
@@ -267,8 +272,16 @@ def build_bundle(
     targets += [(d, list(labels)) for d in devices]
     with tempfile.TemporaryDirectory(prefix="keystone-bundle-") as work:
         arts = bundle_artifacts(repo, sha, targets=targets, work=Path(work))
-        info = create_bundle(out, repo, sha, since, [(s, p) for s, p, _ in arts], progress=progress)
-    return {
+        info = create_bundle(
+            out,
+            repo,
+            sha,
+            since,
+            [(s, p) for s, p, _ in arts],
+            progress=progress,
+            datasets=dataset_members(datasets) if datasets is not None else (),
+        )
+    data: dict[str, Any] = {
         "bundle": str(out),
         "revision": info.revision,
         "ref": info.ref,
@@ -276,3 +289,45 @@ def build_bundle(
         "artifacts": [{"sha256": a.sha256, "size": a.size, "name": a.name} for a in info.artifacts],
         "size": info.size,
     }
+    if info.datasets:  # only then: the output of a bundle without datasets is as it was
+        data["datasets"] = [
+            {"path": d.path, "sha256": d.sha256, "size": d.size} for d in info.datasets
+        ]
+    return data
+
+
+def dataset_members(root: Path) -> list[tuple[str, Path]]:
+    """The ``(datasets/<name>/<file>, file)`` pairs of a ``--datasets`` directory.
+
+    Each ``<name>/`` must read as the device will read it (one manifest that parses, its
+    payload present; :func:`keystone.datasets.bundle.read_bundle_datasets`); only the manifest,
+    its ``.sig``, its ``.crt`` and the payload are taken.
+
+    Raises:
+        keystone.errors.ValidationError: not a directory, or a dataset that does not read.
+    """
+    # lazy: the dataset reader (manifests), only for a bundle that carries datasets
+    from keystone.datasets.bundle import read_bundle_datasets
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValidationError(f"--datasets {root} is not a directory", field="datasets")
+    out: list[tuple[str, Path]] = []
+    with tempfile.TemporaryDirectory(prefix="keystone-datasets-") as tmp:
+        # The device reads <bundle>/datasets/<name>/: show the reader the same shape.
+        (Path(tmp) / "datasets").symlink_to(root.resolve(), target_is_directory=True)
+        try:
+            entries = list(read_bundle_datasets(Path(tmp)))
+        except KeystoneError as exc:
+            raise ValidationError(f"--datasets {root}: {exc}", field="datasets") from exc
+    for name, _body, _sig, _cert, payload in entries:
+        d = root / name
+        [manifest] = sorted(d.glob("*.toml"))
+        files = [manifest, d / payload.name]
+        files += [
+            p
+            for p in (manifest.with_name(manifest.name + x) for x in (".sig", ".crt"))
+            if p.is_file()
+        ]
+        out += [(f"datasets/{name}/{f.name}", f) for f in dict.fromkeys(files)]
+    return out

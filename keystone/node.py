@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -40,6 +42,7 @@ from keystone.workerproc import ErrorInfo, call
 
 if TYPE_CHECKING:
     from keystone.datasets.agent import AgentDatasets
+    from keystone.datasets.bundle import BundleEntry
     from keystone.datasets.manager import RefreshResult
 
 SYNC_WORKER = "keystone.sync.worker"
@@ -328,6 +331,59 @@ class Node:
                     **({"rolled_back": True} if result.rolled_back else {}),
                 }
             )
+
+    async def import_bundle_datasets(self, root: Path, error: str | None) -> list[dict[str, Any]]:
+        """A deployed bundle's datasets through the dataset manager (``SyncHost``); never raises.
+
+        Each entry is verified as a refresh is (signature, anti-replay, digest); one nobody
+        declares is reported ``skipped``. The staged copy is removed afterwards.
+        """
+        # lazy: the dataset modules, only for a bundle that carries datasets
+        from keystone.datasets.bundle import read_bundle_datasets
+
+        records: list[dict[str, Any]] = []
+        if error:
+            records.append({"name": "", "result": "failed", "reason": error})
+        else:
+            try:
+                records += await self._import_staged(read_bundle_datasets(root))
+            except (KeystoneError, OSError) as exc:
+                records.append({"name": "", "result": "failed", "reason": str(exc)})
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        for r in records:
+            if r["result"] == "failed":
+                logger.warning(
+                    "[dataset] name={} msg=from the bundle: refused: {}", r["name"], r["reason"]
+                )
+        return records
+
+    async def _import_staged(self, entries: Iterable[BundleEntry]) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        declared = {
+            spec.name for c in self.applied_plan.components.values() for spec in c.recipe.datasets
+        }
+        wanted = []
+        for entry in entries:
+            if entry[0] in declared:
+                wanted.append(entry)
+            else:
+                records.append(
+                    {"name": entry[0], "result": "skipped", "reason": "declared by no recipe"}
+                )
+        if not wanted:
+            return records
+        for result in await self.datasets.import_entries(wanted):
+            self._on_dataset_result(result)
+            records.append(
+                {
+                    "name": result.name,
+                    "result": result.result,
+                    "version": result.version,
+                    **({"reason": result.reason} if result.reason else {}),
+                }
+            )
+        return records
 
     def _on_artifact_prepared(self, prepared: Mapping[str, Any]) -> None:
         # The worker's own log stays in the worker; the path taken is the agent's to say.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -95,6 +96,10 @@ def agent_cmd(
 
     log.setup(level=log_level.upper(), json=log_json)
     cfg = load_config(config)
+    # [trust] trust_bundle / leaf_cert reach every reader of KEYSTONE_TRUST_BUNDLE and
+    # KEYSTONE_LEAF_CERT (dataset resolver, recipe and artifact signatures, the workers) the
+    # one way they all share; load_config already let the environment win.
+    os.environ.update(cfg.trust.environ())
     if runtime is not None:
         cfg = replace(cfg, runtime=runtime)
     if labels is not None:

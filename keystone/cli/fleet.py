@@ -136,6 +136,13 @@ def bundle_create(
     device: Annotated[
         list[str] | None, typer.Option("--device", help="also carry what this device's plan needs")
     ] = None,
+    datasets: Annotated[
+        Path | None,
+        typer.Option(
+            "--datasets",
+            help="carry the signed datasets in DIR/<name>/ (manifest, .sig, .crt, payload)",
+        ),
+    ] = None,
 ) -> None:
     """Write one file with the fleet repo at REV and every artifact its plans need."""
     # lazy: keystone.fleet pulls in git, the resolver and the artifact store (~100 ms)
@@ -151,6 +158,7 @@ def bundle_create(
         every_label=all_labels,
         devices=device or [],
         progress=bar,
+        datasets=datasets,
     )
     bar.done()
     output.emit(data, views.bundle_created_text)

@@ -392,6 +392,8 @@ def bundle_created_text(d: dict[str, Any]) -> str:
         f"wrote {d['bundle']}: {short(d['revision'])}, {len(d['artifacts'])} artifact(s), "
         f"{d['size']} bytes"
     )
+    if d.get("datasets"):
+        text += f", {len({x['path'].split('/')[1] for x in d['datasets']})} dataset(s)"
     if d["prerequisites"]:
         text += f", needs {', '.join(short(p) for p in d['prerequisites'])}"
     return text
@@ -413,6 +415,8 @@ def bundle_text(d: dict[str, Any]) -> str:
         out.append(f"components [{label}]: {', '.join(comps) or '-'}")
     for a in d["artifacts"]:
         out.append(f"artifact:      {a['sha256'][:16]}  {a['size']:>12}  {a['name']}")
+    for x in d.get("datasets", ()):
+        out.append(f"dataset:       {x['sha256'][:16]}  {x['size']:>12}  {x['path']}")
     if d.get("error"):
         out.append(f"note:          {d['error']}")
     return "\n".join(out)

@@ -63,11 +63,13 @@ class ImportedBundle:
         path: The bundle file, kept where the source keeps it; the artifacts are copied out of
             it after verification (:func:`keystone.sources.bundle.cache_bundle_artifacts`).
         artifacts: The sha256 of every artifact it carries, in manifest order.
+        datasets: The dataset members it carries (``datasets/<name>/<file>``), sorted.
     """
 
     kind: str
     path: Path
     artifacts: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,18 @@ from keystone.sources.base import PackTooLarge
 from keystone.sources.bundleformat import (
     _BLOCK,
     _CHUNK,
+    _DATASET_PATH,
     _GIT_V2,
     _SHA256,
     _TYPE_ORDER,
     ARTIFACT_PREFIX,
+    DATASET_PREFIX,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_MEMBER,
     REPO_MEMBER,
     BundleArtifact,
+    BundleDatasetFile,
     BundleInfo,
     Section,
     _hash_section,
@@ -53,17 +56,20 @@ from keystone.sources.git import FETCHED_REF, GitMirror, PackRejected
 
 __all__ = [
     "ARTIFACT_PREFIX",
+    "DATASET_PREFIX",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_MEMBER",
     "REPO_MEMBER",
     "BundleArtifact",
+    "BundleDatasetFile",
     "BundleInfo",
     "BundleReader",
     "Section",
     "cache_bundle_artifacts",
     "create_bundle",
     "extract_bundle_artifact",
+    "extract_bundle_datasets",
     "import_bundle",
     "inspect_bundle",
     "open_bundle",
@@ -121,6 +127,11 @@ class BundleReader:
         :func:`extract_bundle_artifact` does).
         """
         member = self._layout.artifacts.get(sha256.lower())
+        return None if member is None else Section(self._f, member.offset, member.size)
+
+    def dataset_file(self, path: str) -> Section | None:
+        """The bytes of the dataset member ``datasets/<name>/<file>``, or None (as stored)."""
+        member = self._layout.datasets.get(path)
         return None if member is None else Section(self._f, member.offset, member.size)
 
     def close(self) -> None:
@@ -299,6 +310,43 @@ def extract_bundle_artifact(path: Path, sha256: str, dest: Path) -> None:
             raise
 
 
+def extract_bundle_datasets(path: Path, dest: Path) -> Path | None:
+    """Copy a Keystone bundle's dataset members to ``dest/datasets/<name>/<file>``.
+
+    Each is checked against the sha256 the bundle manifest records (an intact copy, nothing
+    more: the dataset manager verifies the signed manifests). ``dest`` is replaced. Returns
+    ``dest``, or None when the bundle carries no datasets (then ``dest`` is not touched).
+
+    Raises:
+        keystone.errors.ArtifactIntegrityError: a member does not hash to its recorded sha256.
+        keystone.errors.BundleError: the bundle is damaged.
+    """
+    path, dest = Path(path), Path(dest)
+    where = str(path)
+    with open_bundle(path) as bundle:
+        files = bundle.info.datasets
+        if not files:
+            return None
+        shutil.rmtree(dest, ignore_errors=True)
+        for entry in files:
+            section = bundle.dataset_file(entry.path)
+            assert section is not None  # the layout lists exactly the manifest's members
+            target = dest / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with open(target, "wb") as out:
+                while chunk := section.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != entry.sha256:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise ArtifactIntegrityError(
+                    f"{where}: {entry.path} hashes to {digest.hexdigest()}, not {entry.sha256} "
+                    "as the bundle manifest records; the bundle is damaged, copy it again"
+                )
+    return dest
+
+
 def cache_bundle_artifacts(bundle: Path, shas: Sequence[str], *, artifacts_dir: Path) -> None:
     """Copy a verified revision's bundle artifacts into the artifact cache, all or none.
 
@@ -429,6 +477,7 @@ def create_bundle(
     progress: Callable[[int, int], None] | None = None,
     *,
     ref: str | None = None,
+    datasets: Sequence[tuple[str, Path]] = (),
 ) -> BundleInfo:
     """Write a Keystone bundle file: ``rev`` of ``repo`` (incremental since ``since``) + artifacts.
 
@@ -443,6 +492,8 @@ def create_bundle(
         artifacts: ``(sha256, file)`` pairs; duplicates by hash are stored once.
         progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
         ref: The ref name to record (see :func:`write_git_bundle`).
+        datasets: ``(member path, file)`` pairs, each path ``datasets/<name>/<file>``: the
+            signed dataset manifests, signatures, certificates and payloads to carry.
 
     Raises:
         keystone.errors.ArtifactIntegrityError: an artifact file does not hash to its sha256
@@ -470,6 +521,7 @@ def create_bundle(
             raise ValidationError(f"artifact {file} is not a regular file", field="artifacts")
         chosen[sha] = (file.name or sha, file, st.st_size)
     entries = [BundleArtifact(sha, size, name) for sha, (name, _f, size) in chosen.items()]
+    dataset_files, dataset_sources = _dataset_entries(datasets)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=out.parent) as git_file:
@@ -478,9 +530,20 @@ def create_bundle(
         git_file.seek(0)
         repo_sha = _hash_section(_Section(git_file, 0, repo_size))
         manifest = _manifest_bytes(
-            git_info.revision, git_info.ref, git_info.prerequisites, repo_size, repo_sha, entries
+            git_info.revision,
+            git_info.ref,
+            git_info.prerequisites,
+            repo_size,
+            repo_sha,
+            entries,
+            dataset_files,
         )
-        total = len(manifest) + repo_size + sum(a.size for a in entries)
+        total = (
+            len(manifest)
+            + repo_size
+            + sum(a.size for a in entries)
+            + sum(d.size for d in dataset_files)
+        )
         done = 0
 
         def advance(n: int) -> None:
@@ -497,6 +560,9 @@ def create_bundle(
                 _write_member(f, REPO_MEMBER, git_file, repo_size, advance)
                 for artifact in entries:
                     _copy_artifact(f, artifact, chosen[artifact.sha256][1], advance)
+                for entry in dataset_files:
+                    with open(dataset_sources[entry.path], "rb") as src:
+                        _write_member(f, entry.path, src, entry.size, advance)
                 f.write(b"\0" * (2 * _BLOCK))
                 f.flush()
                 os.fsync(f.fileno())
@@ -514,6 +580,7 @@ def create_bundle(
         artifacts=tuple(entries),
         kind="keystone",
         size=out.stat().st_size,
+        datasets=tuple(dataset_files),
     )
 
 
@@ -528,6 +595,33 @@ class _CountingWriter:
     def write(self, data: bytes) -> None:
         self.out.write(data)
         self.count += len(data)
+
+
+def _dataset_entries(
+    datasets: Sequence[tuple[str, Path]],
+) -> tuple[list[BundleDatasetFile], dict[str, Path]]:
+    """The dataset members to write, sorted by path, each hashed now (the manifest names it)."""
+    files: list[BundleDatasetFile] = []
+    sources: dict[str, Path] = {}
+    for member, file in sorted((m, Path(p)) for m, p in datasets):
+        if not _DATASET_PATH.fullmatch(member) or ".." in member:
+            raise ValidationError(
+                f"{member!r} is not datasets/<name>/<file> (lower-case name, plain file name)",
+                field="datasets",
+            )
+        if member in sources:
+            raise ValidationError(f"{member} is given twice", field="datasets")
+        if not file.is_file():
+            raise ValidationError(f"dataset file {file} is not a regular file", field="datasets")
+        digest = hashlib.sha256()
+        size = 0
+        with open(file, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        files.append(BundleDatasetFile(member, digest.hexdigest(), size))
+        sources[member] = file
+    return files, sources
 
 
 def _subject(obj: object) -> bytes:

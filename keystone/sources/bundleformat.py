@@ -8,13 +8,19 @@ Two kinds of file are accepted:
       keystone-bundle.json     manifest (below)
       repo.bundle              a standard git bundle (v2) of the fleet repository
       artifacts/<sha256>       one member per artifact, named by its content hash
+      datasets/<name>/<file>   optional: signed dataset manifests and their payloads
 
   The manifest is JSON with sorted keys::
 
       {"format": "keystone-bundle", "version": 1,
        "revision": "<commit id>", "ref": "refs/heads/main", "prerequisites": ["<commit id>", ...],
        "repo": {"size": N, "sha256": "<hex>"},
-       "artifacts": [{"sha256": "<hex>", "size": N, "name": "api.tar.gz"}, ...]}
+       "artifacts": [{"sha256": "<hex>", "size": N, "name": "api.tar.gz"}, ...],
+       "datasets": [{"path": "datasets/cve/cve.manifest.toml", "sha256": "<hex>", "size": N}]}
+
+  ``datasets`` is present only when the bundle carries datasets, so a bundle without them is
+  byte for byte what earlier versions wrote; its members follow the artifacts, sorted by path.
+  Their sha256 only says the copy is intact: the dataset manager verifies them as a refresh.
 
   Every tar header has mtime 0, uid/gid 0, no user names and mode 0644; artifacts are stored
   sorted by hash; the git pack holds whole (undeltified) objects in a fixed order, compressed at
@@ -30,6 +36,7 @@ Everything here reads headers only, with bounded reads; importing and writing bu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,6 +53,8 @@ FORMAT_VERSION = 1
 MANIFEST_MEMBER = "keystone-bundle.json"
 REPO_MEMBER = "repo.bundle"
 ARTIFACT_PREFIX = "artifacts/"
+DATASET_PREFIX = "datasets/"
+_DATASET_PATH = re.compile(r"datasets/[a-z0-9][a-z0-9._-]{0,62}/[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_GIT_HEADER_BYTES = 1024 * 1024
@@ -70,6 +79,20 @@ class BundleArtifact:
 
 
 @dataclass(frozen=True)
+class BundleDatasetFile:
+    """One file of a dataset carried by a Keystone bundle, stored under its ``path``."""
+
+    path: str  # datasets/<dataset>/<file>
+    sha256: str
+    size: int
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's name (the directory under ``datasets/``)."""
+        return self.path.split("/")[1]
+
+
+@dataclass(frozen=True)
 class BundleInfo:
     """What a bundle carries, as read from its headers.
 
@@ -80,6 +103,7 @@ class BundleInfo:
         artifacts: The artifacts inside (always empty for a plain git bundle).
         kind: ``"keystone"`` or ``"git"``.
         size: Size of the bundle file in bytes.
+        datasets: The dataset files inside (``datasets/<name>/<file>``), sorted by path.
     """
 
     revision: str
@@ -88,6 +112,7 @@ class BundleInfo:
     artifacts: tuple[BundleArtifact, ...]
     kind: Literal["keystone", "git"]
     size: int
+    datasets: tuple[BundleDatasetFile, ...] = ()
 
     def artifact(self, sha256: str) -> BundleArtifact | None:
         """Return the artifact with this hash, or None when the bundle does not carry it."""
@@ -350,6 +375,7 @@ class _Layout:
     repo_sha256: str | None
     git: _GitHeader
     artifacts: dict[str, _Member]
+    datasets: dict[str, _Member] = dataclasses.field(default_factory=dict)
 
 
 def _manifest_bytes(
@@ -359,6 +385,7 @@ def _manifest_bytes(
     repo_size: int,
     repo_sha256: str,
     artifacts: Sequence[BundleArtifact],
+    datasets: Sequence[BundleDatasetFile] = (),
 ) -> bytes:
     doc = {
         "format": FORMAT,
@@ -369,6 +396,9 @@ def _manifest_bytes(
         "repo": {"size": repo_size, "sha256": repo_sha256},
         "artifacts": [{"sha256": a.sha256, "size": a.size, "name": a.name} for a in artifacts],
     }
+    if datasets:
+        # Only when there are some: a bundle without datasets stays what it always was.
+        doc["datasets"] = [{"path": d.path, "sha256": d.sha256, "size": d.size} for d in datasets]
     return (json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode("ascii")
 
 
@@ -453,12 +483,16 @@ def _open_layout(f: BinaryIO, size: int, where: str, ref: str | None = None) -> 
         if not _SHA256.fullmatch(sha) or art_size < 0:
             raise BundleError(f"{where}: {MANIFEST_MEMBER}: malformed artifact {sha!r}")
         artifacts.append(BundleArtifact(sha, art_size, art_name))
-    listed = {f"{ARTIFACT_PREFIX}{a.sha256}": a for a in artifacts}
+    datasets = _parse_datasets(doc, where)
+    listed: dict[str, BundleArtifact | BundleDatasetFile] = {
+        f"{ARTIFACT_PREFIX}{a.sha256}": a for a in artifacts
+    }
+    listed.update({d.path: d for d in datasets})
     stored = {m.name: m for m in members[2:]}
     if len(stored) != len(members) - 2 or set(stored) != set(listed):
         extra = sorted(set(stored) - set(listed)) + sorted(set(listed) - set(stored))
         raise BundleError(
-            f"{where}: the artifacts stored ({len(stored)}) do not match the manifest "
+            f"{where}: the members stored ({len(stored)}) do not match the manifest "
             f"({len(listed)}): {', '.join(extra[:3]) or 'duplicate members'}"
         )
     for name, artifact in listed.items():
@@ -475,9 +509,39 @@ def _open_layout(f: BinaryIO, size: int, where: str, ref: str | None = None) -> 
         raise BundleError(
             f"{where}: the manifest ({ref_name} at {revision}) does not match {REPO_MEMBER}"
         )
-    info = BundleInfo(revision, ref_name, tuple(prereqs), tuple(artifacts), "keystone", size)
+    info = BundleInfo(
+        revision, ref_name, tuple(prereqs), tuple(artifacts), "keystone", size, datasets
+    )
     artifact_members = {a.sha256: stored[f"{ARTIFACT_PREFIX}{a.sha256}"] for a in artifacts}
-    return _Layout(info, repo, repo_sha, git, artifact_members)
+    dataset_members = {d.path: stored[d.path] for d in datasets}
+    return _Layout(info, repo, repo_sha, git, artifact_members, dataset_members)
+
+
+def _parse_datasets(doc: dict[str, object], where: str) -> tuple[BundleDatasetFile, ...]:
+    """The manifest's ``datasets`` list (absent: none), each path checked to stay in its place."""
+    if "datasets" not in doc:
+        return ()
+    entries = _manifest_field(doc, "datasets", list, where)
+    assert isinstance(entries, list)
+    out: list[BundleDatasetFile] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise BundleError(f"{where}: {MANIFEST_MEMBER}: malformed dataset entry")
+        path = _manifest_field(entry, "path", str, where)
+        sha = _manifest_field(entry, "sha256", str, where)
+        size = _manifest_field(entry, "size", int, where)
+        assert isinstance(path, str) and isinstance(sha, str) and isinstance(size, int)
+        if not _DATASET_PATH.fullmatch(path) or ".." in path:
+            raise BundleError(
+                f"{where}: {MANIFEST_MEMBER}: dataset member {path[:80]!r} is not "
+                "datasets/<name>/<file>"
+            )
+        if not _SHA256.fullmatch(sha) or size < 0:
+            raise BundleError(f"{where}: {MANIFEST_MEMBER}: malformed dataset entry {path}")
+        out.append(BundleDatasetFile(path, sha, size))
+    if len({d.path for d in out}) != len(out):
+        raise BundleError(f"{where}: {MANIFEST_MEMBER}: a dataset member is listed twice")
+    return tuple(out)
 
 
 @contextlib.contextmanager

@@ -89,5 +89,6 @@ class BundleFileSource:
                 kind=info.kind,
                 path=self.path,
                 artifacts=tuple(a.sha256 for a in info.artifacts),
+                datasets=tuple(d.path for d in info.datasets),
             ),
         )

@@ -8,6 +8,7 @@ worker, counts metrics and owns background tasks through this seam; unit tests p
 from __future__ import annotations
 
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from keystone.ledger import Ledger
@@ -79,6 +80,14 @@ class SyncHost(Protocol):
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` as a task the agent owns (cancelled at shutdown)."""
+        ...
+
+    async def import_bundle_datasets(self, root: Path, error: str | None) -> list[dict[str, Any]]:
+        """Hand a deployed bundle's datasets (``root/datasets``) to the dataset manager.
+
+        ``error`` says why they could not be copied out of the bundle. Returns one record per
+        dataset (``name``, ``result``, ``version``, ``reason``); never raises.
+        """
         ...
 
     async def repair(self) -> list[str]:

@@ -33,6 +33,10 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
         "artifacts": [{"sha256": a.sha256, "size": a.size, "name": a.name} for a in info.artifacts],
         "components": {},
     }
+    if info.datasets:  # only then: the output of a bundle without datasets is as it was
+        data["datasets"] = [
+            {"path": d.path, "sha256": d.sha256, "size": d.size} for d in info.datasets
+        ]
     if info.prerequisites:
         # The tree may lean on objects only a device has, but the new commits are in the pack:
         # the tip's signature can be judged here; its plans only on the device.

@@ -423,6 +423,7 @@ class SyncResult:
     duration: float = 0.0
     operation: str | None = None
     superseded_by: str | None = None
+    datasets: tuple[Mapping[str, Any], ...] | None = None  # a bundle's datasets, as imported
 
     OPTIONAL: ClassVar[tuple[str, ...]] = (
         "signer",
@@ -460,6 +461,8 @@ class SyncResult:
             out["actions"] = [dict(a) for a in self.actions]
         if self.warnings is not None:
             out["warnings"] = list(self.warnings)
+        if self.datasets is not None:
+            out["datasets"] = [dict(d) for d in self.datasets]
         out["exit_code"] = self.exit_code
         return out
 

@@ -127,6 +127,7 @@ class SyncContext:
     plan: DesiredPlan | None = None
     desired: DesiredState | None = None
     deployed: DeployResult | None = None
+    datasets: tuple[dict[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         self.t0 = self.clocks.monotonic()
@@ -151,6 +152,8 @@ class SyncContext:
                 actions=tuple(a.to_json() for a in planned.actions),
                 warnings=verified.warnings,
             )
+        if self.datasets is not None:
+            base["datasets"] = self.datasets
         base.update(fields)
         return SyncResult(
             outcome, trigger=self.request.trigger, operation=self.request.operation or None, **base
@@ -348,6 +351,20 @@ async def record(ctx: SyncContext) -> SyncResult | None:
     return None
 
 
+async def datasets(ctx: SyncContext) -> SyncResult | None:
+    """A bundle's datasets go to the dataset manager now that the revision is deployed.
+
+    Each is verified there as a refresh is; a refused one is reported in the result, never
+    fatal to the revision (it is applied already).
+    """
+    wire = ctx.answer.tip.wire if ctx.answer is not None else {}
+    root, error = wire.get("bundle_datasets"), wire.get("bundle_datasets_error")
+    if root or error:
+        records = await ctx.host.import_bundle_datasets(Path(root or "."), error)
+        ctx.datasets = tuple(records)
+    return None
+
+
 async def soak(ctx: SyncContext) -> SyncResult | None:
     """Watch the new revision for the soak period; the sync itself is applied."""
     assert ctx.desired is not None
@@ -380,6 +397,7 @@ STEPS: tuple[Step, ...] = (
     prepare,
     deploy,
     record,
+    datasets,
     soak,
 )
 

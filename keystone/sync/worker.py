@@ -277,7 +277,30 @@ def op_fetch(req: WorkerRequest) -> WorkerAnswer:
             )
         except KeystoneError as exc:
             return WorkerAnswer.failed(_error(exc), tip)
+    if answer.verified is not None and result.bundle is not None and result.bundle.datasets:
+        answer = replace(answer, tip=_stage_datasets(req, result.bundle.path, answer.tip))
     return answer
+
+
+def _stage_datasets(req: WorkerRequest, bundle: Path, tip: FetchedTip) -> FetchedTip:
+    """Copy a verified revision's bundle datasets to ``runtime/bundles/datasets``; name it.
+
+    The agent hands them to its dataset manager once the revision is deployed. A damaged copy
+    is reported in ``bundle_datasets_error``: datasets never decide a revision's fate.
+    """
+    # lazy: the bundle reader, only for a bundle that carries datasets
+    from keystone.sources.bundle import extract_bundle_datasets
+
+    dest = Path(req.runtime) / "bundles" / "datasets"
+    wire = dict(tip.wire)
+    try:
+        staged = extract_bundle_datasets(bundle, dest)
+    except KeystoneError as exc:
+        wire["bundle_datasets_error"] = str(exc)
+    else:
+        if staged is not None:
+            wire["bundle_datasets"] = str(staged)
+    return replace(tip, wire=wire)
 
 
 def op_verify_rev(req: WorkerRequest) -> WorkerAnswer:
