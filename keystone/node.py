@@ -332,11 +332,15 @@ class Node:
                 }
             )
 
-    async def import_bundle_datasets(self, root: Path, error: str | None) -> list[dict[str, Any]]:
-        """A deployed bundle's datasets through the dataset manager (``SyncHost``); never raises.
+    async def import_bundle_datasets(
+        self, root: Path, error: str | None, *, plan: DesiredPlan | None = None
+    ) -> list[dict[str, Any]]:
+        """A verified bundle's datasets through the dataset manager (``SyncHost``); never raises.
 
-        Each entry is verified as a refresh is (signature, anti-replay, digest); one nobody
-        declares is reported ``skipped``. The staged copy is removed afterwards.
+        Each entry is verified as a refresh is (signature, anti-replay, digest). The datasets
+        are those of ``plan`` (the revision about to deploy; else the applied plan), whose
+        components are bound first; one nobody declares is reported ``skipped``. The staged
+        copy is removed afterwards.
         """
         # lazy: the dataset modules, only for a bundle that carries datasets
         from keystone.datasets.bundle import read_bundle_datasets
@@ -346,7 +350,7 @@ class Node:
             records.append({"name": "", "result": "failed", "reason": error})
         else:
             try:
-                records += await self._import_staged(read_bundle_datasets(root))
+                records += await self._import_staged(read_bundle_datasets(root), plan)
             except (KeystoneError, OSError) as exc:
                 records.append({"name": "", "result": "failed", "reason": str(exc)})
             finally:
@@ -358,11 +362,12 @@ class Node:
                 )
         return records
 
-    async def _import_staged(self, entries: Iterable[BundleEntry]) -> list[dict[str, Any]]:
+    async def _import_staged(
+        self, entries: Iterable[BundleEntry], plan: DesiredPlan | None = None
+    ) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
-        declared = {
-            spec.name for c in self.applied_plan.components.values() for spec in c.recipe.datasets
-        }
+        target = plan if plan is not None else self.applied_plan
+        declared = {spec.name for c in target.components.values() for spec in c.recipe.datasets}
         wanted = []
         for entry in entries:
             if entry[0] in declared:
@@ -373,6 +378,9 @@ class Node:
                 )
         if not wanted:
             return records
+        for comp in target.components.values():
+            if comp.recipe.datasets:
+                self.datasets.bind(comp)  # the components about to run, before they start
         for result in await self.datasets.import_entries(wanted):
             self._on_dataset_result(result)
             records.append(

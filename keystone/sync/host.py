@@ -82,9 +82,13 @@ class SyncHost(Protocol):
         """Run ``coro`` as a task the agent owns (cancelled at shutdown)."""
         ...
 
-    async def import_bundle_datasets(self, root: Path, error: str | None) -> list[dict[str, Any]]:
-        """Hand a deployed bundle's datasets (``root/datasets``) to the dataset manager.
+    async def import_bundle_datasets(
+        self, root: Path, error: str | None, *, plan: DesiredPlan | None = None
+    ) -> list[dict[str, Any]]:
+        """Hand a verified bundle's datasets (``root/datasets``) to the dataset manager.
 
+        ``plan`` is the revision about to be deployed: its components' datasets are the ones
+        imported (so a required dataset that only the bundle carries is there at first start).
         ``error`` says why they could not be copied out of the bundle. Returns one record per
         dataset (``name``, ``result``, ``version``, ``reason``); never raises.
         """

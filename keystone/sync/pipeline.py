@@ -352,15 +352,17 @@ async def record(ctx: SyncContext) -> SyncResult | None:
 
 
 async def datasets(ctx: SyncContext) -> SyncResult | None:
-    """A bundle's datasets go to the dataset manager now that the revision is deployed.
+    """A bundle's datasets go to the dataset manager before the revision deploys.
 
-    Each is verified there as a refresh is; a refused one is reported in the result, never
-    fatal to the revision (it is applied already).
+    Each is verified there as a refresh is, for the components of the plan about to run, so a
+    ``required`` dataset that only the bundle carries (an air-gapped site) is in place when the
+    start gate asks. A refused one is reported in the result, never fatal to the revision.
     """
     wire = ctx.answer.tip.wire if ctx.answer is not None else {}
     root, error = wire.get("bundle_datasets"), wire.get("bundle_datasets_error")
     if root or error:
-        records = await ctx.host.import_bundle_datasets(Path(root or "."), error)
+        plan = ctx.desired.plan if ctx.desired is not None else None
+        records = await ctx.host.import_bundle_datasets(Path(root or "."), error, plan=plan)
         ctx.datasets = tuple(records)
     return None
 
@@ -395,9 +397,9 @@ STEPS: tuple[Step, ...] = (
     diff,
     dry_run,
     prepare,
+    datasets,
     deploy,
     record,
-    datasets,
     soak,
 )
 

@@ -1,4 +1,4 @@
-"""The pipeline's ``datasets`` step: a deployed bundle's datasets go to the host, reported."""
+"""The pipeline's ``datasets`` step: a verified bundle's datasets go to the host before the deploy."""
 
 from __future__ import annotations
 
@@ -18,8 +18,13 @@ from tests.unit.test_sync_pipeline import FakeHost, context, verified_answer
 class DatasetHost(FakeHost):
     imported: list[tuple[Path, str | None]] = field(default_factory=list)
 
-    async def import_bundle_datasets(self, root: Path, error: str | None) -> list[dict[str, Any]]:
+    plans: list[Any] = field(default_factory=list)
+
+    async def import_bundle_datasets(
+        self, root: Path, error: str | None, *, plan: Any = None
+    ) -> list[dict[str, Any]]:
         self.imported.append((root, error))
+        self.plans.append(plan)
         if error:
             return [{"name": "", "result": "failed", "reason": error}]
         return [{"name": "cve", "result": "updated", "version": "2026-08-16"}]
@@ -41,16 +46,19 @@ class DatasetHost(FakeHost):
         ),
     ],
 )
-def test_the_bundle_datasets_after_the_deployment(
+def test_the_bundle_datasets_before_the_deployment(
     wire: dict[str, str], called: list[tuple[Path, str | None]], records: Any
 ) -> None:
-    """Handed over after record, before the soak; the applied result names them."""
+    """Handed over with the plan about to deploy, after prepare and before deploy; the applied
+    result names them."""
     answer = verified_answer("db")
     answer = replace(answer, tip=replace(answer.tip, wire=wire))
     host = DatasetHost(answer=answer)
     result = asyncio.run(p.run_pipeline(context(SyncRequest(trigger="bundle"), host)))
     doc = result.to_json()
     assert doc["result"] == "applied" and host.imported == called
+    assert all(plan is not None and "db" in plan.components for plan in host.plans)
+    assert p.STEPS.index(p.datasets) == p.STEPS.index(p.deploy) - 1
     assert doc.get("datasets") == records
     assert host.events[-1].get("datasets") == records
     for c in host.tasks:
