@@ -7,6 +7,7 @@ now" over MQTT) is one more class here, started by the agent's wiring like the o
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
@@ -70,8 +71,8 @@ class PollTrigger:
         return self.scheduler.next_run()
 
 
-class _TaskTrigger:
-    """A trigger that is one task on the loop."""
+class _TaskTrigger(abc.ABC):
+    """A trigger that is one task on the loop: subclasses say what the task does."""
 
     def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
@@ -85,8 +86,9 @@ class _TaskTrigger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    @abc.abstractmethod
     async def run(self) -> None:
-        raise NotImplementedError
+        """The trigger's work, until done or cancelled by :meth:`stop`."""
 
 
 class StagedBundles(_TaskTrigger):
