@@ -32,41 +32,34 @@ def build_adapters(
     # One bounded pool for every adapter's commands (threads start only when a command comes).
     pool = ThreadPoolExecutor(4, thread_name_prefix="keystone-broker")
     adapters: list[Any] = []
+
+    def commands(device_id: str, accept_local_plans: bool) -> Commands:
+        policy = Policy(
+            device_id or config.device_id,
+            git_synced=git_synced,
+            accept_local_plans=accept_local_plans,
+        )
+        return Commands(control, policy, pool=pool)
+
+    common: dict[str, Any] = {
+        "device_id": config.device_id,
+        "labels": config.labels,
+        "metrics": metrics,
+    }
     if config.mqtt is not None and config.mqtt.broker:
         # paho-mqtt is loaded only by an agent with an MQTT broker.
         from keystone.adapters.mqtt import MqttAdapter
 
-        policy = Policy(
-            config.mqtt.device_id or config.device_id,
-            git_synced=git_synced,
-            accept_local_plans=config.mqtt.accept_local_plans,
-        )
-        adapters.append(
-            MqttAdapter(
-                config.mqtt,
-                Commands(control, policy, pool=pool),
-                device_id=config.device_id,
-                labels=config.labels,
-                metrics=metrics,
-            )
-        )
+        mqtt = config.mqtt
+        cmds = commands(mqtt.device_id, mqtt.accept_local_plans)
+        adapters.append(MqttAdapter(mqtt, cmds, **common))
     if config.nats is not None and config.nats.url:
         # nats-py is loaded only by an agent with a NATS server.
         from keystone.adapters.nats import NatsAdapter
 
-        policy = Policy(
-            config.nats.device_id or config.device_id,
-            git_synced=git_synced,
-            accept_local_plans=config.nats.accept_local_plans,
-        )
+        nats = config.nats
         adapters.append(
-            NatsAdapter(
-                config.nats,
-                Commands(control, policy, pool=pool),
-                device_id=config.device_id,
-                labels=config.labels,
-                metrics=metrics,
-            )
+            NatsAdapter(nats, commands(nats.device_id, nats.accept_local_plans), **common)
         )
     return adapters
 
