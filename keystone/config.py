@@ -34,6 +34,27 @@ class SourceConfig:
     jitter: float = 10.0
     soak: float = 30.0
     timeout: float = 120.0
+    # The wall-clock bound of a sync's fetch, verification and resolution (the sync worker is
+    # killed past it), besides the per-read ``timeout``: a drip-feeding server cannot hold it.
+    deadline: float = 300.0
+
+
+#: The default of ``[source] deadline`` / ``KEYSTONE_SYNC_DEADLINE``.
+DEFAULT_SYNC_DEADLINE = 300.0
+
+
+def parse_deadline(raw: str, *, where: str) -> float:
+    """A sync deadline: a duration (``"5m"``) or a number of seconds, > 0."""
+    text = raw.strip()
+    try:
+        value = float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    except ValueError as exc:
+        raise ValidationError(
+            f"{exc} (a duration such as 5m or a number of seconds)", field=where
+        ) from None
+    if not value > 0:
+        raise ValidationError(f"expected a deadline > 0, got {raw!r}", field=where)
+    return value
 
 
 @dataclass(frozen=True)
@@ -183,7 +204,10 @@ def parse_config(
                 raise r.error(("device", "labels", i), f"label {label!r}: {why}")
         cfg = replace(cfg, labels=labels)
     if (
-        r.table(("source",), {"type", "url", "ref", "interval", "jitter", "soak", "timeout"})
+        r.table(
+            ("source",),
+            {"type", "url", "ref", "interval", "jitter", "soak", "timeout", "deadline"},
+        )
         is not None
     ):
         kind = r.text(("source", "type")) or "git"
@@ -201,6 +225,7 @@ def parse_config(
                 jitter=_dur(r, ("source", "jitter"), 10.0),
                 soak=_dur(r, ("source", "soak"), 30.0),
                 timeout=_dur(r, ("source", "timeout"), 120.0),
+                deadline=_dur(r, ("source", "deadline"), DEFAULT_SYNC_DEADLINE),
             ),
         )
     if (
@@ -326,6 +351,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             cfg = replace(cfg, drift_interval=parse_duration(env["KEYSTONE_DRIFT_INTERVAL"]))
         except ValueError as exc:
             raise ValidationError(str(exc), field="KEYSTONE_DRIFT_INTERVAL") from None
+    if env.get("KEYSTONE_SYNC_DEADLINE", "").strip() and cfg.source is not None:
+        deadline = parse_deadline(env["KEYSTONE_SYNC_DEADLINE"], where="KEYSTONE_SYNC_DEADLINE")
+        cfg = replace(cfg, source=replace(cfg.source, deadline=deadline))
     if env.get("KEYSTONE_CLOCK_POLICY") and env["KEYSTONE_CLOCK_POLICY"] not in (
         "high-water",
         "strict",

@@ -4,7 +4,7 @@ Each bound has a name, a default, an environment variable and a key in the agent
 ``[limits]`` table. ``Limits.from_env`` reads them (environment over config file over default,
 as every other setting); a layer that refuses an input raises ``LimitExceeded`` built by
 ``Limits.refuse``, whose message names the bound and how to raise it. The module imports only
-the standard library and ``keystone.errors`` so that any layer (the sync worker, the API,
+the standard library, ``keystone.errors`` and ``keystone.units`` so that any layer (the sync worker, the API,
 bundles) can import it cheaply.
 """
 
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 
 from keystone.errors import LimitExceeded, UsageError, ValidationError
+from keystone.units import parse_size
 
 MiB = 1 << 20
 
@@ -69,11 +70,82 @@ BOUNDS: dict[str, Bound] = {
             "levels",
             "a TOML document nesting tables and arrays deeper than this",
         ),
+        Bound(
+            "max_ref_advertisement_bytes",
+            8 * MiB,
+            "KEYSTONE_MAX_REF_ADVERTISEMENT_BYTES",
+            "bytes",
+            "a git server's ref advertisement larger than this, refused as it arrives",
+        ),
+        Bound(
+            "max_refs",
+            100_000,
+            "KEYSTONE_MAX_REFS",
+            "refs",
+            "a git server advertising more refs than this",
+        ),
+        Bound(
+            "max_pack_bytes",
+            512 * MiB,
+            "KEYSTONE_MAX_PACK_BYTES",
+            "bytes",
+            "a git pack (from a git server or inside a bundle) larger than this, "
+            "refused as it arrives",
+        ),
+        Bound(
+            "max_bundle_bytes",
+            4 << 30,
+            "KEYSTONE_MAX_BUNDLE_BYTES",
+            "bytes",
+            "a bundle (downloaded, uploaded to the API or read from a file) larger than this",
+        ),
+        Bound(
+            "max_manifest_bytes",
+            4 * MiB,
+            "KEYSTONE_MAX_MANIFEST_BYTES",
+            "bytes",
+            "a bundle, dataset or artifact manifest larger than this, before it is parsed",
+        ),
+        Bound(
+            "max_header_line_bytes",
+            8 << 10,
+            "KEYSTONE_MAX_HEADER_LINE_BYTES",
+            "bytes",
+            "an HTTP header line (of an answer the agent reads, or of an API request) "
+            "longer than this",
+        ),
+        Bound(
+            "max_headers",
+            100,
+            "KEYSTONE_MAX_HEADERS",
+            "headers",
+            "an HTTP answer the agent reads, or an API request, with more header lines than this",
+        ),
+        Bound(
+            "max_request_bytes",
+            4 * MiB,
+            "KEYSTONE_MAX_REQUEST_BYTES",
+            "bytes",
+            "an API request body larger than this (a bundle upload has max_bundle_bytes)",
+        ),
+        Bound(
+            "max_api_connections",
+            32,
+            "KEYSTONE_MAX_API_CONNECTIONS",
+            "connections",
+            "API connections beyond this many at once: the oldest idle one is closed, "
+            "else the new one is answered 503",
+        ),
     )
 }
 
 
-def _human(value: int, unit: str) -> str:
+def how_to_raise(name: str) -> str:
+    """``raise it with KEYSTONE_... or [limits] name in agent.toml`` for bound ``name``."""
+    return f"raise it with {BOUNDS[name].env} or [limits] {name} in agent.toml"
+
+
+def human(value: int, unit: str = "bytes") -> str:
     if unit == "bytes":
         for div, suffix in ((1 << 30, "GiB"), (MiB, "MiB"), (1 << 10, "KiB")):
             if value >= div and value % div == 0:
@@ -91,6 +163,15 @@ class Limits:
     max_config_bytes: int = BOUNDS["max_config_bytes"].default
     max_components: int = BOUNDS["max_components"].default
     max_toml_depth: int = BOUNDS["max_toml_depth"].default
+    max_ref_advertisement_bytes: int = BOUNDS["max_ref_advertisement_bytes"].default
+    max_refs: int = BOUNDS["max_refs"].default
+    max_pack_bytes: int = BOUNDS["max_pack_bytes"].default
+    max_bundle_bytes: int = BOUNDS["max_bundle_bytes"].default
+    max_manifest_bytes: int = BOUNDS["max_manifest_bytes"].default
+    max_header_line_bytes: int = BOUNDS["max_header_line_bytes"].default
+    max_headers: int = BOUNDS["max_headers"].default
+    max_request_bytes: int = BOUNDS["max_request_bytes"].default
+    max_api_connections: int = BOUNDS["max_api_connections"].default
 
     @classmethod
     def from_env(
@@ -111,6 +192,11 @@ class Limits:
             out = replace(out, **{f.name: parse_bound(bound, raw, where=bound.env)})
         return out
 
+    def environ(self) -> dict[str, str]:
+        """Every bound as its environment variable, for a worker process to read back with
+        ``from_env`` (so that ``[limits]`` in agent.toml reaches the sync and artifact workers)."""
+        return {BOUNDS[f.name].env: str(getattr(self, f.name)) for f in fields(self)}
+
     def refuse(
         self,
         name: str,
@@ -124,10 +210,10 @@ class Limits:
         """The refusal for ``what`` being over bound ``name`` (``actual`` as measured)."""
         bound = BOUNDS[name]
         limit = int(getattr(self, name))
-        over = actual if isinstance(actual, str) else _human(actual, bound.unit)
+        over = actual if isinstance(actual, str) else human(actual, bound.unit)
         return LimitExceeded(
-            f"{what} is over the limit ({over}; the limit is {_human(limit, bound.unit)}): "
-            f"raise it with {bound.env} or [limits] {name} in agent.toml",
+            f"{what} is over the limit ({over}; the limit is {human(limit, bound.unit)}): "
+            + how_to_raise(name),
             bound=name,
             limit=limit,
             file=file,
@@ -135,13 +221,39 @@ class Limits:
             field=field,
         )
 
+    def check_headers(self, lines: Iterable[tuple[str | bytes, str | bytes]], *, what: str) -> None:
+        """Refuse a header block with more than ``max_headers`` lines or a line longer than
+        ``max_header_line_bytes`` (``name: value``, without the line end).
+
+        Raises:
+            LimitExceeded: naming the bound, the header and ``what`` sent it.
+        """
+        for count, (name, value) in enumerate(lines, 1):
+            if count > self.max_headers:
+                raise self.refuse(
+                    "max_headers",
+                    f"more than {self.max_headers} headers",
+                    what=f"the header block of {what}",
+                )
+            size = len(name) + len(value) + 2
+            if size > self.max_header_line_bytes:
+                shown = name.decode("latin-1") if isinstance(name, bytes) else name
+                raise self.refuse(
+                    "max_header_line_bytes",
+                    size,
+                    what=f"the header line {shown[:64]!r} of {what}",
+                )
+
 
 def parse_bound(bound: Bound, raw: object, *, where: str) -> int:
     """A bound's value from the environment or the config: a whole number >= 1."""
     if isinstance(raw, bool):
         raise UsageError(f"{where}: expected a whole number >= 1 for {bound.name}, got {raw!r}")
     try:
-        value = int(raw.strip(), 10) if isinstance(raw, str) else raw
+        if isinstance(raw, str) and bound.unit == "bytes":
+            value: object = parse_size(raw.strip())
+        else:
+            value = int(raw.strip(), 10) if isinstance(raw, str) else raw
     except ValueError:
         value = None
     if not isinstance(value, int) or value < 1:
@@ -205,7 +317,7 @@ def read_bounded(
             size += len(chunk)
         if size > max_bytes:  # the file grew after fstat
             raise limits.refuse(
-                bound, f"more than {_human(max_bytes, 'bytes')}", what=f"{what} file", file=display
+                bound, f"more than {human(max_bytes, 'bytes')}", what=f"{what} file", file=display
             )
     except OSError as exc:
         raise ValidationError(f"cannot read {what}: {exc.strerror or exc}", file=display) from None

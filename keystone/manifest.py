@@ -40,10 +40,19 @@ from pathlib import Path
 from typing import Any
 
 from keystone.errors import ValidationError, VerificationError
+from keystone.limits import BOUNDS, Limits, how_to_raise, human
 from keystone.runtime.signing import sha256_file
 
 SCHEMA_VERSION = 1
-MAX_MANIFEST_BYTES = 1 << 20
+#: The default bound of a manifest (``KEYSTONE_MAX_MANIFEST_BYTES``, ``[limits]
+#: max_manifest_bytes``); :func:`max_manifest_bytes` is the one in force.
+MAX_MANIFEST_BYTES = BOUNDS["max_manifest_bytes"].default
+
+
+def max_manifest_bytes() -> int:
+    """The manifest bound in force (``KEYSTONE_MAX_MANIFEST_BYTES``, default 4 MiB)."""
+    return Limits.from_env().max_manifest_bytes
+
 
 _TOP = ("schema", "name", "version", "published", "artifact", "delta")
 _ARTIFACT = ("uri", "sha256", "size")
@@ -221,18 +230,23 @@ def parse_manifest(data: bytes, *, source: str | None = None) -> Manifest:
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read and validate a manifest file (bounded to 1 MiB).
+    """Read and validate a manifest file (bounded by ``max_manifest_bytes``, 4 MiB).
 
     Raises:
         ManifestError: unreadable, too large, or invalid.
     """
+    limit = max_manifest_bytes()
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_MANIFEST_BYTES + 1)
+            data = fh.read(limit + 1)
     except OSError as exc:
         raise _fail(str(path), None, f"cannot read the manifest: {exc.strerror or exc}") from exc
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise _fail(str(path), None, f"larger than {MAX_MANIFEST_BYTES} bytes: not a manifest")
+    if len(data) > limit:
+        raise _fail(
+            str(path),
+            None,
+            f"larger than {human(limit)}: not a manifest ({how_to_raise('max_manifest_bytes')})",
+        )
     return parse_manifest(data, source=str(path))
 
 

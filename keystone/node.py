@@ -130,12 +130,19 @@ class Node:
             SYNC_WORKER,
             request.to_json(),
             cwd=self.runtime,
-            env=os.environ,
+            # [limits] of agent.toml reach the worker's parsers and transports this way.
+            env={**os.environ, **self.config.limits.environ()},
             timeout=timeout,
         )
         if reply.timed_out:
             return WorkerAnswer.failed(
-                ErrorInfo("Timeout", "retryable", f"sync worker timed out after {timeout:g}s")
+                ErrorInfo(
+                    "SyncDeadline",
+                    "retryable",
+                    f"the sync did not finish within its deadline of {timeout:g}s (a slow or "
+                    "drip-feeding source?); the sync worker was stopped and nothing was applied; "
+                    "raise it with KEYSTONE_SYNC_DEADLINE or [source] deadline in agent.toml",
+                )
             )
         if reply.answer is None:
             return WorkerAnswer.failed(

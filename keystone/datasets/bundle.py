@@ -56,7 +56,7 @@ def read_bundle_datasets(root: Path) -> Iterator[BundleEntry]:
                 f"bundle dataset {d.name}: expected one *.toml manifest, found {len(manifests)}"
             )
         mpath = manifests[0]
-        body = _read(mpath, _manifest.MAX_MANIFEST_BYTES)
+        body = _read(mpath, _manifest.max_manifest_bytes())
         assert body is not None
         try:
             m = _manifest.parse_manifest(body, source=str(mpath))

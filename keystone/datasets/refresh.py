@@ -430,7 +430,7 @@ class Resolver:
     def _fetch_documents(
         self, spec: DatasetSpec, get: Callable[[str, int, str], bytes]
     ) -> Documents:
-        body = get(spec.manifest, MAX_MANIFEST_BYTES, "manifest")
+        body = get(spec.manifest, _manifest.max_manifest_bytes(), "manifest")
         sig: bytes | None = None
         cert: bytes | None = None
         if not self.insecure_skip_verify:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from keystone.errors import BundleError
+from keystone.limits import BOUNDS, Limits, how_to_raise
 
 FORMAT = "keystone-bundle"
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ ARTIFACT_PREFIX = "artifacts/"
 DATASET_PREFIX = "datasets/"
 _DATASET_PATH = re.compile(r"datasets/[a-z0-9][a-z0-9._-]{0,62}/[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_MANIFEST_BYTES = BOUNDS["max_manifest_bytes"].default  # the default; see keystone.limits
 MAX_GIT_HEADER_BYTES = 1024 * 1024
 MAX_MEMBERS = 100_000
 MAX_PAX_BYTES = 64 * 1024
@@ -449,8 +450,12 @@ def _open_layout(f: BinaryIO, size: int, where: str, ref: str | None = None) -> 
             f"one has {', '.join(m.name for m in members[:3]) or 'no members'}"
         )
     manifest, repo = members[0], members[1]
-    if manifest.size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{where}: {MANIFEST_MEMBER} is over {MAX_MANIFEST_BYTES} bytes")
+    limit = Limits.from_env().max_manifest_bytes
+    if manifest.size > limit:
+        raise BundleError(
+            f"{where}: {MANIFEST_MEMBER} is {manifest.size} bytes, over the limit of {limit} "
+            f"bytes; nothing was imported; {how_to_raise('max_manifest_bytes')}"
+        )
     f.seek(manifest.offset)
     doc = _parse_manifest(f.read(manifest.size), where)
     revision = str(_manifest_field(doc, "revision", str, where))

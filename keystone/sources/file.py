@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from keystone.errors import BundleError
+from keystone.limits import how_to_raise
 from keystone.sources.base import FetchResult, ImportedBundle
 from keystone.sources.bundle import import_bundle
 from keystone.sources.git import GitMirror
@@ -76,7 +77,7 @@ class BundleFileSource:
         if size > self.max_bytes:
             raise BundleError(
                 f"{self.path}: bundle of {size} bytes is over the limit of {self.max_bytes} "
-                "bytes (KEYSTONE_MAX_BUNDLE_BYTES); nothing was imported"
+                "bytes; nothing was imported; " + how_to_raise("max_bundle_bytes")
             )
         mirror = open_mirror(self._mirror)
         info = import_bundle(self.path, mirror, max_bytes=self.max_bytes, ref=self.ref)

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from keystone.errors import KeystoneError, SourceUnreachable, ValidationError
+from keystone.errors import KeystoneError, LimitExceeded, SourceUnreachable, ValidationError
+from keystone.limits import Limits, how_to_raise, human
 from keystone.sources.base import FetchResult, PackTooLarge, RemoteRefNotFound, redact_url
 from keystone.sources.mirror import (
     _HEX40,
@@ -44,6 +45,8 @@ from keystone.sources.transport import (
     _local_client,
     _tcp_client,
     _tracking_pool_classes,
+    bounded_read,
+    counting_pkt_lines,
 )
 from keystone.sources.tree import TreeReader
 
@@ -83,13 +86,16 @@ class GitSource:
             ``refs/tags/main``), or ``HEAD``.
         mirror: The local mirror that receives the objects.
         timeout: Seconds allowed for connecting and for each read.
-        max_pack_bytes: Largest pack accepted; more is refused with :class:`PackTooLarge`.
+        max_pack_bytes: Largest pack accepted; more is refused with :class:`PackTooLarge`
+            (default: ``limits.max_pack_bytes``, ``KEYSTONE_MAX_PACK_BYTES``).
         total_timeout: Wall-clock bound for the whole fetch, checked as data arrives (default
             ten times ``timeout``). A hard kill is the worker process's job.
         ssh_command: The ssh client to run (default ``ssh``); Keystone adds ``BatchMode`` and
             keep-alive options.
         ssh_key: An identity file for ssh.
         protocol_version: Force git protocol 0, 1 or 2 (default: as described above).
+        limits: The bounds of what the server sends (ref advertisement bytes and count, pack
+            bytes, answer headers); default ``Limits.from_env()``.
     """
 
     def __init__(
@@ -99,11 +105,12 @@ class GitSource:
         mirror: GitMirror,
         *,
         timeout: float = 60,
-        max_pack_bytes: int = DEFAULT_MAX_PACK_BYTES,
+        max_pack_bytes: int | None = None,
         total_timeout: float | None = None,
         ssh_command: str | None = None,
         ssh_key: Path | None = None,
         protocol_version: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         if not url:
             raise ValidationError("the source URL is empty", field="source.url")
@@ -113,7 +120,8 @@ class GitSource:
         self.ref = ref
         self.mirror = mirror
         self.timeout = float(timeout)
-        self.max_pack_bytes = int(max_pack_bytes)
+        self.limits = limits or Limits.from_env()
+        self.max_pack_bytes = int(max_pack_bytes or self.limits.max_pack_bytes)
         self.total_timeout = float(total_timeout) if total_timeout else 10 * self.timeout
         self.ssh_command = ssh_command
         self.ssh_key = ssh_key
@@ -181,6 +189,10 @@ class GitSource:
             refs: Mapping[Ref, ObjectID], depth: int | None = None
         ) -> list[ObjectID]:
             check_deadline()
+            if len(refs) > self.limits.max_refs:
+                raise self.limits.refuse(
+                    "max_refs", len(refs), what=f"the ref advertisement of {self.display_url}"
+                )
             if http and getattr(client, "dumb", False):
                 raise SourceUnreachable(
                     f"{self.display_url} speaks only the dumb HTTP protocol; serve the "
@@ -218,7 +230,8 @@ class GitSource:
             if state["received"] > self.max_pack_bytes:
                 raise PackTooLarge(
                     f"the pack from {self.display_url} is larger than {self.max_pack_bytes} "
-                    "bytes; raise source max_pack_bytes if the repository really is that large"
+                    "bytes; nothing was applied; if the repository really is that large, "
+                    + how_to_raise("max_pack_bytes")
                 )
             check_deadline()
             spool.write(data)
@@ -355,7 +368,47 @@ class GitSource:
         opened: list[Any] = []
         assert isinstance(pool, urllib3.PoolManager)  # no auth callbacks, so no wrapper
         pool.pool_classes_by_scheme = _tracking_pool_classes(opened)
-        client = Urllib3HttpGitClient(
+        limits = self.limits
+        shown = self.display_url
+
+        class _BoundedHttpGitClient(Urllib3HttpGitClient):
+            # Each answer is bounded as it arrives: its header (keystone.limits max_headers,
+            # max_header_line_bytes), the ref advertisement (max_ref_advertisement_bytes) and
+            # the upload-pack answer carrying the pack (max_pack_bytes, plus the ACKs).
+            def _http_request(self, url: str, *args: Any, **kwargs: Any) -> Any:
+                resp, read = super()._http_request(url, *args, **kwargs)
+                try:
+                    limits.check_headers(resp.headers.items(), what=f"the answer of {shown}")
+                except LimitExceeded:
+                    resp.close()
+                    raise
+                if "/info/refs" in url:
+                    bound = "max_ref_advertisement_bytes"
+                    limit = limits.max_ref_advertisement_bytes
+                    what = f"the ref advertisement of {shown}"
+                else:
+                    bound = "max_pack_bytes"
+                    limit = limits.max_pack_bytes + limits.max_ref_advertisement_bytes
+                    what = f"the pack from {shown}"
+
+                def over() -> Exception:
+                    return limits.refuse(bound, f"more than {human(limit)}", what=what)
+
+                bounded = bounded_read(read, limit, over)
+                if bound != "max_ref_advertisement_bytes":
+                    return resp, bounded
+
+                def too_many() -> Exception:
+                    return limits.refuse(
+                        "max_refs",
+                        f"more than {limits.max_refs} refs",
+                        what=f"the ref advertisement of {shown}",
+                    )
+
+                # + the service line and HEAD, which are no refs of the repository
+                return resp, counting_pkt_lines(bounded, limits.max_refs + 2, too_many)
+
+        client = _BoundedHttpGitClient(
             base,
             pool_manager=pool,
             timeout=self.timeout,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from keystone.errors import BundleError, KeystoneError, SourceUnreachable
+from keystone.limits import Limits, how_to_raise
 from keystone.sources.base import FetchResult, redact_url
 from keystone.sources.file import BundleFileSource, MirrorRef
 from keystone.state import read_json, write_json
@@ -63,6 +64,8 @@ class HttpBundleSource:
             (``lambda rev: not force and (rev == applied or rev in known_bad)``). Without it
             the kept bundle is imported after every 304.
         clock: Monotonic seconds, for the deadline (tests pass a fake one).
+        limits: The header bounds of the answer (``max_headers``, ``max_header_line_bytes``;
+            default ``Limits.from_env()``).
 
     Attributes:
         last_detail: The wire stats of the last :meth:`fetch` whose download finished, or None
@@ -81,6 +84,7 @@ class HttpBundleSource:
         total_timeout: float | None = None,
         settled: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        limits: Limits | None = None,
     ) -> None:
         self.url = url
         self.display_url = redact_url(url)
@@ -91,6 +95,7 @@ class HttpBundleSource:
         self.total_timeout = float(total_timeout or (timeout or 120) * 10)
         self.settled = settled
         self.clock = clock
+        self.limits = limits or Limits.from_env()
         self._mirror = mirror
         # Wire stats of the last fetch whose download finished (None when it did not): what a
         # consumer reports when the bundle is then refused on import.
@@ -181,6 +186,7 @@ class HttpBundleSource:
                 client.stream("GET", url, headers=headers) as resp,
             ):
                 stats["status"] = resp.status_code
+                self.limits.check_headers(resp.headers.raw, what=f"the answer of {shown}")
                 if resp.status_code == 304:
                     return None, stats
                 if resp.status_code == 416 and have:
@@ -201,7 +207,7 @@ class HttpBundleSource:
                 if declared and int(declared) + total > limit:
                     raise BundleError(
                         f"bundle at {shown} is {int(declared) + total} bytes, over the limit of "
-                        f"{limit}"
+                        f"{limit} bytes; nothing was imported; " + how_to_raise("max_bundle_bytes")
                     )
                 etag = resp.headers.get("ETag")
                 state.update({"partial_etag": etag} if etag else {})
@@ -215,7 +221,8 @@ class HttpBundleSource:
                         if total > limit:
                             raise BundleError(
                                 f"bundle at {shown} is over the limit of {limit} bytes; "
-                                "download stopped"
+                                "download stopped, nothing was imported; "
+                                + how_to_raise("max_bundle_bytes")
                             )
                         if self.clock() > deadline:
                             raise SourceUnreachable(
@@ -229,6 +236,12 @@ class HttpBundleSource:
             write_json(self.state_file, state)
             raise
         except httpx.HTTPError as exc:
+            if "Receive buffer too long" in str(exc):  # h11: a header block over 100 KiB
+                raise self.limits.refuse(
+                    "max_header_line_bytes",
+                    "more than 100 KiB of header",
+                    what=f"the header block of the answer of {shown}",
+                ) from None
             raise SourceUnreachable(
                 f"bundle URL {shown} unreachable: {exc}; a partial download resumes next poll"
             ) from exc

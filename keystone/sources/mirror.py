@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from keystone.errors import KeystoneError, ValidationError
+from keystone.limits import BOUNDS
 from keystone.sources.base import (
     HistoryLimitExceeded,
     IncompleteHistory,
@@ -49,7 +50,7 @@ __all__ = ["DEFAULT_MAX_PACK_BYTES", "DEFAULT_WALK_LIMIT", "FETCHED_REF", "GitMi
 
 
 MiB = 1024 * 1024
-DEFAULT_MAX_PACK_BYTES = 512 * MiB
+DEFAULT_MAX_PACK_BYTES = BOUNDS["max_pack_bytes"].default  # see keystone.limits
 DEFAULT_WALK_LIMIT = 100_000
 FETCHED_REF = "refs/keystone/fetched"
 

@@ -42,6 +42,69 @@ def _close_client(client: GitClient) -> None:
             conn.close()
 
 
+def bounded_read(
+    read: Callable[[int], bytes], limit: int, over: Callable[[], Exception]
+) -> Callable[[int], bytes]:
+    """``read`` that raises ``over()`` once more than ``limit`` bytes came through it.
+
+    Wraps the reader of a ref advertisement or a pack so that an oversized one is refused as it
+    arrives, never held whole (the bounds are ``keystone.limits``' ``max_ref_advertisement_bytes``
+    and ``max_pack_bytes``).
+    """
+    seen = 0
+
+    def _read(size: int = -1) -> bytes:
+        nonlocal seen
+        data = read(size)
+        seen += len(data)
+        if seen > limit:
+            raise over()
+        return data
+
+    return _read
+
+
+def counting_pkt_lines(
+    read: Callable[[int], bytes], limit: int, over: Callable[[], Exception]
+) -> Callable[[int], bytes]:
+    """``read`` that follows the pkt-line framing of what passes through it (however the
+    caller splits its reads) and raises ``over()`` past ``limit`` data lines (flush, delim
+    and response-end packets do not count): a ref advertisement with too many refs is refused
+    before a client library filters it by ref prefix."""
+    head = b""
+    left = 0  # bytes of the current packet's payload still to come
+    lines = 0
+
+    def _read(size: int = -1) -> bytes:
+        nonlocal head, left, lines
+        data = read(size)
+        i = 0
+        while i < len(data):
+            if left:
+                step = min(left, len(data) - i)
+                left -= step
+                i += step
+                continue
+            take = min(4 - len(head), len(data) - i)
+            head += data[i : i + take]
+            i += take
+            if len(head) < 4:
+                break
+            try:
+                n = int(head, 16)
+            except ValueError:
+                n = 0  # not pkt-line framing: the client reports it
+            head = b""
+            if n > 4:
+                left = n - 4
+                lines += 1
+                if lines > limit:
+                    raise over()
+        return data
+
+    return _read
+
+
 def _tracking_pool_classes(opened: list[Any]) -> dict[str, type]:
     """urllib3 pool classes whose connections are appended to ``opened`` when they connect."""
     # lazy: urllib3 is heavy; only an HTTP fetch needs it

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from keystone.errors import BundleError
+from keystone.limits import BOUNDS, Limits, how_to_raise
 
-DEFAULT_MAX_BUNDLE = 4 << 30
+DEFAULT_MAX_BUNDLE = BOUNDS["max_bundle_bytes"].default
 
 
 def max_bundle_bytes() -> int:
-    """``KEYSTONE_MAX_BUNDLE_BYTES`` (default 4 GiB)."""
-    return int(os.environ.get("KEYSTONE_MAX_BUNDLE_BYTES") or DEFAULT_MAX_BUNDLE)
+    """``KEYSTONE_MAX_BUNDLE_BYTES`` (default 4 GiB; see keystone.limits)."""
+    return Limits.from_env().max_bundle_bytes
 
 
 def incoming_path(runtime: Path) -> Path:
@@ -43,7 +44,8 @@ def receive_bundle(runtime: Path, stream: BinaryIO, length: int | None) -> Path:
     limit = max_bundle_bytes()
     if length is not None and length > limit:
         raise BundleError(
-            f"bundle of {length} bytes is over the limit of {limit} bytes (KEYSTONE_MAX_BUNDLE_BYTES)"
+            f"bundle of {length} bytes is over the limit of {limit} bytes; "
+            + how_to_raise("max_bundle_bytes")
         )
     dest = incoming_dir(runtime) / f"upload-{int(time.time() * 1000)}-{os.getpid()}.bundle"
     total = 0
@@ -60,7 +62,8 @@ def receive_bundle(runtime: Path, stream: BinaryIO, length: int | None) -> Path:
                 out.close()
                 dest.unlink(missing_ok=True)
                 raise BundleError(
-                    f"bundle is over the limit of {limit} bytes (KEYSTONE_MAX_BUNDLE_BYTES)"
+                    f"bundle is over the limit of {limit} bytes; "
+                    + how_to_raise("max_bundle_bytes")
                 )
             out.write(chunk)
     if length is not None and total != length:

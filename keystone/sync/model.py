@@ -127,9 +127,16 @@ class SourceSpec:
     url: str
     ref: str = "refs/heads/main"
     timeout: float = 60.0
+    deadline: float = 300.0  # the whole fetch; the worker is killed past it
 
     def to_json(self) -> JSON:
-        return {"type": self.type, "url": self.url, "ref": self.ref, "timeout": self.timeout}
+        return {
+            "type": self.type,
+            "url": self.url,
+            "ref": self.ref,
+            "timeout": self.timeout,
+            "deadline": self.deadline,
+        }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any] | None) -> SourceSpec | None:
@@ -140,6 +147,7 @@ class SourceSpec:
             url=str(doc.get("url") or ""),
             ref=str(doc.get("ref") or "refs/heads/main"),
             timeout=float(doc.get("timeout") or 60),
+            deadline=float(doc.get("deadline") or 300),
         )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from keystone.config import AgentConfig
+from keystone.config import DEFAULT_SYNC_DEADLINE, AgentConfig
 from keystone.errors import KeystoneError
 from keystone.ledger import Journal, LastSync
 from keystone.plan import DesiredPlan, plan_from_json, plan_to_json
@@ -69,7 +69,9 @@ class SyncSettings:
 
     @property
     def worker_timeout(self) -> float:
-        return (self.source.timeout if self.source else 120.0) + 120.0
+        """The sync deadline (``[source] deadline``, ``KEYSTONE_SYNC_DEADLINE``): the sync
+        worker is killed past it, however slowly its source keeps sending."""
+        return self.source.deadline if self.source else DEFAULT_SYNC_DEADLINE
 
     @classmethod
     def from_config(cls, cfg: AgentConfig, runtime: Path) -> SyncSettings:
@@ -77,7 +79,9 @@ class SyncSettings:
         t = cfg.trust
         return cls(
             runtime=runtime,
-            source=SourceSpec(src.type, src.url, src.ref, src.timeout) if src else None,
+            source=SourceSpec(src.type, src.url, src.ref, src.timeout, src.deadline)
+            if src
+            else None,
             trust=TrustSpec(
                 allowed_signers=str(t.allowed_signers) if t.allowed_signers else None,
                 gpg_home=str(t.gpg_home) if t.gpg_home else None,

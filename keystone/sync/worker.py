@@ -222,7 +222,13 @@ def _source(req: WorkerRequest) -> Source:
         )
     from keystone.sources.git import GitSource
 
-    return GitSource(src.url, src.ref or "refs/heads/main", _mirror(req), timeout=src.timeout)
+    return GitSource(
+        src.url,
+        src.ref or "refs/heads/main",
+        _mirror(req),
+        timeout=src.timeout,
+        total_timeout=src.deadline,
+    )
 
 
 def _tip(result: FetchResult) -> FetchedTip:
