@@ -214,6 +214,9 @@ def parse_config(
         if kind not in ("git", "http"):
             raise r.error(("source", "type"), f"expected git or http, got {kind!r}")
         url = r.text(("source", "url"), required=True) or ""
+        deadline = _dur(r, ("source", "deadline"), DEFAULT_SYNC_DEADLINE)
+        if not deadline > 0:
+            raise r.error(("source", "deadline"), "expected a duration > 0 (the default is 5m)")
         ref = r.text(("source", "ref")) or "refs/heads/main"
         cfg = replace(
             cfg,
@@ -225,7 +228,7 @@ def parse_config(
                 jitter=_dur(r, ("source", "jitter"), 10.0),
                 soak=_dur(r, ("source", "soak"), 30.0),
                 timeout=_dur(r, ("source", "timeout"), 120.0),
-                deadline=_dur(r, ("source", "deadline"), DEFAULT_SYNC_DEADLINE),
+                deadline=deadline,
             ),
         )
     if (

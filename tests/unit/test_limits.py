@@ -113,3 +113,53 @@ class TestReadBounded:
                 display="f",
                 what="plan",
             )
+
+
+class TestWireLimits:
+    def test_environ_round_trips(self) -> None:
+        """Limits.environ() is read back by from_env (how [limits] reaches the workers)."""
+        lim = Limits(max_pack_bytes=12345, max_refs=7, max_api_connections=3)
+        assert Limits.from_env(lim.environ()) == lim
+
+    def test_sizes_in_the_environment(self) -> None:
+        """A byte bound in the environment may be written as a size, as before."""
+        assert Limits.from_env({"KEYSTONE_MAX_BUNDLE_BYTES": "1M"}).max_bundle_bytes == 1 << 20
+
+    def test_header_checks(self) -> None:
+        """A header flood or a long header line is refused naming its bound."""
+        lim = Limits(max_headers=3, max_header_line_bytes=32)
+        lim.check_headers([("A", "1"), ("B", "2")], what="x")
+        with pytest.raises(LimitExceeded, match="KEYSTONE_MAX_HEADERS"):
+            lim.check_headers([("H", "v")] * 4, what="the answer of http://h")
+        with pytest.raises(LimitExceeded, match=r"'X-Big' of y.*max_header_line_bytes"):
+            lim.check_headers([(b"X-Big", b"v" * 40)], what="y")
+
+
+class TestSyncDeadlineConfig:
+    def test_default_file_and_environment(self) -> None:
+        """[source] deadline sets the sync deadline; KEYSTONE_SYNC_DEADLINE wins over it."""
+        assert parse_config('[source]\nurl = "x"\n', file="a.toml").source.deadline == 300
+        text = '[source]\nurl = "x"\ndeadline = "2m"\n'
+        assert parse_config(text, file="a.toml").source.deadline == 120
+        for raw, want in (("45", 45.0), ("10m", 600.0)):
+            path = Path(self.tmp) / "agent.toml"
+            path.write_text(text)
+            cfg = load_config(path, {"KEYSTONE_SYNC_DEADLINE": raw})
+            assert cfg.source is not None and cfg.source.deadline == want
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+
+    @pytest.mark.parametrize("raw", ["0", "soon", "-3s"])
+    def test_bad_environment(self, raw: str) -> None:
+        """A KEYSTONE_SYNC_DEADLINE that is no positive duration names itself."""
+        path = self.tmp / "agent.toml"
+        path.write_text('[source]\nurl = "x"\n')
+        with pytest.raises(ValidationError, match="KEYSTONE_SYNC_DEADLINE"):
+            load_config(path, {"KEYSTONE_SYNC_DEADLINE": raw})
+
+    def test_zero_in_the_file(self) -> None:
+        """deadline = "0s" is refused at its line."""
+        with pytest.raises(ValidationError, match=r"a\.toml:3.*deadline"):
+            parse_config('[source]\nurl = "x"\ndeadline = "0s"\n', file="a.toml")
