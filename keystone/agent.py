@@ -157,6 +157,7 @@ class Agent:
             token=token,
             token_file=self.runtime / "api.token",
             tls=tls,
+            limits=self.config.limits,
         )
         self.api.start()
 

@@ -41,6 +41,7 @@ from keystone.api.routes import (
 )
 from keystone.control import AgentControl, Conflict, NotFound
 from keystone.errors import KeystoneError
+from keystone.limits import Limits, how_to_raise
 
 
 class HandlerHost(Protocol):
@@ -50,6 +51,9 @@ class HandlerHost(Protocol):
     max_request: int
     max_bundle: int
     log_root: Path
+    limits: Limits
+    header_timeout: float
+    idle_timeout: float
 
     @property
     def secure_cookies(self) -> bool: ...
@@ -67,7 +71,34 @@ class HandlerHost(Protocol):
     def openapi_bytes(self) -> bytes: ...
 
 
+class _Conn:
+    """One open connection: since when it waits for a request (None: answering one) and the
+    instant the watchdog closes it unless its request head has arrived."""
+
+    __slots__ = ("deadline", "sock", "waiting_since")
+
+    def __init__(self, sock: Any, now: float, deadline: float) -> None:
+        self.sock = sock
+        self.waiting_since: float | None = now
+        self.deadline: float | None = deadline
+
+    def close_read(self) -> None:
+        """Wake its thread out of a blocking read: it sees end of file and ends."""
+        self.deadline = self.waiting_since = None
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
 class Server(ThreadingHTTPServer):
+    """The API's HTTP server: at most ``max_api_connections`` connections (one thread each),
+    and a watchdog thread that closes a connection whose request head is late.
+
+    A new connection beyond the bound closes the connection that has waited longest for a
+    request (an idle keep-alive client, or a slow one still sending its head); when every
+    connection is busy answering a request, the new one is answered 503 and closed. So slow
+    clients cannot hold all the slots, and the thread count stays bounded.
+    """
+
     daemon_threads = True
     request_queue_size = 128  # bursts of concurrent clients must not hit the default backlog of 5
     api: HandlerHost
@@ -82,10 +113,53 @@ class Server(ThreadingHTTPServer):
     ) -> None:
         self.address_family = family
         self.api = api
+        self.max_connections = api.limits.max_api_connections
         self._closing = False
-        self._lock = threading.Lock()
-        self._open: set[Any] = set()
+        self._lock = threading.Condition()
+        self._open: dict[Any, _Conn] = {}
+        self._watchdog: threading.Thread | None = None
         super().__init__(address, handler)
+
+    # --- connection bookkeeping (called by the handlers' threads) ---
+
+    def waiting(self, sock: Any, timeout: float) -> None:
+        """``sock`` waits for (the rest of) a request head, for at most ``timeout`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            conn = self._open.get(sock)
+            if conn is not None:
+                if conn.waiting_since is None:
+                    conn.waiting_since = now
+                conn.deadline = now + timeout
+                self._lock.notify_all()
+
+    def busy(self, sock: Any) -> None:
+        """``sock`` has sent a request head and is being answered: not evicted, no deadline."""
+        with self._lock:
+            conn = self._open.get(sock)
+            if conn is not None:
+                conn.waiting_since = conn.deadline = None
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _watch(self) -> None:
+        """Close connections past their deadline; sleeps until the nearest one (no polling)."""
+        with self._lock:
+            while not self._closing:
+                now = time.monotonic()
+                nearest: float | None = None
+                for conn in self._open.values():
+                    if conn.deadline is None:
+                        continue
+                    if conn.deadline <= now:
+                        logger.debug("api: closing a connection whose request head is late")
+                        conn.close_read()
+                    elif nearest is None or conn.deadline < nearest:
+                        nearest = conn.deadline
+                self._lock.wait(None if nearest is None else nearest - now)
 
     def serve(self) -> None:
         """Accept until ``close_listener()``: blocked in accept(), so an idle API never wakes
@@ -107,13 +181,55 @@ class Server(ThreadingHTTPServer):
                 self.shutdown_request(request)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=self._watch, name="keystone-api-watchdog", daemon=True
+            )
+            self._watchdog.start()
+        now = time.monotonic()
         with self._lock:
-            self._open.add(request)
+            if len(self._open) >= self.max_connections:
+                idle = [c for c in self._open.values() if c.waiting_since is not None]
+                if idle:
+                    min(idle, key=lambda c: c.waiting_since or now).close_read()
+                    # Its thread ends at once (end of file); wait for the slot, briefly.
+                    self._lock.wait_for(lambda: len(self._open) < self.max_connections, 2.0)
+                if len(self._open) >= self.max_connections:
+                    self._refuse(request)
+                    return
+            self._open[request] = _Conn(request, now, now + self.api.header_timeout)
+            self._lock.notify_all()
         super().process_request(request, client_address)
+
+    def _refuse(self, request: Any) -> None:
+        """Answer 503 without a thread: every connection is busy answering a request."""
+        logger.warning(
+            "api: refusing a connection: {} connections are busy (the limit; raise it with "
+            "KEYSTONE_MAX_API_CONNECTIONS or [limits] max_api_connections in agent.toml)",
+            self.max_connections,
+        )
+        if not isinstance(request, ssl.SSLSocket):  # no handshake in the accept loop
+            body = json.dumps(
+                {
+                    "error": f"the agent is answering {self.max_connections} connections "
+                    "already; retry shortly",
+                    "status": 503,
+                    "kind": "retryable",
+                }
+            ).encode()
+            head = (
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(head.encode() + body)
+        super().shutdown_request(request)
 
     def shutdown_request(self, request: Any) -> None:
         with self._lock:
-            self._open.discard(request)
+            self._open.pop(request, None)
+            self._lock.notify_all()
         super().shutdown_request(request)
 
     def close_listener(self) -> None:
@@ -125,6 +241,7 @@ class Server(ThreadingHTTPServer):
         self.server_close()
         with self._lock:
             open_now = list(self._open)
+            self._lock.notify_all()  # ends the watchdog
         for sock in open_now:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)
@@ -156,10 +273,42 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Each read waits at most this long (KEYSTONE_API_IDLE_TIMEOUT); the request head also
+        # has the watchdog's deadline.
+        self.connection.settimeout(self.server.api.idle_timeout)
         if isinstance(self.connection, ssl.SSLSocket):
             # The handshake runs here, in the connection's thread, not in the accept loop where
             # one slow or hostile client would stall every other.
             self.connection.do_handshake()
+        self.rfile = cast(Any, _HeadReader(self.rfile, self.server.api.limits))
+
+    def handle_one_request(self) -> None:
+        """Wait (idle) for a request's first byte, then give its head ``header_timeout``;
+        a head over the header bounds is answered 431 (414 for the request line) and closed."""
+        head = cast(_HeadReader, self.rfile)
+        server, api = self.server, self.server.api
+        if self._served:
+            server.waiting(self.connection, api.idle_timeout)
+            try:
+                if not head.peek(1):
+                    self.close_connection = True
+                    return
+            except (OSError, ValueError):
+                self.close_connection = True
+                return
+            server.waiting(self.connection, api.header_timeout)
+        self._served = True
+        head.begin()
+        try:
+            super().handle_one_request()
+        except _HeadTooLarge as exc:
+            self.close_connection = True
+            self.command, self.request_version = "", "HTTP/1.1"
+            self._error(exc.status, str(exc), kind="refused")
+        finally:
+            head.end()
+
+    _served = False
 
     @property
     def api(self) -> HandlerHost:
@@ -258,8 +407,8 @@ class Handler(BaseHTTPRequestHandler):
             self._discard_body()
             raise ApiError(
                 413,
-                f"request body of {n} bytes is over the limit of {self.api.max_request} bytes "
-                "(KEYSTONE_MAX_REQUEST_BYTES)",
+                f"request body of {n} bytes is over the limit of {self.api.max_request} bytes: "
+                + how_to_raise("max_request_bytes"),
             )
         try:
             data = self.rfile.read(n) if n else b""
@@ -304,6 +453,8 @@ class Handler(BaseHTTPRequestHandler):
         return ""
 
     def _dispatch(self) -> None:
+        cast(_HeadReader, self.rfile).end()
+        self.server.busy(self.connection)
         url = urlsplit(self.path)
         path = url.path
         matched = match_routes(path, UI_ROUTES if is_ui(path) else ROUTES)
@@ -671,8 +822,8 @@ class Handler(BaseHTTPRequestHandler):
             self._discard_body()
             raise ApiError(
                 413,
-                f"bundle of {length} bytes is over the limit of {self.api.max_bundle} bytes "
-                "(KEYSTONE_MAX_BUNDLE_BYTES)",
+                f"bundle of {length} bytes is over the limit of {self.api.max_bundle} bytes: "
+                + how_to_raise("max_bundle_bytes"),
             )
         reader = _BodyReader(self.rfile, length)
         try:
@@ -699,6 +850,61 @@ def _gets(matched: list[tuple[Route, dict[str, str]]]) -> set[str]:
 
 def _text(exc: BaseException) -> str:
     return str(exc.args[0]) if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+
+
+class _HeadTooLarge(Exception):
+    """A request line or header over the bounds (``max_header_line_bytes``, ``max_headers``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _HeadReader:
+    """The connection's input: while a request head is read (``begin`` .. ``end``), each line
+    is bounded by ``max_header_line_bytes`` and their number by ``max_headers``; the body and
+    everything else pass through."""
+
+    def __init__(self, raw: Any, limits: Limits) -> None:
+        self._raw = raw
+        self._limits = limits
+        self._lines = -1  # -1: not in a head
+
+    def begin(self) -> None:
+        self._lines = 0
+
+    def end(self) -> None:
+        self._lines = -1
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._lines < 0:
+            return bytes(self._raw.readline(limit))
+        bound = self._limits.max_header_line_bytes
+        line = bytes(self._raw.readline(bound + 3))  # the line end is not counted
+        first = self._lines == 0
+        self._lines += 1
+        if len(line.rstrip(b"\r\n")) > bound:
+            name = "max_header_line_bytes"
+            what = "the request line" if first else "a request header line"
+            raise _HeadTooLarge(
+                414 if first else 431,
+                str(self._limits.refuse(name, f"more than {bound} bytes", what=what)),
+            )
+        if self._lines > self._limits.max_headers + 2:  # + the request line and the blank one
+            raise _HeadTooLarge(
+                431,
+                str(
+                    self._limits.refuse(
+                        "max_headers",
+                        f"more than {self._limits.max_headers} headers",
+                        what="the request's header block",
+                    )
+                ),
+            )
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 class _BodyReader(io.RawIOBase):

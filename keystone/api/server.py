@@ -22,10 +22,10 @@ from keystone.api.auth import (
     token_from_file,
 )
 from keystone.api.handler import Handler, Server
-from keystone.api.routes import MAX_BUNDLE_BYTES, MAX_REQUEST_BYTES
 from keystone.control import AgentControl
 from keystone.errors import UsageError
-from keystone.units import parse_size
+from keystone.limits import Limits
+from keystone.units import parse_duration
 
 if TYPE_CHECKING:
     # lazy: the status page loads on its first request, never in an agent nobody looks at
@@ -46,6 +46,10 @@ class ApiServer:
             ``logs`` beside the token file, which is the runtime directory's layout.
         sessions: the status page's session table (tests pass one with their own clock); by
             default one is made at the first login.
+        limits: the request bounds (body, header lines, concurrent connections); default
+            ``Limits.from_env()``. ``KEYSTONE_API_HEADER_TIMEOUT`` (10 s) bounds the time a
+            request head may take to arrive, ``KEYSTONE_API_IDLE_TIMEOUT`` (60 s) each read
+            and the idle time between requests.
 
     Raises:
         UsageError: when asked to listen beyond loopback without an explicit token or mTLS,
@@ -62,6 +66,7 @@ class ApiServer:
         tls: TlsConfig | None = None,
         log_root: Path | None = None,
         sessions: Sessions | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.control = control
         self.log_root = log_root if log_root is not None else token_file.parent / "logs"
@@ -81,8 +86,11 @@ class ApiServer:
                 "([api] tls_cert, tls_key, client_ca), or listen on 127.0.0.1"
             )
         self._token_digest = digest(self.token)
-        self.max_request = _env_int("KEYSTONE_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES)
-        self.max_bundle = _env_int("KEYSTONE_MAX_BUNDLE_BYTES", MAX_BUNDLE_BYTES)
+        self.limits = limits or Limits.from_env()
+        self.max_request = self.limits.max_request_bytes
+        self.max_bundle = self.limits.max_bundle_bytes
+        self.header_timeout = _env_duration("KEYSTONE_API_HEADER_TIMEOUT", HEADER_TIMEOUT)
+        self.idle_timeout = _env_duration("KEYSTONE_API_IDLE_TIMEOUT", IDLE_TIMEOUT)
         self._ssl: ssl.SSLContext | None = self._ssl_context() if tls else None
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -209,12 +217,21 @@ class ApiServer:
         return self._openapi
 
 
-def _env_int(name: str, default: int) -> int:
+HEADER_TIMEOUT = 10.0
+"""Seconds a request head may take from its first byte (``KEYSTONE_API_HEADER_TIMEOUT``)."""
+
+IDLE_TIMEOUT = 60.0
+"""Seconds a connection may be idle, or a read take (``KEYSTONE_API_IDLE_TIMEOUT``)."""
+
+
+def _env_duration(name: str, default: float) -> float:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     try:
-        n = parse_size(value)
+        seconds = float(value) if value.replace(".", "", 1).isdigit() else parse_duration(value)
     except ValueError as exc:
         raise UsageError(f"{name}={value!r}: {exc}") from None
-    return n if n > 0 else default
+    if not seconds > 0:
+        raise UsageError(f"{name}={value!r}: expected a duration > 0")
+    return seconds
