@@ -58,7 +58,13 @@ from keystone.runtime.cgroups import (
     remove_cgroup,
 )
 from keystone.runtime.privileges import CAPABILITIES, capability_number, limit_steps
-from keystone.runtime.procfs import is_live, pgid_members, read_start_ticks, stat_fields
+from keystone.runtime.procfs import (
+    group_exists,
+    is_live,
+    pgid_members,
+    read_start_ticks,
+    stat_fields,
+)
 from keystone.runtime.runner import KIND_KEY, RunnerRecord, record_json, record_kind
 from keystone.runtime.spawn import (
     OUTPUT_CAP,
@@ -472,7 +478,7 @@ class ProcessRunner:
             ProcessError: nothing of the process (group) is running any more.
         """
         if group:
-            if not pgid_members(handle.pgid):
+            if not group_exists(handle.pgid):
                 raise ProcessError(
                     f"{handle.name}: not running (process group {handle.pgid} is empty)"
                 )
@@ -546,7 +552,7 @@ class ProcessRunner:
     ) -> None:
         loop = self._bind()
         deadline = loop.time() + max(0.0, timeout)
-        if (watch is not None and not watch.done) or pgid_members(handle.pgid):
+        if (watch is not None and not watch.done) or group_exists(handle.pgid):
             for sig in (signal.SIGTERM, signal.SIGCONT):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(handle.pgid, sig)
@@ -558,7 +564,7 @@ class ProcessRunner:
                 handle.pgid,
             )
         # Always: kills what ignored SIGTERM and what escaped the group into the cgroup.
-        if pgid_members(handle.pgid):
+        if group_exists(handle.pgid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(handle.pgid, signal.SIGKILL)
         if handle.cgroup is not None:
@@ -591,7 +597,8 @@ class ProcessRunner:
                     await asyncio.wait_for(self._waiter(watch, loop), remaining)
                 except TimeoutError:
                     return False
-            members = set(pgid_members(handle.pgid))
+            # kill(-pgid, 0) first: the /proc scan only when the group is still there.
+            members = set(pgid_members(handle.pgid)) if group_exists(handle.pgid) else set()
             if cgroup and handle.cgroup is not None:
                 members.update(cgroup_members(handle.cgroup))
             if not members:
@@ -733,7 +740,7 @@ class ProcessRunner:
             except TimeoutError:
                 timed_out = True
             ended = loop.time()
-            if not watch.done or pgid_members(pid):
+            if not watch.done or group_exists(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
                 if not watch.done and watch.pidfd is not None:
@@ -778,7 +785,8 @@ class ProcessRunner:
             task.cancel()
 
     def _leftovers(self, handle: ProcessHandle) -> bool:
-        if pgid_members(handle.pgid):
+        # O(1) in the number of processes on the device: no /proc scan on an exit.
+        if group_exists(handle.pgid):
             return True
         return handle.cgroup is not None and bool(cgroup_members(handle.cgroup))
 

@@ -46,6 +46,24 @@ def pid_alive(pid: int) -> bool:
     return is_live(stat_fields(pid))
 
 
+def group_exists(pgid: int) -> bool:
+    """True while process group ``pgid`` has a member (a zombie one counts).
+
+    One ``kill(-pgid, 0)``: the kernel walks the group only, so this costs the same with ten
+    processes on the device or ten thousand (``pgid_members`` reads every ``/proc`` entry). It is
+    the check on every exit and stop; ``pgid_members`` is read only when a group outlives it.
+    """
+    if pgid <= 1:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process now leads it, but it exists
+    return True
+
+
 def pgid_members(pgid: int) -> list[int]:
     """Pids of the live processes (zombies excluded) whose process group is ``pgid``.
 
