@@ -9,6 +9,8 @@ artifact cache, and runs the sync worker. It is what the sync engine sees throug
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import shutil
 import time
@@ -35,7 +37,7 @@ from keystone.runtime.deployer import (
 )
 from keystone.runtime.process import ProcessRunner, detect_cgroup_root
 from keystone.runtime.supervisor import RestartTuning, Supervisor
-from keystone.state import History
+from keystone.state import History, atomic_write
 from keystone.sync.model import WorkerAnswer, WorkerRequest
 from keystone.units import parse_duration
 from keystone.workerproc import ErrorInfo, call
@@ -88,7 +90,7 @@ class Node:
         self.stopped = False
         self.on_component_change: Callable[[Supervisor], None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._save_pending = False
+        self.saver = SnapshotSaver(self.snapshot_path)
         self._background: set[asyncio.Task[Any]] = set()
         self._metric_names: set[str] = set()
 
@@ -105,16 +107,16 @@ class Node:
         self.events.append(event)
 
     def save_soon(self) -> None:
-        """Write the snapshot at the next turn of the loop (coalesced)."""
-        if self._save_pending or self.loop is None:
-            return
-        self._save_pending = True
-        self.loop.call_soon(self.save_now)
+        """Write the snapshot soon: changes are batched (at most one write per
+        ``KEYSTONE_SNAPSHOT_BATCH``), an unchanged snapshot is not written, and a change of the
+        last sync's time alone (a quiet poll) waits up to ``KEYSTONE_SNAPSHOT_QUIET``."""
+        if self.loop is not None:
+            self.saver.soon(self.loop, self.snapshot)
 
     def save_now(self) -> None:
-        """Write the snapshot now."""
-        self._save_pending = False
-        self.snapshot().write(self.snapshot_path)
+        """Write the snapshot now, unless what is on disk says the same (before a deployment
+        is reported done, at shutdown)."""
+        self.saver.now(self.snapshot())
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` on the loop, owned by the node (cancelled at shutdown)."""
@@ -484,6 +486,106 @@ class Node:
         for sup in self.deployer.supervisors.values():
             await sup.close()
         self.save_now()
+
+
+class SnapshotSaver:
+    """Writes the snapshot file, sparing the flash: unchanged snapshots are not written, bursts
+    of changes are batched, and a quiet poll (only the last sync's time moved) is written at
+    most once per ``quiet`` seconds. ``now`` always writes a real change at once.
+
+    Args:
+        path: ``state/agent.json``.
+        batch: the least time between two writes for changes (``KEYSTONE_SNAPSHOT_BATCH``, 1s).
+        quiet: the least time between two writes for last-sync times only
+            (``KEYSTONE_SNAPSHOT_QUIET``, 15m).
+    """
+
+    def __init__(
+        self, path: Path, *, batch: float | None = None, quiet: float | None = None
+    ) -> None:
+        self.path = path
+        self.batch = batch if batch is not None else _env_seconds("KEYSTONE_SNAPSHOT_BATCH", 1.0)
+        self.quiet = quiet if quiet is not None else _env_seconds("KEYSTONE_SNAPSHOT_QUIET", 900.0)
+        self.writes = 0
+        self.bytes_written = 0
+        self._last: dict[str, Any] | None = None  # the written document without saved_at
+        self._last_quiet: dict[str, Any] | None = None
+        self._written_at = -math.inf
+        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._due = math.inf
+
+    def soon(self, loop: asyncio.AbstractEventLoop, build: Callable[[], Snapshot]) -> None:
+        """Schedule a write of ``build()`` no sooner than ``batch`` after the last one."""
+        self._schedule(loop, build, self._written_at + self.batch)
+
+    def _schedule(
+        self, loop: asyncio.AbstractEventLoop, build: Callable[[], Snapshot], due: float
+    ) -> None:
+        if self._handle is not None:
+            if self._due <= due:
+                return  # a write already due sooner takes the newest state
+            self._handle.cancel()
+        self._due = due
+        delay = due - time.monotonic()
+        if delay > 0:
+            self._handle = loop.call_later(delay, self._fire, loop, build)
+        else:
+            self._handle = loop.call_soon(self._fire, loop, build)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop, build: Callable[[], Snapshot]) -> None:
+        self._handle, self._due = None, math.inf
+        snap = build()
+        doc = snap.to_json()
+        full, quiet = _views(doc)
+        if full == self._last and self.path.exists():
+            return
+        if quiet == self._last_quiet and self.path.exists():
+            due = self._written_at + self.quiet
+            if time.monotonic() < due:
+                self._schedule(loop, build, due)
+                return
+        self._write(doc, full, quiet)
+
+    def now(self, snap: Snapshot) -> None:
+        """Write ``snap`` now unless the file already says the same."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle, self._due = None, math.inf
+        doc = snap.to_json()
+        full, quiet = _views(doc)
+        if full == self._last and self.path.exists():
+            return
+        self._write(doc, full, quiet)
+
+    def _write(self, doc: dict[str, Any], full: dict[str, Any], quiet: dict[str, Any]) -> None:
+        data = (json.dumps(doc, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        atomic_write(self.path, data)
+        self.writes += 1
+        self.bytes_written += len(data)
+        self._last, self._last_quiet = full, quiet
+        self._written_at = time.monotonic()
+
+
+def _views(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The snapshot without its write time, and also without the last sync's time."""
+    full = {k: v for k, v in doc.items() if k != "saved_at"}
+    quiet = dict(full)
+    sync = quiet.get("sync")
+    if isinstance(sync, Mapping) and isinstance(sync.get("last_sync"), Mapping):
+        last = {k: v for k, v in sync["last_sync"].items() if k not in ("time", "duration")}
+        quiet["sync"] = {**sync, "last_sync": last}
+    return full, quiet
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw) if raw.replace(".", "", 1).isdigit() else parse_duration(raw)
+    except ValueError:
+        logger.warning("{}={!r} is not a duration; using {:g}s", name, raw, default)
+        return default
 
 
 def apply_record(
