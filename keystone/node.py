@@ -62,6 +62,7 @@ class Node:
         self.events = History(self.runtime / "state" / "history.jsonl")
         self.store = RecipeStore(self.runtime / "recipes")
         self.runner = ProcessRunner(cgroup_root=detect_cgroup_root())
+        self.runner.remove_stale_cgroups()  # left by earlier agents (a crash, a power cut)
         self.preparer = WorkerPreparer(
             self.runner, self.runtime, allow_unsigned=config.trust.allow_unsigned_artifacts
         )

@@ -184,16 +184,58 @@ def kill_cgroup(cgroup: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def remove_cgroup(cgroup: Path | None) -> None:
-    """Remove an empty spawn cgroup; one that still has members stays until the next try."""
+def remove_cgroup(cgroup: Path | None) -> bool:
+    """Remove an empty spawn cgroup (and empty cgroups a component made inside it).
+
+    Returns:
+        True when it is gone; False when it still has members (the caller tries again).
+    """
     if cgroup is None:
-        return
+        return True
+    try:
+        children = [p for p in cgroup.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return True
+    except OSError:
+        children = []
+    for child in children:
+        remove_cgroup(child)
     try:
         cgroup.rmdir()
     except FileNotFoundError:
         pass
     except OSError as exc:
         logger.debug("cgroup {} not removed yet: {}", cgroup, exc)
+        return False
+    return True
+
+
+def _owner_pid(cgroup: Path) -> int | None:
+    """The agent pid in a spawn cgroup's name (``<component>.<agent pid>.<seq>``)."""
+    parts = cgroup.name.rsplit(".", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return int(parts[1])
+    return None
+
+
+def remove_stale_cgroups(root: Path) -> int:
+    """Remove the empty spawn cgroups under ``root`` left by agents that are gone (a crash,
+    a power cut); return how many. A cgroup with live members (a component to adopt) stays,
+    and so does every cgroup of an agent that still runs (it may be about to use it)."""
+    removed = 0
+    try:
+        entries = [p for p in root.iterdir() if p.is_dir()]
+    except OSError:
+        return 0
+    for cgroup in entries:
+        owner = _owner_pid(cgroup)
+        if owner is None or (owner != os.getpid() and pid_alive(owner)):
+            continue
+        if cgroup_members(cgroup):
+            continue
+        if remove_cgroup(cgroup):
+            removed += 1
+    return removed
 
 
 def make_cgroup(

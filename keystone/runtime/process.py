@@ -56,6 +56,7 @@ from keystone.runtime.cgroups import (
     make_cgroup,
     own_cgroup,
     remove_cgroup,
+    remove_stale_cgroups,
 )
 from keystone.runtime.privileges import CAPABILITIES, capability_number, limit_steps
 from keystone.runtime.procfs import (
@@ -106,6 +107,8 @@ KILL_WAIT = 10.0
 #: Seconds that processes left behind by a component whose main process exited get between
 #: SIGTERM and SIGKILL.
 ORPHAN_GRACE = 5.0
+#: Seconds between tries to remove a cgroup the kernel still counts a member of.
+_CGROUP_RETRY = (0.1, 0.5, 2.0, 10.0, 60.0)
 #: The runner kind of process snapshot entries.
 PROCESS_KIND = "process"
 _FINISHED_KEEP = 1024
@@ -351,7 +354,29 @@ class ProcessRunner:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         else:
-            remove_cgroup(handle.cgroup)
+            self._drop_cgroup(handle.cgroup)
+
+    def _drop_cgroup(self, cgroup: Path | None, attempt: int = 0) -> None:
+        """Remove a spawn's cgroup once its processes are gone; while the kernel still counts
+        a member (a process being torn down), try again with backoff instead of leaving it."""
+        if remove_cgroup(cgroup) or cgroup is None:
+            return
+        loop = self._loop
+        if attempt >= len(_CGROUP_RETRY) or loop is None or loop.is_closed():
+            logger.warning(
+                "cgroup {} still has processes; it is removed at the next agent start", cgroup
+            )
+            return
+        loop.call_later(_CGROUP_RETRY[attempt], self._drop_cgroup, cgroup, attempt + 1)
+
+    def remove_stale_cgroups(self) -> int:
+        """At agent start: remove the empty cgroups earlier agents left under the root."""
+        if self.cgroup_root is None:
+            return 0
+        removed = remove_stale_cgroups(self.cgroup_root)
+        if removed:
+            logger.info("cgroups: removed {} empty cgroups left by earlier agents", removed)
+        return removed
 
     async def _clean_orphans(self, handle: ProcessHandle, grace: float) -> None:
         """Stop what a process that exited on its own left in its group or cgroup."""
@@ -581,7 +606,7 @@ class ProcessRunner:
                 f"{handle.name}: processes {left} survived SIGKILL for {KILL_WAIT:g}s "
                 "(uninterruptible sleep, e.g. a hung mount?); they will be killed again at the next stop"
             )
-        remove_cgroup(handle.cgroup)
+        self._drop_cgroup(handle.cgroup)
 
     async def _wait_gone(
         self, handle: ProcessHandle, watch: _Watch | None, deadline: float, *, cgroup: bool
