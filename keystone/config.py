@@ -101,6 +101,9 @@ class AgentConfig:
     bundle_watch: tuple[str, ...] = ()
     drift_interval: float = 3600.0  # re-hash installed files this often; 0: only on demand
     limits: Limits = field(default_factory=Limits)
+    # [security] allow_privileged_install: an install script whose recipe says
+    # require_privilege = true may run with the agent's privileges (else it is refused).
+    allow_privileged_install: bool = False
     mqtt: MqttConfig | None = None  # brokers: [mqtt]
     nats: NatsConfig | None = None  # brokers: [nats]
     file: str | None = None
@@ -186,6 +189,7 @@ def parse_config(
             "mqtt",
             "nats",
             "drift",
+            "security",
         },
     )
     r.table(("device",), {"id", "labels"})
@@ -291,6 +295,11 @@ def parse_config(
         cfg = replace(cfg, bundle_watch=r.str_list(("bundles", "watch")) or ())
     if r.table(("drift",), {"interval"}) is not None:
         cfg = replace(cfg, drift_interval=_dur(r, ("drift", "interval"), cfg.drift_interval))
+    if r.table(("security",), {"allow_privileged_install"}) is not None:
+        cfg = replace(
+            cfg,
+            allow_privileged_install=r.flag(("security", "allow_privileged_install")),
+        )
     if r.table(("limits",), set(BOUNDS)) is not None:
         cfg = replace(cfg, limits=_limits(r))
     mqtt, nats = parse_broker_tables(r, base)  # brokers
@@ -354,6 +363,14 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             cfg = replace(cfg, drift_interval=parse_duration(env["KEYSTONE_DRIFT_INTERVAL"]))
         except ValueError as exc:
             raise ValidationError(str(exc), field="KEYSTONE_DRIFT_INTERVAL") from None
+    allow = env.get("KEYSTONE_ALLOW_PRIVILEGED_INSTALL", "").strip().lower()
+    if allow:
+        if allow not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValidationError(
+                f"expected 1/true/yes or 0/false/no, got {allow!r}",
+                field="KEYSTONE_ALLOW_PRIVILEGED_INSTALL",
+            )
+        cfg = replace(cfg, allow_privileged_install=allow in ("1", "true", "yes"))
     if env.get("KEYSTONE_SYNC_DEADLINE", "").strip() and cfg.source is not None:
         deadline = parse_deadline(env["KEYSTONE_SYNC_DEADLINE"], where="KEYSTONE_SYNC_DEADLINE")
         cfg = replace(cfg, source=replace(cfg.source, deadline=deadline))

@@ -79,6 +79,7 @@ class Node:
             on_change=self._on_component_change,
             component_env=self._component_env,
             start_gate=self._start_gate,
+            allow_privileged_install=config.allow_privileged_install,
         )
         self.metrics: Metrics | None = Metrics()
         self.preparer.on_prepared = self._on_artifact_prepared

@@ -20,10 +20,17 @@ from typing import Protocol
 from loguru import logger
 
 from keystone.diff import ChangeSet, diff_plans
-from keystone.errors import DeploymentFailed
+from keystone.errors import DeploymentFailed, ValidationError
 from keystone.plan import Component, DesiredPlan
 from keystone.runtime.runner import AnyRunner
-from keystone.runtime.supervisor import RUNNING, RestartTuning, State, Supervisor, component_paths
+from keystone.runtime.supervisor import (
+    RUNNING,
+    RestartTuning,
+    State,
+    Supervisor,
+    component_paths,
+    privileged_install_refusal,
+)
 from keystone.runtime.timing import Clock, MonotonicClock
 
 
@@ -186,8 +193,12 @@ class Deployer:
         clock: Clock | None = None,
         component_env: Callable[[Component], Mapping[str, str]] | None = None,
         start_gate: Callable[[Component], Awaitable[str | None]] | None = None,
+        allow_privileged_install: bool = False,
     ) -> None:
         self.runner = runner
+        # May an install script run with the agent's privileges when its recipe asks
+        # (require_privilege = true)? ([security] allow_privileged_install in agent.toml)
+        self.allow_privileged_install = allow_privileged_install
         # Extra environment for a component's process (its datasets' paths), and a check
         # before each start that may refuse it with a reason (a required dataset missing).
         self.component_env = component_env
@@ -213,6 +224,7 @@ class Deployer:
             on_change=self.on_change,
             env_passthrough=self.component_env(component) if self.component_env else None,
             clock=self.clock,
+            allow_privileged_install=self.allow_privileged_install,
         )
 
     async def _start(self, sups: Sequence[Supervisor]) -> None:
@@ -252,8 +264,15 @@ class Deployer:
                 when the applied plan changed since.
             artifacts: where this deployment's repo-relative artifacts resolve.
 
-        Artifact preparation errors propagate (KeystoneError) before anything is touched.
+        Artifact preparation errors propagate (KeystoneError) before anything is touched, and
+        so does a ValidationError for an install script that asks for the agent's privileges
+        when they are not allowed.
         """
+        for comp in desired.components.values():
+            why = privileged_install_refusal(comp, self.allow_privileged_install)
+            if why:
+                # Refused before anything is touched: what runs keeps running.
+                raise ValidationError(why, field="lifecycle.install.require_privilege")
         async with self.lock:
             if (
                 planned is None

@@ -119,6 +119,16 @@ def _resolve_user(spec: str) -> _Identity:
     return _Identity(uid, gid, groups)
 
 
+def user_ids(spec: str) -> tuple[int, int]:
+    """The uid and gid ``security.user`` names (``user``, ``uid``, ``user:group``...).
+
+    Raises:
+        ValueError: no such user or group.
+    """
+    ident = _resolve_user(spec)
+    return ident.uid, ident.gid
+
+
 def capability_number(name: str) -> int | None:
     """``CAP_NET_BIND_SERVICE`` (or ``net_bind_service``) to its number; None if unknown."""
     key = name.strip().upper()

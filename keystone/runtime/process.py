@@ -72,7 +72,10 @@ from keystone.runtime.spawn import (
     NoReapPopen,
     PipeIO,
     RunResult,
+    RunSecurity,
     SpawnSpec,
+    Step,
+    child_setup,
     fork_exec,
     pidfd_or_kill,
     spawn_failure,
@@ -689,6 +692,7 @@ class ProcessRunner:
         input: bytes | None = None,
         log: Path | None = None,
         max_output: int = OUTPUT_CAP,
+        security: RunSecurity | None = None,
     ) -> RunResult:
         """Run a one-shot command to completion in its own process group.
 
@@ -704,14 +708,32 @@ class ProcessRunner:
             input: bytes for stdin (stdin is /dev/null otherwise).
             log: append stdout and stderr to this file instead of capturing them.
             max_output: bytes of stdout (the first) and of stderr (the last) kept when capturing.
+            security: the user, no_new_privileges and capabilities to run it with (an install
+                script runs with its component's); None: the agent's own.
 
         Raises:
-            ProcessError: the command could not be started (not found, not executable).
+            ProcessError: the command could not be started (not found, not executable), or its
+                user or capabilities cannot be applied (the message names the step).
         """
         loop = self._bind()
         if not argv or not argv[0]:
             raise ProcessError("cannot run an empty command")
         label = os.path.basename(argv[0]) or argv[0]
+        steps: list[Step] = []
+        if security is not None:
+            steps = limit_steps(
+                SpawnSpec(
+                    name=label,
+                    argv=tuple(argv),
+                    cwd=cwd,
+                    env=env,
+                    log_dir=cwd,
+                    user=security.user,
+                    no_new_privileges=security.no_new_privileges,
+                    capabilities=security.capabilities,
+                )
+            )
+        report_r = report_w = -1
         started = loop.time()
         deadline = started + max(0.0, timeout)
         io = PipeIO(loop, max_output)
@@ -732,6 +754,10 @@ class ProcessRunner:
                 child.append(out_fd)
                 err_r, err_fd = io.pipe(child_end="write")
                 child.append(err_fd)
+            preexec = None
+            if steps:
+                report_r, report_w = os.pipe2(os.O_CLOEXEC)
+                preexec = child_setup(steps, report_w)
             try:
                 proc = NoReapPopen(
                     list(argv),
@@ -742,13 +768,23 @@ class ProcessRunner:
                     stderr=err_fd,
                     close_fds=True,
                     start_new_session=True,
+                    preexec_fn=preexec,
                 )
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                raise ProcessError(spawn_failure(label, argv[0], cwd, env, exc, "")) from exc
+                detail = ""
+                if report_w >= 0:
+                    os.close(report_w)
+                    report_w = -1
+                    detail = os.read(report_r, 4096).decode(errors="replace")
+                raise ProcessError(spawn_failure(label, argv[0], cwd, env, exc, detail)) from exc
             finally:
                 for fd in child:
                     os.close(fd)
                 child.clear()
+                for fd in (report_r, report_w):
+                    if fd >= 0:
+                        os.close(fd)
+                report_r = report_w = -1
             pid = proc.pid
             handle = ProcessHandle(label, pid, pid, read_start_ticks(pid) or 0, None)
             watch = _Watch(handle, pidfd_or_kill(label, pid), child=True, grace=None, report=None)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from keystone.runtime.spawn import OUTPUT_CAP, RunResult, SpawnSpec
+from keystone.runtime.spawn import OUTPUT_CAP, RunResult, RunSecurity, SpawnSpec
 
 #: The key of a snapshot entry that names the runner kind that wrote it.
 KIND_KEY = "runner"
@@ -77,8 +77,12 @@ class CommandRunner(Protocol):
         input: bytes | None = None,
         log: Path | None = None,
         max_output: int = OUTPUT_CAP,
+        security: RunSecurity | None = None,
     ) -> RunResult:
         """Run ``argv`` in ``cwd`` with exactly ``env``; kill it whole after ``timeout`` seconds.
+
+        ``security`` (user, no_new_privileges, capabilities) is applied in the child before
+        ``exec``; None runs it with the agent's own privileges.
 
         Raises:
             ProcessError: the command could not be started.

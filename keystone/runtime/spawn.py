@@ -68,6 +68,16 @@ class SpawnSpec:
 
 
 @dataclass(frozen=True)
+class RunSecurity:
+    """The identity a one-shot command runs with (an install script: the component's own
+    ``[lifecycle.run.security]``); the fields mean what they mean in :class:`SpawnSpec`."""
+
+    user: str | None = None
+    no_new_privileges: bool = False
+    capabilities: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class RunResult:
     """The outcome of a one-shot command.
 

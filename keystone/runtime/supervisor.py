@@ -29,8 +29,9 @@ from keystone.errors import ProcessError
 from keystone.plan import Component
 from keystone.recipe import RestartPolicy
 from keystone.runtime.health import ProbeResult, probe
+from keystone.runtime.privileges import user_ids
 from keystone.runtime.runner import AnyRunner, RunnerHandle, RunnerRecord
-from keystone.runtime.spawn import SpawnSpec
+from keystone.runtime.spawn import RunSecurity, SpawnSpec
 from keystone.runtime.timing import Clock, MonotonicClock
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -136,6 +137,34 @@ def tail(path: Path, limit: int = 2048) -> str:
     return " | ".join(lines[-3:])
 
 
+def privileged_install_refusal(component: Component, allowed: bool) -> str | None:
+    """Why ``component``'s install script may not run with the agent's privileges (None: it
+    may, or it does not ask)."""
+    recipe = component.recipe
+    if allowed or not recipe.install.require_privilege or not recipe.install.script:
+        return None
+    where = recipe.source or component.recipe_ref
+    return (
+        f"{where}: lifecycle.install.require_privilege: the install script of {component.name} "
+        "asks to run with the agent's privileges, which this agent does not allow; set "
+        "[security] allow_privileged_install = true in agent.toml (or "
+        "KEYSTONE_ALLOW_PRIVILEGED_INSTALL=1), or remove require_privilege so that it runs as "
+        "the component's [lifecycle.run.security] user"
+    )
+
+
+def give_workdir(workdir: Path, user: str) -> None:
+    """Hand the work dir (the directory itself) to the component's user, so that its install
+    script and process can write there and nowhere else the agent can."""
+    try:
+        pw = user_ids(user)
+    except ValueError as exc:
+        raise ProcessError(f"security.user = {user!r}: {exc}") from None
+    st = workdir.stat()
+    if (st.st_uid, st.st_gid) != pw:
+        os.chown(workdir, *pw)
+
+
 class Supervisor:
     """Runs one component version and keeps it alive according to its recipe.
 
@@ -157,8 +186,10 @@ class Supervisor:
         env_passthrough: Mapping[str, str] | None = None,
         rng: Callable[[], float] = random.random,
         clock: Clock | None = None,
+        allow_privileged_install: bool = False,
     ) -> None:
         self.component = component
+        self.allow_privileged_install = allow_privileged_install
         self.runner = runner
         self.paths = paths
         self.tuning = tuning or RestartTuning()
@@ -302,8 +333,14 @@ class Supervisor:
         self._set(State.INSTALLING)
         timeout = self.component.recipe.install.timeout or self.install_timeout
         log = self.paths.logdir / "install.log"
+        security = self._install_security()
         result = await self.runner.run(
-            ["/bin/sh", "-c", script], cwd=workdir, env=self.env, timeout=timeout, log=log
+            ["/bin/sh", "-c", script],
+            cwd=workdir,
+            env=self.env,
+            timeout=timeout,
+            log=log,
+            security=security,
         )
         if result.timed_out:
             raise ProcessError(
@@ -314,6 +351,31 @@ class Supervisor:
                 f"{self.name}: install script failed with exit status {result.returncode}: {tail(log) or 'no output'}"
             )
         marker.write_text(digest + "\n")
+
+    def _install_security(self) -> RunSecurity | None:
+        """Who the install script runs as: the component's own ``[lifecycle.run.security]``
+        (its work dir handed to its user), or the agent itself when the recipe says
+        ``require_privilege = true`` and the agent allows it.
+
+        Raises:
+            ProcessError: the recipe asks for privilege and the agent does not allow it.
+        """
+        recipe = self.component.recipe
+        if recipe.install.require_privilege:
+            why = privileged_install_refusal(self.component, self.allow_privileged_install)
+            if why:
+                raise ProcessError(why)
+            logger.info("{}: the install script runs with the agent's privileges", self.name)
+            return None
+        sec = recipe.run.security
+        user, caps = sec.user, sec.capabilities
+        if not self.as_root:
+            user, caps = None, None  # as for the process itself: not applied without root
+        if user:
+            give_workdir(self.paths.workdir, user)
+        if not user and caps is None and not sec.no_new_privileges:
+            return None
+        return RunSecurity(user=user, no_new_privileges=sec.no_new_privileges, capabilities=caps)
 
     def _spawn_spec(self) -> SpawnSpec:
         run = self.component.recipe.run

@@ -101,6 +101,7 @@ class FakeRunner:
         input: bytes | None = None,
         log: Path | None = None,
         max_output: int = OUTPUT_CAP,
+        security: object = None,
     ) -> RunResult:
         script = argv[-1]
         self.commands.append((script, dict(env), timeout))
