@@ -25,7 +25,7 @@ def snap(rev: str = "a" * 40, *, sync_time: float = 1.0, result: str = "unchange
 async def settled(saver: SnapshotSaver) -> None:
     """Wait (on the loop, bounded) until no write is scheduled sooner than the quiet delay."""
     for _ in range(1000):
-        if saver._handle is None or saver._due - saver._written_at >= saver.quiet:
+        if saver._handle is None or saver._due - saver._written_at >= saver.quiet - 1:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the scheduled write never ran")
