@@ -434,7 +434,12 @@ class Node:
             self._metric_names.add(sup.name)
         if self.on_component_change is not None:
             self.on_component_change(sup)
-        self.save_soon()
+        if self.loop is not None:
+            # A process started or gone is on disk at the next turn of the loop, as it always
+            # was (a restarted agent adopts or stops exactly what it finds there); other
+            # changes are batched.
+            urgent = self.saver.written_pid(sup.name) != sup.pid
+            self.saver.soon(self.loop, self.snapshot, urgent=urgent)
 
     def _prune_metrics(self) -> None:
         """Drop the series of components that are no longer in the plan."""
@@ -516,9 +521,22 @@ class SnapshotSaver:
         self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._due = math.inf
 
-    def soon(self, loop: asyncio.AbstractEventLoop, build: Callable[[], Snapshot]) -> None:
-        """Schedule a write of ``build()`` no sooner than ``batch`` after the last one."""
-        self._schedule(loop, build, self._written_at + self.batch)
+    def soon(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        build: Callable[[], Snapshot],
+        *,
+        urgent: bool = False,
+    ) -> None:
+        """Schedule a write of ``build()`` no sooner than ``batch`` after the last one, or at
+        the next turn of the loop when ``urgent`` (a process started or ended)."""
+        self._schedule(loop, build, -math.inf if urgent else self._written_at + self.batch)
+
+    def written_pid(self, name: str) -> int | None:
+        """The pid the snapshot on disk records for component ``name`` (None: none)."""
+        rec = (self._last or {}).get("processes", {}).get(name)
+        pid = rec.get("pid") if isinstance(rec, Mapping) else None
+        return pid if isinstance(pid, int) else None
 
     def _schedule(
         self, loop: asyncio.AbstractEventLoop, build: Callable[[], Snapshot], due: float
