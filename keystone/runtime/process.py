@@ -245,6 +245,7 @@ class ProcessRunner:
         self.orphan_grace = orphan_grace
         self._controllers: frozenset[str] | None = None
         self._watches: dict[int, _Watch] = {}
+        self._unbound: set[_Watch] = set()  # watches made while no loop ran, for _bind
         self._finished: OrderedDict[tuple[int, int], int | None] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -290,7 +291,13 @@ class ProcessRunner:
                         old.remove_reader(watch.pidfd)
                     watch.registered = None
                     watch.waiters.clear()
-        for watch in list(self._watches.values()):
+            pending = list(self._watches.values())  # once per new loop: O(n), rare
+        else:
+            # Only the watches made while no loop ran: a spawn, stop or exit costs the same
+            # with ten components or ten thousand.
+            pending = list(self._unbound)
+        self._unbound.clear()
+        for watch in pending:
             self._register(watch, loop)
         return loop
 
@@ -299,6 +306,7 @@ class ProcessRunner:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
+                self._unbound.add(watch)
                 return  # registered by the next call made on a running loop
             if loop is not self._loop:
                 self._bind()
@@ -341,6 +349,7 @@ class ProcessRunner:
             watch.pidfd = None
         handle = watch.handle
         self._watches.pop(handle.pid, None)
+        self._unbound.discard(watch)
         self._finished[(handle.pid, handle.start_ticks)] = status
         while len(self._finished) > _FINISHED_KEEP:
             self._finished.popitem(last=False)
@@ -842,6 +851,7 @@ class ProcessRunner:
             for fut in watch.waiters:
                 fut.cancel()
         self._watches.clear()
+        self._unbound.clear()
         for task in list(self._tasks):
             task.cancel()
 
