@@ -13,6 +13,23 @@ from keystone.cli.common import Command, add_commands
 from keystone.demo import DEMO_DIR, DEMO_PLAN
 
 _BOOLEAN_FLAGS = frozenset({"tls-verify", "jetstream", "accept-local-plans"})
+INSECURE_ENV = "KEYSTONE_INSECURE_SKIP_VERIFY"
+
+
+def _duration_flag(text: str | None, flag: str) -> float | None:
+    """A Go duration flag (``30s``, ``5m``, ``0``) in seconds; a malformed one is misuse."""
+    if text is None:
+        return None
+    # lazy: the units parser only when the flag is given
+    from keystone.units import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=flag) from None
+    if value < 0:
+        raise typer.BadParameter("must not be negative", param_hint=flag)
+    return value
 
 
 def broker_flags(args: list[str]) -> dict[str, str]:
@@ -75,27 +92,92 @@ def agent_cmd(
         typer.Option(
             "--insecure-skip-verify",
             envvar="KEYSTONE_INSECURE_SKIP_VERIFY",
-            help="accept recipe files without a valid .sig even with a trust bundle "
-            "(development only; a WARNING for each)",
+            help="disable mandatory artifact integrity (sha256 + signature): recipe file, "
+            "artifact and dataset manifest signatures and sha256 pins are no longer required "
+            "(development only; a WARNING at start and for each)",
         ),
     ] = False,
+    api_token: Annotated[
+        str | None,
+        typer.Option(
+            "--api-token",
+            help="bearer token for the API (or KEYSTONE_API_TOKEN) [default: a generated one "
+            "in RUNTIME/api.token]; required to listen beyond loopback",
+            show_default=False,
+        ),
+    ] = None,
+    clock_policy: Annotated[
+        str | None,
+        typer.Option(
+            "--clock-policy",
+            help="high-water or strict (or KEYSTONE_CLOCK_POLICY) [default: high-water]",
+            show_default=False,
+        ),
+    ] = None,
+    reconcile_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--reconcile-interval",
+            help="re-apply the plan in effect on this interval, e.g. 5m (0 disables it; or "
+            "KEYSTONE_RECONCILE_INTERVAL)",
+            show_default=False,
+        ),
+    ] = None,
+    reconcile_jitter: Annotated[
+        str | None,
+        typer.Option(
+            "--reconcile-jitter",
+            help="spread reconcile passes across a fleet by this much [default: 10% of the "
+            "interval]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
 
     Also takes the Go agent's broker flags (--mqtt-broker, --mqtt-qos, --nats-url,
     --nats-jetstream, ... as in docs/brokers.md); they win over KEYSTONE_MQTT_* / KEYSTONE_NATS_*
-    and the [mqtt] / [nats] tables of agent.toml.
+    and the [mqtt] / [nats] tables of agent.toml. `keystone --http ADDR ...` (one dash or two,
+    no `agent`) is the Go agent's command line for the same thing (docs/go-compat.md);
+    `--http ""` runs without the HTTP API.
     """
     flags = broker_flags(list(ctx.args))
+    if clock_policy is not None and clock_policy not in ("high-water", "strict"):
+        raise typer.BadParameter("expected high-water or strict", param_hint="--clock-policy")
+    interval = _duration_flag(reconcile_interval, "--reconcile-interval")
+    jitter = _duration_flag(reconcile_jitter, "--reconcile-jitter")
+    # Flags win over the environment; every reader (the API, the workers, the verifiers) takes
+    # these from the environment, the one way they all share.
+    if api_token is not None:
+        if not api_token.strip():
+            raise typer.BadParameter("must not be empty", param_hint="--api-token")
+        os.environ["KEYSTONE_API_TOKEN"] = api_token.strip()
+    if clock_policy is not None:
+        os.environ["KEYSTONE_CLOCK_POLICY"] = clock_policy
+    if insecure_skip_verify:
+        os.environ[INSECURE_ENV] = "true"
     # lazy: asyncio, loguru, the config parser and the agent itself: only to run it, not --help
     import asyncio
+
+    from loguru import logger
 
     from keystone import log
     from keystone.agent import Agent
     from keystone.config import load_config
 
     log.setup(level=log_level.upper(), json=log_json)
+    if insecure_skip_verify:
+        logger.warning(
+            "artifact integrity verification is DISABLED (--insecure-skip-verify / {}): "
+            "recipe files, artifacts and dataset manifests are NOT authenticated. Do not use "
+            "in production.",
+            INSECURE_ENV,
+        )
     cfg = load_config(config)
+    if interval is not None:
+        cfg = replace(cfg, reconcile_interval=interval)
+    if jitter is not None:
+        cfg = replace(cfg, reconcile_jitter=jitter)
     # [trust] trust_bundle / leaf_cert reach every reader of KEYSTONE_TRUST_BUNDLE and
     # KEYSTONE_LEAF_CERT (dataset resolver, recipe and artifact signatures, the workers) the
     # one way they all share; load_config already let the environment win.
