@@ -18,8 +18,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from decimal import Decimal
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +99,8 @@ def _go_number(value: int | float) -> str:
         return f"{mantissa}e{exp}"
     if f.is_integer():
         return str(int(f))
+    from decimal import Decimal  # lazy: only a fraction needs it
+
     return format(Decimal(repr(f)), "f")
 
 
@@ -154,6 +154,8 @@ def print_error(exc: BaseException | str) -> None:
     status = getattr(exc, "status", None)
     text = str(exc)
     if isinstance(status, int):
+        from http import HTTPStatus  # lazy: only an error answer needs it
+
         try:
             phrase = HTTPStatus(status).phrase
         except ValueError:
