@@ -84,7 +84,10 @@ def ctl_main(argv: list[str]) -> int:
         return code
     first = goctl.first_command(argv)
     if first is not None and (first in goctl.DELEGATED or first not in goctl.GO_COMMANDS):
-        return delegate(argv)  # the keystone app runs what Go's keystonectl lacks
+        # The keystone app runs what Go's keystonectl lacks; what talks to the agent prints JSON.
+        if first in goctl.AS_JSON and not {"--json", "--help"} & set(argv):
+            argv = [*argv, "--json"]
+        return delegate(argv)
     from keystone.cli import ctl  # lazy: click, only past the fast path
 
     return ctl.run(argv)

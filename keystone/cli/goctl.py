@@ -54,6 +54,9 @@ GO_COMMANDS = frozenset(
 DELEGATED = frozenset({"sign", "verify", "manifest"})
 """Go keystonectl commands that the ``keystone`` app runs (their output is text, as in Go)."""
 
+AS_JSON = frozenset({"sync", "history", "rollback", "suspend", "resume"})
+"""Our commands that talk to the agent: under the keystonectl name they print JSON too."""
+
 
 def invoked_as_ctl(argv0: str) -> bool:
     """Whether the program was started under the name ``keystonectl``."""

@@ -78,6 +78,13 @@ class TestReads:
         out = ctl("components", agent=demo_agent, cwd=d).stdout
         assert out.startswith("[\n  {\n    ") and out.endswith("\n]\n")
 
+    def test_our_own_commands_print_json_too(self, demo_agent: AgentProc) -> None:
+        """history (a keystone command Go's keystonectl lacks) prints JSON under this name."""
+        rows = parsed(ctl("history", agent=demo_agent, cwd=demo_agent.cwd))
+        assert isinstance(rows, list) and rows
+        r = ctl("history", "--help", agent=demo_agent, cwd=demo_agent.cwd)
+        assert r.returncode == 0 and "history" in r.stdout
+
     def test_go_readme_jq_pipeline(self, demo_agent: AgentProc) -> None:
         """`keystonectl components | jq '.[] | select(.name=="db") | .pid'` prints db's pid."""
         want = pids(demo_agent)["db"]
