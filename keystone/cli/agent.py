@@ -148,9 +148,7 @@ def agent_cmd(
     jitter = _duration_flag(reconcile_jitter, "--reconcile-jitter")
     # Flags win over the environment; every reader (the API, the workers, the verifiers) takes
     # these from the environment, the one way they all share.
-    if api_token is not None:
-        if not api_token.strip():
-            raise typer.BadParameter("must not be empty", param_hint="--api-token")
+    if api_token and api_token.strip():  # empty, as in Go: not given
         os.environ["KEYSTONE_API_TOKEN"] = api_token.strip()
     if clock_policy is not None:
         os.environ["KEYSTONE_CLOCK_POLICY"] = clock_policy
