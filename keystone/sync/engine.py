@@ -76,7 +76,7 @@ class SyncEngine:
         self.soak = SoakWatch(self)
         self.poller: Poller | None = None
         self.rollout = RolloutTracker(
-            lambda: self.submit(SyncRequest(trigger="rollout")),
+            self._rollout_due,
             wall=self.clocks.wall,
             device_id=settings.device_id,
             labels=settings.labels,
@@ -86,6 +86,11 @@ class SyncEngine:
     @property
     def ledger(self) -> Ledger:
         return self.host.ledger
+
+    def _rollout_due(self) -> None:
+        """A hold ended (a wave or window opened, a deferral ran out): sync, unless suspended."""
+        if not self.ledger.suspended:
+            self.submit(SyncRequest(trigger="rollout"))
 
     # --- lifecycle --------------------------------------------------------------------------
 
