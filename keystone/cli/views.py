@@ -137,6 +137,9 @@ def status_text(d: dict[str, Any]) -> str:
     lines.append(plan)
     if d.get("error"):
         lines.append(f"error: {d['error']}")
+    hold = (d.get("health") or {}).get("rollout") or {}
+    if hold.get("message"):
+        lines.append(f"rollout: {hold['message']}")
     lines += [f"warning: unknown field {u}" for u in d.get("unknownFields") or []]
     checked = [c for c in d.get("components") or [] if c.get("drift")]
     if checked:

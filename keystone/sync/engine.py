@@ -81,6 +81,7 @@ class SyncEngine:
             device_id=settings.device_id,
             labels=settings.labels,
             maintenance=settings.maintenance,
+            runtime=settings.runtime,
         )
 
     @property

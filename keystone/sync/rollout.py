@@ -25,6 +25,7 @@ import re
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +35,7 @@ from keystone.plan import DesiredPlan
 from keystone.recipe import Defer
 from keystone.rollout import Assignment, RolloutSpec, assign, parse_rollout
 from keystone.runtime.deployer import PlannedChanges
+from keystone.runtime.supervisor import clean_env, component_paths
 from keystone.runtime.timing import Clock, MonotonicClock
 from keystone.sync.host import SyncHost
 from keystone.sync.model import Outcome, SyncResult, VerifiedRevision
@@ -291,6 +293,8 @@ class RolloutTracker:
         clock: what the wake-up sleeps on (tests drive a FakeClock).
         device_id, labels: the device, as the agent is configured.
         maintenance: the agent's own windows (``[maintenance]`` in agent.toml).
+        runtime: the agent's runtime dir (a ``cmd:`` deferral check runs in the component's
+            work dir with the component's environment, never the agent's).
     """
 
     def __init__(
@@ -302,8 +306,10 @@ class RolloutTracker:
         device_id: str = "",
         labels: Sequence[str] = (),
         maintenance: Maintenance | None = None,
+        runtime: Path | None = None,
     ) -> None:
         self.wall = wall
+        self.runtime = runtime
         self.wake = Wake(fire, wall=wall, clock=clock or MonotonicClock())
         self.device_id = device_id
         self.labels = tuple(labels)
@@ -368,7 +374,13 @@ class RolloutTracker:
                     used,
                 )
                 continue
-            asked = parse_defer_answer(await ask(defer))
+            cwd: str | None = None
+            env: dict[str, str] | None = None
+            if self.runtime is not None and comp is not None:
+                workdir = component_paths(self.runtime, name, comp.version).workdir
+                env = clean_env(comp, workdir)
+                cwd = str(workdir) if workdir.is_dir() else None
+            asked = parse_defer_answer(await ask(defer, cwd=cwd, env=env))
             if asked is None:
                 continue
             grant = min(asked, left)

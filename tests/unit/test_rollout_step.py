@@ -330,3 +330,27 @@ def test_a_verified_revision_carries_its_rollout_across_the_worker_boundary() ->
     back = WorkerAnswer.from_json(answer.to_json())
     assert back.verified is not None and back.verified.rollout == TWO_WAVES
     assert isinstance(back.verified, VerifiedRevision)
+
+
+def test_broker_state_events_carry_the_rollout() -> None:
+    """A fleet-side gate subscribed to state events sees each device's wave and outcome."""
+    from keystone.adapters.common import state_event
+    from tests.unit.test_adapters import FakeControl
+
+    rollout = {"state": "waiting", "revision": REV, "wave": 2, "waves": 2, "canary": False}
+
+    class Control(FakeControl):
+        def health(self) -> dict[str, Any]:
+            return {**super().health(), "rollout": rollout}
+
+    assert state_event(Control(), "d1", 0)["rollout"] == rollout
+    assert "rollout" not in state_event(FakeControl(), "d1", 0)
+
+
+def test_status_shows_the_hold() -> None:
+    from keystone.cli import views
+
+    hold = {"state": "waiting", "message": "waiting for wave 2 at 2027-01-15T09:00:00Z"}
+    text = views.status_text({"health": {"rollout": hold}, "status": "running"})
+    assert "rollout: waiting for wave 2 at 2027-01-15T09:00:00Z" in text
+    assert "rollout" not in views.status_text({"health": {}, "status": "running"})

@@ -88,6 +88,9 @@ class TestWaves:
         assert out["rollout"]["wave"] == 2 and out["rollout"]["at"] == opens
         info = revision(agent)
         assert info["applied"] == base and info["rollout"]["state"] == "waiting"
+        health = agent.healthz()
+        assert health is not None and health["rollout"]["message"] == out["error"]
+        assert f"rollout: waiting for wave 2 at {stamp}" in agent.cli("status").stdout
         assert (
             f"rollout:          waiting for wave 2 at {stamp}"
             in agent.cli("status", "--revision").stdout
@@ -182,7 +185,11 @@ class TestDeferral:
     ) -> None:
         """tool asks for 2 s each time; its bound is 3 s: 2 s, then 1 s, then the update."""
         f = signed_fleet
-        defer = '\n[lifecycle.defer]\ncheck = "cmd:echo defer 2s"\nmax = "3s"\n'
+        # It runs in the component's work dir, with the component's environment.
+        check = (
+            '[ "$KEYSTONE_COMPONENT" = tool ] && [ "$PWD" = "$KEYSTONE_WORKDIR" ] && echo defer 2s'
+        )
+        defer = f"\n[lifecycle.defer]\ncheck = 'cmd:{check}'\nmax = \"3s\"\n"
         agent, _base = start(f, make_agent, tmp_path, recipe_extra=defer)
         pid = agent.components()["tool"]["pid"]
         rev = f.commit(
