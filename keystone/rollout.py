@@ -296,12 +296,14 @@ def parse_rollout(
     r = Reader.from_text(text, file=file, limits=limits, size_bound="max_plan_bytes")
     default = _policy(r, (), None, {*_KEYS, "labels"})
     labels: dict[str, Policy] = {}
-    table = r.table(("labels",), set(r.get(("labels",)) or {}))
-    for name in table or {}:
+    raw = r.get(("labels",))
+    if raw is not None and not isinstance(raw, dict):
+        raise r.error(("labels",), "expected tables of label settings ([labels.<name>])")
+    for name, value in (raw or {}).items():
         why = check_segment(name)
         if why:
             raise r.error(("labels", name), f"label {name!r}: {why}")
-        if not isinstance(table[name] if table else None, dict):  # labels.x = 1
+        if not isinstance(value, dict):  # labels.x = 1
             raise r.error(("labels", name), "expected a table ([labels.<name>])")
         labels[name] = _policy(r, ("labels", name), default)
     unknown = r.unknown_messages()

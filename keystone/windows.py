@@ -163,9 +163,11 @@ def cron_window(expr: str, duration: float) -> Window:
     if duration <= 0:
         raise WindowError("a cron window needs a duration above zero")
     try:
-        CronTrigger.from_crontab(expr)
+        trigger = CronTrigger.from_crontab(expr, timezone=_utc())
     except ValueError as exc:
         raise WindowError(f"cron expression {expr!r}: {exc}") from None
+    if trigger.get_next_fire_time(None, datetime.now(_utc())) is None:
+        raise WindowError(f"cron expression {expr!r} never fires")
     return Window(f"cron {expr} for {duration:g}s", cron=expr, duration=duration)
 
 
@@ -192,7 +194,10 @@ def next_open(sets: Sequence[tuple[Sequence[Window], tzinfo | None]], t: float) 
     for _ in range(_SEARCH_STEPS):
         latest = at
         for ws, zone in active:
-            opens, _closes = open_until(ws, at, zone)
+            try:
+                opens, _closes = open_until(ws, at, zone)
+            except WindowError:  # a cron window that fires no more
+                return None
             latest = max(latest, opens)
         if latest == at:
             return at

@@ -363,3 +363,41 @@ class TestDeferAnswer:
     )
     def test_answers(self, text: str, seconds: float | None) -> None:
         assert parse_defer_answer(text) == seconds
+
+
+HOSTILE = [
+    "waves = [nan]\n",
+    'waves = ["nan%"]\n',
+    'waves = ["inf%"]\n',
+    'waves = ["1e400%"]\n',
+    'waves = ["-5%", "100%"]\nwait = "1h"\n',
+    'waves = "100%"\n',
+    "waves = []\n",
+    "waves = [[0.5], 1]\n",
+    'waves = ["1%", "100%"]\nwait = [1]\n',
+    'waves = ["1%", "100%"]\nwait = "99999999999999999999h"\n',
+    "labels = 1\n",
+    "[labels]\nx = 1\n",
+    "[[labels]]\n",
+    '[labels."a b"]\nhalted = true\n',
+    "halted = true\nhalted = false\n",
+    'canary_labels = "canary"\n',
+    '[maintenance]\nwindows = "02:00-04:00"\n',
+    "[maintenance]\nwindows = [1]\n",
+    '[maintenance]\nwindows = [{ cron = "* * *", duration = "1h" }]\n',
+    '[maintenance]\nwindows = [{ cron = "0 3 * * *", duration = "0s" }]\n',
+    '[maintenance]\nwindows = [{ cron = "0 3 31 2 *", duration = "1h" }]\n',
+    '[maintenance]\nwindows = [{ cron = "0 3 * * *", duration = "1h", x = 1 }]\n',
+    "[maintenance]\nwindows = [" + ", ".join(['"01:00-02:00"'] * 65) + "]\n",
+    "waves = [" + ", ".join(f'"{i}%"' for i in range(1, 35)) + "]\n",
+    "a = " + "[" * 200 + "]" * 200 + "\n",
+    "\x00",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_hostile_rollout_files_are_refused_with_our_errors(text: str) -> None:
+    """Whatever the file holds, only a located ValidationError comes out (nothing foreign)."""
+    with pytest.raises(ValidationError) as err:
+        parse_rollout(text, file="rollout.toml")
+    assert "rollout.toml" in str(err.value)
