@@ -207,3 +207,33 @@ class TestDeferral:
         assert len(deferred) == 2
         assert "(3s of at most 3s)" in deferred[0] and "(2s of at most 3s)" in deferred[1]
         assert agent.components()["tool"]["version"] == "2.0.0"
+
+
+class TestWindow:
+    def test_outside_the_agents_window_a_revision_is_verified_but_not_deployed(
+        self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path
+    ) -> None:
+        """agent.toml's [maintenance] window opens in three hours: the sync waits for it."""
+        from datetime import UTC, datetime, timedelta
+
+        f = signed_fleet
+        now = datetime.now(UTC)
+        start_at = (now + timedelta(hours=3)).replace(minute=0, second=0, microsecond=0)
+        window = f"{start_at.hour:02d}:00-{(start_at.hour + 1) % 24:02d}:00"
+        f.commit(
+            {"recipes/tool.recipe.toml": f.recipe("tool"), "plans/default.toml": f.plan("tool")},
+            "initial fleet",
+        )
+        cfg = f.agent_config(
+            tmp_path / "agent.toml",
+            extra=f'\n[maintenance]\nwindows = ["{window}"]\ntimezone = "UTC"\n',
+        )
+        agent = make_agent("--config", str(cfg)).start()
+        code, out = sync(agent)
+        assert code == 0 and out["result"] == "waiting", out
+        stamp = start_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert out["error"] == f"waiting for maintenance window at {stamp}"
+        assert out["rollout"]["reason"] == "window"
+        assert out["signer"] == "ops@example.com"  # fetched and verified, only not deployed
+        assert revision(agent)["applied"] is None and agent.components() == {}
+        assert "keystone_rollout_wait_seconds 0.0" not in metrics(agent)
