@@ -354,3 +354,39 @@ def test_status_shows_the_hold() -> None:
     text = views.status_text({"health": {"rollout": hold}, "status": "running"})
     assert "rollout: waiting for wave 2 at 2027-01-15T09:00:00Z" in text
     assert "rollout" not in views.status_text({"health": {}, "status": "running"})
+
+
+def test_prometheus_series_of_a_rollout() -> None:
+    """One outcome series per device (the previous one goes), wave, wait and halt gauges."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from keystone.metrics import Metrics
+
+    m = Metrics()
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        body, _ = m.render()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples
+            if s.name.startswith("keystone_rollout")
+        }
+
+    until = time.time() + 600
+    m.rollout(revision=REV, wave=2, canary=False, outcome="waiting", until=until, halted=False)
+    got = samples()
+    key = (("canary", "false"), ("outcome", "waiting"), ("revision", REV), ("wave", "2"))
+    assert got[("keystone_rollout_outcome", key)] == 1
+    assert got[("keystone_rollout_wave", ())] == 2
+    assert 0 < got[("keystone_rollout_wait_seconds", ())] <= 600
+    assert got[("keystone_rollout_halted", ())] == 0
+    m.rollout(revision=REV, wave=2, canary=False, outcome="applied", until=None, halted=False)
+    got = samples()
+    outcomes = [k[1] for k in got if k[0] == "keystone_rollout_outcome"]
+    assert outcomes == [
+        (("canary", "false"), ("outcome", "applied"), ("revision", REV), ("wave", "2"))
+    ]
+    assert got[("keystone_rollout_wait_seconds", ())] == 0
