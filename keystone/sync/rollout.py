@@ -37,6 +37,7 @@ from keystone.rollout import Assignment, RolloutSpec, assign, parse_rollout
 from keystone.runtime.deployer import PlannedChanges
 from keystone.runtime.supervisor import clean_env, component_paths
 from keystone.runtime.timing import Clock, MonotonicClock
+from keystone.state import read_json, write_json
 from keystone.sync.host import SyncHost
 from keystone.sync.model import Outcome, SyncResult, VerifiedRevision
 from keystone.units import parse_duration
@@ -294,7 +295,9 @@ class RolloutTracker:
         device_id, labels: the device, as the agent is configured.
         maintenance: the agent's own windows (``[maintenance]`` in agent.toml).
         runtime: the agent's runtime dir (a ``cmd:`` deferral check runs in the component's
-            work dir with the component's environment, never the agent's).
+            work dir with the component's environment, never the agent's); the deferrals
+            granted so far are kept in ``state/deferrals.json`` there, so a restart of the
+            agent does not reset their bound.
     """
 
     def __init__(
@@ -316,8 +319,30 @@ class RolloutTracker:
         self.maintenance = maintenance
         self.hold: Hold | None = None
         self.assignment: tuple[str, Assignment] | None = None
-        self.deferred: dict[tuple[str, str], float] = {}
         self.outcome: tuple[str, str] | None = None
+        self.state_file = runtime / "state" / "deferrals.json" if runtime is not None else None
+        self.deferred: dict[tuple[str, str], float] = self._load()
+
+    def _load(self) -> dict[tuple[str, str], float]:
+        doc = read_json(self.state_file, {}) if self.state_file is not None else {}
+        out: dict[tuple[str, str], float] = {}
+        for rev, comps in doc.items() if isinstance(doc, dict) else ():
+            for name, seconds in comps.items() if isinstance(comps, dict) else ():
+                if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                    out[(str(rev), str(name))] = float(seconds)
+        return out
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        doc: dict[str, dict[str, float]] = {}
+        for (rev, name), seconds in self.deferred.items():
+            doc.setdefault(rev, {})[name] = seconds
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.state_file, doc)
+        except OSError as exc:  # the bound then holds until the agent restarts
+            logger.warning("cannot keep the deferrals in {}: {}", self.state_file, exc)
 
     # --- the step's questions ---------------------------------------------------------------
 
@@ -385,6 +410,7 @@ class RolloutTracker:
                 continue
             grant = min(asked, left)
             self.deferred[(rev, name)] = used + grant
+            self._save()
             at = self.wall() + grant
             return Hold(
                 "defer",
@@ -420,7 +446,9 @@ class RolloutTracker:
             self.wake.cancel()
         rev = result.revision or ""
         if result.outcome is Outcome.APPLIED:
-            self.deferred.clear()
+            if self.deferred:
+                self.deferred.clear()
+                self._save()
             self._metrics(host, rev, "applied")
         elif result.outcome is Outcome.ROLLED_BACK:
             self._metrics(host, rev, "rolled-back")

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,7 +52,9 @@ def device_in_wave(spec: str, wave: int, rev: str = REV) -> str:
 class Rig:
     """A tracker on a FakeClock whose wall time is ``T0 + clock.now()``; fired syncs counted."""
 
-    def __init__(self, device: str, maintenance: Maintenance | None = None) -> None:
+    def __init__(
+        self, device: str, maintenance: Maintenance | None = None, runtime: Path | None = None
+    ) -> None:
         self.clock = FakeClock()
         self.fired: list[float] = []
         self.tracker = RolloutTracker(
@@ -60,6 +63,7 @@ class Rig:
             clock=self.clock,
             device_id=device,
             maintenance=maintenance,
+            runtime=runtime,
         )
         self.host = FakeHost(metrics=RolloutMetrics())
 
@@ -277,6 +281,31 @@ class TestDeferral:
             assert rig.tracker.deferred == {}
 
         run(go())
+
+    def test_the_bound_survives_an_agent_restart(self, defer_text: None, tmp_path: Path) -> None:
+        """40 s granted before a restart count against the 100 s bound after it."""
+        global DEFER_TEXT
+        DEFER_TEXT = '\n[lifecycle.defer]\ncheck = "cmd:echo defer 40"\nmax = "100s"\n'
+
+        async def go() -> None:
+            rig = Rig("dev-1", runtime=tmp_path)
+            assert (await rig.sync(None)) is not None
+            rig.tracker.wake.cancel()
+            again = Rig("dev-1", runtime=tmp_path)  # a new agent, same runtime dir
+            assert again.tracker.deferred == {(REV, "db"): 40.0}
+            waits = []
+            for _ in range(2):
+                result = await again.sync(None)
+                assert result is not None and result.rollout is not None
+                waits.append(result.rollout["at"] - again.wall())
+            assert waits == [40.0, 20.0]
+            assert (await again.sync(None)) is None
+            again.tracker.wake.cancel()
+            assert Rig("dev-1", runtime=tmp_path).tracker.deferred == {}
+
+        run(go())
+        (tmp_path / "state" / "deferrals.json").write_text("[not what we wrote")
+        assert Rig("dev-1", runtime=tmp_path).tracker.deferred == {}
 
     def test_an_http_check_defers_then_lets_it_proceed(self, defer_text: None) -> None:
         server = ThreadingHTTPServer(("127.0.0.1", 0), DeferServer)
