@@ -307,6 +307,9 @@ class SyncEngine:
             self.poller.resume()
         self.host.emit({"kind": "resume", "result": "ok"})
         self.host.save_now()
+        hold = self.rollout.hold
+        if hold is not None and hold.at is not None and hold.at <= self.clocks.wall():
+            self._rollout_due()  # its time came while suspended: deploy now, not at the next poll
         return {"suspended": False}
 
 

@@ -419,3 +419,22 @@ def test_prometheus_series_of_a_rollout() -> None:
         (("canary", "false"), ("outcome", "applied"), ("revision", REV), ("wave", "2"))
     ]
     assert got[("keystone_rollout_wait_seconds", ())] == 0
+
+
+def test_a_hold_that_ends_while_suspended_syncs_on_resume() -> None:
+    """Suspended: the wave's time passes without a sync; resume then syncs at once."""
+    from keystone.sync.rollout import Hold
+    from tests.unit.test_sync_engine import engine
+
+    async def go() -> None:
+        eng = engine(FakeHost())
+        submitted: list[SyncRequest] = []
+        eng.submit = lambda request: submitted.append(request)  # type: ignore[assignment,method-assign,return-value]
+        await eng.suspend()
+        eng._rollout_due()
+        assert submitted == []
+        eng.rollout.hold = Hold("wave", "waiting for wave 2 at ...", REV, at=4.0)  # past (wall 5)
+        await eng.resume()
+        assert [r.trigger for r in submitted] == ["rollout"]
+
+    run(go())
