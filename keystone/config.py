@@ -23,6 +23,7 @@ from keystone.limits import BOUNDS, Limits, read_bounded
 from keystone.recipe import check_segment
 from keystone.tomlsrc import Path_, Reader
 from keystone.units import parse_duration, parse_size
+from keystone.windows import Maintenance, read_maintenance
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     mqtt: MqttConfig | None = None  # brokers: [mqtt]
     nats: NatsConfig | None = None  # brokers: [nats]
+    maintenance: Maintenance | None = None  # [maintenance]: when new revisions may deploy
     file: str | None = None
 
     @property
@@ -165,6 +167,7 @@ def parse_config(
             "mqtt",
             "nats",
             "drift",
+            "maintenance",
         },
     )
     r.table(("device",), {"id", "labels"})
@@ -267,6 +270,7 @@ def parse_config(
         cfg = replace(cfg, limits=_limits(r))
     mqtt, nats = parse_broker_tables(r, base)  # brokers
     cfg = replace(cfg, mqtt=mqtt, nats=nats)
+    cfg = replace(cfg, maintenance=read_maintenance(r, ("maintenance",)))
     unknown = r.unknown_messages()
     if unknown:
         raise ValidationError("; ".join(unknown) + " (remove or fix these keys)", file=file)

@@ -101,9 +101,62 @@ def resolve_at(
     ), label
 
 
+def rollout_at(
+    repo: Path, rev: str | None, *, device: str, labels: Sequence[str]
+) -> dict[str, Any] | None:
+    """The device's wave of ``rev`` and when it opens, from its ``rollout.toml`` (None: none).
+
+    A device's wave depends on the commit id, so the working tree (no commit yet) shows the
+    waves' delays after the commit and the wave only for a device pinned by a canary label.
+    """
+    from keystone.rollout import ROLLOUT_FILE, assign, parse_rollout
+    from keystone.windows import describe
+
+    checkout = Checkout(repo)
+    tree, label = checkout.tree(rev)
+    data = tree.read(ROLLOUT_FILE)
+    if data is None:
+        return None
+    where = ROLLOUT_FILE if rev is None else f"{ROLLOUT_FILE}@{label[:12]}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("not UTF-8 text", file=where) from None
+    spec = parse_rollout(text, file=where)
+    policy, override = spec.policy_for(labels)
+    if rev is None:
+        pinned = any(c in labels for c in policy.canary_labels)
+        return {
+            "wave": 1 if pinned else None,
+            "waves": len(policy.waves),
+            "fractions": list(policy.waves),
+            "delays": list(policy.offsets()),
+            "pinned": pinned,
+            "halted": policy.halted,
+            "label": override,
+            "maintenance": policy.maintenance.to_json() if policy.maintenance else None,
+        }
+    a = assign(
+        spec,
+        device_id=device,
+        labels=labels,
+        revision=label,
+        commit_time=float(checkout.mirror().commit_time(label)),
+    )
+    return {
+        **a.to_json(),
+        "fractions": list(policy.waves),
+        "delays": list(policy.offsets()),
+        "at_utc": describe(a.at),
+    }
+
+
 def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
-    """What a device with these labels would run, with each component's origin."""
+    """What a device with these labels would run, with each component's origin (and, when the
+    repository has a ``rollout.toml``, the device's wave and when it opens)."""
     plan, label = resolve_at(repo, rev, device=device, labels=labels)
+    rollout = rollout_at(repo, rev, device=device, labels=labels)
+    extra = {"rollout": rollout} if rollout is not None else {}
     return {
         "revision": label,
         "device": device,
@@ -113,6 +166,7 @@ def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -
         "components": render_rows(plan),
         "warnings": list(plan.warnings),
         "unknown_fields": list(plan.unknown_fields),
+        **extra,
     }
 
 

@@ -27,7 +27,10 @@ series (:mod:`keystone.datasets.status`, through :meth:`Metrics.add_samples`):
 ``keystone_dataset_age_seconds``, ``_stale``, ``_activations_total``, ``_refreshes_total``,
 ``_last_timestamp_seconds``;
 the broker adapters' ``keystone_broker_connected{adapter}`` and
-``keystone_broker_events_dropped_total{adapter}``.
+``keystone_broker_events_dropped_total{adapter}``; staged rollouts'
+``keystone_rollout_outcome{revision,wave,canary,outcome}`` (one series: ``waiting``, ``halted``,
+``applied``, ``healthy`` after the soak, ``rolled-back``), ``keystone_rollout_wave``,
+``keystone_rollout_wait_seconds`` and ``keystone_rollout_halted``.
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
@@ -283,6 +286,33 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        # Staged rollouts: one outcome series per device (the revision it rolls out now), so
+        # count by (revision, outcome) over the fleet shows how the canaries fare.
+        self.rollout_outcome = Gauge(
+            "keystone_rollout_outcome",
+            "1 for the revision this device rolls out (or last rolled out), its wave and outcome",
+            ["revision", "wave", "canary", "outcome"],
+            registry=r,
+        )
+        self.rollout_wave = Gauge(
+            "keystone_rollout_wave",
+            "This device's wave (1-based) of the revision it rolls out; 0 without a rollout",
+            registry=r,
+        )
+        self.rollout_wait = Gauge(
+            "keystone_rollout_wait_seconds",
+            "Seconds until this device may deploy the revision held back (0: not waiting)",
+            registry=r,
+        )
+        self.rollout_halted = Gauge(
+            "keystone_rollout_halted",
+            "1 while the revision is held by a halted rollout",
+            registry=r,
+        )
+        self._rollout_until: float | None = None
+        self.rollout_wait.set_function(
+            lambda: max(0.0, self._rollout_until - time.time()) if self._rollout_until else 0.0
+        )
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -339,6 +369,23 @@ class Metrics:
     def set_revision(self, revision: str, source: str) -> None:
         """The applied revision and its source (``git``, ``http``, ``bundle``...)."""
         self.revision.info({"revision": revision, "source": source})
+
+    def rollout(
+        self,
+        *,
+        revision: str,
+        wave: int,
+        canary: bool,
+        outcome: str,
+        until: float | None,
+        halted: bool,
+    ) -> None:
+        """Where this device stands in a rollout: one outcome series, wave, wait, halt."""
+        self.rollout_outcome.clear()
+        self.rollout_outcome.labels(revision, str(wave), str(canary).lower(), outcome).set(1)
+        self.rollout_wave.set(wave)
+        self._rollout_until = until
+        self.rollout_halted.set(1 if halted else 0)
 
     def signature_failure(self, kind: str) -> None:
         """Count a refused signature or trust check by kind (``commit``, ``artifact``...)."""

@@ -302,6 +302,12 @@ SCHEMAS: dict[str, JSON] = {
             "applied_at": _NUMN,
             "last_sync": {"nullable": True, **_OBJ},
             "suspended": _BOOL,
+            "rollout": {
+                "nullable": True,
+                "description": "Addition: the device's place in a staged rollout (state, "
+                "message such as 'waiting for wave 2 at ...', revision, wave, waves, canary, at)",
+                **_OBJ,
+            },
             "device_key": {
                 "nullable": True,
                 "description": "The device's Ed25519 report key: algorithm, public_key "
@@ -316,7 +322,8 @@ SCHEMAS: dict[str, JSON] = {
             "result": {
                 "type": "string",
                 "description": "applied, up-to-date, dry-run, rolled-back, refused, known-bad, "
-                "unreachable or error",
+                "unreachable, error, waiting (a rollout wave, maintenance window or deferral) "
+                "or halted (a halted rollout)",
             },
             "revision": _STRN,
             "signer": _STRN,

@@ -187,6 +187,21 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class Defer:
+    """``[lifecycle.defer]``: asked before an update stops the component (DeferComponentUpdate).
+
+    ``check`` is ``cmd:<shell command>`` or an ``http(s)://`` URL; an answer whose first line is
+    ``defer <duration>`` (``defer 30``, ``defer 5m``) or a JSON ``{"defer": seconds}`` puts the
+    update off; anything else (or no answer within ``timeout``) lets it proceed. The deferrals
+    of one revision add up to at most ``max``, after which the update proceeds unasked.
+    """
+
+    check: str
+    timeout: float = 5.0
+    max: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Resources:
     open_files: int | None = None
     memory_limit: int | None = None
@@ -205,6 +220,7 @@ class Recipe:
     reload: Reload | None = None
     shutdown: Shutdown | None = None
     resources: Resources = field(default_factory=Resources)
+    defer: Defer | None = None
     drift: str = "report"
     datasets: tuple[DatasetSpec, ...] = ()
     source: str = ""
@@ -222,8 +238,9 @@ class Recipe:
     def content_hash(self) -> str:
         """SHA-256 over everything that changes what runs (not the file name or comments)."""
         data = asdict(self)
-        # drift only says what to do when installed files change: not a reason to restart
-        for key in ("source", "unknown_fields", "text", "drift"):
+        # drift only says what to do when installed files change: not a reason to restart;
+        # defer only says when an update may stop it
+        for key in ("source", "unknown_fields", "text", "drift", "defer"):
             data.pop(key, None)
         for dep in data["dependencies"]:
             dep.pop("line", None)
@@ -357,7 +374,7 @@ def parse_recipe(
 
     datasets = parse_datasets(r)
 
-    r.table(("lifecycle",), {"install", "run", "reload", "shutdown"})
+    r.table(("lifecycle",), {"install", "run", "reload", "shutdown", "defer"})
     install = Install()
     if r.table(("lifecycle", "install"), {"script", "require_privilege", "timeout"}) is not None:
         install = Install(
@@ -497,6 +514,21 @@ def parse_recipe(
             script=r.text((*shp, "script")) or "", timeout=_duration(r, (*shp, "timeout"), 30.0)
         )
 
+    defer: Defer | None = None
+    dfp: Path_ = ("lifecycle", "defer")
+    if r.table(dfp, {"check", "timeout", "max"}) is not None:
+        check = r.text((*dfp, "check"), required=True) or ""
+        why = validate_check(check)
+        if why is None and check.startswith("tcp://"):
+            why = "a deferral check answers: expected cmd:<shell command> or an http(s):// URL"
+        if why:
+            raise r.error((*dfp, "check"), why)
+        defer = Defer(
+            check=check,
+            timeout=_duration(r, (*dfp, "timeout"), 5.0, minimum=0.001),
+            max=_duration(r, (*dfp, "max"), 3600.0),
+        )
+
     resources = Resources()
     rsp: Path_ = ("resources",)
     if r.table(rsp, {"open_files", "memory_limit", "cpu_quota"}) is not None:
@@ -531,6 +563,7 @@ def parse_recipe(
         reload=reload,
         shutdown=shutdown,
         resources=resources,
+        defer=defer,
         datasets=datasets,
         source=file,
         unknown_fields=tuple(r.unknown_messages()),

@@ -77,7 +77,13 @@ class ControlService:
             "device": self.config.device_id,
             "revision": self.node.ledger.applied,
             "components": len(sups),
+            **self._rollout(),
         }
+
+    def _rollout(self) -> JSON:
+        """``rollout`` (the device's wave, hold and outcome) while a rollout concerns it."""
+        status = self.engine.rollout.status() if self.engine is not None else None
+        return {"rollout": status} if status is not None else {}
 
     def components(self) -> list[JSON]:
         sups = sorted(self.node.deployer.supervisors.values(), key=lambda s: s.name)

@@ -416,9 +416,12 @@ def state_event(control: AgentControl, device_id: str, now: float) -> JSON:
     }
     if status.get("planPath"):
         event["planPath"] = status["planPath"]
-    revision = control.health().get("revision")
+    health = control.health()
+    revision = health.get("revision")
     if revision:
         event["revision"] = revision
+    if health.get("rollout"):  # the device's wave and outcome, for a fleet-side rollout gate
+        event["rollout"] = health["rollout"]
     return event
 
 

@@ -137,6 +137,9 @@ def status_text(d: dict[str, Any]) -> str:
     lines.append(plan)
     if d.get("error"):
         lines.append(f"error: {d['error']}")
+    hold = (d.get("health") or {}).get("rollout") or {}
+    if hold.get("message"):
+        lines.append(f"rollout: {hold['message']}")
     lines += [f"warning: unknown field {u}" for u in d.get("unknownFields") or []]
     checked = [c for c in d.get("components") or [] if c.get("drift")]
     if checked:
@@ -164,6 +167,12 @@ def revision_text(d: dict[str, Any]) -> str:
         lines.append(f"  reason:         {last['error']}")
     if d.get("suspended"):
         lines.append("polling:          SUSPENDED (keystone resume)")
+    ro = d.get("rollout")
+    if ro:
+        wave = f"wave {ro['wave']} of {ro['waves']}" if ro.get("wave") else ""
+        canary = " (canary)" if ro.get("canary") else ""
+        detail = ro.get("message") or f"{ro.get('state')} {short(ro.get('revision'))}"
+        lines.append(f"rollout:          {detail}" + (f"; {wave}{canary}" if wave else ""))
     key = d.get("device_key")
     if key:
         lines.append(f"device key:       {key.get('algorithm')} {key.get('fingerprint')}")
@@ -363,7 +372,32 @@ def render_text(d: dict[str, Any]) -> str:
         else "no components"
     )
     out += [f"warning: {w}" for w in d["warnings"] + d["unknown_fields"]]
+    if d.get("rollout"):
+        out.append(rollout_render_text(d["rollout"]))
     return "\n".join(out)
+
+
+def rollout_render_text(r: dict[str, Any]) -> str:
+    """``plan render``'s rollout line: the device's wave and when it opens."""
+    shares = ", ".join(f"{f * 100:g}%" for f in r.get("fractions") or [])
+    delays = ", ".join("+" + duration(x) if x else "at commit" for x in r.get("delays") or [])
+    lines = [
+        f"rollout: waves {shares} ({delays})"
+        + (f" from [labels.{r['label']}]" if r.get("label") else "")
+    ]
+    if r.get("halted"):
+        lines.append("  HALTED: devices that have not applied this revision stay where they are")
+    if r.get("wave") is None:
+        lines.append("  wave: decided by the commit id (render with --rev to see it)")
+    else:
+        pin = " (canary by label)" if r.get("pinned") else " (canary)" if r.get("canary") else ""
+        at = f" at {r['at_utc']}" if r.get("at_utc") else ""
+        lines.append(f"  wave {r['wave']} of {r['waves']}{pin}{at}")
+    m = r.get("maintenance")
+    if m:
+        tz = m.get("timezone") or "device local time"
+        lines.append(f"  maintenance windows ({tz}): {', '.join(m['windows'])}")
+    return "\n".join(lines)
 
 
 def plan_diff_text(d: dict[str, Any]) -> str:

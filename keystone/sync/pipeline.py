@@ -4,8 +4,8 @@ Each step is ``async def step(ctx: SyncContext) -> SyncResult | None``: it reads
 steps put in the context, adds its own product, and either returns None (go on) or the result
 that ends the sync. :data:`STEPS` is the order (DESIGN section 1)::
 
-    target -> fetch -> verify -> gate -> resolve -> diff -> dry_run -> prepare -> deploy
-           -> record -> soak
+    target -> fetch -> verify -> gate -> resolve -> diff -> dry_run -> rollout -> prepare
+           -> deploy -> record -> soak
 
 fetch + verify + resolve run in the sync worker process (one request, one answer); the steps on
 this side read its answer. :func:`run_pipeline` runs the steps and :func:`finish` writes what
@@ -41,6 +41,8 @@ from keystone.sync.model import (
     WorkerOp,
     WorkerRequest,
 )
+from keystone.sync.rollout import RolloutTracker
+from keystone.windows import Maintenance
 
 TRUST_FAILURES = {
     "SignatureError": "signature",
@@ -61,6 +63,7 @@ class SyncSettings:
     device_id: str = ""
     labels: tuple[str, ...] = ()
     soak: float = 30.0
+    maintenance: Maintenance | None = None  # the agent's own windows ([maintenance])
 
     @property
     def polls(self) -> bool:
@@ -88,6 +91,7 @@ class SyncSettings:
             device_id=cfg.device_id,
             labels=tuple(cfg.labels),
             soak=src.soak if src else 30.0,
+            maintenance=cfg.maintenance,
         )
 
 
@@ -128,6 +132,7 @@ class SyncContext:
     desired: DesiredState | None = None
     deployed: DeployResult | None = None
     datasets: tuple[dict[str, Any], ...] | None = None
+    rollout: RolloutTracker | None = None  # the engine's holds (waves, windows, deferrals)
 
     def __post_init__(self) -> None:
         self.t0 = self.clocks.monotonic()
@@ -290,6 +295,20 @@ async def dry_run(ctx: SyncContext) -> SyncResult | None:
     return ctx.result(Outcome.DRY_RUN) if ctx.request.dry_run else None
 
 
+async def rollout(ctx: SyncContext) -> SyncResult | None:
+    """A rollout wave, a halt, a maintenance window or a component's deferral may hold the
+    revision back (``keystone.sync.rollout``); only a sync of the source's tip is held."""
+    tracker = ctx.rollout
+    if tracker is None or ctx.request.kind is not RequestKind.SYNC:
+        return None
+    assert ctx.desired is not None
+    d = ctx.desired
+    hold = await tracker.check(ctx.host, d.verified, d.planned, ctx.host.applied_plan)
+    if hold is None:
+        return None
+    return ctx.result(hold.outcome, error=hold.message, rollout=hold.to_json())
+
+
 async def prepare(ctx: SyncContext) -> SyncResult | None:
     """Journal the deployment (a crash mid-way is recovered), end the soak of the previous one."""
     assert ctx.desired is not None
@@ -396,6 +415,7 @@ STEPS: tuple[Step, ...] = (
     resolve,
     diff,
     dry_run,
+    rollout,
     prepare,
     datasets,
     deploy,

@@ -127,6 +127,7 @@ def verify_and_resolve(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> Work
             f"revision {rev[:12]} has unknown fields: " + "; ".join(desired.unknown_fields)
         )
     checkout = _export_artifacts(req, tree, rev, desired)
+    rollout = _rollout(tree, rev)
     return WorkerAnswer(
         ok=True,
         tip=tip,
@@ -139,9 +140,26 @@ def verify_and_resolve(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> Work
             source=tip.source,
             checkout=str(checkout),
             warnings=tuple(desired.warnings),
+            rollout=rollout,
         ),
         plan=plan_to_json(desired),
     )
+
+
+def _rollout(tree: Any, rev: str) -> str | None:
+    """The revision's ``rollout.toml``, validated here so a bad one refuses the revision."""
+    from keystone.rollout import ROLLOUT_FILE, parse_rollout
+
+    data = tree.read(ROLLOUT_FILE)
+    if data is None:
+        return None
+    where = f"{ROLLOUT_FILE}@{rev[:12]}"
+    try:
+        text: str = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("not UTF-8 text", file=where) from None
+    parse_rollout(text, file=where)
+    return text
 
 
 def checked(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> WorkerAnswer:
