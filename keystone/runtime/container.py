@@ -100,6 +100,10 @@ class Engine:
             out += ["--log-driver", "passthrough"]
         return out
 
+    def remove_args(self, cid: str) -> list[str]:
+        """``rm -f`` at once (podman's ``rm -f`` would grant the stop timeout first)."""
+        return ["rm", "-f", *(["-t", "0"] if self.name == "podman" else []), cid]
+
     @property
     def passthrough(self) -> bool:
         """The container writes straight to the files its ``start`` is given (podman)."""
@@ -527,7 +531,7 @@ class ContainerRunner:
             await self._start(engine, name, cid, spec)
             main_pid = await self._main_pid(engine, cid)
         except ProcessError:
-            await self._cli(engine, "rm", "-f", cid, what=name)
+            await self._cli(engine, *engine.remove_args(cid), what=name)
             raise
         ticks = (read_start_ticks(main_pid) or 0) if main_pid else 0
         handle = ContainerHandle(name, cid, cname, engine.name, main_pid, ticks)
@@ -656,7 +660,14 @@ class ContainerRunner:
                 break
             await asyncio.sleep(delay)  # the engine has not noticed yet: bounded, backing off
             delay = min(delay * 2, 0.5)
+        else:
+            self._finish(watch, status)
+            return
         self._finish(watch, status)
+        # An exited container is of no more use (its output is in the component's logs).
+        await self._cli(
+            engine, *engine.remove_args(watch.handle.container_id), what=watch.handle.name
+        )
 
     async def _wait_fallback(self, watch: _Watch) -> None:
         """No pidfd on the main process: one ``<engine> wait`` for this container."""
@@ -746,7 +757,7 @@ class ContainerRunner:
         info = await self._cli(engine, "inspect", "--format", "{{.State.ExitCode}}", cid)
         with contextlib.suppress(ValueError, IndexError):
             status = int(info.stdout.decode(errors="replace").split()[0])
-        removed = await self._cli(engine, "rm", "-f", cid, what=handle.name)
+        removed = await self._cli(engine, *engine.remove_args(cid), what=handle.name)
         if removed.returncode != 0:
             check = await self._cli(engine, "inspect", "--format", "{{.Id}}", cid)
             if check.returncode == 0:
@@ -786,7 +797,7 @@ class ContainerRunner:
             if watch is not None and not watch.done:
                 continue
             logger.info("{}: removing stale container {} ({})", component, cname, cid[:12])
-            await self._cli(engine, "rm", "-f", cid, what=component)
+            await self._cli(engine, *engine.remove_args(cid), what=component)
 
     async def sweep(self) -> list[str]:
         """Remove this agent's containers that nothing adopted (after a restore); their names.
@@ -802,7 +813,7 @@ class ContainerRunner:
                 logger.info(
                     "removing stale container {} ({}) left by the previous run", cname, cid[:12]
                 )
-                await self._cli(engine, "rm", "-f", cid, what=cname)
+                await self._cli(engine, *engine.remove_args(cid), what=cname)
                 removed.append(cname)
         return removed
 
