@@ -307,7 +307,27 @@ class Node:
         """Before anything stops: a container's engine is there and its image is (pulled)."""
         container = component.recipe.run.container
         if container is not None:
+            await self._load_bundle_images(container.runtime)
             await self.containers.prepare(component.name, container)
+
+    async def _load_bundle_images(self, runtime: str) -> None:
+        """Load the image archives a verified bundle staged (``bundles/images``) into the engine.
+
+        Each archive is removed once the engine took it (or refused it: the refusal is the
+        deployment's error, and a damaged archive must not block the next one).
+        """
+        staged = self.runtime / "bundles" / "images"
+        for archive in sorted(staged.glob("*.tar")) if staged.is_dir() else []:
+            try:
+                loaded = await self.containers.load_image(archive, engine=runtime)
+            except KeystoneError as exc:
+                raise KeystoneError(f"image archive {archive.name} from the bundle: {exc}") from exc
+            finally:
+                archive.unlink(missing_ok=True)
+            logger.info("loaded container image from the bundle: {}", loaded or archive.name)
+            self.emit(
+                {"kind": "image", "result": "loaded", "archive": archive.name, "loaded": loaded}
+            )
 
     def record_deploy(self, kind: str, result: DeployResult, **extra: Any) -> None:
         """Count and journal a deployment."""

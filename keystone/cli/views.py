@@ -394,6 +394,8 @@ def bundle_created_text(d: dict[str, Any]) -> str:
     )
     if d.get("datasets"):
         text += f", {len({x['path'].split('/')[1] for x in d['datasets']})} dataset(s)"
+    if d.get("images"):
+        text += f", {len(d['images'])} container image(s)"
     if d["prerequisites"]:
         text += f", needs {', '.join(short(p) for p in d['prerequisites'])}"
     return text

@@ -2,7 +2,7 @@
 
 Podman runs as root on these machines with the runc runtime, no default ulimits and host
 networking (no registry, no bridge). The image is made by ``podman import`` of a static busybox
-rootfs, once per module. Every container a test makes carries the label ``keystone.test=<token>``
+rootfs, once for all container tests. Every container a test makes carries the label ``keystone.test=<token>``
 and is removed at the end, whatever happened.
 """
 
@@ -88,7 +88,7 @@ def _build_rootfs(root: Path, marker: str) -> Path:
     return tar
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     """Build the test image (two tags) or skip with the reason podman cannot run here."""
     if shutil.which("podman") is None:
