@@ -284,6 +284,7 @@ class ContainerRunner:
         self.which = which
         self._engines: dict[str, Engine] = {}
         self._watches: dict[str, _Watch] = {}
+        self._prepared: dict[tuple[str, str], str] = {}
         self._seq = 0
 
     # --- engines ----------------------------------------------------------------------------
@@ -426,7 +427,10 @@ class ContainerRunner:
                 mismatch; the message names the component.
         """
         try:
-            await self.ensure_image(component, container, pull=True)
+            # The spawn that follows uses this id once (a restart looks again).
+            self._prepared[(component, container.image)] = await self.ensure_image(
+                component, container, pull=True
+            )
         except ProcessError as exc:
             raise KeystoneError(str(exc)) from exc
 
@@ -510,23 +514,26 @@ class ContainerRunner:
             raise ProcessError(f"{name}: not a container component (no [lifecycle.run.container])")
         engine = self.engine_for(c.runtime)
         await self._remove_stale(engine, name)
-        image_id = await self.ensure_image(name, c, pull=False)
+        image_id = self._prepared.pop((name, c.image), None) or await self.ensure_image(
+            name, c, pull=False
+        )
         self._seq += 1
         cname = f"keystone-{_safe(name)}-{time.time_ns()}"
         args = self._create_args(spec, c, cname, engine)
-        result = await self._cli(engine, *args, image_id, *spec.argv, what=name)
-        if result.returncode != 0:
-            raise ProcessError(f"{name}: {engine.name} create failed: {self._why(result)}")
-        lines = result.stdout.decode(errors="replace").split()
-        cid = lines[-1] if lines else ""
-        if not cid:  # podman prints no id for a passthrough container: ask for it by name
-            found = await self._cli(engine, "inspect", "--format", "{{.Id}}", cname, what=name)
-            cid = found.stdout.decode(errors="replace").strip()
-            if found.returncode != 0 or not cid:
-                raise ProcessError(
-                    f"{name}: {engine.name} created no container: {self._why(found)}"
-                )
         spec.log_dir.mkdir(parents=True, exist_ok=True)
+        # podman prints no id for a passthrough container: the id file has it in any case
+        cidfile = spec.log_dir / f".{cname}.cid"
+        try:
+            result = await self._cli(
+                engine, *args, "--cidfile", str(cidfile), image_id, *spec.argv, what=name
+            )
+            if result.returncode != 0:
+                raise ProcessError(f"{name}: {engine.name} create failed: {self._why(result)}")
+            cid = cidfile.read_text().strip() if cidfile.exists() else ""
+        finally:
+            cidfile.unlink(missing_ok=True)
+        if not cid:
+            raise ProcessError(f"{name}: {engine.name} create wrote no container id")
         try:
             await self._start(engine, name, cid, spec)
             main_pid = await self._main_pid(engine, cid)
@@ -548,6 +555,8 @@ class ContainerRunner:
                 raise ProcessError(f"{name}: {engine.name} start failed: {self._why(result)}")
             return
         # The container inherits this command's stdout and stderr: the component's log files.
+        stderr_log = spec.log_dir / "stderr.log"
+        offset = stderr_log.stat().st_size if stderr_log.exists() else 0
         starter = await self.cli.spawn(
             SpawnSpec(
                 name=f"{name} (start)",
@@ -565,9 +574,7 @@ class ContainerRunner:
                 f"{name}: {engine.name} start timed out after {CLI_TIMEOUT:g}s"
             ) from None
         if status != 0:
-            from keystone.runtime.supervisor import tail  # lazy: supervisor imports this seam
-
-            why = tail(spec.log_dir / "stderr.log") or f"exit status {status}"
+            why = _since(stderr_log, offset) or f"exit status {status}"
             raise ProcessError(f"{name}: {engine.name} start failed: {why}")
 
     async def _main_pid(self, engine: Engine, cid: str) -> int:
@@ -931,6 +938,17 @@ class _ExecRunner:
 def owner_label(runtime: Path) -> str:
     """The ``keystone.owner`` label of the agent whose runtime directory is ``runtime``."""
     return hashlib.sha256(str(runtime.resolve()).encode()).hexdigest()[:16]
+
+
+def _since(log: Path, offset: int, limit: int = 2048) -> str:
+    """The last lines written to ``log`` after ``offset`` (what a failed ``start`` said)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(offset, f.seek(0, os.SEEK_END) - limit))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.splitlines()[-3:] if line.strip())
 
 
 def _safe(name: str) -> str:

@@ -103,7 +103,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     podman = Podman({"CONTAINERS_CONF": str(conf)}, runtime, token)
     tags = []
     # The image's own command serves /www on $PORT after saying which image it is.
-    cmd = '["/bin/sh", "-c", "echo serving $(cat /www/index.html); exec httpd -f -h /www -p 127.0.0.1:$PORT"]'
+    # It exits 0 on SIGTERM (a shell as pid 1 only dies of the signals it traps).
+    script = (
+        "echo serving $(cat /www/index.html); httpd -f -h /www -p 127.0.0.1:$PORT & "
+        "trap 'kill $!; exit 0' TERM; wait"
+    )
+    cmd = json.dumps(["/bin/sh", "-c", script])
     for marker in ("1", "2"):
         tar = _build_rootfs(root, marker)
         tag = f"localhost/keystone-test-{token}:{marker}"
