@@ -262,6 +262,10 @@ class Node:
                 sup = self.deployer.make_supervisor(comp)
                 self.deployer.supervisors[name] = sup
                 sup.adopt(handle)
+                if runner is not self.runner:
+                    # docker/nerdctl: follow the adopted container's logs again (podman's
+                    # containers write to the log files themselves)
+                    await self.containers.resume_logs(handle, sup.paths.logdir)
                 if comp.recipe.datasets:
                     # Running already: its datasets are on disk; keep them fresh from here.
                     self.datasets.bind(comp)

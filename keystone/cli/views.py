@@ -103,7 +103,7 @@ def components_text(rows: list[dict[str, Any]]) -> str:
             c.get("name", ""),
             c.get("state", ""),
             c.get("version") or "-",
-            c.get("pid") or "-",
+            c.get("pid") or (f"ctr:{c['container_id'][:12]}" if c.get("container_id") else "-"),
             c.get("restarts", 0),
             duration(time.time() - float(c["since"])) if c.get("since") else "-",
             " ".join(str(c.get("error") or c.get("last_health") or "").split())[:60],
