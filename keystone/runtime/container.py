@@ -177,6 +177,8 @@ class ContainerRecord:
     engine: str
     main_pid: int
     start_ticks: int
+    logs_pid: int = 0  # docker/nerdctl: the ``logs -f`` follower (0: none)
+    logs_ticks: int = 0
 
     @property
     def kind(self) -> str:
@@ -192,6 +194,7 @@ class ContainerRecord:
             "engine": self.engine,
             "main_pid": self.main_pid,
             "start_ticks": self.start_ticks,
+            **({"logs_pid": self.logs_pid, "logs_ticks": self.logs_ticks} if self.logs_pid else {}),
         }
 
     @classmethod
@@ -210,12 +213,12 @@ class ContainerRecord:
                 raise ValueError(f"{key} must be a non-empty string, got {value!r}")
             texts.append(value)
         numbers: list[int] = []
-        for key in ("main_pid", "start_ticks"):
-            value = data.get(key)
+        for key in ("main_pid", "start_ticks", "logs_pid", "logs_ticks"):
+            value = data.get(key, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
             numbers.append(value)
-        return cls(texts[0], texts[1], texts[2], numbers[0], numbers[1])
+        return cls(texts[0], texts[1], texts[2], *numbers)
 
 
 class _Watch:
@@ -828,12 +831,16 @@ class ContainerRunner:
 
     def describe(self, handle: ContainerHandle) -> ContainerRecord:
         """The snapshot record of ``handle`` (what :meth:`adopt_record` takes back)."""
+        watch = self._watches.get(handle.container_id)
+        follower = watch.follower if watch is not None else None
         return ContainerRecord(
             handle.container_id,
             handle.container_name,
             handle.engine,
             handle.main_pid,
             handle.start_ticks,
+            follower.pid if follower else 0,
+            follower.start_ticks if follower else 0,
         )
 
     def adopt_record(
@@ -862,7 +869,12 @@ class ContainerRunner:
         )
         if not _process_alive(rec.main_pid, rec.start_ticks):
             return None
-        self._track(handle)
+        watch = self._track(handle)
+        if rec.logs_pid and watch.follower is None:
+            # The previous agent's log follower still copies this container's output: keep it.
+            watch.follower = self.cli.adopt(
+                f"{name} (logs)", rec.logs_pid, rec.logs_pid, rec.logs_ticks, None
+            )
         return handle
 
     async def resume_logs(self, handle: ContainerHandle, log_dir: Path) -> None:
