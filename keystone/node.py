@@ -274,8 +274,13 @@ class Node:
             elif handle is not None:
                 logger.info("stopping stale {} (pid {}) left by the previous run", name, handle.pid)
                 await runner.stop(handle, timeout=10.0)
-        if self._containers is not None:
-            await self._containers.sweep()
+        runtimes = [
+            c.recipe.run.container.runtime
+            for c in plan.components.values()
+            if c.recipe.run.container is not None
+        ]
+        if runtimes or self._containers is not None:
+            await self.containers.sweep(runtimes)
         if plan.components and not self.stopped:
             result = await self.deployer.start_all()
             self.record_deploy("restore", result)

@@ -809,11 +809,17 @@ class ContainerRunner:
             logger.info("{}: removing stale container {} ({})", component, cname, cid[:12])
             await self._cli(engine, *engine.remove_args(cid), what=component)
 
-    async def sweep(self) -> list[str]:
+    async def sweep(self, runtimes: Sequence[str] = ()) -> list[str]:
         """Remove this agent's containers that nothing adopted (after a restore); their names.
 
-        Only engines already in use are asked: an agent without containers starts nothing.
+        The engines asked are those in use and those of ``runtimes`` (the applied plan's
+        container recipes); an agent without containers runs no engine command.
         """
+        for runtime in runtimes:
+            try:
+                self.engine_for(runtime)
+            except EngineMissing as exc:
+                logger.warning("containers: {}", exc)
         removed: list[str] = []
         for engine in list(self._engines.values()):
             for cid, cname in await self._containers(engine, f"{MANAGED}=true"):

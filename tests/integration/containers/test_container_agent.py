@@ -95,7 +95,7 @@ class TestRestarts:
             "crashy",
             "1.0.0",
             free_port(),
-            command=["/bin/sh", "-c", "echo boom; sleep 2; exit 3"],
+            command=["/bin/sh", "-c", "echo boom; sleep 1.5; exit 3"],
             health=None,
             extra_run='restart_policy = "on-failure"\nmax_retries = 2',
         )
@@ -269,3 +269,28 @@ class TestRefusals:
         done = agent.cli("apply", "plan3.toml")
         assert done.returncode == 0, done.stdout + done.stderr
         assert agent.wait_states({"web": "healthy"}, timeout=60)["web"]["version"] == "2.0.0"
+
+    def test_no_engine_refused_before_anything_stops(
+        self, container_agent: Any, images: Images, tmp_path: Path
+    ) -> None:
+        """The engine configured is not installed: a plan with a container is refused naming
+        it, and the process already running is not touched."""
+        sleeper = (
+            '[metadata]\nname = "worker"\nversion = "1.0.0"\n'
+            '[lifecycle.run.exec]\ncommand = "/bin/sleep"\nargs = ["3600"]\n'
+        )
+        write_plan(tmp_path, {"worker": sleeper})
+        agent = container_agent("--apply", "plan.toml")
+        agent.env["KEYSTONE_CONTAINER_ENGINE"] = str(tmp_path / "no-such" / "podman")
+        agent.start()
+        before = agent.wait_states({"worker": "healthy"})["worker"]
+        changed = sleeper.replace('"3600"', '"3601"').replace("1.0.0", "1.0.1")
+        web = container_recipe(images, "web", "1.0.0", free_port())
+        write_plan(tmp_path, {"worker": changed, "web": web}, "plan2.toml")
+        done = agent.cli("apply", "plan2.toml")
+        assert done.returncode != 0
+        assert f"container engine {tmp_path}/no-such/podman is not installed" in (
+            done.stdout + done.stderr
+        )
+        now = agent.components()
+        assert now["worker"]["pid"] == before["pid"] and "web" not in now
