@@ -312,3 +312,13 @@ def test_bad_containers_config_is_refused(tmp_path: Path) -> None:
     cfg.write_text('[containers]\nengin = "podman"\n')
     with pytest.raises(ValidationError, match="engin"):
         load_config(cfg, environ={})
+
+
+def test_record_keeps_the_log_follower_and_refuses_a_gone_container() -> None:
+    rec = ContainerRecord("abc", "keystone-web-1", "docker", 42, 7, logs_pid=43, logs_ticks=8)
+    assert ContainerRecord.from_json(rec.to_json()) == rec
+    assert "logs_pid" not in ContainerRecord("abc", "n", "podman", 42, 7).to_json()
+    runner = ContainerRunner(owner="o", which=fake_which("podman"), host=ProcessRunner())
+    # pid 1 runs, but not with these start ticks: the container it named is gone
+    gone = ContainerRecord("abc", "keystone-web-1", "podman", 1, 10**12).to_json()
+    assert runner.adopt_record("web", gone) is None
