@@ -305,6 +305,7 @@ def build_bundle(
     devices: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
     datasets: Path | None = None,
+    images: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Write a bundle of ``rev`` of ``repo`` (incremental ``since`` a commit the devices have)
     with every artifact the plans of the chosen targets need; return what it carries.
@@ -315,6 +316,9 @@ def build_bundle(
 
     The targets are any device, plus any device with ``labels``, plus each of ``devices`` with
     ``labels``; ``every_label`` adds every label and every device that has a plan.
+
+    ``images`` are container image archives (``podman save -o``, ``docker save -o``) carried as
+    ``images/<sha256>`` and loaded into the device's engine on import.
     """
     sha = resolve_rev(Checkout(repo).mirror(), rev)
     targets: list[tuple[str, list[str]]] = [("any-device", [])]
@@ -334,6 +338,7 @@ def build_bundle(
             [(s, p) for s, p, _ in arts],
             progress=progress,
             datasets=dataset_members(datasets) if datasets is not None else (),
+            images=images,
         )
     data: dict[str, Any] = {
         "bundle": str(out),
@@ -347,6 +352,8 @@ def build_bundle(
         data["datasets"] = [
             {"path": d.path, "sha256": d.sha256, "size": d.size} for d in info.datasets
         ]
+    if info.images:  # likewise for container images
+        data["images"] = [{"sha256": i.sha256, "size": i.size, "name": i.name} for i in info.images]
     return data
 
 

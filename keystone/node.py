@@ -34,6 +34,7 @@ from keystone.runtime.deployer import (
     PlannedChanges,
 )
 from keystone.runtime.process import ProcessRunner, detect_cgroup_root
+from keystone.runtime.runner import AnyRunner, record_kind
 from keystone.runtime.supervisor import RestartTuning, Supervisor
 from keystone.state import History
 from keystone.sync.model import WorkerAnswer, WorkerRequest
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from keystone.datasets.agent import AgentDatasets
     from keystone.datasets.bundle import BundleEntry
     from keystone.datasets.manager import RefreshResult
+    from keystone.runtime.container import ContainerRunner
 
 SYNC_WORKER = "keystone.sync.worker"
 
@@ -76,6 +78,8 @@ class Node:
             on_change=self._on_component_change,
             component_env=self._component_env,
             start_gate=self._start_gate,
+            runner_for=self.runner_for,
+            prepare_component=self._prepare_component,
         )
         self.metrics: Metrics | None = Metrics()
         self.preparer.on_prepared = self._on_artifact_prepared
@@ -91,6 +95,7 @@ class Node:
         self._save_pending = False
         self._background: set[asyncio.Task[Any]] = set()
         self._metric_names: set[str] = set()
+        self._containers: ContainerRunner | None = None
 
     # --- SyncHost ---------------------------------------------------------------------------
 
@@ -245,7 +250,8 @@ class Node:
                 logger.error("saved plan no longer validates ({}); starting with none", exc)
         self.deployer.applied = plan
         for name, rec in snap.processes.items():
-            handle = self.runner.adopt_record(name, rec.runner)
+            runner = self.runner_of_kind(record_kind(rec.runner))
+            handle = runner.adopt_record(name, rec.runner)
             comp = plan.components.get(name)
             if (
                 handle is not None
@@ -256,6 +262,10 @@ class Node:
                 sup = self.deployer.make_supervisor(comp)
                 self.deployer.supervisors[name] = sup
                 sup.adopt(handle)
+                if runner is not self.runner:
+                    # docker/nerdctl: follow the adopted container's logs again (podman's
+                    # containers write to the log files themselves)
+                    await self.containers.resume_logs(handle, sup.paths.logdir)
                 if comp.recipe.datasets:
                     # Running already: its datasets are on disk; keep them fresh from here.
                     self.datasets.bind(comp)
@@ -263,10 +273,70 @@ class Node:
                 logger.info("adopted {} (pid {}) from the previous run", name, handle.pid)
             elif handle is not None:
                 logger.info("stopping stale {} (pid {}) left by the previous run", name, handle.pid)
-                await self.runner.stop(handle, timeout=10.0)
+                await runner.stop(handle, timeout=10.0)
+        runtimes = [
+            c.recipe.run.container.runtime
+            for c in plan.components.values()
+            if c.recipe.run.container is not None
+        ]
+        if runtimes or self._containers is not None:
+            await self.containers.sweep(runtimes)
         if plan.components and not self.stopped:
             result = await self.deployer.start_all()
             self.record_deploy("restore", result)
+
+    # --- runners ----------------------------------------------------------------------------
+
+    @property
+    def containers(self) -> ContainerRunner:
+        """The container runner, made on first use (a container recipe or record)."""
+        if self._containers is None:
+            # lazy: an agent without containers never loads the container runner
+            from keystone.runtime.container import ContainerRunner, owner_label
+
+            cfg = self.config.containers
+            self._containers = ContainerRunner(
+                owner=owner_label(self.runtime),
+                engine=cfg.engine,
+                oci_runtime=cfg.runtime,
+                extra_args=cfg.extra_args,
+                host=self.runner,
+            )
+        return self._containers
+
+    def runner_for(self, component: Component) -> AnyRunner:
+        """The runner of a component: by its recipe's run type."""
+        return self.containers if component.recipe.run.container is not None else self.runner
+
+    def runner_of_kind(self, kind: str) -> AnyRunner:
+        """The runner whose snapshot entries are of ``kind``."""
+        return self.containers if kind == "container" else self.runner
+
+    async def _prepare_component(self, component: Component) -> None:
+        """Before anything stops: a container's engine is there and its image is (pulled)."""
+        container = component.recipe.run.container
+        if container is not None:
+            await self._load_bundle_images(container.runtime)
+            await self.containers.prepare(component.name, container)
+
+    async def _load_bundle_images(self, runtime: str) -> None:
+        """Load the image archives a verified bundle staged (``bundles/images``) into the engine.
+
+        Each archive is removed once the engine took it (or refused it: the refusal is the
+        deployment's error, and a damaged archive must not block the next one).
+        """
+        staged = self.runtime / "bundles" / "images"
+        for archive in sorted(staged.glob("*.tar")) if staged.is_dir() else []:
+            try:
+                loaded = await self.containers.load_image(archive, engine=runtime)
+            except KeystoneError as exc:
+                raise KeystoneError(f"image archive {archive.name} from the bundle: {exc}") from exc
+            finally:
+                archive.unlink(missing_ok=True)
+            logger.info("loaded container image from the bundle: {}", loaded or archive.name)
+            self.emit(
+                {"kind": "image", "result": "loaded", "archive": archive.name, "loaded": loaded}
+            )
 
     def record_deploy(self, kind: str, result: DeployResult, **extra: Any) -> None:
         """Count and journal a deployment."""

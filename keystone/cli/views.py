@@ -103,7 +103,7 @@ def components_text(rows: list[dict[str, Any]]) -> str:
             c.get("name", ""),
             c.get("state", ""),
             c.get("version") or "-",
-            c.get("pid") or "-",
+            c.get("pid") or (f"ctr:{c['container_id'][:12]}" if c.get("container_id") else "-"),
             c.get("restarts", 0),
             duration(time.time() - float(c["since"])) if c.get("since") else "-",
             " ".join(str(c.get("error") or c.get("last_health") or "").split())[:60],
@@ -428,6 +428,8 @@ def bundle_created_text(d: dict[str, Any]) -> str:
     )
     if d.get("datasets"):
         text += f", {len({x['path'].split('/')[1] for x in d['datasets']})} dataset(s)"
+    if d.get("images"):
+        text += f", {len(d['images'])} container image(s)"
     if d["prerequisites"]:
         text += f", needs {', '.join(short(p) for p in d['prerequisites'])}"
     return text

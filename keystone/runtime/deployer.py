@@ -186,8 +186,15 @@ class Deployer:
         clock: Clock | None = None,
         component_env: Callable[[Component], Mapping[str, str]] | None = None,
         start_gate: Callable[[Component], Awaitable[str | None]] | None = None,
+        runner_for: Callable[[Component], AnyRunner] | None = None,
+        prepare_component: Callable[[Component], Awaitable[None]] | None = None,
     ) -> None:
         self.runner = runner
+        # The runner of one component (by its recipe's run type; default: ``runner``), and a
+        # check of each component about to start that runs before anything stops (a
+        # container's engine and image); it refuses with a KeystoneError.
+        self.runner_for = runner_for
+        self.prepare_component = prepare_component
         # Extra environment for a component's process (its datasets' paths), and a check
         # before each start that may refuse it with a reason (a required dataset missing).
         self.component_env = component_env
@@ -206,7 +213,7 @@ class Deployer:
         """A supervisor for ``component`` in its versioned work dir."""
         return Supervisor(
             component,
-            self.runner,
+            self.runner_for(component) if self.runner_for else self.runner,
             component_paths(self.runtime_dir, component.name, component.version),
             tuning=self.tuning,
             install_timeout=self.install_timeout,
@@ -277,6 +284,9 @@ class Deployer:
         fresh = [c for c in starting if c.name not in changes.restarted]
         if self.preparer is not None and fresh:
             await self.preparer.prepare(fresh, context=artifacts)
+        if self.prepare_component is not None:
+            for comp in fresh:
+                await self.prepare_component(comp)
 
         old: dict[str, Supervisor] = {}
         started: list[Supervisor] = []

@@ -29,7 +29,7 @@ from keystone.errors import ProcessError
 from keystone.plan import Component
 from keystone.recipe import RestartPolicy
 from keystone.runtime.health import ProbeResult, probe
-from keystone.runtime.runner import AnyRunner, RunnerHandle, RunnerRecord
+from keystone.runtime.runner import AnyRunner, CommandRunner, RunnerHandle, RunnerRecord
 from keystone.runtime.spawn import SpawnSpec
 from keystone.runtime.timing import Clock, MonotonicClock
 
@@ -211,10 +211,21 @@ class Supervisor:
             "last_health": self.last_health.detail if self.last_health else "",
             "healthy": self.healthy,
             "pid": self.pid,
+            **self._container_json(),
             "recipe": self.component.recipe.name,
             "version": self.version,
             "since": self.since,
             "error": self.error,
+        }
+
+    def _container_json(self) -> dict[str, object]:
+        """A container component's id and name (its ``pid`` is 0, as the Go agent says)."""
+        if self.component.recipe.run.container is None:
+            return {}
+        running = self.handle is not None and self.state in RUNNING
+        return {
+            "container_id": getattr(self.handle, "container_id", None) if running else None,
+            "container": getattr(self.handle, "container_name", None) if running else None,
         }
 
     # --- the one place a state changes ------------------------------------------------------
@@ -317,6 +328,18 @@ class Supervisor:
 
     def _spawn_spec(self) -> SpawnSpec:
         run = self.component.recipe.run
+        if run.container is not None:
+            # A container gets its recipe's container env only; [lifecycle.run.exec], when
+            # given, overrides the image's command.
+            return SpawnSpec(
+                name=self.name,
+                argv=(run.exec.command, *run.exec.args) if run.exec else (),
+                cwd=self.paths.workdir,
+                env=self.env,
+                log_dir=self.paths.logdir,
+                container=run.container,
+                version=self.version,
+            )
         assert run.exec is not None
         res = self.component.recipe.resources
         sec = run.security
@@ -431,12 +454,15 @@ class Supervisor:
             return
         deadline = clock.now() + health.start_timeout
         delay = min(0.05, health.interval)
+        # A container runner runs cmd: checks inside the container; others on the host.
+        inside = getattr(self.runner, "in_component", None)
+        probe_runner: CommandRunner = inside(handle) if inside is not None else self.runner
         failures = 0
         while self.handle is handle and self.state in RUNNING:
             result = await probe(
                 health.check,
                 timeout=health.timeout,
-                runner=self.runner,
+                runner=probe_runner,
                 cwd=self.paths.workdir,
                 env=self.env,
             )

@@ -173,5 +173,7 @@ def stop_agents(agents: list[AgentProc]) -> None:
         snap = a.runtime / "state" / "agent.json"
         if snap.exists():
             for rec in (json.loads(snap.read_text()).get("processes") or {}).values():
+                if "pgid" not in rec:
+                    continue  # a container: its tests remove containers by label
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(rec["pgid"], signal.SIGKILL)
