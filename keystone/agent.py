@@ -86,7 +86,7 @@ class Agent:
         )
         return resolve_entries(
             entries,
-            FileRecipes(root or Path.cwd(), self.node.store, verify=verify),
+            FileRecipes(root or Path.cwd(), self.node.store, verify=verify, allow_absolute=True),
             environ=substitution_env(),
             sources=(str(path),),
             unknown=unknown,
@@ -123,6 +123,7 @@ class Agent:
             "agent ready: {} component(s); API on {}", len(node.deployer.supervisors), self.listen
         )
         await self._shutdown.wait()
+        self.service.closed = True  # /healthz says so while the components stop
         logger.info("shutting down: stopping components in reverse order")
         if self.notifier is not None:
             self.notifier.stopping()
