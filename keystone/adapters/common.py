@@ -4,8 +4,8 @@ A broker command is the Go Keystone's (``apply``, ``stop``, ``status``, ``compon
 ``graph``, ``restart``, ``stop-comp``, ``health``, ``recipes``, ``add-recipe``; JetStream's
 ``delete-recipe``) plus our ``sync``. Each one is a call of ``keystone.control.AgentControl``,
 the face the HTTP API uses, so a broker message meets the same desired-state slot, the same
-verification and the same rules as an HTTP request (the API never reads a path a client names;
-plans reference stored recipes only). The control methods block their caller until the agent's
+verification and the same rules as an HTTP request (the API never reads a plan file a client
+names; a plan's recipes are stored ones or recipe files under the agent's working directory). The control methods block their caller until the agent's
 loop has done the work, so commands run in one small bounded thread pool, never on the loop and
 never in a thread per message.
 
