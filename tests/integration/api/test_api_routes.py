@@ -303,6 +303,13 @@ class TestRestart:
         assert body == {"stopOrder": ["api"], "startOrder": ["cache", "api"]}
         assert pids(demo_agent) == before
 
+    def test_stop_dry_run_names_what_depends_on_it(self, demo_agent: AgentProc) -> None:
+        """:stop?dry=true (an addition) names the component and its direct dependents."""
+        before = pids(demo_agent)
+        status, body, _ = request(demo_agent, "POST", "/v1/components/cache:stop?dry=true")
+        assert status == 200 and body == {"stopOrder": ["cache"], "dependents": ["api"]}
+        assert pids(demo_agent) == before
+
     def test_wait_health_restarts_it_and_its_dependents(self, demo_agent: AgentProc) -> None:
         """wait=health answers once the component is healthy again, with its new pid."""
         before = pids(demo_agent)
