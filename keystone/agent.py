@@ -87,7 +87,7 @@ class Agent:
         )
         return resolve_entries(
             entries,
-            FileRecipes(root or Path.cwd(), self.node.store, verify=verify),
+            FileRecipes(root or Path.cwd(), self.node.store, verify=verify, allow_absolute=True),
             environ=substitution_env(),
             sources=(str(path),),
             unknown=unknown,
@@ -129,6 +129,7 @@ class Agent:
             self.listen or "none",
         )
         await self._shutdown.wait()
+        self.service.closed = True  # /healthz says so while the components stop
         logger.info("shutting down: stopping components in reverse order")
         if self.notifier is not None:
             self.notifier.stopping()

@@ -38,7 +38,7 @@ from keystone.runtime.runner import AnyRunner, record_kind
 from keystone.runtime.supervisor import RestartTuning, Supervisor
 from keystone.state import History
 from keystone.sync.model import WorkerAnswer, WorkerRequest
-from keystone.units import parse_duration
+from keystone.units import go_duration, parse_duration
 from keystone.workerproc import ErrorInfo, call
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ class Node:
         self.plan_error: str | None = None
         self.unknown_fields: list[str] = []
         self.last_reconcile: float | None = None
+        self.last_reconcile_result = ""  # Go's lastReconcileResult: ok, repaired ..., skipped: ...
         self.stopped = False
         self.on_component_change: Callable[[Supervisor], None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -202,17 +203,59 @@ class Node:
 
     async def repair(self) -> list[str]:
         """Start what the applied plan says should run and does not (never a stopped plan)."""
-        if self.stopped:
-            return []
+        result = await self.reconcile_now()
+        return list(result.get("repaired") or [])
+
+    async def reconcile_now(self) -> dict[str, Any]:
+        """One reconcile pass, as Go's ``ReconcileResult``: ``skipped`` (and its ``reason``),
+        ``repaired`` (sorted, omitted when empty) and ``duration`` (a Go duration, to the ms).
+
+        It is skipped when no plan is applied or an operator stopped the plan; the outcome is
+        kept for the plan status (``lastReconcile``, ``lastReconcileResult``).
+        """
         t0 = time.monotonic()
-        repaired = await self.deployer.reconcile()
-        self.last_reconcile = time.time()
-        if self.metrics is not None:
-            self.metrics.reconcile("ok", time.monotonic() - t0, len(repaired))
+        reason = ""
+        if not self.deployer.applied.components:
+            reason = "no plan has been applied yet"
+        elif self.stopped:
+            reason = (
+                'plan is "stopped"; a plan stopped by an operator is never resumed automatically'
+            )
+        repaired: list[str] = []
+        outcome = "skipped" if reason else "ok"
+        try:
+            if not reason:
+                repaired = sorted(await self.deployer.reconcile())
+        except Exception as exc:
+            outcome = "failed"
+            self._record_reconcile(outcome, time.monotonic() - t0, f"failed: {exc}", [])
+            raise
+        if reason:
+            summary = f"skipped: {reason}"
+        elif repaired:
+            summary = "repaired " + ", ".join(repaired)
+        else:
+            summary = "ok"
+        elapsed = time.monotonic() - t0
+        self._record_reconcile(outcome, elapsed, summary, repaired)
         if repaired:
             logger.info("repaired: {}", ", ".join(repaired))
             self.emit({"kind": "repair", "result": "ok", "components": repaired})
-        return repaired
+        result: dict[str, Any] = {"skipped": bool(reason)}
+        if reason:
+            result["reason"] = reason
+        if repaired:
+            result["repaired"] = repaired
+        result["duration"] = go_duration(round(elapsed, 3))
+        return result
+
+    def _record_reconcile(
+        self, outcome: str, elapsed: float, summary: str, repaired: list[str]
+    ) -> None:
+        self.last_reconcile = time.time()
+        self.last_reconcile_result = summary
+        if self.metrics is not None:
+            self.metrics.reconcile(outcome, elapsed, len(repaired))
 
     # --- snapshot ---------------------------------------------------------------------------
 
@@ -487,9 +530,7 @@ class Node:
 
     def _on_component_change(self, sup: Supervisor) -> None:
         if self.metrics is not None and self.deployer.supervisors.get(sup.name) is sup:
-            self.metrics.set_component(
-                sup.name, sup.state.value, sup.healthy, sup.restarts, sup.pid
-            )
+            self._set_metric(sup)
             self._metric_names.add(sup.name)
         if self.on_component_change is not None:
             self.on_component_change(sup)
@@ -503,8 +544,15 @@ class Node:
             self.metrics.remove_component(name)
         self._metric_names &= set(self.deployer.supervisors)
         for name, sup in self.deployer.supervisors.items():
-            self.metrics.set_component(name, sup.state.value, sup.healthy, sup.restarts, sup.pid)
+            self._set_metric(sup)
             self._metric_names.add(name)
+
+    def _set_metric(self, sup: Supervisor) -> None:
+        assert self.metrics is not None
+        state, health, pid = sup.reported()  # Go's values, as GET /v1/components reports them
+        self.metrics.set_component(
+            sup.name, sup.state.value, sup.healthy, sup.restarts, pid, state=state, health=health
+        )
 
     async def gc(self) -> None:
         """Trim the artifact cache, keeping what the applied and last known-good plans need."""

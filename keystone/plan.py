@@ -208,14 +208,26 @@ def resolve_entries(
 
 
 def safe_join(
-    root: Path, rel: str, *, file: str | None = None, line: int | None = None, field: str = "recipe"
+    root: Path,
+    rel: str,
+    *,
+    file: str | None = None,
+    line: int | None = None,
+    field: str = "recipe",
+    allow_absolute: bool = False,
 ) -> Path:
     """``root / rel`` if it stays inside ``root`` (symlinks resolved), else a ValidationError.
+
+    With ``allow_absolute`` an absolute ``rel`` is taken as it is, wherever it points (a
+    local plan or one sent to the API may name a recipe file anywhere on the device, as the
+    Go agent allows); a relative one must still stay inside ``root``.
 
     A path the system cannot resolve (too long, a NUL, a symlink loop) is a ValidationError
     naming it too.
     """
     try:
+        if allow_absolute and rel.startswith("/"):
+            return Path(rel).resolve()
         if not rel or (
             rel.startswith("/") and not Path(rel).resolve().is_relative_to(root.resolve())
         ):
@@ -257,7 +269,9 @@ class FileRecipes:
     """Reads recipes named by plan entries from the filesystem and the recipe store.
 
     A relative path is looked up under the plan root (the working directory or the fleet
-    repository root) and then next to the plan file; it must not leave either.
+    repository root) and then next to the plan file; it must not leave either. With
+    ``allow_absolute`` (a plan on the device, or one sent to the API, as in the Go agent) an
+    absolute path names its file wherever it is.
     """
 
     def __init__(
@@ -267,9 +281,11 @@ class FileRecipes:
         limits: Limits | None = None,
         *,
         verify: Callable[[Path, str], None] | None = None,
+        allow_absolute: bool = False,
     ) -> None:
         self.root = root
         self.store = store
+        self.allow_absolute = allow_absolute
         self.limits = limits or Limits.from_env()
         # Called with (path, text) for every recipe read from the filesystem (not the store):
         # the agent's recipe signature check.
@@ -307,7 +323,9 @@ class FileRecipes:
         plan_dir = Path(e.file).parent if e.file else self.root
         tried: list[Path] = []
         for base in (self.root, plan_dir):
-            p = safe_join(base, e.recipe, file=e.file, line=e.line)
+            p = safe_join(
+                base, e.recipe, file=e.file, line=e.line, allow_absolute=self.allow_absolute
+            )
             tried.append(p)
             try:
                 found = p.is_file()
@@ -353,7 +371,7 @@ def load_desired(
     entries, unknown = merge_entries([pf])
     return resolve_entries(
         entries,
-        FileRecipes(root or Path.cwd(), store, lim),
+        FileRecipes(root or Path.cwd(), store, lim, allow_absolute=True),
         environ=environ,
         sources=(str(plan_path),),
         unknown=unknown,

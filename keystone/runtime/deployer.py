@@ -478,8 +478,9 @@ class Deployer:
             return sup.pid, dependents
 
     def restart_order(self, name: str) -> tuple[list[str], list[str]]:
-        """(stopOrder, startOrder) of a restart of ``name`` (dry run)."""
+        """(stopOrder, startOrder) of a restart of ``name`` (dry run), as Go reports them:
+        ``stopOrder`` lists the dependents stopped before it (farthest first), ``startOrder``
+        the component, then its dependents (nearest first)."""
         graph = self.applied.graph
         deps = sorted(graph.dependents([name]), key=lambda n: (graph.layer_of(n), n))
-        start = [name, *deps]
-        return list(reversed(start)), start
+        return list(reversed(deps)), [name, *deps]

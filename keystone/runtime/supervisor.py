@@ -29,6 +29,7 @@ from keystone.errors import ProcessError
 from keystone.plan import Component
 from keystone.recipe import RestartPolicy
 from keystone.runtime.health import ProbeResult, probe
+from keystone.runtime.reported import reported_health, reported_state
 from keystone.runtime.runner import AnyRunner, CommandRunner, RunnerHandle, RunnerRecord
 from keystone.runtime.spawn import SpawnSpec
 from keystone.runtime.timing import Clock, MonotonicClock
@@ -202,18 +203,34 @@ class Supervisor:
     def healthy(self) -> bool:
         return self.state is State.HEALTHY
 
+    def reported(self) -> tuple[str, str, int]:
+        """The Go agent's ``(state, last_health, pid)`` of this component (keystone.runtime.reported).
+
+        ``running`` only while the process is alive; ``pid`` 0 and ``last_health`` ``unknown``
+        otherwise.
+        """
+        handle = self.handle
+        alive = handle is not None and self.state in RUNNING and self.runner.alive(handle)
+        state = reported_state(self.state.value, alive=alive)
+        verdict = None if self.last_health is None else self.last_health.ok
+        pid = handle.pid if alive and handle is not None else 0
+        return state, reported_health(state, verdict), pid
+
     def to_json(self) -> dict[str, object]:
-        """The ``/v1/components`` entry."""
+        """The ``/v1/components`` entry: Go's keys and values, then ours beside them."""
+        state, health, pid = self.reported()
         return {
             "name": self.name,
-            "state": self.state.value,
+            "state": state,
             "restarts": self.restarts,
-            "last_health": self.last_health.detail if self.last_health else "",
-            "healthy": self.healthy,
-            "pid": self.pid,
+            "last_health": health,
+            "pid": pid,
             **self._container_json(),
             "recipe": self.component.recipe.name,
             "version": self.version,
+            "phase": self.state.value,
+            "health_detail": self.last_health.detail if self.last_health else "",
+            "healthy": self.healthy,
             "since": self.since,
             "error": self.error,
         }
@@ -377,6 +394,7 @@ class Supervisor:
     def _attach(self, handle: RunnerHandle) -> None:
         self.handle = handle
         self.started_at = self.clock.now()
+        self.last_health = None  # a verdict on the previous process says nothing of this one
         self._set(State.STARTING)
         self._exit_task = self._spawn_task(self._watch_exit(handle))
         self._health_task = self._spawn_task(self._health_loop(handle))

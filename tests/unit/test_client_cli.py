@@ -153,14 +153,16 @@ class TestReads:
         assert r.exit_code == 0, r.stderr
         lines = r.stdout.splitlines()
         assert lines[0] == (
-            "agent ok, up 1h02m, keystone 0.1.0, device gw-1, revision 0123456789ab"
+            "agent ok (components degraded), up 1h02m, keystone 0.1.0, device gw-1, "
+            "revision 0123456789ab"
         )
         assert lines[1] == "plan running (api)"
         assert lines[3].split() == [
-            "COMPONENT", "STATE", "VERSION", "PID", "RESTARTS", "FOR", "HEALTH"
+            "COMPONENT", "STATE", "PHASE", "VERSION", "PID", "RESTARTS", "FOR", "HEALTH"
         ]  # fmt: skip
-        assert lines[4].split()[:5] == ["api", "healthy", "1.2.0", "12", "1"]
-        assert lines[5].split()[:5] == ["db", "failed", "1.0.0", "-", "5"]
+        assert lines[4].split()[:6] == ["api", "running", "healthy", "1.2.0", "12", "1"]
+        assert "healthy: HTTP 200" in lines[4]
+        assert lines[5].split()[:6] == ["db", "failed", "failed", "1.0.0", "-", "5"]
         assert "exited 1" in lines[5]
 
     def test_status_json_keeps_the_go_keys(self, cli: Cli) -> None:
@@ -183,7 +185,7 @@ class TestReads:
         """components, health and recipes: JSON as the agent answers it, tables otherwise."""
         assert [c["name"] for c in cli.json("components")] == ["api", "db"]
         assert cli.json("health")["status"] == "ok"
-        assert cli("health").stdout.startswith("agent ok, up 1h02m")
+        assert cli("health").stdout.startswith("agent ok (components degraded), up 1h02m")
         assert cli("recipes").stdout.startswith("no recipes stored")
         control.store[("x", "1")] = "t"
         assert cli("recipes").stdout.splitlines()[0].split() == ["NAME", "VERSION", "SHA256"]
