@@ -243,4 +243,9 @@ def test_a_posted_plan_names_recipe_files_on_the_device(make_agent: Any, tmp_pat
         "keystone-server": "running",
         "other": "running",
     }
-    assert request(agent, "GET", "/v1/plan/status")[1]["status"] == "running"
+    # the plan is reported running once its deployment is recorded, a loop turn after the
+    # components are healthy
+    wait_until(
+        lambda: request(agent, "GET", "/v1/plan/status")[1]["status"] == "running",
+        what="plan status running",
+    )
