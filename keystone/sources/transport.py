@@ -1,17 +1,34 @@
 """The dulwich clients :class:`~keystone.sources.git.GitSource` talks through: local, smart HTTP,
-ssh and git://, each with timeouts and every connection closed afterwards.
+ssh and git://, each with timeouts and every connection closed afterwards; and the agent's own
+look at a smart-HTTP ref advertisement (:func:`advertised_tip`).
 
 dulwich and urllib3 are imported inside the functions: importing this module stays cheap.
+
+:func:`advertised_tip` is what lets an unchanged poll skip the sync worker: one
+``GET info/refs?service=git-upload-pack`` with the standard library, read through a small
+pkt-line reader bounded by ``max_ref_advertisement_bytes``. It parses nothing but ref names and
+object ids; packs and TOML from the wire are still read only by the worker. Whenever it cannot
+be sure (a proxy, an error status, a dumb server, anything unexpected) it answers None and the
+worker asks the server as before.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
+import re
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import unquote, urljoin, urlsplit
 
 if TYPE_CHECKING:
+    import http.client
+    import ssl
+
     from dulwich.client import GitClient
 
 
@@ -133,3 +150,240 @@ def _tcp_client(host: str, port: int | None, timeout: float) -> GitClient:
     client = _TimeoutTCPGitClient(host, port)
     client._keystone_connections = []
     return client
+
+
+# -- the agent's own look at a ref advertisement ------------------------------------------------
+
+ADVERTISEMENT_TYPE = "application/x-git-upload-pack-advertisement"
+USER_AGENT = "git/keystone"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HEX40_BYTES = re.compile(rb"[0-9a-f]{40}")
+GIT_PROXY_VARIABLES = ("https_proxy", "http_proxy", "all_proxy")
+"""The variables the worker's git transport (dulwich) takes a proxy from."""
+
+
+class Unusable(Exception):
+    """The answer cannot be judged here; the worker asks the server instead."""
+
+
+@dataclass(frozen=True)
+class AdvertisedTip:
+    """The tip of one ref as a smart-HTTP server advertises it.
+
+    Attributes:
+        ref: The advertised name that matched (``refs/heads/main``).
+        sha: The object the ref points to.
+        peeled: The commit an annotated tag points to (``ref^{}``), else None.
+        bytes: Bytes of the advertisement read.
+    """
+
+    ref: str
+    sha: str
+    peeled: str | None
+    bytes: int
+
+    @property
+    def revision(self) -> str:
+        """The commit: the peeled object of a tag, else the ref's own object."""
+        return self.peeled or self.sha
+
+
+def ref_candidates(ref: str) -> list[str]:
+    """The remote ref names tried for a configured ``source.ref``, in order."""
+    if ref == "HEAD" or ref.startswith("refs/"):
+        return [ref]
+    return [f"refs/heads/{ref}", f"refs/tags/{ref}"]
+
+
+def pkt_lines(data: bytes) -> Iterable[bytes | None]:
+    """The pkt-lines of ``data``: each payload, None for a flush (``0000``).
+
+    Raises:
+        Unusable: a length that is not hex, or a line cut short.
+    """
+    pos, end = 0, len(data)
+    while pos < end:
+        head = data[pos : pos + 4]
+        try:
+            size = int(head, 16)
+        except ValueError:
+            raise Unusable(f"bad pkt-line length {head!r}") from None
+        if size == 0:
+            yield None
+            pos += 4
+            continue
+        if size < 4 or pos + size > end:
+            raise Unusable("pkt-line cut short")
+        yield data[pos + 4 : pos + size]
+        pos += size
+
+
+def parse_advertisement(data: bytes) -> dict[str, str]:
+    """Ref name -> object id of a smart-HTTP ``git-upload-pack`` advertisement (v0 or v1).
+
+    Peeled tags appear as ``<name>^{}``. An empty repository yields ``{}``.
+
+    Raises:
+        Unusable: not a smart-HTTP upload-pack advertisement.
+    """
+    lines = iter(pkt_lines(data))
+    first = next(lines, None)
+    if first is None or first.rstrip(b"\n") != b"# service=git-upload-pack":
+        raise Unusable("no service line")
+    refs: dict[str, str] = {}
+    for line in lines:
+        if line is None:
+            continue
+        line = line.rstrip(b"\n")
+        if line.startswith(b"version "):
+            if line != b"version 1":
+                raise Unusable(f"protocol {line!r}")
+            continue
+        line = line.split(b"\0", 1)[0]
+        sha, sep, name = line.partition(b" ")
+        if not sep or not _HEX40_BYTES.fullmatch(sha):
+            raise Unusable("a ref line without a sha1 object id")
+        if name == b"capabilities^{}":
+            continue
+        refs[name.decode("utf-8", "surrogateescape")] = sha.decode("ascii")
+    return refs
+
+
+def proxy_configured(names: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Any of the proxy variables ``names`` is set (then the worker's transport is used)."""
+    return any(environ.get(n) for n in names)
+
+
+def open_http(
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    timeout: float,
+    tls: Callable[[], ssl.SSLContext],
+    deadline: float,
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url`` with the standard library, following up to five redirects.
+
+    Credentials in the URL are sent as basic auth, as the worker's clients send them. The
+    caller closes the connection.
+
+    Raises:
+        OSError: the server cannot be reached or does not answer in time.
+        Unusable: an unsupported scheme or too many redirects.
+    """
+    # lazy: the HTTP client is loaded with the first poll, not with the agent
+    import http.client
+
+    for _ in range(6):
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname or ""
+        if scheme not in ("http", "https") or not host:
+            raise Unusable(f"cannot GET {scheme}://")
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=tls())
+        else:
+            conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+        send = {"User-Agent": USER_AGENT, **headers}
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            send["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        try:
+            conn.request("GET", target, headers=send)
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        if resp.status in _REDIRECTS and resp.getheader("Location"):
+            location = resp.getheader("Location") or ""
+            conn.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError("redirects took too long")
+            url = urljoin(url, location)
+            continue
+        return conn, resp
+    raise Unusable("more than five redirects")
+
+
+def read_bounded_body(resp: http.client.HTTPResponse, limit: int, deadline: float) -> bytes:
+    """The body of ``resp``, at most ``limit`` bytes (more is :class:`Unusable`)."""
+    declared = resp.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Unusable(f"advertisement of {declared} bytes is over {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = resp.read1(min(1 << 16, limit + 1 - size))
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise Unusable(f"advertisement over {limit} bytes")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the advertisement took too long")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _system_tls() -> ssl.SSLContext:
+    # lazy: ssl only for an https remote. The worker's urllib3 verifies against the system
+    # store (its ca_certs is unset); so does this context.
+    import ssl
+
+    return ssl.create_default_context()
+
+
+def advertised_tip(
+    url: str,
+    candidates: Sequence[str],
+    *,
+    timeout: float,
+    max_bytes: int,
+    environ: Mapping[str, str] | None = None,
+) -> AdvertisedTip | None:
+    """The tip a smart-HTTP remote advertises for the first of ``candidates`` it has.
+
+    One GET of ``info/refs?service=git-upload-pack``, the same request the worker's fetch
+    starts with. None when the worker must look instead: not an http(s) URL, a proxy set in
+    the environment, an error status (401, 404, 5xx), a dumb server, an advertisement over
+    ``max_bytes``, a ref it does not have, or no answer at all; the worker then reports it
+    with its own, complete message.
+    """
+    env = os.environ if environ is None else environ
+    if urlsplit(url).scheme.lower() not in ("http", "https"):
+        return None
+    if proxy_configured(GIT_PROXY_VARIABLES, env):
+        return None
+    deadline = time.monotonic() + max(timeout, 1.0) * 2
+    base = url.rstrip("/")
+    try:
+        conn, resp = open_http(
+            f"{base}/info/refs?service=git-upload-pack",
+            {"Accept": "*/*", "Pragma": "no-cache"},
+            timeout=timeout,
+            tls=_system_tls,
+            deadline=deadline,
+        )
+    except Exception:  # any failure at all: the worker asks and reports it in full
+        return None
+    try:
+        if resp.status != 200:
+            return None
+        kind = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        if kind != ADVERTISEMENT_TYPE:
+            return None
+        data = read_bounded_body(resp, max_bytes, deadline)
+        refs = parse_advertisement(data)
+    except Exception:  # http.client's own errors included: the worker asks instead
+        return None
+    finally:
+        conn.close()
+    for name in candidates:
+        sha = refs.get(name)
+        if sha is not None:
+            return AdvertisedTip(name, sha, refs.get(name + "^{}"), len(data))
+    return None
