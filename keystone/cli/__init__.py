@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import sys
 
-from keystone.cli.fast import fast_main
-
 GLOBAL_VALUED = ("--addr", "--token", "--ssh")
 GLOBAL_FLAGS = ("--json",)
 
@@ -62,6 +60,16 @@ def hoist_globals(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Run one command."""
+    if sys.argv[1:2] == ["agent"]:
+        # lazy: the agent's own typer-free path (the resident process keeps what it imports)
+        from keystone.cli.agentrun import fast_agent
+
+        code = fast_agent(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
+    # lazy: the fast path's client is not the agent's to keep
+    from keystone.cli.fast import fast_main
+
     code = fast_main(sys.argv[1:])
     if code is not None:
         sys.exit(code)
