@@ -21,6 +21,7 @@ conditional request (standard library only): a 304 there needs no worker at all.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from keystone.errors import BundleError, KeystoneError, SourceUnreachable
 from keystone.sources.base import FetchResult, redact_url
-from keystone.sources.transport import open_http, proxy_configured
+from keystone.sources.transport import http_get, proxy_configured
 from keystone.state import read_json, write_json
 
 if TYPE_CHECKING:
@@ -298,7 +299,7 @@ def _httpx_tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def unchanged_bundle(
+async def unchanged_bundle(
     url: str,
     *,
     state_file: Path,
@@ -328,22 +329,13 @@ def unchanged_bundle(
         headers["If-None-Match"] = str(state["etag"])
     if state.get("last_modified"):
         headers["If-Modified-Since"] = str(state["last_modified"])
-    read_timeout = float(timeout or 60)
     try:
-        conn, resp = open_http(
-            url,
-            headers,
-            timeout=min(read_timeout, 15.0),
-            tls=_httpx_tls,
-            deadline=time.monotonic() + read_timeout * 2,
-        )
+        async with asyncio.timeout(min(float(timeout or 60), 15.0)):
+            answer = await http_get(url, headers, tls=_httpx_tls)
     except Exception:  # any failure: the source asks again and reports it in full
         return None
-    try:
-        if resp.status != 304:
-            return None
-    finally:
-        conn.close()
+    if answer.status != 304:
+        return None  # its body is left unread: the source downloads it
     kept = (Path(work_dir) / KEPT_BUNDLE).is_file()
     revision = str(state.get("bundle_revision") or "") if kept else ""
     detail = {"requests": 1, "bytes": 0, "status": 304, "resumed_from": 0}

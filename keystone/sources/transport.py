@@ -14,19 +14,18 @@ worker asks the server as before.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
 import re
 import socket
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 if TYPE_CHECKING:
-    import http.client
     import ssl
 
     from dulwich.client import GitClient
@@ -254,79 +253,135 @@ def proxy_configured(names: Sequence[str], environ: Mapping[str, str]) -> bool:
     return any(environ.get(n) for n in names)
 
 
-def open_http(
+@dataclass(frozen=True)
+class HttpAnswer:
+    """The status and headers (lower-case names) of an answer, and its body when read."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes | None = None
+
+
+MAX_HEAD = 64 * 1024
+"""Bytes of status line and headers read before an answer is judged not HTTP."""
+
+
+async def http_get(
     url: str,
     headers: Mapping[str, str],
     *,
-    timeout: float,
     tls: Callable[[], ssl.SSLContext],
-    deadline: float,
-) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``url`` with the standard library, following up to five redirects.
+    body_limit: int | None = None,
+    body_type: str | None = None,
+) -> HttpAnswer:
+    """One ``GET`` on the agent's loop (asyncio streams, HTTP/1.1, ``Connection: close``),
+    following up to five redirects. The caller bounds it in time (``asyncio.timeout``).
 
-    Credentials in the URL are sent as basic auth, as the worker's clients send them. The
-    caller closes the connection.
+    Credentials in the URL are sent as basic auth, as the worker's clients send them. The body
+    is read only for a 200 whose content type is ``body_type`` (when given), and only up to
+    ``body_limit`` bytes (more is :class:`Unusable`); otherwise it is left unread.
+
+    The standard library's ``http.client`` would do, but it imports the ``email`` package and
+    stays resident in the agent (~1.6 MB) for the one request of a poll.
 
     Raises:
-        OSError: the server cannot be reached or does not answer in time.
-        Unusable: an unsupported scheme or too many redirects.
+        OSError: the server cannot be reached or hangs up.
+        Unusable: not HTTP, a body over the limit, an unsupported scheme, too many redirects.
     """
-    # lazy: the HTTP client is loaded with the first poll, not with the agent
-    import http.client
-
     for _ in range(6):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         host = parts.hostname or ""
         if scheme not in ("http", "https") or not host:
             raise Unusable(f"cannot GET {scheme}://")
-        conn: http.client.HTTPConnection
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=tls())
-        else:
-            conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
-        send = {"User-Agent": USER_AGENT, **headers}
-        if parts.username is not None:
-            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            send["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
+        https = scheme == "https"
+        port = parts.port or (443 if https else 80)
+        reader, writer = await asyncio.open_connection(
+            host,
+            port,
+            ssl=tls() if https else None,
+            server_hostname=host if https else None,
+            limit=MAX_HEAD,
+        )
         try:
-            conn.request("GET", target, headers=send)
-            resp = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-        if resp.status in _REDIRECTS and resp.getheader("Location"):
-            location = resp.getheader("Location") or ""
-            conn.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError("redirects took too long")
-            url = urljoin(url, location)
-            continue
-        return conn, resp
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            lines = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {parts.netloc.rpartition('@')[2]}",
+                f"User-Agent: {USER_AGENT}",
+                "Connection: close",
+                *(f"{k}: {v}" for k, v in headers.items()),
+            ]
+            if parts.username is not None:
+                pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                lines.append("Authorization: Basic " + base64.b64encode(pair.encode()).decode())
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            await writer.drain()
+            status, head = await _read_head(reader)
+            location = head.get("location")
+            if status in _REDIRECTS and location:
+                url = urljoin(url, location)
+                continue
+            kind = head.get("content-type", "").split(";")[0].strip().lower()
+            if body_limit is None or status != 200 or (body_type and kind != body_type):
+                return HttpAnswer(status, head)
+            return HttpAnswer(status, head, await _read_body(reader, head, body_limit))
+        finally:
+            # No polite close: the transport finishes closing on the loop.
+            writer.close()
     raise Unusable("more than five redirects")
 
 
-def read_bounded_body(resp: http.client.HTTPResponse, limit: int, deadline: float) -> bytes:
-    """The body of ``resp``, at most ``limit`` bytes (more is :class:`Unusable`)."""
-    declared = resp.getheader("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise Unusable(f"advertisement of {declared} bytes is over {limit}")
-    chunks: list[bytes] = []
-    size = 0
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    budget = MAX_HEAD
+    first = await reader.readline()
+    parts = first.decode("latin-1").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise Unusable(f"not an HTTP answer: {first[:40]!r}")
+    head: dict[str, str] = {}
     while True:
-        chunk = resp.read1(min(1 << 16, limit + 1 - size))
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise Unusable(f"advertisement over {limit} bytes")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the advertisement took too long")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        line = await reader.readline()
+        budget -= len(line)
+        if budget < 0 or not line:
+            raise Unusable("headers too long or cut short")
+        if line in (b"\r\n", b"\n"):
+            return int(parts[1]), head
+        key, sep, value = line.decode("latin-1").partition(":")
+        if sep:
+            head[key.strip().lower()] = value.strip()
+
+
+async def _read_body(reader: asyncio.StreamReader, head: Mapping[str, str], limit: int) -> bytes:
+    if "chunked" in head.get("transfer-encoding", "").lower():
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            line = await reader.readline()
+            try:
+                n = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise Unusable("bad chunk size") from None
+            if n == 0:
+                return b"".join(chunks)
+            size += n
+            if size > limit:
+                raise Unusable(f"body over {limit} bytes")
+            chunks.append(await reader.readexactly(n))
+            await reader.readline()
+    declared = head.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Unusable("bad Content-Length")
+        if int(declared) > limit:
+            raise Unusable(f"body of {declared} bytes is over {limit}")
+        return await reader.readexactly(int(declared))
+    data = await reader.read(limit + 1)
+    while len(data) <= limit:
+        more = await reader.read(limit + 1 - len(data))
+        if not more:
+            return data
+        data += more
+    raise Unusable(f"body over {limit} bytes")
 
 
 def _system_tls() -> ssl.SSLContext:
@@ -337,7 +392,7 @@ def _system_tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def advertised_tip(
+async def advertised_tip(
     url: str,
     candidates: Sequence[str],
     *,
@@ -348,42 +403,32 @@ def advertised_tip(
     """The tip a smart-HTTP remote advertises for the first of ``candidates`` it has.
 
     One GET of ``info/refs?service=git-upload-pack``, the same request the worker's fetch
-    starts with. None when the worker must look instead: not an http(s) URL, a proxy set in
-    the environment, an error status (401, 404, 5xx), a dumb server, an advertisement over
-    ``max_bytes``, a ref it does not have, or no answer at all; the worker then reports it
-    with its own, complete message.
+    starts with, bounded by ``timeout`` as a whole. None when the worker must look instead: not
+    an http(s) URL, a proxy set in the environment, an error status (401, 404, 5xx), a dumb
+    server, an advertisement over ``max_bytes``, a ref it does not have, or no answer at all;
+    the worker then reports it with its own, complete message.
     """
     env = os.environ if environ is None else environ
     if urlsplit(url).scheme.lower() not in ("http", "https"):
         return None
     if proxy_configured(GIT_PROXY_VARIABLES, env):
         return None
-    deadline = time.monotonic() + max(timeout, 1.0) * 2
-    base = url.rstrip("/")
     try:
-        conn, resp = open_http(
-            f"{base}/info/refs?service=git-upload-pack",
-            {"Accept": "*/*", "Pragma": "no-cache"},
-            timeout=timeout,
-            tls=_system_tls,
-            deadline=deadline,
-        )
+        async with asyncio.timeout(max(timeout, 1.0)):
+            answer = await http_get(
+                f"{url.rstrip('/')}/info/refs?service=git-upload-pack",
+                {"Accept": "*/*", "Pragma": "no-cache"},
+                tls=_system_tls,
+                body_limit=max_bytes,
+                body_type=ADVERTISEMENT_TYPE,
+            )
+        if answer.body is None:
+            return None
+        refs = parse_advertisement(answer.body)
     except Exception:  # any failure at all: the worker asks and reports it in full
         return None
-    try:
-        if resp.status != 200:
-            return None
-        kind = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
-        if kind != ADVERTISEMENT_TYPE:
-            return None
-        data = read_bounded_body(resp, max_bytes, deadline)
-        refs = parse_advertisement(data)
-    except Exception:  # http.client's own errors included: the worker asks instead
-        return None
-    finally:
-        conn.close()
     for name in candidates:
         sha = refs.get(name)
         if sha is not None:
-            return AdvertisedTip(name, sha, refs.get(name + "^{}"), len(data))
+            return AdvertisedTip(name, sha, refs.get(name + "^{}"), len(answer.body))
     return None

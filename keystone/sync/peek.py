@@ -5,8 +5,8 @@ almost no CPU. The sync worker (a process that loads dulwich and cryptography be
 the server anything) is only needed when there is something to fetch, verify or resolve. So,
 before starting it, the agent makes the request the worker would have started with:
 
-* a git remote over smart HTTP: one ``GET info/refs?service=git-upload-pack``, read with a
-  bounded pkt-line reader (:func:`keystone.sources.transport.advertised_tip`);
+* a git remote over smart HTTP: one ``GET info/refs?service=git-upload-pack`` on the agent's
+  loop, read with a bounded pkt-line reader (:func:`keystone.sources.transport.advertised_tip`);
 * an HTTP bundle URL: the same conditional request the source sends
   (:func:`keystone.sources.http.unchanged_bundle`), answered 304.
 
@@ -19,7 +19,6 @@ and object ids is parsed here: packs, bundles and TOML stay in the worker.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from keystone.limits import Limits
@@ -27,7 +26,7 @@ from keystone.sources.base import redact_url
 from keystone.sync.model import FetchedTip, Gate, WorkerAnswer, WorkerOp, WorkerRequest, gate
 
 
-def peek_git(req: WorkerRequest) -> WorkerAnswer | None:
+async def peek_git(req: WorkerRequest) -> WorkerAnswer | None:
     """The worker's answer to a git fetch whose advertised tip its gate stops at, else None."""
     # lazy: the HTTP client and the pkt-line reader are loaded with the first poll
     from keystone.sources.transport import advertised_tip, ref_candidates
@@ -35,7 +34,7 @@ def peek_git(req: WorkerRequest) -> WorkerAnswer | None:
     src = req.source
     if src is None or not src.url:
         return None
-    tip = advertised_tip(
+    tip = await advertised_tip(
         src.url,
         ref_candidates(src.ref or "refs/heads/main"),
         timeout=src.timeout,
@@ -53,7 +52,7 @@ def peek_git(req: WorkerRequest) -> WorkerAnswer | None:
     )
 
 
-def peek_http(req: WorkerRequest) -> WorkerAnswer | None:
+async def peek_http(req: WorkerRequest) -> WorkerAnswer | None:
     """The worker's answer to a bundle URL that answers 304 and needs no import, else None."""
     # lazy: only an HTTP bundle source needs it
     from keystone.sources.http import unchanged_bundle
@@ -62,7 +61,7 @@ def peek_http(req: WorkerRequest) -> WorkerAnswer | None:
     if src is None or not src.url:
         return None
     runtime = Path(req.runtime)
-    seen = unchanged_bundle(
+    seen = await unchanged_bundle(
         src.url,
         state_file=runtime / "state" / "http-source.json",
         work_dir=runtime / "bundles" / "http",
@@ -87,12 +86,12 @@ async def peek(req: WorkerRequest) -> WorkerAnswer | None:
     """The worker's answer to ``req`` when the source is unchanged and its gate stops; or None.
 
     Only plain fetches qualify: a forced sync (``--retry``, ``--allow-rollback``) always
-    verifies in the worker. The blocking request runs in the loop's bounded thread pool.
+    verifies in the worker. The request runs on the agent's loop (asyncio streams, no thread).
     """
     if req.force:
         return None
     if req.op is WorkerOp.FETCH:
-        return await asyncio.to_thread(peek_git, req)
+        return await peek_git(req)
     if req.op is WorkerOp.HTTP_FETCH:
-        return await asyncio.to_thread(peek_http, req)
+        return await peek_http(req)
     return None

@@ -1,9 +1,11 @@
 """The agent's own look at a source: a smart-HTTP ref advertisement, read against the real
 ``git http-backend``, and what makes it step aside for the worker (a proxy, an error status, a
-dumb server, an advertisement over its bound, a missing ref, credentials sent as basic auth)."""
+dumb server, an advertisement over its bound, a missing ref, credentials sent as basic auth,
+chunked and close-delimited bodies)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ MAIN = ["refs/heads/main"]
 def tip(url: str, refs: list[str] = MAIN, **kw: object) -> object:
     opts: dict[str, object] = {"timeout": 10, "max_bytes": Limits().max_ref_advertisement_bytes}
     opts.update(kw)
-    return advertised_tip(url, refs, **opts)  # type: ignore[arg-type]
+    return asyncio.run(advertised_tip(url, refs, **opts))  # type: ignore[arg-type]
 
 
 class TestAdvertisedTip:
@@ -33,7 +35,9 @@ class TestAdvertisedTip:
     ) -> None:
         """The tip of main, as ``git rev-parse`` has it, for exactly one GET of info/refs."""
         rev = fleet.commit({"a.txt": "1"})
-        seen = advertised_tip(f"{http_base}/fleet.git", MAIN, timeout=10, max_bytes=1 << 20)
+        seen = asyncio.run(
+            advertised_tip(f"{http_base}/fleet.git", MAIN, timeout=10, max_bytes=1 << 20)
+        )
         assert seen is not None
         assert (seen.ref, seen.sha, seen.revision, seen.peeled) == (MAIN[0], rev, rev, None)
         assert seen.bytes > 0
@@ -107,6 +111,7 @@ class _Canned(ThreadingHTTPServer):
         self.body = b""
         self.headers_seen: list[dict[str, str]] = []
         self.location = ""
+        self.framing = "length"
         super().__init__(("127.0.0.1", 0), _CannedHandler)
 
 
@@ -128,6 +133,20 @@ class _CannedHandler(BaseHTTPRequestHandler):
             return
         self.send_response(srv.status)
         self.send_header("Content-Type", srv.ctype)
+        if srv.framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            half = len(srv.body) // 2
+            for part in (srv.body[:half], srv.body[half:]):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if srv.framing == "close":
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(srv.body)
+            self.close_connection = True
+            return
         self.send_header("Content-Length", str(len(srv.body)))
         self.end_headers()
         self.wfile.write(srv.body)
@@ -193,6 +212,14 @@ class TestWhatIsJudgedHere:
         canned.status, canned.ctype, canned.body = status, ctype, body
         assert tip(self.url(canned)) is None
         assert len(canned.headers_seen) == 1
+
+    @pytest.mark.parametrize("framing", ["chunked", "close"])
+    def test_chunked_and_close_delimited_bodies(self, canned: _Canned, framing: str) -> None:
+        canned.body = advert(f"{SHA} refs/heads/main\0caps\n".encode())
+        canned.framing = framing
+        seen = tip(self.url(canned))
+        assert seen is not None and seen.revision == SHA  # type: ignore[attr-defined]
+        assert tip(self.url(canned), max_bytes=20) is None  # over the bound either way
 
     def test_redirects_are_followed(self, canned: _Canned) -> None:
         canned.body = advert(f"{SHA} refs/heads/main\0caps\n".encode())
