@@ -34,6 +34,8 @@ async def peek_git(req: WorkerRequest) -> WorkerAnswer | None:
     src = req.source
     if src is None or not src.url:
         return None
+    if not (Path(req.runtime) / "repo" / "objects").is_dir():
+        return None  # no mirror (a fresh or wiped runtime): the worker fetches into a new one
     tip = await advertised_tip(
         src.url,
         ref_candidates(src.ref or "refs/heads/main"),

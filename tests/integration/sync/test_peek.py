@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -105,6 +106,9 @@ class TestGitPoll:
         assert answer is not None and answer.gate is Gate.UP_TO_DATE
         assert log == ["GET /fleet.git/info/refs?service=git-upload-pack"]
         assert answer.to_json() == worker_answer(req)
+        # A wiped mirror is the worker's to fill again, even for the applied tip.
+        shutil.rmtree(rt / "repo")
+        assert asyncio.run(peek(req)) is None
 
     def test_known_bad_tip_is_answered_without_the_worker_unless_retried(
         self, git_fleet: tuple[FleetRepo, str, list[str]], tmp_path: Path
