@@ -182,9 +182,9 @@ def diff(
     """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order;
     with ``graphs``, also both dependency graphs (``{"from": ..., "to": ...}``, each as
     ``GET /v1/plan/graph`` answers it) for a picture of the change."""
-    cache: dict[Any, Any] = {}  # recipes unchanged between the revisions are parsed once
-    a, la = resolve_at(repo, rev_a, device=device, labels=labels, cache=cache)
-    b, lb = resolve_at(repo, rev_b, device=device, labels=labels, cache=cache)
+    # Recipes unchanged between the revisions are read and parsed once (keystone.plan.RECIPES).
+    a, la = resolve_at(repo, rev_a, device=device, labels=labels)
+    b, lb = resolve_at(repo, rev_b, device=device, labels=labels)
     changes, actions = plan_actions(a, b)
     out: dict[str, Any] = {
         "from": la,

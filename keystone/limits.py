@@ -69,6 +69,14 @@ BOUNDS: dict[str, Bound] = {
             "levels",
             "a TOML document nesting tables and arrays deeper than this",
         ),
+        Bound(
+            "max_ref_advertisement_bytes",
+            1 * MiB,
+            "KEYSTONE_MAX_REF_ADVERTISEMENT_BYTES",
+            "bytes",
+            "a git ref advertisement larger than this, read by the agent's own poll (the sync "
+            "worker then asks the server instead)",
+        ),
     )
 }
 
@@ -91,6 +99,7 @@ class Limits:
     max_config_bytes: int = BOUNDS["max_config_bytes"].default
     max_components: int = BOUNDS["max_components"].default
     max_toml_depth: int = BOUNDS["max_toml_depth"].default
+    max_ref_advertisement_bytes: int = BOUNDS["max_ref_advertisement_bytes"].default
 
     @classmethod
     def from_env(

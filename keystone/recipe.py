@@ -309,7 +309,17 @@ class Recipe:
         return self.metadata.version
 
     def content_hash(self) -> str:
-        """SHA-256 over everything that changes what runs (not the file name or comments)."""
+        """SHA-256 over everything that changes what runs (not the file name or comments).
+
+        Computed once per recipe (a recipe is immutable).
+        """
+        cached: str | None = self.__dict__.get("_content_hash")
+        if cached is None:
+            cached = self._hash()
+            object.__setattr__(self, "_content_hash", cached)
+        return cached
+
+    def _hash(self) -> str:
         data = asdict(self)
         # drift only says what to do when installed files change: not a reason to restart;
         # defer only says when an update may stop it

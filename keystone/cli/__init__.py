@@ -24,7 +24,6 @@ from __future__ import annotations
 import sys
 
 from keystone.cli import goagent, goctl
-from keystone.cli.fast import fast_main
 
 GLOBAL_VALUED = ("--addr", "--token", "--ssh")
 GLOBAL_FLAGS = ("--json",)
@@ -99,6 +98,16 @@ def main() -> None:
         sys.exit(ctl_main(sys.argv[1:]))
     if goagent.is_go_agent(sys.argv[1:]):
         sys.argv[1:] = goagent.agent_argv(sys.argv[1:])
+    if sys.argv[1:2] == ["agent"]:
+        # lazy: the agent's own typer-free path (the resident process keeps what it imports)
+        from keystone.cli.agentrun import fast_agent
+
+        code = fast_agent(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
+    # lazy: the fast path's client is not the agent's to keep
+    from keystone.cli.fast import fast_main
+
     code = fast_main(sys.argv[1:])
     if code is not None:
         sys.exit(code)

@@ -486,12 +486,14 @@ class Supervisor:
             )
             if self.handle is not handle or self.state not in RUNNING:
                 return
+            changed = result != self.last_health
             self.last_health = result
             if result.ok:
                 failures = 0
                 if self.state is not State.HEALTHY:
-                    self._set(State.HEALTHY)
-                if self.on_change:
+                    self._set(State.HEALTHY)  # tells on_change itself
+                elif changed and self.on_change:
+                    # The same answer again is no news: no snapshot, metrics or broker work.
                     self.on_change(self)
                 await clock.sleep(health.interval)
                 continue

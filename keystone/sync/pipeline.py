@@ -43,6 +43,7 @@ from keystone.sync.model import (
 )
 from keystone.sync.rollout import RolloutTracker
 from keystone.windows import Maintenance
+from keystone.sync.peek import peek
 
 TRUST_FAILURES = {
     "SignatureError": "signature",
@@ -64,6 +65,7 @@ class SyncSettings:
     labels: tuple[str, ...] = ()
     soak: float = 30.0
     maintenance: Maintenance | None = None  # the agent's own windows ([maintenance])
+    peek: bool = False  # look at the source's tip here first (keystone.sync.peek)
 
     @property
     def polls(self) -> bool:
@@ -92,6 +94,7 @@ class SyncSettings:
             labels=tuple(cfg.labels),
             soak=src.soak if src else 30.0,
             maintenance=cfg.maintenance,
+            peek=True,
         )
 
 
@@ -218,8 +221,16 @@ async def target(ctx: SyncContext) -> SyncResult | None:
 
 
 async def fetch(ctx: SyncContext) -> SyncResult | None:
-    """Fetch, verify and resolve in the worker process; keep its answer."""
-    ctx.answer = await ctx.host.run_worker(worker_request(ctx), timeout=ctx.settings.worker_timeout)
+    """Fetch, verify and resolve in the worker process; keep its answer.
+
+    An unchanged source is seen without the worker (:mod:`keystone.sync.peek`): one request
+    from the agent, and the answer the worker's gate would have given.
+    """
+    request = worker_request(ctx)
+    answer = await peek(request) if ctx.settings.peek else None
+    if answer is None:
+        answer = await ctx.host.run_worker(request, timeout=ctx.settings.worker_timeout)
+    ctx.answer = answer
     return None
 
 

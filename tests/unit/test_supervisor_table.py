@@ -372,6 +372,30 @@ class TestHealth:
 
         run(t)
 
+    def test_the_same_healthy_answer_again_is_no_news(self, tmp_path: Path) -> None:
+        """on_change (snapshot, metrics, brokers) runs when a probe's answer changes, not for
+        every identical healthy probe."""
+
+        async def t() -> None:
+            r = rig(tmp_path, component(health=True, interval="2s", threshold=3))
+            calls: list[str] = []
+            r.sup.on_change = lambda s: calls.append(s.last_health.detail if s.last_health else "")
+            await r.sup.start()
+            await r.clock.settle()
+            assert r.sup.state is S.HEALTHY
+            before = len(calls)
+            for _ in range(5):
+                await r.clock.advance(2.0)
+            assert len(calls) == before  # five identical "exit 0": nothing to tell
+            r.runner.probe_status = 1
+            await r.clock.advance(2.0)
+            r.runner.probe_status = 0
+            await r.clock.advance(2.0)
+            assert calls[before:] == ["exit 0"]  # healthy again after a failed probe: news
+            assert r.sup.state is S.HEALTHY
+
+        run(t)
+
     def test_one_success_resets_the_failure_count(self, tmp_path: Path) -> None:
         """Failures must be consecutive to count."""
 
