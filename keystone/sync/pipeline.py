@@ -41,9 +41,9 @@ from keystone.sync.model import (
     WorkerOp,
     WorkerRequest,
 )
+from keystone.sync.peek import peek
 from keystone.sync.rollout import RolloutTracker
 from keystone.windows import Maintenance
-from keystone.sync.peek import peek
 
 TRUST_FAILURES = {
     "SignatureError": "signature",
