@@ -45,7 +45,8 @@ class Agent:
         self.config = config
         self.node = Node(config, tuning=tuning)
         self.runtime = self.node.runtime
-        self.listen = http or config.api.listen
+        # ``--http ""`` (the Go agent's way) runs without the HTTP API.
+        self.listen = config.api.listen if http is None else http
         self.slot = DesiredSlot()
         self.service = ControlService(config, self.node, self.slot)
         self.drift = self.service.drift_monitor = DriftMonitor(
@@ -86,7 +87,7 @@ class Agent:
         )
         return resolve_entries(
             entries,
-            FileRecipes(root or Path.cwd(), self.node.store, verify=verify),
+            FileRecipes(root or Path.cwd(), self.node.store, verify=verify, allow_absolute=True),
             environ=substitution_env(),
             sources=(str(path),),
             unknown=unknown,
@@ -99,7 +100,10 @@ class Agent:
         self._shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._shutdown.set)
-        self._start_api()
+        if self.listen:
+            self._start_api()
+        else:
+            logger.info('HTTP API disabled (--http "")')
         await node.restore()
         if initial is not None:
             result = await node.apply(initial, source=initial_source, record=True)
@@ -120,9 +124,12 @@ class Agent:
             node.background(self.drift.run(self.config.drift_interval))
         node.background(self._rotate_logs())
         logger.info(
-            "agent ready: {} component(s); API on {}", len(node.deployer.supervisors), self.listen
+            "agent ready: {} component(s); API on {}",
+            len(node.deployer.supervisors),
+            self.listen or "none",
         )
         await self._shutdown.wait()
+        self.service.closed = True  # /healthz says so while the components stop
         logger.info("shutting down: stopping components in reverse order")
         if self.notifier is not None:
             self.notifier.stopping()

@@ -23,6 +23,7 @@ from keystone.limits import BOUNDS, Limits, read_bounded
 from keystone.recipe import check_segment
 from keystone.tomlsrc import Path_, Reader
 from keystone.units import parse_duration, parse_size
+from keystone.windows import Maintenance, read_maintenance
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,20 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class ContainersConfig:
+    """``[containers]``: the engine for ``type = "container"`` components.
+
+    ``engine`` is ``auto`` (podman, docker, nerdctl: the first on PATH), an engine name or
+    an executable path; ``runtime`` the OCI runtime the engine uses (``runc``, ``crun``; empty:
+    the engine's default); ``extra_args`` go before every engine subcommand.
+    """
+
+    engine: str = "auto"
+    runtime: str = ""
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = field(default_factory=socket.gethostname)
     labels: tuple[str, ...] = ()
@@ -106,6 +121,8 @@ class AgentConfig:
     allow_privileged_install: bool = False
     mqtt: MqttConfig | None = None  # brokers: [mqtt]
     nats: NatsConfig | None = None  # brokers: [nats]
+    maintenance: Maintenance | None = None  # [maintenance]: when new revisions may deploy
+    containers: ContainersConfig = field(default_factory=ContainersConfig)
     file: str | None = None
 
     @property
@@ -190,6 +207,8 @@ def parse_config(
             "nats",
             "drift",
             "security",
+            "maintenance",
+            "containers",
         },
     )
     r.table(("device",), {"id", "labels"})
@@ -300,10 +319,26 @@ def parse_config(
             cfg,
             allow_privileged_install=r.flag(("security", "allow_privileged_install")),
         )
+    if r.table(("containers",), {"engine", "runtime", "extra_args"}) is not None:
+        engine = r.text(("containers", "engine")) or "auto"
+        if engine not in ("auto", "podman", "docker", "nerdctl") and "/" not in engine:
+            raise r.error(
+                ("containers", "engine"),
+                f"expected auto, podman, docker, nerdctl or a path, got {engine!r}",
+            )
+        cfg = replace(
+            cfg,
+            containers=ContainersConfig(
+                engine=engine,
+                runtime=r.text(("containers", "runtime")) or "",
+                extra_args=r.str_list(("containers", "extra_args")) or (),
+            ),
+        )
     if r.table(("limits",), set(BOUNDS)) is not None:
         cfg = replace(cfg, limits=_limits(r))
     mqtt, nats = parse_broker_tables(r, base)  # brokers
     cfg = replace(cfg, mqtt=mqtt, nats=nats)
+    cfg = replace(cfg, maintenance=read_maintenance(r, ("maintenance",)))
     unknown = r.unknown_messages()
     if unknown:
         raise ValidationError("; ".join(unknown) + " (remove or fix these keys)", file=file)
@@ -387,4 +422,21 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         trust = replace(trust, leaf_cert=Path(env["KEYSTONE_LEAF_CERT"].strip()))
     cfg = replace(cfg, trust=trust)
     mqtt, nats = apply_broker_env(cfg.mqtt, cfg.nats, env)  # brokers
-    return replace(cfg, mqtt=mqtt, nats=nats)
+    return replace(cfg, mqtt=mqtt, nats=nats, containers=_containers_env(cfg.containers, env))
+
+
+def _containers_env(cfg: ContainersConfig, env: Mapping[str, str]) -> ContainersConfig:
+    """``KEYSTONE_CONTAINER_ENGINE``, ``_RUNTIME`` and ``_ARGS`` (shell words) over the file."""
+    if env.get("KEYSTONE_CONTAINER_ENGINE", "").strip():
+        cfg = replace(cfg, engine=env["KEYSTONE_CONTAINER_ENGINE"].strip())
+    if env.get("KEYSTONE_CONTAINER_RUNTIME", "").strip():
+        cfg = replace(cfg, runtime=env["KEYSTONE_CONTAINER_RUNTIME"].strip())
+    if env.get("KEYSTONE_CONTAINER_ARGS", "").strip():
+        import shlex  # lazy: only for this variable
+
+        try:
+            args = tuple(shlex.split(env["KEYSTONE_CONTAINER_ARGS"]))
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="KEYSTONE_CONTAINER_ARGS") from None
+        cfg = replace(cfg, extra_args=args)
+    return cfg

@@ -30,11 +30,15 @@ class AgentControl(Protocol):
     """
 
     def health(self) -> JSON:
-        """``{status, uptime, time_utc, version, revision, device}``; status is ``ok`` or ``degraded``."""
+        """Go's ``{status, uptime, closed, time_utc, clock_trusted, clock_source}`` (``status``
+        ``ok``, ``uptime`` a Go duration), then ``uptime_seconds``, ``components_status`` (``ok``
+        or ``degraded``), ``version``, ``device``, ``revision``, ``components``."""
         ...
 
     def components(self) -> list[JSON]:
-        """``[{name, state, restarts, last_health, pid, recipe, version, healthy, since, error}]``."""
+        """``[{name, state, restarts, last_health, pid, recipe, version, phase, health_detail,
+        healthy, since, error}]``: ``state`` and ``last_health`` in Go's vocabulary
+        (keystone.runtime.reported), ``phase`` the supervisor's."""
         ...
 
     def stop_component(self, name: str) -> str | None:
@@ -48,13 +52,19 @@ class AgentControl(Protocol):
         """Restart one component and its hard/soft dependents.
 
         ``wait`` is ``None``, ``"pid"`` or ``"health"``. Returns ``{component, pid, dependents,
-        operation}`` (the restart is serialized with deployments), or for a dry run
-        ``{stopOrder, startOrder}``. Raises ``TimeoutError`` past ``timeout``.
+        wait, timeout, dependentsOrder, operation}`` (``dependents`` name -> pid; the restart is
+        serialized with deployments), or for a dry run ``{stopOrder, startOrder}`` (the
+        dependents only, then the component and its dependents). Raises ``TimeoutError`` past
+        ``timeout``.
         """
         ...
 
     def recipes(self) -> list[JSON]:
-        """The recipe store: ``[{name, version, sha256, path}]``."""
+        """The recipe store: ``[{name, version, sha256, path, file}]``."""
+        ...
+
+    def recipe_files(self) -> list[str]:
+        """The recipe store as Go lists it: ``["<name>-<version>.toml", ...]``, sorted."""
         ...
 
     def upload_recipe(self, text: str, *, force: bool) -> JSON:
@@ -66,24 +76,26 @@ class AgentControl(Protocol):
         ...
 
     def plan_status(self) -> JSON:
-        """``{planPath, status, error, unknownFields, lastReconcile, components}``."""
+        """``{planPath, status, error, unknownFields, lastReconcile, lastReconcileResult,
+        components}`` (the two reconcile keys only once a pass has run)."""
         ...
 
     def plan_graph(self) -> JSON:
-        """``{nodes, edges, order}`` of the applied plan (``order`` is a list of layers)."""
+        """``{nodes, edges, order, layers, typedEdges}`` of the applied plan (keystone.dag)."""
         ...
 
     def apply_plan(self, text: str, *, dry: bool) -> JSON:
         """Validate a plan given as TOML text and apply it (asynchronously; 202) or dry-run it.
 
-        Recipes are referenced as ``name:version`` from the store (the API never reads a path a
-        client names). Returns ``{status, actions, layers}`` and, unless a dry run, the
+        Recipes are ``name:version`` references to the store, or recipe files on the device
+        (relative to the agent's working directory, or absolute). Returns ``{status, actions, layers}`` and, unless a dry run, the
         ``operation`` whose result is the deployment's history entry.
         """
         ...
 
     def reconcile(self) -> JSON:
-        """Start again what the applied plan says should run and does not: ``{repaired: [...]}``."""
+        """Start again what the applied plan says should run and does not: Go's
+        ``{skipped, reason, repaired, duration}``."""
         ...
 
     def stop_plan(self) -> str | None:

@@ -70,13 +70,28 @@ class Graph:
         return seen - set(names)
 
     def to_json(self) -> dict[str, object]:
-        """``{nodes, edges, order}`` as the Go ``/v1/plan/graph`` returns them."""
+        """``{nodes, edges, order}`` as the Go ``/v1/plan/graph`` returns them, and ours beside.
+
+        ``edges`` maps each dependency to its dependents (every type, in node order) and
+        ``order`` is one flat start order, as in Go; ``layers`` are the start layers (a layer
+        starts once the one before it is up) and ``typedEdges`` the edges with their type
+        (``{"from": component, "to": dependency, "type": ...}``).
+        """
+        rank = {n: i for i, n in enumerate(self.nodes)}
+        dependents: dict[str, list[str]] = {}
+        for e in self.edges:
+            dependents.setdefault(e.dependency, []).append(e.component)
         return {
             "nodes": list(self.nodes),
-            "edges": [
+            "edges": {
+                dep: sorted(set(comps), key=lambda n: rank.get(n, len(rank)))
+                for dep, comps in sorted(dependents.items())
+            },
+            "order": self.order(),
+            "layers": [list(layer) for layer in self.layers],
+            "typedEdges": [
                 {"from": e.component, "to": e.dependency, "type": e.type.value} for e in self.edges
             ],
-            "order": [list(layer) for layer in self.layers],
         }
 
 

@@ -101,9 +101,62 @@ def resolve_at(
     ), label
 
 
+def rollout_at(
+    repo: Path, rev: str | None, *, device: str, labels: Sequence[str]
+) -> dict[str, Any] | None:
+    """The device's wave of ``rev`` and when it opens, from its ``rollout.toml`` (None: none).
+
+    A device's wave depends on the commit id, so the working tree (no commit yet) shows the
+    waves' delays after the commit and the wave only for a device pinned by a canary label.
+    """
+    from keystone.rollout import ROLLOUT_FILE, assign, parse_rollout
+    from keystone.windows import describe
+
+    checkout = Checkout(repo)
+    tree, label = checkout.tree(rev)
+    data = tree.read(ROLLOUT_FILE)
+    if data is None:
+        return None
+    where = ROLLOUT_FILE if rev is None else f"{ROLLOUT_FILE}@{label[:12]}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("not UTF-8 text", file=where) from None
+    spec = parse_rollout(text, file=where)
+    policy, override = spec.policy_for(labels)
+    if rev is None:
+        pinned = any(c in labels for c in policy.canary_labels)
+        return {
+            "wave": 1 if pinned else None,
+            "waves": len(policy.waves),
+            "fractions": list(policy.waves),
+            "delays": list(policy.offsets()),
+            "pinned": pinned,
+            "halted": policy.halted,
+            "label": override,
+            "maintenance": policy.maintenance.to_json() if policy.maintenance else None,
+        }
+    a = assign(
+        spec,
+        device_id=device,
+        labels=labels,
+        revision=label,
+        commit_time=float(checkout.mirror().commit_time(label)),
+    )
+    return {
+        **a.to_json(),
+        "fractions": list(policy.waves),
+        "delays": list(policy.offsets()),
+        "at_utc": describe(a.at),
+    }
+
+
 def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
-    """What a device with these labels would run, with each component's origin."""
+    """What a device with these labels would run, with each component's origin (and, when the
+    repository has a ``rollout.toml``, the device's wave and when it opens)."""
     plan, label = resolve_at(repo, rev, device=device, labels=labels)
+    rollout = rollout_at(repo, rev, device=device, labels=labels)
+    extra = {"rollout": rollout} if rollout is not None else {}
     return {
         "revision": label,
         "device": device,
@@ -113,6 +166,7 @@ def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -
         "components": render_rows(plan),
         "warnings": list(plan.warnings),
         "unknown_fields": list(plan.unknown_fields),
+        **extra,
     }
 
 
@@ -128,9 +182,9 @@ def diff(
     """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order;
     with ``graphs``, also both dependency graphs (``{"from": ..., "to": ...}``, each as
     ``GET /v1/plan/graph`` answers it) for a picture of the change."""
-    cache: dict[Any, Any] = {}  # recipes unchanged between the revisions are parsed once
-    a, la = resolve_at(repo, rev_a, device=device, labels=labels, cache=cache)
-    b, lb = resolve_at(repo, rev_b, device=device, labels=labels, cache=cache)
+    # Recipes unchanged between the revisions are read and parsed once (keystone.plan.RECIPES).
+    a, la = resolve_at(repo, rev_a, device=device, labels=labels)
+    b, lb = resolve_at(repo, rev_b, device=device, labels=labels)
     changes, actions = plan_actions(a, b)
     out: dict[str, Any] = {
         "from": la,
@@ -251,6 +305,7 @@ def build_bundle(
     devices: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
     datasets: Path | None = None,
+    images: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Write a bundle of ``rev`` of ``repo`` (incremental ``since`` a commit the devices have)
     with every artifact the plans of the chosen targets need; return what it carries.
@@ -261,6 +316,9 @@ def build_bundle(
 
     The targets are any device, plus any device with ``labels``, plus each of ``devices`` with
     ``labels``; ``every_label`` adds every label and every device that has a plan.
+
+    ``images`` are container image archives (``podman save -o``, ``docker save -o``) carried as
+    ``images/<sha256>`` and loaded into the device's engine on import.
     """
     sha = resolve_rev(Checkout(repo).mirror(), rev)
     targets: list[tuple[str, list[str]]] = [("any-device", [])]
@@ -280,6 +338,7 @@ def build_bundle(
             [(s, p) for s, p, _ in arts],
             progress=progress,
             datasets=dataset_members(datasets) if datasets is not None else (),
+            images=images,
         )
     data: dict[str, Any] = {
         "bundle": str(out),
@@ -293,6 +352,8 @@ def build_bundle(
         data["datasets"] = [
             {"path": d.path, "sha256": d.sha256, "size": d.size} for d in info.datasets
         ]
+    if info.images:  # likewise for container images
+        data["images"] = [{"sha256": i.sha256, "size": i.size, "name": i.name} for i in info.images]
     return data
 
 

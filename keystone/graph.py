@@ -45,6 +45,7 @@ PALETTE: Mapping[str, tuple[str, str]] = {
     "pending": ("#f1f1f1", "#777777"),
     "stopping": ("#f1f1f1", "#777777"),
     "stopped": ("#e4e4e4", "#555555"),
+    "none": ("#f1f1f1", "#777777"),
     "unhealthy": ("#fde3e1", "#c62828"),
     "backoff": ("#fde3e1", "#c62828"),
     "failed": ("#f9c9c5", "#b71c1c"),
@@ -92,12 +93,7 @@ def picture(graph: GraphLike, states: Mapping[str, str] | None = None) -> Pictur
         edges = [(e.component, e.dependency, e.type.value) for e in graph.edges]
         layers = [list(layer) for layer in graph.layers]
     else:
-        nodes = [str(n) for n in graph.get("nodes") or []]
-        edges = [
-            (str(e["from"]), str(e["to"]), str(e.get("type") or "hard"))
-            for e in graph.get("edges") or []
-        ]
-        layers = [[str(n) for n in layer] for layer in graph.get("order") or []]
+        nodes, edges, layers = _from_json(graph)
     placed = {n for layer in layers for n in layer}
     stray = [n for n in nodes if n not in placed]
     if stray:  # a hand-written JSON without order: put what is missing in a last layer
@@ -111,9 +107,45 @@ def picture(graph: GraphLike, states: Mapping[str, str] | None = None) -> Pictur
     )
 
 
+def _from_json(
+    graph: Mapping[str, Any],
+) -> tuple[list[str], list[tuple[str, str, str]], list[list[str]]]:
+    """Nodes, typed edges and layers of a ``/v1/plan/graph`` answer: ours (``typedEdges``,
+    ``layers``), the Go agent's (``edges`` dependency -> dependents, a flat ``order``: layers
+    follow from the edges), or an older agent's (``edges`` a list, ``order`` layers)."""
+    nodes = [str(n) for n in graph.get("nodes") or []]
+    raw = graph.get("typedEdges")
+    if raw is None:
+        raw = graph.get("edges") or []
+    if isinstance(raw, Mapping):
+        edges = [(str(c), str(dep), "hard") for dep, comps in raw.items() for c in comps or []]
+    else:
+        edges = [(str(e["from"]), str(e["to"]), str(e.get("type") or "hard")) for e in raw]
+    order = graph.get("layers")
+    if order is None:
+        order = graph.get("order") or []
+    if order and all(isinstance(n, str) for n in order):
+        level: dict[str, int] = {}
+        needs: dict[str, list[str]] = {}
+        for comp, dep, _ in edges:
+            needs.setdefault(comp, []).append(dep)
+        for n in order:  # a start order: every dependency comes before its dependents
+            level[n] = 1 + max((level.get(d, -1) for d in needs.get(n, ())), default=-1)
+        layers: list[list[str]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+        for n in order:
+            layers[level[n]].append(n)
+        return nodes, edges, layers
+    return nodes, edges, [[str(n) for n in layer] for layer in order]
+
+
 def states_of(components: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """``{name: state}`` from a ``GET /v1/components`` answer."""
-    return {str(c["name"]): str(c.get("state") or "") for c in components if "name" in c}
+    """``{name: phase}`` from a ``GET /v1/components`` answer (the supervisor's finer phase;
+    an answer without one, from the Go agent, gives its ``state``)."""
+    return {
+        str(c["name"]): str(c.get("phase") or c.get("state") or "")
+        for c in components
+        if "name" in c
+    }
 
 
 def diff_picture(

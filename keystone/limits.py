@@ -72,10 +72,11 @@ BOUNDS: dict[str, Bound] = {
         ),
         Bound(
             "max_ref_advertisement_bytes",
-            8 * MiB,
+            1 * MiB,
             "KEYSTONE_MAX_REF_ADVERTISEMENT_BYTES",
             "bytes",
-            "a git server's ref advertisement larger than this, refused as it arrives",
+            "a git ref advertisement larger than this: the agent's own poll hands it to the "
+            "sync worker, which refuses it as it arrives",
         ),
         Bound(
             "max_refs",

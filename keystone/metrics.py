@@ -4,7 +4,9 @@ The component metrics keep the Go Keystone's names and labels (``name``, ``state
 so its dashboards and alerts keep working::
 
     keystone_component_state{name,state}                1 for the current state, 0 for the others
+                                                        (state: none, stopped, running, failed)
     keystone_component_state_health{name,state,health}  1 for the current state+health pair
+                                                        (health: healthy, unhealthy, unknown)
     keystone_component_restarts_total{name}             restarts since the agent started
     keystone_component_healthy{name}                    1 healthy, 0 otherwise
     keystone_component_cpu_percent{name}                CPU of the component's process, % of a core
@@ -13,7 +15,13 @@ so its dashboards and alerts keep working::
     keystone_reconcile_repairs_total, keystone_reconcile_last_timestamp_seconds,
     keystone_clock_trusted
 
-Added: ``keystone_build_info{version,python}``, ``keystone_uptime_seconds``,
+``state`` and ``health`` are the values ``GET /v1/components`` reports (the mapping from the
+supervisor's phases is :mod:`keystone.runtime.reported`), so Go's alert
+``keystone_component_state{state="running"} == 0`` fires for a component that is not running.
+
+Added: ``keystone_component_phase{name,phase}`` (1 for the supervisor's current phase: pending,
+installing, starting, healthy, unhealthy, backoff, stopping, stopped, failed),
+``keystone_build_info{version,python}``, ``keystone_uptime_seconds``,
 ``keystone_deployments_total{result}``, ``keystone_rollbacks_total{result}``, and the sync
 metrics ``keystone_sync_total{result,source}``, ``keystone_sync_duration_seconds``,
 ``keystone_sync_last_timestamp_seconds``, ``keystone_revision_info{revision,source}``,
@@ -27,7 +35,10 @@ series (:mod:`keystone.datasets.status`, through :meth:`Metrics.add_samples`):
 ``keystone_dataset_age_seconds``, ``_stale``, ``_activations_total``, ``_refreshes_total``,
 ``_last_timestamp_seconds``;
 the broker adapters' ``keystone_broker_connected{adapter}`` and
-``keystone_broker_events_dropped_total{adapter}``.
+``keystone_broker_events_dropped_total{adapter}``; staged rollouts'
+``keystone_rollout_outcome{revision,wave,canary,outcome}`` (one series: ``waiting``, ``halted``,
+``applied``, ``healthy`` after the soak, ``rolled-back``), ``keystone_rollout_wave``,
+``keystone_rollout_wait_seconds`` and ``keystone_rollout_halted``.
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
@@ -46,8 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from keystone import __version__
+from keystone.runtime.reported import HEALTHS, STATES, reported_state
 
-STATES: tuple[str, ...] = (
+PHASES: tuple[str, ...] = (
     "pending",
     "installing",
     "starting",
@@ -58,7 +70,10 @@ STATES: tuple[str, ...] = (
     "stopped",
     "failed",
 )
-"""Every component state (keystone.runtime.supervisor.State), each exported as a series."""
+"""Every supervisor phase (keystone.runtime.supervisor.State), each a ``keystone_component_phase``
+series; ``STATES`` (keystone.runtime.reported) are the Go states of ``keystone_component_state``."""
+
+__all__ = ["HEALTHS", "PHASES", "STATES", "Metrics", "health_label", "read_proc_stat"]
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
@@ -102,16 +117,16 @@ def _boot_ticks(proc: Path = Path("/proc")) -> float | None:
 
 
 def health_label(state: str, healthy: bool) -> str:
-    """The ``health`` label of ``keystone_component_state_health`` for a state."""
-    if healthy:
-        return "healthy"
-    if state in ("unhealthy", "failed", "backoff"):
-        return "unhealthy"
-    return "unknown"
+    """The ``health`` label when the caller gives none: ``healthy`` for a healthy running
+    component, ``unhealthy`` for one running but failing, else ``unknown`` (as ``last_health``)."""
+    if state != "running":
+        return "unknown"
+    return "healthy" if healthy else "unhealthy"
 
 
 @dataclass
 class _Component:
+    phase: str
     state: str
     healthy: bool
     health: str
@@ -283,6 +298,33 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        # Staged rollouts: one outcome series per device (the revision it rolls out now), so
+        # count by (revision, outcome) over the fleet shows how the canaries fare.
+        self.rollout_outcome = Gauge(
+            "keystone_rollout_outcome",
+            "1 for the revision this device rolls out (or last rolled out), its wave and outcome",
+            ["revision", "wave", "canary", "outcome"],
+            registry=r,
+        )
+        self.rollout_wave = Gauge(
+            "keystone_rollout_wave",
+            "This device's wave (1-based) of the revision it rolls out; 0 without a rollout",
+            registry=r,
+        )
+        self.rollout_wait = Gauge(
+            "keystone_rollout_wait_seconds",
+            "Seconds until this device may deploy the revision held back (0: not waiting)",
+            registry=r,
+        )
+        self.rollout_halted = Gauge(
+            "keystone_rollout_halted",
+            "1 while the revision is held by a halted rollout",
+            registry=r,
+        )
+        self._rollout_until: float | None = None
+        self.rollout_wait.set_function(
+            lambda: max(0.0, self._rollout_until - time.time()) if self._rollout_until else 0.0
+        )
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -295,27 +337,33 @@ class Metrics:
     def set_component(
         self,
         name: str,
-        state: str,
+        phase: str,
         healthy: bool,
         restarts: int,
         pid: int | None,
         *,
+        state: str | None = None,
         health: str | None = None,
     ) -> None:
-        """Record a component's state, health, restart count and pid (on every change).
+        """Record a component's phase, state, health, restart count and pid (on every change).
 
-        ``health`` overrides the ``health`` label, which is otherwise derived from the state.
+        ``state`` is the Go state (``Supervisor.reported``); without it, it is the phase's
+        (keystone.runtime.reported). ``health`` is ``last_health``; without it, it is derived
+        from the state and ``healthy``.
         """
+        go_state = state or reported_state(phase, alive=True)
+        label = health or health_label(go_state, healthy)
         with self._lock:
             comp = self._components.get(name)
-            label = health or health_label(state, healthy)
             if comp is None:
-                self._components[name] = _Component(state, healthy, label, restarts, pid)
+                self._components[name] = _Component(
+                    phase, go_state, healthy, label, restarts, pid or None
+                )
                 return
-            if comp.pid != pid:
+            if comp.pid != (pid or None):
                 comp.sample, comp.cpu_percent, comp.rss_bytes = None, None, None
-            comp.state, comp.healthy, comp.health = state, healthy, label
-            comp.restarts, comp.pid = restarts, pid
+            comp.phase, comp.state, comp.healthy, comp.health = phase, go_state, healthy, label
+            comp.restarts, comp.pid = restarts, pid or None
 
     def remove_component(self, name: str) -> None:
         """Forget a component that left the plan (its series disappear)."""
@@ -339,6 +387,23 @@ class Metrics:
     def set_revision(self, revision: str, source: str) -> None:
         """The applied revision and its source (``git``, ``http``, ``bundle``...)."""
         self.revision.info({"revision": revision, "source": source})
+
+    def rollout(
+        self,
+        *,
+        revision: str,
+        wave: int,
+        canary: bool,
+        outcome: str,
+        until: float | None,
+        halted: bool,
+    ) -> None:
+        """Where this device stands in a rollout: one outcome series, wave, wait, halt."""
+        self.rollout_outcome.clear()
+        self.rollout_outcome.labels(revision, str(wave), str(canary).lower(), outcome).set(1)
+        self.rollout_wave.set(wave)
+        self._rollout_until = until
+        self.rollout_halted.set(1 if halted else 0)
 
     def signature_failure(self, kind: str) -> None:
         """Count a refused signature or trust check by kind (``commit``, ``artifact``...)."""
@@ -438,7 +503,14 @@ class Metrics:
         with self._lock:
             return {
                 n: _Component(
-                    c.state, c.healthy, c.health, c.restarts, c.pid, c.cpu_percent, c.rss_bytes
+                    c.phase,
+                    c.state,
+                    c.healthy,
+                    c.health,
+                    c.restarts,
+                    c.pid,
+                    c.cpu_percent,
+                    c.rss_bytes,
                 )
                 for n, c in self._components.items()
             }
@@ -461,6 +533,11 @@ class _ComponentCollector:
             "keystone_component_state",
             "Component state (1 for the current state, 0 for the others)",
             labels=["name", "state"],
+        )
+        phase = GaugeMetricFamily(
+            "keystone_component_phase",
+            "Component lifecycle phase of the supervisor (1 for the current phase, 0 for the others)",
+            labels=["name", "phase"],
         )
         state_health = GaugeMetricFamily(
             "keystone_component_state_health",
@@ -489,6 +566,8 @@ class _ComponentCollector:
             c = comps[name]
             for s in STATES if c.state in STATES else (*STATES, c.state):
                 state.add_metric([name, s], 1.0 if s == c.state else 0.0)
+            for p in PHASES if c.phase in PHASES else (*PHASES, c.phase):
+                phase.add_metric([name, p], 1.0 if p == c.phase else 0.0)
             state_health.add_metric([name, c.state, c.health], 1.0)
             restarts.add_metric([name], float(c.restarts))
             healthy.add_metric([name], 1.0 if c.healthy else 0.0)
@@ -496,4 +575,4 @@ class _ComponentCollector:
                 cpu.add_metric([name], c.cpu_percent)
             if c.rss_bytes is not None:
                 rss.add_metric([name], float(c.rss_bytes))
-        yield from (state, state_health, restarts, healthy, cpu, rss)
+        yield from (state, state_health, phase, restarts, healthy, cpu, rss)

@@ -36,16 +36,18 @@ from keystone.runtime.deployer import (
     PlannedChanges,
 )
 from keystone.runtime.process import ProcessRunner, detect_cgroup_root
+from keystone.runtime.runner import AnyRunner, record_kind
 from keystone.runtime.supervisor import RestartTuning, Supervisor
 from keystone.state import History, atomic_write
-from keystone.sync.model import WorkerAnswer, WorkerRequest
-from keystone.units import parse_duration
+from keystone.sync.model import WorkerAnswer, WorkerRequest, sync_deadline_message
+from keystone.units import go_duration, parse_duration
 from keystone.workerproc import ErrorInfo, call
 
 if TYPE_CHECKING:
     from keystone.datasets.agent import AgentDatasets
     from keystone.datasets.bundle import BundleEntry
     from keystone.datasets.manager import RefreshResult
+    from keystone.runtime.container import ContainerRunner
 
 SYNC_WORKER = "keystone.sync.worker"
 
@@ -80,6 +82,8 @@ class Node:
             component_env=self._component_env,
             start_gate=self._start_gate,
             allow_privileged_install=config.allow_privileged_install,
+            runner_for=self.runner_for,
+            prepare_component=self._prepare_component,
         )
         self.metrics: Metrics | None = Metrics()
         self.preparer.on_prepared = self._on_artifact_prepared
@@ -89,12 +93,14 @@ class Node:
         self.plan_error: str | None = None
         self.unknown_fields: list[str] = []
         self.last_reconcile: float | None = None
+        self.last_reconcile_result = ""  # Go's lastReconcileResult: ok, repaired ..., skipped: ...
         self.stopped = False
         self.on_component_change: Callable[[Supervisor], None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.saver = SnapshotSaver(self.snapshot_path)
         self._background: set[asyncio.Task[Any]] = set()
         self._metric_names: set[str] = set()
+        self._containers: ContainerRunner | None = None
 
     # --- SyncHost ---------------------------------------------------------------------------
 
@@ -140,13 +146,7 @@ class Node:
         )
         if reply.timed_out:
             return WorkerAnswer.failed(
-                ErrorInfo(
-                    "SyncDeadline",
-                    "retryable",
-                    f"the sync did not finish within its deadline of {timeout:g}s (a slow or "
-                    "drip-feeding source?); the sync worker was stopped and nothing was applied; "
-                    "raise it with KEYSTONE_SYNC_DEADLINE or [source] deadline in agent.toml",
-                )
+                ErrorInfo("SyncDeadline", "retryable", sync_deadline_message(timeout))
             )
         if reply.answer is None:
             return WorkerAnswer.failed(
@@ -208,17 +208,59 @@ class Node:
 
     async def repair(self) -> list[str]:
         """Start what the applied plan says should run and does not (never a stopped plan)."""
-        if self.stopped:
-            return []
+        result = await self.reconcile_now()
+        return list(result.get("repaired") or [])
+
+    async def reconcile_now(self) -> dict[str, Any]:
+        """One reconcile pass, as Go's ``ReconcileResult``: ``skipped`` (and its ``reason``),
+        ``repaired`` (sorted, omitted when empty) and ``duration`` (a Go duration, to the ms).
+
+        It is skipped when no plan is applied or an operator stopped the plan; the outcome is
+        kept for the plan status (``lastReconcile``, ``lastReconcileResult``).
+        """
         t0 = time.monotonic()
-        repaired = await self.deployer.reconcile()
-        self.last_reconcile = time.time()
-        if self.metrics is not None:
-            self.metrics.reconcile("ok", time.monotonic() - t0, len(repaired))
+        reason = ""
+        if not self.deployer.applied.components:
+            reason = "no plan has been applied yet"
+        elif self.stopped:
+            reason = (
+                'plan is "stopped"; a plan stopped by an operator is never resumed automatically'
+            )
+        repaired: list[str] = []
+        outcome = "skipped" if reason else "ok"
+        try:
+            if not reason:
+                repaired = sorted(await self.deployer.reconcile())
+        except Exception as exc:
+            outcome = "failed"
+            self._record_reconcile(outcome, time.monotonic() - t0, f"failed: {exc}", [])
+            raise
+        if reason:
+            summary = f"skipped: {reason}"
+        elif repaired:
+            summary = "repaired " + ", ".join(repaired)
+        else:
+            summary = "ok"
+        elapsed = time.monotonic() - t0
+        self._record_reconcile(outcome, elapsed, summary, repaired)
         if repaired:
             logger.info("repaired: {}", ", ".join(repaired))
             self.emit({"kind": "repair", "result": "ok", "components": repaired})
-        return repaired
+        result: dict[str, Any] = {"skipped": bool(reason)}
+        if reason:
+            result["reason"] = reason
+        if repaired:
+            result["repaired"] = repaired
+        result["duration"] = go_duration(round(elapsed, 3))
+        return result
+
+    def _record_reconcile(
+        self, outcome: str, elapsed: float, summary: str, repaired: list[str]
+    ) -> None:
+        self.last_reconcile = time.time()
+        self.last_reconcile_result = summary
+        if self.metrics is not None:
+            self.metrics.reconcile(outcome, elapsed, len(repaired))
 
     # --- snapshot ---------------------------------------------------------------------------
 
@@ -256,7 +298,8 @@ class Node:
                 logger.error("saved plan no longer validates ({}); starting with none", exc)
         self.deployer.applied = plan
         for name, rec in snap.processes.items():
-            handle = self.runner.adopt_record(name, rec.runner)
+            runner = self.runner_of_kind(record_kind(rec.runner))
+            handle = runner.adopt_record(name, rec.runner)
             comp = plan.components.get(name)
             if (
                 handle is not None
@@ -267,6 +310,10 @@ class Node:
                 sup = self.deployer.make_supervisor(comp)
                 self.deployer.supervisors[name] = sup
                 sup.adopt(handle)
+                if runner is not self.runner:
+                    # docker/nerdctl: follow the adopted container's logs again (podman's
+                    # containers write to the log files themselves)
+                    await self.containers.resume_logs(handle, sup.paths.logdir)
                 if comp.recipe.datasets:
                     # Running already: its datasets are on disk; keep them fresh from here.
                     self.datasets.bind(comp)
@@ -274,10 +321,70 @@ class Node:
                 logger.info("adopted {} (pid {}) from the previous run", name, handle.pid)
             elif handle is not None:
                 logger.info("stopping stale {} (pid {}) left by the previous run", name, handle.pid)
-                await self.runner.stop(handle, timeout=10.0)
+                await runner.stop(handle, timeout=10.0)
+        runtimes = [
+            c.recipe.run.container.runtime
+            for c in plan.components.values()
+            if c.recipe.run.container is not None
+        ]
+        if runtimes or self._containers is not None:
+            await self.containers.sweep(runtimes)
         if plan.components and not self.stopped:
             result = await self.deployer.start_all()
             self.record_deploy("restore", result)
+
+    # --- runners ----------------------------------------------------------------------------
+
+    @property
+    def containers(self) -> ContainerRunner:
+        """The container runner, made on first use (a container recipe or record)."""
+        if self._containers is None:
+            # lazy: an agent without containers never loads the container runner
+            from keystone.runtime.container import ContainerRunner, owner_label
+
+            cfg = self.config.containers
+            self._containers = ContainerRunner(
+                owner=owner_label(self.runtime),
+                engine=cfg.engine,
+                oci_runtime=cfg.runtime,
+                extra_args=cfg.extra_args,
+                host=self.runner,
+            )
+        return self._containers
+
+    def runner_for(self, component: Component) -> AnyRunner:
+        """The runner of a component: by its recipe's run type."""
+        return self.containers if component.recipe.run.container is not None else self.runner
+
+    def runner_of_kind(self, kind: str) -> AnyRunner:
+        """The runner whose snapshot entries are of ``kind``."""
+        return self.containers if kind == "container" else self.runner
+
+    async def _prepare_component(self, component: Component) -> None:
+        """Before anything stops: a container's engine is there and its image is (pulled)."""
+        container = component.recipe.run.container
+        if container is not None:
+            await self._load_bundle_images(container.runtime)
+            await self.containers.prepare(component.name, container)
+
+    async def _load_bundle_images(self, runtime: str) -> None:
+        """Load the image archives a verified bundle staged (``bundles/images``) into the engine.
+
+        Each archive is removed once the engine took it (or refused it: the refusal is the
+        deployment's error, and a damaged archive must not block the next one).
+        """
+        staged = self.runtime / "bundles" / "images"
+        for archive in sorted(staged.glob("*.tar")) if staged.is_dir() else []:
+            try:
+                loaded = await self.containers.load_image(archive, engine=runtime)
+            except KeystoneError as exc:
+                raise KeystoneError(f"image archive {archive.name} from the bundle: {exc}") from exc
+            finally:
+                archive.unlink(missing_ok=True)
+            logger.info("loaded container image from the bundle: {}", loaded or archive.name)
+            self.emit(
+                {"kind": "image", "result": "loaded", "archive": archive.name, "loaded": loaded}
+            )
 
     def record_deploy(self, kind: str, result: DeployResult, **extra: Any) -> None:
         """Count and journal a deployment."""
@@ -428,9 +535,7 @@ class Node:
 
     def _on_component_change(self, sup: Supervisor) -> None:
         if self.metrics is not None and self.deployer.supervisors.get(sup.name) is sup:
-            self.metrics.set_component(
-                sup.name, sup.state.value, sup.healthy, sup.restarts, sup.pid
-            )
+            self._set_metric(sup)
             self._metric_names.add(sup.name)
         if self.on_component_change is not None:
             self.on_component_change(sup)
@@ -449,8 +554,15 @@ class Node:
             self.metrics.remove_component(name)
         self._metric_names &= set(self.deployer.supervisors)
         for name, sup in self.deployer.supervisors.items():
-            self.metrics.set_component(name, sup.state.value, sup.healthy, sup.restarts, sup.pid)
+            self._set_metric(sup)
             self._metric_names.add(name)
+
+    def _set_metric(self, sup: Supervisor) -> None:
+        assert self.metrics is not None
+        state, health, pid = sup.reported()  # Go's values, as GET /v1/components reports them
+        self.metrics.set_component(
+            sup.name, sup.state.value, sup.healthy, sup.restarts, pid, state=state, health=health
+        )
 
     async def gc(self) -> None:
         """Trim the artifact cache, keeping what the applied and last known-good plans need."""

@@ -107,7 +107,7 @@ def prepare_plan(text: str, *, file: str) -> tuple[str, list[LocalRecipe], list[
     parsed = parse_plan(text, file=file)
     doc = tomlkit.parse(text)
     tables = doc.get("components") or []
-    reader = FileRecipes(Path.cwd(), None)
+    reader = FileRecipes(Path.cwd(), None, allow_absolute=True)
     recipes: list[LocalRecipe] = []
     for table, entry in zip(tables, parsed.entries, strict=True):
         if not entry.enabled or (STORE_REF.match(entry.recipe) and "/" not in entry.recipe):

@@ -129,11 +129,34 @@ SCHEMAS: dict[str, JSON] = {
     },
     "Health": {
         "type": "object",
-        "required": ["status", "uptime", "time_utc"],
+        "required": ["status", "uptime", "closed", "time_utc", "clock_trusted", "clock_source"],
         "properties": {
-            "status": {"type": "string", "enum": ["ok", "degraded"]},
-            "uptime": {**_NUM, "description": "Seconds since the agent started"},
+            "status": {
+                "type": "string",
+                "enum": ["ok"],
+                "description": "The agent answers (Go's value); see components_status",
+            },
+            "uptime": {
+                **_STR,
+                "description": "Since the agent started, as a Go duration (1h2m3.5s)",
+            },
+            "closed": {**_BOOL, "description": "True once the agent has begun to shut down"},
             "time_utc": {**_STR, "format": "date-time"},
+            "clock_trusted": {
+                **_BOOL,
+                "description": "False while the system clock is behind what the device has seen",
+            },
+            "clock_source": {
+                "type": "string",
+                "enum": ["system", "high-water", "build"],
+                "description": "Where the time certificates are judged at comes from",
+            },
+            "uptime_seconds": {**_NUM, "description": "Uptime in seconds; addition"},
+            "components_status": {
+                "type": "string",
+                "enum": ["ok", "degraded"],
+                "description": "degraded while a component is failed, unhealthy or in backoff",
+            },
             "version": _STR,
             "device": _STR,
             "revision": {**_STRN, "description": "Applied revision (commit id); addition"},
@@ -160,10 +183,25 @@ SCHEMAS: dict[str, JSON] = {
     },
     "Component": {
         "type": "object",
-        "required": ["name", "state", "restarts", "pid"],
+        "required": ["name", "state", "restarts", "last_health", "pid"],
         "properties": {
             "name": _STR,
             "state": {
+                "type": "string",
+                "enum": ["none", "stopped", "running", "failed"],
+                "description": "Go's states: running only while the process is alive",
+            },
+            "restarts": _INT,
+            "last_health": {
+                "type": "string",
+                "enum": ["healthy", "unhealthy", "unknown"],
+                "description": "The last probe's verdict while running; unknown otherwise, "
+                "and always for a component without a health check",
+            },
+            "pid": {**_INT, "description": "The live process; 0 when there is none"},
+            "recipe": _STR,
+            "version": _STR,
+            "phase": {
                 "type": "string",
                 "enum": [
                     "pending",
@@ -176,12 +214,9 @@ SCHEMAS: dict[str, JSON] = {
                     "stopped",
                     "failed",
                 ],
+                "description": "The supervisor's finer lifecycle; addition",
             },
-            "restarts": _INT,
-            "last_health": _STR,
-            "pid": _INTN,
-            "recipe": _STR,
-            "version": _STR,
+            "health_detail": {**_STR, "description": "The last probe's detail; addition"},
             "healthy": _BOOL,
             "since": _NUMN,
             "error": _STRN,
@@ -189,26 +224,53 @@ SCHEMAS: dict[str, JSON] = {
     },
     "RestartResult": {
         "type": "object",
+        "required": ["component", "pid", "dependents", "wait", "timeout"],
         "properties": {
             "component": _STR,
-            "pid": _INTN,
-            "dependents": {"description": "Restarted dependents", **_OBJ},
-            "wait": _STR,
-            "timeout": _STR,
+            "pid": _INT,
+            "dependents": {
+                "type": "object",
+                "additionalProperties": _INT,
+                "description": "Restarted dependents that have a process: name -> pid",
+            },
+            "wait": {"type": "string", "enum": ["pid", "health"]},
+            "timeout": {**_STR, "description": "As a Go duration (60s)"},
+            "dependentsOrder": {
+                **_STRS,
+                "description": "Every restarted dependent, in start order",
+            },
+            "operation": _STR,
         },
     },
     "RestartDryResult": {
         "type": "object",
         "required": ["stopOrder", "startOrder"],
-        "properties": {"stopOrder": _STRS, "startOrder": _STRS},
+        "properties": {
+            "stopOrder": {**_STRS, "description": "The dependents stopped first, farthest first"},
+            "startOrder": {**_STRS, "description": "The component, then its dependents"},
+        },
     },
     "Recipe": {
         "type": "object",
-        "properties": {"name": _STR, "version": _STR, "sha256": _STR, "path": _STR},
+        "properties": {
+            "name": _STR,
+            "version": _STR,
+            "sha256": _STR,
+            "path": _STR,
+            "file": {**_STR, "description": "<name>-<version>.toml, as Go lists it"},
+        },
     },
     "RecipeStored": {
         "type": "object",
-        "properties": {"name": _STR, "version": _STR, "path": _STR, "replaced": _BOOL},
+        "required": ["status", "name", "version"],
+        "properties": {
+            "status": {"type": "string", "enum": ["created"]},
+            "name": _STR,
+            "version": _STR,
+            "path": _STR,
+            "replaced": _BOOL,
+            "unknownFields": _STRS,
+        },
     },
     "PlanStatus": {
         "type": "object",
@@ -221,7 +283,15 @@ SCHEMAS: dict[str, JSON] = {
             },
             "error": _STRN,
             "unknownFields": _STRS,
-            "lastReconcile": _NUMN,
+            "lastReconcile": {
+                **_STR,
+                "format": "date-time",
+                "description": "When the last reconcile pass ran; absent before the first",
+            },
+            "lastReconcileResult": {
+                **_STR,
+                "description": "ok, repaired <names>, skipped: <reason> or failed: <error>",
+            },
             "components": {"type": "array", "items": _ref("Component")},
         },
     },
@@ -241,7 +311,20 @@ SCHEMAS: dict[str, JSON] = {
         "properties": {
             "nodes": _STRS,
             "edges": {
+                "type": "object",
+                "additionalProperties": _STRS,
+                "description": "Each dependency -> the components that depend on it (Go's shape)",
+            },
+            "order": {**_STRS, "description": "A start order: dependencies before dependents"},
+            "layers": {
                 "type": "array",
+                "items": _STRS,
+                "description": "Start layers: every component of a layer depends only on "
+                "earlier layers; addition",
+            },
+            "typedEdges": {
+                "type": "array",
+                "description": "The edges with their dependency type; addition",
                 "items": {
                     "type": "object",
                     "properties": {
@@ -250,12 +333,6 @@ SCHEMAS: dict[str, JSON] = {
                         "type": {"type": "string", "enum": ["hard", "soft", "ordering"]},
                     },
                 },
-            },
-            "order": {
-                "type": "array",
-                "items": _STRS,
-                "description": "Start layers: every component of a layer depends only on "
-                "earlier layers",
             },
         },
     },
@@ -282,7 +359,16 @@ SCHEMAS: dict[str, JSON] = {
             "warnings": _STRS,
         },
     },
-    "ReconcileResult": {"type": "object", "properties": {"repaired": _STRS}},
+    "ReconcileResult": {
+        "type": "object",
+        "required": ["skipped", "duration"],
+        "properties": {
+            "skipped": {**_BOOL, "description": "True when the pass deliberately changed nothing"},
+            "reason": {**_STR, "description": "Why it was skipped"},
+            "repaired": {**_STRS, "description": "Started again by this pass (absent when none)"},
+            "duration": {**_STR, "description": "As a Go duration (12ms)"},
+        },
+    },
     "Drift": {
         "type": "object",
         "properties": {
@@ -302,6 +388,12 @@ SCHEMAS: dict[str, JSON] = {
             "applied_at": _NUMN,
             "last_sync": {"nullable": True, **_OBJ},
             "suspended": _BOOL,
+            "rollout": {
+                "nullable": True,
+                "description": "Addition: the device's place in a staged rollout (state, "
+                "message such as 'waiting for wave 2 at ...', revision, wave, waves, canary, at)",
+                **_OBJ,
+            },
             "device_key": {
                 "nullable": True,
                 "description": "The device's Ed25519 report key: algorithm, public_key "
@@ -316,7 +408,8 @@ SCHEMAS: dict[str, JSON] = {
             "result": {
                 "type": "string",
                 "description": "applied, up-to-date, dry-run, rolled-back, refused, known-bad, "
-                "unreachable or error",
+                "unreachable, error, waiting (a rollout wave, maintenance window or deferral) "
+                "or halted (a halted rollout)",
             },
             "revision": _STRN,
             "signer": _STRN,
@@ -397,10 +490,25 @@ def _no_content(description: str) -> dict[str, JSON]:
 def _paths() -> dict[str, JSON]:
     name = _path("name", "Component name as given in the plan", "api")
     return {
+        "/": {
+            "get": _op(
+                "Landing page",
+                "One line of text saying the agent runs and where to look (as the Go agent).",
+                "root",
+                {
+                    "200": {
+                        "description": "Plain text",
+                        "content": {"text/plain": {"schema": _STR}},
+                    }
+                },
+            )
+        },
         "/healthz": {
             "get": _op(
                 "Agent liveness",
-                "Needs no token. Status, uptime, time, version, device and the applied revision.",
+                "Needs no token. Go's body (status ok, uptime as a Go duration, closed, time, "
+                "clock_trusted, clock_source), then uptime_seconds, components_status, "
+                "version, device and the applied revision.",
                 "healthz",
                 {"200": _json(_ref("Health"), "The agent answers")},
                 auth=False,
@@ -511,9 +619,17 @@ def _paths() -> dict[str, JSON]:
         "/v1/recipes": {
             "get": _op(
                 "List the recipe store",
-                "Recipes uploaded to the agent, which plans name as name:version.",
+                "Recipes uploaded to the agent, which plans name as name:version: as Go lists "
+                "them, their file names (<name>-<version>.toml); with detail=true, objects "
+                "with the digest and path.",
                 "recipes",
-                {"200": _json({"type": "array", "items": _ref("Recipe")}, "Stored recipes")},
+                {
+                    "200": _json(
+                        {"oneOf": [_STRS, {"type": "array", "items": _ref("Recipe")}]},
+                        "Stored recipes (file names, or with detail=true objects)",
+                    )
+                },
+                params=[_query("detail", "true: objects with digest and path", _BOOL, "true")],
             ),
             "post": _op(
                 "Store a recipe",
@@ -578,7 +694,9 @@ def _paths() -> dict[str, JSON]:
         "/v1/plan/apply": {
             "post": _op(
                 "Apply a plan",
-                "The body is the plan TOML; recipes are name:version references to the store. "
+                "The body is the plan TOML; recipes are name:version references to the store, "
+                "or recipe files on the device (relative to the agent's working directory, "
+                "without '..', or absolute), which pass the recipe signature check. "
                 "Validates, then applies in the background (202). With dry=true, answers the "
                 "layers and actions and changes nothing; unknown fields refuse a dry run.",
                 "apply_plan",
@@ -592,7 +710,8 @@ def _paths() -> dict[str, JSON]:
             "post": _op(
                 "Repair the plan in effect",
                 "Starts again what the applied plan says should run and does not; never "
-                "resurrects a plan an operator stopped.",
+                "resurrects a plan an operator stopped. A pass that changes nothing on purpose "
+                "(no plan applied, the plan stopped) answers skipped=true with its reason.",
                 "reconcile",
                 {"200": _json(_ref("ReconcileResult"), "What was repaired")},
                 errors=(500,),

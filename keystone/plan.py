@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from keystone.dag import Graph, build_graph
 from keystone.errors import ValidationError
@@ -81,13 +83,59 @@ class DesiredPlan:
         return {n: c.recipe for n, c in self.components.items()}
 
 
+class LRU(MutableMapping[Any, Any]):
+    """A dict that keeps its ``size`` most recently used entries."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+
+    def __getitem__(self, key: Any) -> Any:
+        value = self._data[key]
+        self._data.move_to_end(key)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def __delitem__(self, key: Any) -> None:
+        del self._data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+RECIPES: MutableMapping[Any, Any] = LRU(2048)
+"""Parsed recipes by content (the text, or a git blob id) and display name, shared by every
+plan this process resolves: between the two revisions of a diff, across diffs and across the
+syncs of the agent. A recipe is immutable, so sharing one is safe; the key also holds the
+bounds in force and the values of the variables the recipe names."""
+
+PLANS: MutableMapping[Any, Any] = LRU(32)
+"""Parsed plan files by text, file name and bounds (a plan file rarely changes)."""
+
+
 def parse_plan(text: str, *, file: str, limits: Limits | None = None) -> PlanFile:
     """Parse plan TOML; duplicate names and unsafe names are errors naming file and line.
 
     ``limits`` (default: ``Limits.from_env()``) bounds its size, nesting and number of
-    components.
+    components. The same text is parsed once per process (:data:`PLANS`).
     """
     lim = limits or Limits.from_env()
+    key = (text, file, lim)
+    cached: PlanFile | None = PLANS.get(key)
+    if cached is None:
+        cached = PLANS[key] = _parse_plan(text, file=file, lim=lim)
+    return cached
+
+
+def _parse_plan(text: str, *, file: str, lim: Limits) -> PlanFile:
     r = Reader.from_text(text, file=file, limits=lim, size_bound="max_plan_bytes")
     r.table((), {"components"})
     listed = r.get(("components",))
@@ -155,6 +203,10 @@ def merge_entries(files: list[PlanFile]) -> tuple[list[PlanEntry], list[str]]:
 RecipeReader = Callable[[PlanEntry], tuple[str, str]]
 """Returns ``(recipe TOML text, display name)`` for a plan entry, raising ValidationError."""
 
+RecipeIdentity = Callable[[PlanEntry], tuple[str, str] | None]
+"""Returns ``(content id, display name)`` of a plan entry's recipe without reading it (a git
+blob id), or None when it cannot (then the recipe is read)."""
+
 
 def resolve_entries(
     entries: list[PlanEntry],
@@ -163,15 +215,17 @@ def resolve_entries(
     environ: Mapping[str, str] | None = None,
     sources: tuple[str, ...] = (),
     unknown: list[str] | None = None,
-    cache: dict[tuple[object, ...], Recipe] | None = None,
+    cache: MutableMapping[Any, Any] | None = None,
     limits: Limits | None = None,
+    identify: RecipeIdentity | None = None,
 ) -> DesiredPlan:
     """Load the recipe of every entry and validate the graph.
 
-    ``cache`` (a dict the caller keeps for a batch, e.g. the two revisions of a diff) reuses
-    recipes parsed from the same text with the same values of the variables it names.
-    ``limits`` (default: ``Limits.from_env()``) bounds the number of components after the
-    merge and every recipe.
+    ``cache`` (default: :data:`RECIPES`, shared by the process) reuses recipes parsed from the
+    same text with the same values of the variables it names. With ``identify``, a recipe
+    whose content id (its git blob id) is cached is not even read: between two revisions only
+    the recipes whose tree entries changed are read and parsed. ``limits`` (default:
+    ``Limits.from_env()``) bounds the number of components after the merge and every recipe.
     """
     lim = limits or Limits.from_env()
     if len(entries) > lim.max_components:
@@ -187,18 +241,23 @@ def resolve_entries(
     comps: dict[str, Component] = {}
     unknown_all = list(unknown or [])
     env = environ if environ is not None else os.environ
+    store = RECIPES if cache is None else cache
     for e in entries:
-        text, display = read(e)
-        key: tuple[object, ...] = ()
         recipe = None
-        if cache is not None:
-            names = sorted(set(_VAR_REF.findall(text)))
-            key = (text, display, *((n, env.get(n)) for n in names))
-            recipe = cache.get(key)
+        known = identify(e) if identify is not None else None
+        if known is not None:
+            recipe = _cached(store, ("id", *known, lim), env)
         if recipe is None:
-            recipe = parse_recipe(text, file=display, environ=env, limits=lim)
-            if cache is not None:
-                cache[key] = recipe
+            text, display = read(e)
+            text_key = ("text", text, display, lim)
+            recipe = _cached(store, text_key, env)
+            if recipe is None:
+                recipe = parse_recipe(text, file=display, environ=env, limits=lim)
+                names = tuple(sorted(set(_VAR_REF.findall(text))))
+                _remember(store, text_key, names, env, recipe)
+            if known is not None:
+                names = tuple(sorted(set(_VAR_REF.findall(text))))
+                _remember(store, ("id", *known, lim), names, env, recipe)
         unknown_all.extend(recipe.unknown_fields)
         comps[e.name] = Component(e.name, recipe, e.file, e.recipe)
     graph = build_graph(
@@ -207,15 +266,54 @@ def resolve_entries(
     return DesiredPlan(comps, graph, sources, tuple(unknown_all), graph.warnings)
 
 
+def _cached(store: MutableMapping[Any, Any], key: Any, env: Mapping[str, str]) -> Recipe | None:
+    """The recipe cached under ``key`` for the values ``env`` gives the variables it names."""
+    slot = store.get(key)
+    if slot is None:
+        return None
+    names, by_values = slot
+    found: Recipe | None = by_values.get(tuple(env.get(n) for n in names))
+    return found
+
+
+def _remember(
+    store: MutableMapping[Any, Any],
+    key: Any,
+    names: tuple[str, ...],
+    env: Mapping[str, str],
+    recipe: Recipe,
+) -> None:
+    slot = store.get(key)
+    if slot is None:
+        slot = (names, {})
+    by_values: dict[Any, Recipe] = slot[1]
+    by_values[tuple(env.get(n) for n in names)] = recipe
+    while len(by_values) > 8:  # a bound per recipe too: environments rarely vary
+        del by_values[next(iter(by_values))]
+    store[key] = slot
+
+
 def safe_join(
-    root: Path, rel: str, *, file: str | None = None, line: int | None = None, field: str = "recipe"
+    root: Path,
+    rel: str,
+    *,
+    file: str | None = None,
+    line: int | None = None,
+    field: str = "recipe",
+    allow_absolute: bool = False,
 ) -> Path:
     """``root / rel`` if it stays inside ``root`` (symlinks resolved), else a ValidationError.
+
+    With ``allow_absolute`` an absolute ``rel`` is taken as it is, wherever it points (a
+    local plan or one sent to the API may name a recipe file anywhere on the device, as the
+    Go agent allows); a relative one must still stay inside ``root``.
 
     A path the system cannot resolve (too long, a NUL, a symlink loop) is a ValidationError
     naming it too.
     """
     try:
+        if allow_absolute and rel.startswith("/"):
+            return Path(rel).resolve()
         if not rel or (
             rel.startswith("/") and not Path(rel).resolve().is_relative_to(root.resolve())
         ):
@@ -257,7 +355,9 @@ class FileRecipes:
     """Reads recipes named by plan entries from the filesystem and the recipe store.
 
     A relative path is looked up under the plan root (the working directory or the fleet
-    repository root) and then next to the plan file; it must not leave either.
+    repository root) and then next to the plan file; it must not leave either. With
+    ``allow_absolute`` (a plan on the device, or one sent to the API, as in the Go agent) an
+    absolute path names its file wherever it is.
     """
 
     def __init__(
@@ -267,9 +367,11 @@ class FileRecipes:
         limits: Limits | None = None,
         *,
         verify: Callable[[Path, str], None] | None = None,
+        allow_absolute: bool = False,
     ) -> None:
         self.root = root
         self.store = store
+        self.allow_absolute = allow_absolute
         self.limits = limits or Limits.from_env()
         # Called with (path, text) for every recipe read from the filesystem (not the store):
         # the agent's recipe signature check.
@@ -307,7 +409,9 @@ class FileRecipes:
         plan_dir = Path(e.file).parent if e.file else self.root
         tried: list[Path] = []
         for base in (self.root, plan_dir):
-            p = safe_join(base, e.recipe, file=e.file, line=e.line)
+            p = safe_join(
+                base, e.recipe, file=e.file, line=e.line, allow_absolute=self.allow_absolute
+            )
             tried.append(p)
             try:
                 found = p.is_file()
@@ -353,7 +457,7 @@ def load_desired(
     entries, unknown = merge_entries([pf])
     return resolve_entries(
         entries,
-        FileRecipes(root or Path.cwd(), store, lim),
+        FileRecipes(root or Path.cwd(), store, lim, allow_absolute=True),
         environ=environ,
         sources=(str(plan_path),),
         unknown=unknown,

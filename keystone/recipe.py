@@ -162,6 +162,78 @@ class Security:
     capabilities: tuple[str, ...] | None = None
 
 
+class PullPolicy(StrEnum):
+    """When a container image is pulled (Go's ``pull_policy``)."""
+
+    ALWAYS = "always"
+    IF_NOT_PRESENT = "if-not-present"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One ``[[lifecycle.run.container.mounts]]``: a bind mount, a named volume or a tmpfs."""
+
+    target: str
+    source: str = ""
+    type: str = "bind"
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """One ``[[lifecycle.run.container.ports]]`` (bridge network mode)."""
+
+    host_port: int
+    container_port: int
+    host_ip: str = "0.0.0.0"
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True)
+class ContainerResources:
+    """``[lifecycle.run.container.resources]``, Go's units: MB, shares, microseconds."""
+
+    memory_mb: int | None = None
+    memory_swap: int | None = None
+    cpu_shares: int | None = None
+    cpu_quota: int | None = None
+    cpu_period: int | None = None
+    pids_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Container:
+    """``[lifecycle.run.container]``: what a ``type = "container"`` component runs.
+
+    ``image`` may pin a digest (``name@sha256:<64 hex>``); :attr:`digest` is then that digest.
+    """
+
+    image: str
+    runtime: str = "auto"
+    pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    network_mode: str = ""
+    user: str = ""
+    privileged: bool = False
+    hostname: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    ports: tuple[PortMapping, ...] = ()
+    resources: ContainerResources = field(default_factory=ContainerResources)
+
+    @property
+    def digest(self) -> str | None:
+        """The pinned ``sha256:...`` digest of :attr:`image`, or None."""
+        _, _, digest = self.image.partition("@")
+        return digest or None
+
+    @property
+    def reference(self) -> str:
+        """:attr:`image` without its pinned digest (the name to pull or to look up)."""
+        return self.image.partition("@")[0]
+
+
 @dataclass(frozen=True)
 class Run:
     type: str = "process"
@@ -171,6 +243,7 @@ class Run:
     exec: Exec | None = None
     health: Health | None = None
     security: Security = field(default_factory=Security)
+    container: Container | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +257,21 @@ class Reload:
 class Shutdown:
     script: str = ""
     timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Defer:
+    """``[lifecycle.defer]``: asked before an update stops the component (DeferComponentUpdate).
+
+    ``check`` is ``cmd:<shell command>`` or an ``http(s)://`` URL; an answer whose first line is
+    ``defer <duration>`` (``defer 30``, ``defer 5m``) or a JSON ``{"defer": seconds}`` puts the
+    update off; anything else (or no answer within ``timeout``) lets it proceed. The deferrals
+    of one revision add up to at most ``max``, after which the update proceeds unasked.
+    """
+
+    check: str
+    timeout: float = 5.0
+    max: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +293,7 @@ class Recipe:
     reload: Reload | None = None
     shutdown: Shutdown | None = None
     resources: Resources = field(default_factory=Resources)
+    defer: Defer | None = None
     drift: str = "report"
     datasets: tuple[DatasetSpec, ...] = ()
     source: str = ""
@@ -220,10 +309,21 @@ class Recipe:
         return self.metadata.version
 
     def content_hash(self) -> str:
-        """SHA-256 over everything that changes what runs (not the file name or comments)."""
+        """SHA-256 over everything that changes what runs (not the file name or comments).
+
+        Computed once per recipe (a recipe is immutable).
+        """
+        cached: str | None = self.__dict__.get("_content_hash")
+        if cached is None:
+            cached = self._hash()
+            object.__setattr__(self, "_content_hash", cached)
+        return cached
+
+    def _hash(self) -> str:
         data = asdict(self)
-        # drift only says what to do when installed files change: not a reason to restart
-        for key in ("source", "unknown_fields", "text", "drift"):
+        # drift only says what to do when installed files change: not a reason to restart;
+        # defer only says when an update may stop it
+        for key in ("source", "unknown_fields", "text", "drift", "defer"):
             data.pop(key, None)
         for dep in data["dependencies"]:
             dep.pop("line", None)
@@ -249,6 +349,13 @@ _CONTAINER = {
     "ports",
     "resources",
 }
+CONTAINER_RUNTIMES = ("auto", "cli", "containerd", "podman", "docker", "nerdctl")
+"""Go's ``[lifecycle.run.container] runtime`` selector."""
+NETWORK_MODES = ("host", "bridge", "none")
+MOUNT_TYPES = ("bind", "volume", "tmpfs")
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_HOST_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 _SIGNALS = {"SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGQUIT"}
 _HEX64 = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
 
@@ -357,7 +464,7 @@ def parse_recipe(
 
     datasets = parse_datasets(r)
 
-    r.table(("lifecycle",), {"install", "run", "reload", "shutdown"})
+    r.table(("lifecycle",), {"install", "run", "reload", "shutdown", "defer"})
     install = Install()
     if r.table(("lifecycle", "install"), {"script", "require_privilege", "timeout"}) is not None:
         install = Install(
@@ -384,11 +491,12 @@ def parse_recipe(
     run_type = r.text((*run_path, "type")) or "process"
     if run_type not in ("process", "container"):
         raise r.error((*run_path, "type"), f"expected process or container, got {run_type!r}")
-    if r.table((*run_path, "container"), _CONTAINER) is not None or run_type == "container":
+    if run_type != "container" and r.get((*run_path, "container")) is not None:
         raise r.error(
-            (*run_path, "type"),
-            'container components are not yet supported by this agent (run type "process")',
+            (*run_path, "container"),
+            'only a container component (type = "container") takes [lifecycle.run.container]',
         )
+    container = _container(r, run_path, env) if run_type == "container" else None
     policy_text = r.text((*run_path, "restart_policy")) or "always"
     try:
         policy = RestartPolicy(policy_text)
@@ -420,7 +528,7 @@ def parse_recipe(
             args=tuple(_sub(r, (*ep, "args"), a, env) for a in args),
             env={k: _sub(r, (*ep, "env", k), v, env) for k, v in envt.items()},
         )
-    else:
+    elif container is None:
         raise r.error(run_path, "a process component needs [lifecycle.run.exec] with a command")
 
     health: Health | None = None
@@ -463,6 +571,12 @@ def parse_recipe(
         security = Security(
             user=user, no_new_privileges=r.flag((*sp, "no_new_privileges")), capabilities=caps
         )
+        if container is not None and security != Security():
+            raise r.error(
+                sp,
+                "[lifecycle.run.security] only applies to process components; confine a "
+                "container through [lifecycle.run.container] (user, privileged) instead",
+            )
 
     run = Run(
         type=run_type,
@@ -472,6 +586,7 @@ def parse_recipe(
         exec=exec_,
         health=health,
         security=security,
+        container=container,
     )
 
     reload: Reload | None = None
@@ -497,6 +612,21 @@ def parse_recipe(
             script=r.text((*shp, "script")) or "", timeout=_duration(r, (*shp, "timeout"), 30.0)
         )
 
+    defer: Defer | None = None
+    dfp: Path_ = ("lifecycle", "defer")
+    if r.table(dfp, {"check", "timeout", "max"}) is not None:
+        check = r.text((*dfp, "check"), required=True) or ""
+        why = validate_check(check)
+        if why is None and check.startswith("tcp://"):
+            why = "a deferral check answers: expected cmd:<shell command> or an http(s):// URL"
+        if why:
+            raise r.error((*dfp, "check"), why)
+        defer = Defer(
+            check=check,
+            timeout=_duration(r, (*dfp, "timeout"), 5.0, minimum=0.001),
+            max=_duration(r, (*dfp, "max"), 3600.0),
+        )
+
     resources = Resources()
     rsp: Path_ = ("resources",)
     if r.table(rsp, {"open_files", "memory_limit", "cpu_quota"}) is not None:
@@ -512,7 +642,8 @@ def parse_recipe(
             except ValueError as exc:
                 raise r.error((*rsp, "memory_limit"), str(exc)) from None
         resources = Resources(
-            open_files=r.integer((*rsp, "open_files"), minimum=1),
+            # Go: 0 means "not set" (its container example writes open_files = 0)
+            open_files=r.integer((*rsp, "open_files"), minimum=0) or None,
             memory_limit=mem,
             cpu_quota=_cpu_quota(r, (*rsp, "cpu_quota")),
         )
@@ -531,11 +662,147 @@ def parse_recipe(
         reload=reload,
         shutdown=shutdown,
         resources=resources,
+        defer=defer,
         datasets=datasets,
         source=file,
         unknown_fields=tuple(r.unknown_messages()),
         text=text,
     )
+
+
+def _container(r: Reader, run_path: Path_, environ: Mapping[str, str]) -> Container:
+    """``[lifecycle.run.container]`` with Go's fields and meanings."""
+    cp: Path_ = (*run_path, "container")
+    if r.table(cp, _CONTAINER) is None:
+        raise r.error(cp, "a container component needs [lifecycle.run.container] with an image")
+    image = r.text((*cp, "image"), required=True) or ""
+    if not _IMAGE.fullmatch(image) or image.count("@") > 1:
+        raise r.error(
+            (*cp, "image"),
+            f"expected an image reference such as docker.io/library/nginx:alpine, got {image!r}",
+        )
+    _, at, digest = image.partition("@")
+    if at and not _DIGEST.fullmatch(digest):
+        raise r.error(
+            (*cp, "image"),
+            f"a pinned digest must be sha256: and 64 lowercase hex digits, got {digest!r}",
+        )
+    runtime = (r.text((*cp, "runtime")) or "auto").strip().lower()
+    if runtime not in CONTAINER_RUNTIMES:
+        raise r.error(
+            (*cp, "runtime"), f"expected one of {', '.join(CONTAINER_RUNTIMES)}, got {runtime!r}"
+        )
+    pull_text = r.text((*cp, "pull_policy")) or "if-not-present"
+    try:
+        pull = PullPolicy(pull_text)
+    except ValueError:
+        raise r.error(
+            (*cp, "pull_policy"), f"expected always, if-not-present or never, got {pull_text!r}"
+        ) from None
+    network = r.text((*cp, "network_mode")) or ""
+    if network and network not in NETWORK_MODES:
+        raise r.error((*cp, "network_mode"), f"expected host, bridge or none, got {network!r}")
+    user = r.text((*cp, "user")) or ""
+    if user and not _USER.fullmatch(user):
+        raise r.error((*cp, "user"), "expected uid, uid:gid or a user name")
+    envt = r.str_table((*cp, "env"))
+    for key in envt:
+        if not _ENV_NAME.fullmatch(key):
+            raise r.error(
+                (*cp, "env", key), "expected an environment variable name [A-Za-z_][A-Za-z0-9_]*"
+            )
+    mounts: list[Mount] = []
+    for path, _ in r.tables((*cp, "mounts"), {"source", "target", "type", "read_only"}):
+        kind = r.text((*path, "type")) or "bind"
+        if kind not in MOUNT_TYPES:
+            raise r.error((*path, "type"), f"expected bind, volume or tmpfs, got {kind!r}")
+        target = _host_env(r.text((*path, "target"), required=True) or "", environ)
+        if not target.startswith("/"):
+            raise r.error(
+                (*path, "target"), f"expected an absolute path inside the container, got {target!r}"
+            )
+        source = _host_env(r.text((*path, "source")) or "", environ)
+        if kind != "tmpfs" and not source:
+            raise r.error(
+                (*path, "source"), f"a {kind} mount needs a source (host path or volume name)"
+            )
+        if kind == "bind" and not source.startswith("/") and "$" not in source:
+            raise r.error(
+                (*path, "source"),
+                f"a bind mount's source must be an absolute host path, got {source!r}",
+            )
+        mounts.append(
+            Mount(target=target, source=source, type=kind, read_only=r.flag((*path, "read_only")))
+        )
+    ports: list[PortMapping] = []
+    for path, _ in r.tables((*cp, "ports"), {"host_ip", "host_port", "container_port", "protocol"}):
+        proto = (r.text((*path, "protocol")) or "tcp").lower()
+        if proto not in ("tcp", "udp"):
+            raise r.error((*path, "protocol"), f"expected tcp or udp, got {proto!r}")
+        host_port = _port(r, (*path, "host_port"))
+        container_port = _port(r, (*path, "container_port"))
+        ports.append(
+            PortMapping(host_port, container_port, r.text((*path, "host_ip")) or "0.0.0.0", proto)
+        )
+    rp: Path_ = (*cp, "resources")
+    resources = ContainerResources()
+    if (
+        r.table(
+            rp, {"memory_mb", "memory_swap", "cpu_shares", "cpu_quota", "cpu_period", "pids_limit"}
+        )
+        is not None
+    ):
+
+        def num(key: str, minimum: int) -> int | None:
+            value = r.integer((*rp, key), minimum=minimum)
+            return value or None  # Go: 0 means unset
+
+        swap = r.integer((*rp, "memory_swap"), minimum=-1)
+        resources = ContainerResources(
+            memory_mb=num("memory_mb", 0),
+            memory_swap=swap or None,
+            cpu_shares=num("cpu_shares", 0),
+            cpu_quota=num("cpu_quota", 0),
+            cpu_period=num("cpu_period", 0),
+            pids_limit=num("pids_limit", 0),
+        )
+    return Container(
+        image=image,
+        runtime=runtime,
+        pull_policy=pull,
+        network_mode=network,
+        user=user,
+        privileged=r.flag((*cp, "privileged")),
+        hostname=r.text((*cp, "hostname")) or "",
+        env={k: _sub(r, (*cp, "env", k), v, environ) for k, v in envt.items()},
+        labels=r.str_table((*cp, "labels")),
+        mounts=tuple(mounts),
+        ports=tuple(ports),
+        resources=resources,
+    )
+
+
+def _port(r: Reader, path: Path_) -> int:
+    value = r.integer(path)
+    if value is None:
+        raise r.error(path, "required: a port from 1 to 65535")
+    if not 1 <= value <= 65535:
+        raise r.error(path, f"expected a port from 1 to 65535, got {value}")
+    return value
+
+
+def _host_env(text: str, environ: Mapping[str, str]) -> str:
+    """Go's mount interpolation: ``$VAR``, ``${VAR}``, ``${VAR:-default}``; an unset variable
+    without a default stays as written (the runner refuses such a bind mount when it starts)."""
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(3)
+        value = environ.get(name)
+        if value:
+            return value
+        return m.group(2) if m.group(2) is not None else m.group(0)
+
+    return _HOST_ENV.sub(repl, text)
 
 
 def _segment(r: Reader, path: Path_) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,14 +25,13 @@ from keystone.env import substitution_env
 from keystone.errors import KeystoneError, UsageError, ValidationError
 from keystone.node import Node, apply_record
 from keystone.plan import (
-    STORE_REF,
     DesiredPlan,
     FileRecipes,
-    PlanEntry,
     merge_entries,
     parse_plan,
     resolve_entries,
 )
+from keystone.recipesig import RecipeFileVerifier
 from keystone.report import public_info
 from keystone.runtime.deployer import PlannedChanges
 from keystone.runtime.supervisor import State, Supervisor
@@ -39,8 +39,14 @@ from keystone.slot import DesiredSlot, Job, Operation
 from keystone.sync.engine import SyncEngine
 from keystone.sync.imports import receive_bundle
 from keystone.sync.model import RequestKind, SyncRequest
+from keystone.units import go_duration
 
 T = TypeVar("T")
+
+
+def _rfc3339(ts: float) -> str:
+    """A Unix time as Go's ``time.RFC3339`` of a UTC time (``2026-01-02T15:04:05Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class ControlService:
@@ -54,6 +60,8 @@ class ControlService:
         self.drift_monitor: DriftMonitor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.closed = False  # set when the agent begins to shut down (Go's healthz "closed")
 
     def _call(self, factory: Callable[[], Awaitable[T]], timeout: float | None = 600.0) -> T:
         assert self.loop is not None
@@ -67,17 +75,51 @@ class ControlService:
     # --- status -----------------------------------------------------------------------------
 
     def health(self) -> JSON:
+        """Go's ``HealthStatus`` (``status``, ``uptime`` as a Go duration, ``closed``,
+        ``time_utc``, ``clock_trusted``, ``clock_source``), then ours beside it.
+
+        ``status`` is the agent's own liveness, ``ok`` while it answers, as in Go; whether a
+        component is down is ``components_status`` (``ok`` or ``degraded``), and the
+        components' own states are in ``GET /v1/components``.
+        """
         sups = list(self.node.deployer.supervisors.values())
         degraded = any(s.state in (State.FAILED, State.UNHEALTHY, State.BACKOFF) for s in sups)
+        uptime = max(0.0, time.monotonic() - self.started_mono)
+        trusted, source = self._clock()
         return {
-            "status": "degraded" if degraded else "ok",
-            "uptime": round(time.time() - self.started, 3),
+            "status": "ok",
+            "uptime": go_duration(uptime),
+            "closed": self.closed,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "clock_trusted": trusted,
+            "clock_source": source,
+            "uptime_seconds": round(uptime, 3),
+            "components_status": "degraded" if degraded else "ok",
             "version": __version__,
             "device": self.config.device_id,
             "revision": self.node.ledger.applied,
             "components": len(sups),
+            **self._rollout(),
         }
+
+    def _rollout(self) -> JSON:
+        """``rollout`` (the device's wave, hold and outcome) while a rollout concerns it."""
+        status = self.engine.rollout.status() if self.engine is not None else None
+        return {"rollout": status} if status is not None else {}
+
+    def _clock(self) -> tuple[bool, str]:
+        """``clock_trusted`` and ``clock_source`` (``system``, ``high-water`` or ``build``, as
+        Go names them) of the trust clock certificates are judged by."""
+        # lazy: read only by /healthz; a small module without heavy imports
+        from keystone.runtime.clock import TrustedClock
+
+        policy = (os.environ.get("KEYSTONE_CLOCK_POLICY") or "").strip() or "high-water"
+        try:
+            reading = TrustedClock(self.node.runtime / "state", policy).read()
+        except KeystoneError:
+            reading = TrustedClock(self.node.runtime / "state").read()
+        source = reading.source
+        return reading.trusted, "build" if source == "build-time" else source
 
     def components(self) -> list[JSON]:
         sups = sorted(self.node.deployer.supervisors.values(), key=lambda s: s.name)
@@ -111,14 +153,17 @@ class ControlService:
 
     def plan_status(self) -> JSON:
         node = self.node
-        return {
+        status: JSON = {
             "planPath": node.plan_path,
             "status": "stopped" if node.stopped else node.plan_state,
             "error": node.plan_error,
             "unknownFields": node.unknown_fields,
-            "lastReconcile": node.last_reconcile,
-            "components": self.components(),
         }
+        if node.last_reconcile is not None:  # omitted until a pass has run, as in Go
+            status["lastReconcile"] = _rfc3339(node.last_reconcile)
+            status["lastReconcileResult"] = node.last_reconcile_result
+        status["components"] = self.components()
+        return status
 
     def plan_graph(self) -> JSON:
         return self.node.deployer.applied.graph.to_json()
@@ -174,11 +219,15 @@ class ControlService:
         return self._call(go)
 
     def restart_component(self, name: str, *, wait: str | None, timeout: float, dry: bool) -> JSON:
+        """Go's ``RestartResult`` (``component``, ``pid``, ``dependents`` name -> pid, ``wait``,
+        ``timeout``) or, with ``dry``, its ``RestartDryResult`` (``stopOrder``: the dependents
+        stopped first, farthest first; ``startOrder``: the component, then its dependents)."""
         self._sup(name)
         deployer = self.node.deployer
         if dry:
             stop_order, start_order = deployer.restart_order(name)
             return {"stopOrder": stop_order, "startOrder": start_order}
+        mode = wait or "pid"
 
         async def restart(_op: str) -> JSON:
             pid, dependents = await deployer.restart_component(name)
@@ -190,11 +239,21 @@ class ControlService:
             op = self.slot.submit(Job("restart", restart, key=("restart", name)))
             result = await asyncio.wait_for(asyncio.shield(op.wait()), timeout)
             sup = self._sup(name)
-            if result["pid"] is None:
-                result = {**result, "pid": sup.pid}
-            if wait == "health" and not sup.healthy:
+            if mode == "health" and not sup.healthy:
                 raise TimeoutError(f"{name} restarted but is {sup.state.value}: {sup.error or ''}")
-            return {**result, "operation": op.id}
+            pids: dict[str, int] = {}
+            for dep in result["dependents"]:
+                other = self.node.deployer.supervisors.get(dep)
+                dep_pid = other.reported()[2] if other is not None else 0
+                if dep_pid:  # Go lists the dependents that have a process
+                    pids[dep] = dep_pid
+            return {
+                "component": name,
+                "pid": sup.reported()[2],
+                "dependents": pids,
+                "order": list(result["dependents"]),
+                "operation": op.id,
+            }
 
         try:
             result = self._call(go, timeout + 5)
@@ -206,23 +265,33 @@ class ControlService:
             "component": name,
             "pid": result["pid"],
             "dependents": result["dependents"],
+            "wait": mode,
+            "timeout": go_duration(timeout),
+            "dependentsOrder": result["order"],
             "operation": result["operation"],
         }
 
     # --- recipes ----------------------------------------------------------------------------
 
     def recipes(self) -> list[JSON]:
+        """The store's entries with their digest and file (``GET /v1/recipes?detail=true``)."""
         return [
             {
                 "name": n,
                 "version": v,
                 "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
                 "path": str(p),
+                "file": f"{n}-{v}.toml",
             }
             for n, v, p in self.node.store.list()
         ]
 
+    def recipe_files(self) -> list[str]:
+        """Go's ``GET /v1/recipes``: the store's file names, ``<name>-<version>.toml``, sorted."""
+        return sorted(f"{n}-{v}.toml" for n, v, _ in self.node.store.list())
+
     def upload_recipe(self, text: str, *, force: bool) -> JSON:
+        """Go's reply ``{status: "created", name, version}``, then ours beside it."""
         try:
             recipe, path, replaced = self.node.store.put(
                 text, force=force, environ=substitution_env()
@@ -230,6 +299,7 @@ class ControlService:
         except FileExistsError as exc:
             raise Conflict(str(exc)) from None
         return {
+            "status": "created",
             "name": recipe.name,
             "version": recipe.version,
             "path": str(path),
@@ -249,23 +319,21 @@ class ControlService:
     # --- plans ------------------------------------------------------------------------------
 
     def plan_from_text(self, text: str) -> DesiredPlan:
-        """Parse and resolve a plan sent to the API, once (store references only)."""
+        """Parse and resolve a plan sent to the API, once.
+
+        A recipe is a store reference (``name:version``) or, as in the Go agent, a recipe file
+        on the device: relative to the agent's working directory (never leaving it: no ``..``,
+        no symlink out) or absolute. Files pass the recipe signature check that local plans
+        pass (``<recipe>.sig`` when a trust bundle is configured).
+        """
         pf = parse_plan(text, file="request body")
         entries, unknown = merge_entries([pf])
-        # The API never reads a path a client names: only store references resolve.
-        store_only = FileRecipes(Path("/nonexistent-api-root"), self.node.store)
-
-        def reader(e: PlanEntry) -> tuple[str, str]:
-            if not STORE_REF.match(e.recipe) or "/" in e.recipe:
-                raise ValidationError(
-                    f"recipe {e.recipe!r}: the API takes store references name:version only; "
-                    "upload recipes first (keystone upload-recipe)",
-                    file=e.file,
-                    line=e.line,
-                    field="recipe",
-                )
-            return store_only(e)
-
+        reader = FileRecipes(
+            Path.cwd(),
+            self.node.store,
+            verify=RecipeFileVerifier.from_env(),
+            allow_absolute=True,
+        )
         return resolve_entries(
             entries, reader, environ=substitution_env(), sources=("api",), unknown=unknown
         )
@@ -309,7 +377,8 @@ class ControlService:
         return self.slot.submit(Job("apply", run, desired=True))
 
     def reconcile(self) -> JSON:
-        return {"repaired": self._call(self.node.repair)}
+        """Go's ``ReconcileResult``: ``skipped`` (with a ``reason``), ``repaired``, ``duration``."""
+        return self._call(self.node.reconcile_now)
 
     # --- datasets ----------------------------------------------------------------------------
 

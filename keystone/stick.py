@@ -87,6 +87,7 @@ class StickReporter:
                     "name": name,
                     "version": row.get("version"),
                     "state": row.get("state"),
+                    "phase": row.get("phase"),
                     "pid": row.get("pid"),
                     "restarts": row.get("restarts"),
                     "error": row.get("error"),

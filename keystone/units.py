@@ -70,6 +70,40 @@ def format_duration(seconds: float) -> str:
     return out
 
 
+def go_duration(seconds: float) -> str:
+    """Seconds as Go's ``time.Duration.String`` prints them: ``1h2m3.5s``, ``1m0s``, ``1.5ms``.
+
+    The value is first rounded to whole nanoseconds (Go's duration is an int64 of them); at or
+    above one second the fraction of the seconds keeps up to nine digits without trailing
+    zeros, hours are the largest unit (``100h0m0s``), and below a second the unit is ``ms``,
+    ``µs`` or ``ns``.
+    """
+    ns = round(seconds * 1e9)
+    sign = "-" if ns < 0 else ""
+    u = abs(ns)
+    if u == 0:
+        return "0s"
+    if u < 1_000_000_000:
+        if u < 1_000:
+            return f"{sign}{u}ns"
+        unit, prec = ("µs", 3) if u < 1_000_000 else ("ms", 6)
+        return f"{sign}{_go_frac(u, prec)}{unit}"
+    whole, frac = divmod(u, 1_000_000_000)
+    secs = f"{whole % 60}" + (f".{frac:09d}".rstrip("0") if frac else "") + "s"
+    minutes = whole // 60
+    if not minutes:
+        return sign + secs
+    hours = minutes // 60
+    if not hours:
+        return f"{sign}{minutes}m{secs}"
+    return f"{sign}{hours}h{minutes % 60}m{secs}"
+
+
+def _go_frac(u: int, prec: int) -> str:
+    whole, frac = divmod(u, 10**prec)
+    return f"{whole}" + (f".{frac:0{prec}d}".rstrip("0") if frac else "")
+
+
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$", re.ASCII)
 MAX_SIZE = 2**63 - 1
 _SIZE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}

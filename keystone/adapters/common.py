@@ -4,8 +4,8 @@ A broker command is the Go Keystone's (``apply``, ``stop``, ``status``, ``compon
 ``graph``, ``restart``, ``stop-comp``, ``health``, ``recipes``, ``add-recipe``; JetStream's
 ``delete-recipe``) plus our ``sync``. Each one is a call of ``keystone.control.AgentControl``,
 the face the HTTP API uses, so a broker message meets the same desired-state slot, the same
-verification and the same rules as an HTTP request (the API never reads a path a client names;
-plans reference stored recipes only). The control methods block their caller until the agent's
+verification and the same rules as an HTTP request (the API never reads a plan file a client
+names; a plan's recipes are stored ones or recipe files under the agent's working directory). The control methods block their caller until the agent's
 loop has done the work, so commands run in one small bounded thread pool, never on the loop and
 never in a thread per message.
 
@@ -29,7 +29,7 @@ from loguru import logger
 
 from keystone.control import JSON, AgentControl, Conflict, NotFound
 from keystone.errors import KeystoneError, Refused
-from keystone.units import parse_duration
+from keystone.units import go_duration, parse_duration
 
 COMMANDS = (
     "apply",
@@ -257,19 +257,13 @@ def _stop_comp(control: AgentControl, req: Mapping[str, Any], policy: Policy) ->
 
 
 def _health(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
-    # Go's HealthStatus body: uptime as a Go duration ("1h2m3.5s"); our other keys (version,
-    # device, revision, components) ride along.
-    health = dict(control.health())
-    health["uptime"] = go_duration(float(health.get("uptime") or 0))
-    return Reply(True, health)
+    # Go's HealthStatus body (uptime a Go duration, "1h2m3.5s"); our other keys ride along.
+    return Reply(True, control.health())
 
 
 def _recipes(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
     # Go lists its store's file names (name-version.toml); the HTTP API's entries ride along.
-    items = control.recipes()
-    return Reply(
-        True, {"recipes": [f"{r['name']}-{r['version']}.toml" for r in items], "items": items}
-    )
+    return Reply(True, {"recipes": control.recipe_files(), "items": control.recipes()})
 
 
 def _add_recipe(control: AgentControl, req: Mapping[str, Any], policy: Policy) -> Reply:
@@ -389,22 +383,6 @@ def utc_stamp(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + frac + "Z"
 
 
-def go_duration(seconds: float) -> str:
-    """Seconds as Go's ``time.Duration.String()`` (``1h2m3.5s``, ``250ms``, ``0s``)."""
-    if seconds <= 0:
-        return "0s"
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{round(secs, 6):g}s"
-    if hours:
-        return f"{int(hours)}h{int(minutes)}m{text}"
-    if minutes:
-        return f"{int(minutes)}m{text}"
-    return text
-
-
 def state_event(control: AgentControl, device_id: str, now: float) -> JSON:
     """Go's ``StateEvent`` (plus the applied ``revision``)."""
     status = control.plan_status()
@@ -416,9 +394,12 @@ def state_event(control: AgentControl, device_id: str, now: float) -> JSON:
     }
     if status.get("planPath"):
         event["planPath"] = status["planPath"]
-    revision = control.health().get("revision")
+    health = control.health()
+    revision = health.get("revision")
     if revision:
         event["revision"] = revision
+    if health.get("rollout"):  # the device's wave and outcome, for a fleet-side rollout gate
+        event["rollout"] = health["rollout"]
     return event
 
 
@@ -429,7 +410,7 @@ def health_event(control: AgentControl, device_id: str, now: float) -> JSON:
         "timestamp": utc_stamp(now),
         "deviceId": device_id,
         "status": health.get("status"),
-        "uptime": go_duration(float(health.get("uptime") or 0)),
+        "uptime": health.get("uptime"),
     }
 
 

@@ -583,6 +583,13 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- routes -----------------------------------------------------------------------------
 
+    def h_root(self, q: Query, body: bytes) -> None:
+        self._send(
+            200,
+            b"Keystone agent is running. See /healthz, /metrics and /v1/components\n",
+            content_type="text/plain; charset=utf-8",
+        )
+
     def h_healthz(self, q: Query, body: bytes) -> None:
         self._send(200, self.c.health())
 
@@ -603,7 +610,7 @@ class Handler(BaseHTTPRequestHandler):
             # (which keeps running without it), and changes nothing.
             if name not in {c.get("name") for c in self.c.components()}:
                 raise NotFound(f"component {name!r} is not in the applied plan")
-            edges = self.c.plan_graph().get("edges") or []
+            edges = self.c.plan_graph().get("typedEdges") or []
             needs = sorted({e["from"] for e in edges if e.get("to") == name})
             self._send(200, {"stopOrder": [name], "dependents": needs})
             return
@@ -639,7 +646,11 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def h_recipes(self, q: Query, body: bytes) -> None:
-        self._send(200, self.c.recipes())
+        # Go's answer is the store's file names; ?detail=true gives ours (digest, path).
+        if flag(q, "detail"):
+            self._send(200, self.c.recipes())
+        else:
+            self._send(200, self.c.recipe_files())
 
     def h_upload_recipe(self, q: Query, body: bytes) -> None:
         text, doc = self._toml_body(body, "recipe")

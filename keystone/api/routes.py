@@ -63,6 +63,7 @@ def _compile(path: str) -> re.Pattern[str]:
 
 
 ROUTES: tuple[Route, ...] = (
+    Route("GET", "/", "root"),
     Route("GET", "/healthz", "healthz", auth=False),
     Route("GET", "/metrics", "metrics"),
     Route("GET", "/v1/openapi.json", "openapi"),

@@ -82,7 +82,7 @@ class ApiServer:
         if not is_loopback(self.host) and not explicit and not mtls:
             raise UsageError(
                 f"refusing to serve the API on {listen}, beyond loopback, with only a generated "
-                "token: set KEYSTONE_API_TOKEN, or configure TLS with client certificates "
+                "token: set KEYSTONE_API_TOKEN (or --api-token), or configure TLS with client certificates "
                 "([api] tls_cert, tls_key, client_ca), or listen on 127.0.0.1"
             )
         self._token_digest = digest(self.token)

@@ -1,6 +1,9 @@
 """The ``keystone`` / ``keystonectl`` command line.
 
-``main`` is the entry point of both scripts. The hot read-only commands (``status``,
+``main`` is the entry point of both scripts. Invoked as ``keystonectl`` it is the Go
+keystonectl (``keystone.cli.goctl``, ``keystone.cli.ctl``: the agent's JSON, Go's exit codes);
+invoked as ``keystone`` with the Go agent's flags first (``keystone --http 127.0.0.1:8080``,
+``keystone -http :8080 -demo``) it runs the agent (``keystone.cli.goagent``). The hot read-only commands (``status``,
 ``components``, ``health``) run without importing typer (``keystone.cli.fast``), which keeps
 ``keystone status`` quick; everything else goes to the typer app of ``keystone.cli.app``. This
 module imports nothing heavy, so that the fast path stays fast.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from keystone.cli.fast import fast_main
+from keystone.cli import goagent, goctl
 
 GLOBAL_VALUED = ("--addr", "--token", "--ssh")
 GLOBAL_FLAGS = ("--json",)
@@ -60,8 +63,51 @@ def hoist_globals(argv: list[str]) -> list[str]:
     return rest[:cut] + moved + rest[cut:]
 
 
+def delegate(argv: list[str]) -> int:
+    """Run ``argv`` in the keystone app for keystonectl; its exit code folded into Go's."""
+    sys.argv[1:] = hoist_globals(argv)
+    from keystone.cli.app import run
+
+    try:
+        run()
+    except SystemExit as exc:
+        code = exc.code
+        return goctl.fold_exit(code) if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+def ctl_main(argv: list[str]) -> int:
+    """Run the keystonectl command line ``argv``; Go's exit code."""
+    code = goctl.ctl_fast(argv)
+    if code is not None:
+        return code
+    first = goctl.first_command(argv)
+    if first is not None and (first in goctl.DELEGATED or first not in goctl.GO_COMMANDS):
+        # The keystone app runs what Go's keystonectl lacks; what talks to the agent prints JSON.
+        if first in goctl.AS_JSON and not {"--json", "--help"} & set(argv):
+            argv = [*argv, "--json"]
+        return delegate(argv)
+    from keystone.cli import ctl  # lazy: click, only past the fast path
+
+    return ctl.run(argv)
+
+
 def main() -> None:
     """Run one command."""
+    if goctl.invoked_as_ctl(sys.argv[0]):
+        sys.exit(ctl_main(sys.argv[1:]))
+    if goagent.is_go_agent(sys.argv[1:]):
+        sys.argv[1:] = goagent.agent_argv(sys.argv[1:])
+    if sys.argv[1:2] == ["agent"]:
+        # lazy: the agent's own typer-free path (the resident process keeps what it imports)
+        from keystone.cli.agentrun import fast_agent
+
+        code = fast_agent(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
+    # lazy: the fast path's client is not the agent's to keep
+    from keystone.cli.fast import fast_main
+
     code = fast_main(sys.argv[1:])
     if code is not None:
         sys.exit(code)

@@ -2,47 +2,23 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from keystone.cli import agentrun
 from keystone.cli.common import Command, add_commands
-from keystone.demo import DEMO_DIR, DEMO_PLAN
-
-_BOOLEAN_FLAGS = frozenset({"tls-verify", "jetstream", "accept-local-plans"})
+from keystone.errors import UsageError
 
 
 def broker_flags(args: list[str]) -> dict[str, str]:
     """Go's ``--mqtt-*`` / ``--nats-*`` agent flags among ``args`` (``--flag value`` or
     ``--flag=value``; a boolean alone means true). Anything else is a usage error naming it."""
-    # lazy: the broker settings load with the agent, not with --help
-    from keystone.brokerconfig import FLAG_FIELDS
-
-    flags: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        name, eq, value = arg.lstrip("-").partition("=")
-        prefix, _, rest = name.partition("-")
-        if not arg.startswith("-") or rest not in FLAG_FIELDS.get(prefix, {}):
-            raise typer.BadParameter(
-                f"unknown option {arg!r} (broker flags are --mqtt-* and --nats-*: see "
-                "docs/brokers.md)"
-            )
-        if not eq:
-            following = args[i + 1] if i + 1 < len(args) else None
-            if rest in _BOOLEAN_FLAGS and (following is None or following.startswith("-")):
-                value = "true"
-            elif following is None:
-                raise typer.BadParameter(f"{arg} needs a value")
-            else:
-                value, i = following, i + 1
-        flags[name] = value
-        i += 1
-    return flags
+    try:
+        return agentrun.broker_flags(args)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def agent_cmd(
@@ -75,67 +51,79 @@ def agent_cmd(
         typer.Option(
             "--insecure-skip-verify",
             envvar="KEYSTONE_INSECURE_SKIP_VERIFY",
-            help="accept recipe files without a valid .sig even with a trust bundle "
-            "(development only; a WARNING for each)",
+            help="disable mandatory artifact integrity (sha256 + signature): recipe file, "
+            "artifact and dataset manifest signatures and sha256 pins are no longer required "
+            "(development only; a WARNING at start and for each)",
         ),
     ] = False,
+    api_token: Annotated[
+        str | None,
+        typer.Option(
+            "--api-token",
+            help="bearer token for the API (or KEYSTONE_API_TOKEN) [default: a generated one "
+            "in RUNTIME/api.token]; required to listen beyond loopback",
+            show_default=False,
+        ),
+    ] = None,
+    clock_policy: Annotated[
+        str | None,
+        typer.Option(
+            "--clock-policy",
+            help="high-water or strict (or KEYSTONE_CLOCK_POLICY) [default: high-water]",
+            show_default=False,
+        ),
+    ] = None,
+    reconcile_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--reconcile-interval",
+            help="re-apply the plan in effect on this interval, e.g. 5m (0 disables it; or "
+            "KEYSTONE_RECONCILE_INTERVAL)",
+            show_default=False,
+        ),
+    ] = None,
+    reconcile_jitter: Annotated[
+        str | None,
+        typer.Option(
+            "--reconcile-jitter",
+            help="spread reconcile passes across a fleet by this much [default: 10% of the "
+            "interval]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
 
     Also takes the Go agent's broker flags (--mqtt-broker, --mqtt-qos, --nats-url,
     --nats-jetstream, ... as in docs/brokers.md); they win over KEYSTONE_MQTT_* / KEYSTONE_NATS_*
-    and the [mqtt] / [nats] tables of agent.toml.
+    and the [mqtt] / [nats] tables of agent.toml. `keystone --http ADDR ...` (one dash or two,
+    no `agent`) is the Go agent's command line for the same thing (docs/go-compat.md);
+    `--http ""` runs without the HTTP API.
     """
-    flags = broker_flags(list(ctx.args))
-    # lazy: asyncio, loguru, the config parser and the agent itself: only to run it, not --help
-    import asyncio
-
-    from keystone import log
-    from keystone.agent import Agent
-    from keystone.config import load_config
-
-    log.setup(level=log_level.upper(), json=log_json)
-    cfg = load_config(config)
-    # [trust] trust_bundle / leaf_cert reach every reader of KEYSTONE_TRUST_BUNDLE and
-    # KEYSTONE_LEAF_CERT (dataset resolver, recipe and artifact signatures, the workers) the
-    # one way they all share; load_config already let the environment win.
-    os.environ.update(cfg.trust.environ())
-    if runtime is not None:
-        cfg = replace(cfg, runtime=runtime)
-    if labels is not None:
-        cfg = replace(cfg, labels=tuple(x.strip() for x in labels.split(",") if x.strip()))
-    if device is not None:
-        cfg = replace(cfg, device_id=device)
-    if flags:
-        # lazy: broker settings and errors, only when broker flags are given
-        from keystone.brokerconfig import apply_broker_flags
-        from keystone.errors import KeystoneError
-
-        try:
-            mqtt, nats = apply_broker_flags(cfg.mqtt, cfg.nats, flags)
-        except KeystoneError as exc:
-            raise typer.BadParameter(str(exc)) from None
-        cfg = replace(cfg, mqtt=mqtt, nats=nats)
+    opts = agentrun.AgentOptions(
+        config=config,
+        http=http,
+        demo=demo,
+        apply=apply,
+        runtime=runtime,
+        labels=labels,
+        device=device,
+        log_json=log_json,
+        log_level=log_level,
+        insecure_skip_verify=insecure_skip_verify,
+        flags=broker_flags(list(ctx.args)),
+        api_token=api_token,
+        clock_policy=clock_policy,
+        reconcile_interval=reconcile_interval,
+        reconcile_jitter=reconcile_jitter,
+    )
     if demo and apply:
         raise typer.BadParameter("--demo and --apply are exclusive")
-
-    agent = Agent(cfg, http=http)
-    initial = None
-    source = ""
-    if demo or apply:
-        plan_path = DEMO_PLAN if demo else apply
-        assert plan_path is not None
-        # A plan that does not validate stops us here, before anything is started.
-        initial = agent.load_plan_file(
-            plan_path,
-            root=DEMO_DIR if demo else None,
-            verify_signatures=not demo,
-            insecure_skip_verify=insecure_skip_verify,
-        )
-        source = "demo" if demo else str(plan_path)
-        for line in initial.unknown_fields:
-            typer.echo(f"warning: {line}", err=True)
-    raise typer.Exit(asyncio.run(agent.run(initial=initial, initial_source=source)))
+    try:
+        code = agentrun.run_agent(opts, warn=lambda text: typer.echo(text, err=True))
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    raise typer.Exit(code)
 
 
 def serve_artifacts_cmd(

@@ -17,7 +17,9 @@ from keystone.errors import KeystoneError
 
 app = typer.Typer(
     name="keystone",
-    help="Keystone: a declarative GitOps pull agent for edge devices.",
+    help="Keystone: a declarative GitOps pull agent for edge devices.\n\n"
+    "Run the agent with `keystone agent`, or with the Go agent's command line: "
+    "`keystone --http 127.0.0.1:8080 [--demo] [--api-token T] ...` (docs/go-compat.md).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

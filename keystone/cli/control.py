@@ -184,12 +184,15 @@ def reconcile_cmd(session: Session) -> None:
     """Start again what the applied plan says should run and does not
     (POST /v1/plan/reconcile)."""
     data = session.request("POST", "/v1/plan/reconcile")
-    session.emit(data, lambda d: f"repaired: {', '.join(d.get('repaired') or []) or 'nothing'}")
+    session.emit(data, views.reconcile_text)
 
 
 def _upload_recipes(client: Client, recipes: list[tuple[str, str, str, str]]) -> list[str]:
     """Store the recipes the agent does not hold with the same bytes; return what was sent."""
-    stored = {(r.get("name"), r.get("version")): r.get("sha256") for r in client.get("/v1/recipes")}
+    stored = {
+        (r.get("name"), r.get("version")): r.get("sha256")
+        for r in client.get("/v1/recipes", params={"detail": "true"})
+    }
     sent = []
     for name, version, text, file in recipes:
         data = text.encode()
@@ -299,7 +302,9 @@ def apply_dry_cmd(session: Session, plan: PlanArg) -> None:
 @command(connect=True)
 def recipes_cmd(session: Session) -> None:
     """The agent's recipe store (GET /v1/recipes)."""
-    session.emit(session.request("GET", "/v1/recipes"), views.recipes_text)
+    session.emit(
+        session.request("GET", "/v1/recipes", params={"detail": "true"}), views.recipes_text
+    )
 
 
 @command(connect=True)

@@ -1,7 +1,7 @@
 """The typer-free fast path for the hot read-only commands, and the reads they share with typer.
 
 Importing typer costs tens of milliseconds, an eternity for ``keystone status`` in a monitoring
-loop. ``fast_main`` serves ``status [--revision]``, ``components`` and ``health`` with the
+loop. ``fast_main`` serves ``status [--revision]``, ``components``, ``health`` and ``sync`` with the
 connection options, and declines (returns None) anything else, including ``--help``, so typer
 handles it. The typer commands of ``keystone.cli.control`` run the same ``read_*`` bodies and
 print through the same views, so both paths print exactly the same thing.
@@ -9,12 +9,13 @@ print through the same views, so both paths print exactly the same thing.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from keystone.cli import views
-from keystone.cli.session import Session
+from keystone.cli.session import Session, exit_for
 from keystone.client import Client
 from keystone.env import load_dotenv
 from keystone.errors import KeystoneError
@@ -44,10 +45,26 @@ def read_health(client: Client) -> tuple[Any, views.Human]:
     return client.get("/healthz", timeout=10), views.health_text
 
 
+def read_sync(client: Client, flags: set[str]) -> tuple[Any, views.Human]:
+    """``sync [--once] [--dry-run] [--allow-rollback] [--retry]``: one sync of the running
+    agent, following a newer request that superseded it (what ``keystone.cli.gitops`` runs)."""
+    params = {
+        "dry": str(bool(flags & {"--dry-run", "--dry"})).lower(),
+        "allow_rollback": str("--allow-rollback" in flags).lower(),
+        "retry": str("--retry" in flags).lower(),
+    }
+    data = client.request("POST", "/v1/sync", params=params)
+    if isinstance(data, dict) and data.get("result") == "superseded" and data.get("superseded_by"):
+        # A newer request replaced this one in the agent's queue: its outcome is the answer.
+        data = client.follow_operation(str(data["superseded_by"]), 600.0)
+    return data, views.sync_text
+
+
 _FAST: dict[str, tuple[Read, frozenset[str]]] = {
     "status": (read_status, frozenset({"--revision"})),
     "components": (read_components, frozenset()),
     "health": (read_health, frozenset()),
+    "sync": (read_sync, frozenset({"--once", "--dry-run", "--dry", "--allow-rollback", "--retry"})),
 }
 _VALUED = ("--addr", "--token", "--ssh", "--runtime")
 
@@ -102,6 +119,17 @@ def fast_main(argv: Sequence[str]) -> int | None:
         runtime=Path(options["runtime"]) if options.get("runtime") else None,
     )
     run = _FAST[command][0]
+    if command == "sync":
+        # As the typer command: an error goes to stderr only (its JSON carries results), and
+        # the exit code is the outcome's.
+        try:
+            with session.client() as client:
+                data, human = read_sync(client, flags)
+        except KeystoneError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return int(exc.exit_code)
+        session.emit(data, human)
+        return int(exit_for(data.get("result") if isinstance(data, dict) else None))
     try:
         with session.client() as client:
             data, human = run(client, "--revision" in flags) if command == "status" else run(client)

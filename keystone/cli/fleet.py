@@ -143,6 +143,13 @@ def bundle_create(
             help="carry the signed datasets in DIR/<name>/ (manifest, .sig, .crt, payload)",
         ),
     ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image",
+            help="carry this container image archive (podman save -o FILE IMAGE); repeatable",
+        ),
+    ] = None,
 ) -> None:
     """Write one file with the fleet repo at REV and every artifact its plans need."""
     # lazy: keystone.fleet pulls in git, the resolver and the artifact store (~100 ms)
@@ -159,6 +166,7 @@ def bundle_create(
         devices=device or [],
         progress=bar,
         datasets=datasets,
+        images=image or [],
     )
     bar.done()
     output.emit(data, views.bundle_created_text)

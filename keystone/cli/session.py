@@ -36,6 +36,8 @@ RESULT_EXIT: Mapping[str, ExitCode] = {
     "known-bad": ExitCode.REFUSED,
     "unreachable": ExitCode.FAILED,
     "error": ExitCode.FAILED,
+    "waiting": ExitCode.OK,  # verified; deploys at its wave, window or the end of a deferral
+    "halted": ExitCode.OK,  # verified; the rollout is halted
 }
 """The exit code of an outcome the agent reports (a sync, rollback, import or apply result)."""
 

@@ -102,28 +102,50 @@ def components_text(rows: list[dict[str, Any]]) -> str:
         [
             c.get("name", ""),
             c.get("state", ""),
+            c.get("phase") or "-",
             c.get("version") or "-",
-            c.get("pid") or "-",
+            c.get("pid") or (f"ctr:{c['container_id'][:12]}" if c.get("container_id") else "-"),
             c.get("restarts", 0),
             duration(time.time() - float(c["since"])) if c.get("since") else "-",
-            " ".join(str(c.get("error") or c.get("last_health") or "").split())[:60],
+            _health_cell(c),
         ]
         for c in rows
     ]
-    return table(body, ["COMPONENT", "STATE", "VERSION", "PID", "RESTARTS", "FOR", "HEALTH"])
+    return table(
+        body, ["COMPONENT", "STATE", "PHASE", "VERSION", "PID", "RESTARTS", "FOR", "HEALTH"]
+    )
+
+
+def _health_cell(c: dict[str, Any]) -> str:
+    """``last_health``, then why (the error, or the probe's detail)."""
+    verdict = str(c.get("last_health") or "")
+    detail = " ".join(str(c.get("error") or c.get("health_detail") or "").split())
+    if verdict and detail:
+        return f"{verdict}: {detail}"[:60]
+    return (verdict or detail)[:60]
 
 
 def health_text(h: dict[str, Any]) -> str:
     """One line: status, uptime, version, device, applied revision."""
     parts = [
-        f"agent {h.get('status', '?')}",
-        f"up {duration(h.get('uptime', 0))}",
+        f"agent {h.get('status', '?')}"
+        + (" (components degraded)" if h.get("components_status") == "degraded" else ""),
+        f"up {_uptime(h)}",
         f"keystone {h.get('version') or '?'}",
     ]
     if h.get("device"):
         parts.append(f"device {h['device']}")
     parts.append(f"revision {short(h.get('revision'))}")
     return ", ".join(parts)
+
+
+def _uptime(h: dict[str, Any]) -> str:
+    """The health answer's uptime: seconds (``uptime_seconds``) or Go's duration text."""
+    seconds = h.get("uptime_seconds")
+    if isinstance(seconds, int | float):
+        return duration(seconds)
+    value = h.get("uptime")
+    return duration(value) if isinstance(value, int | float) else str(value or "?")
 
 
 def status_text(d: dict[str, Any]) -> str:
@@ -137,6 +159,9 @@ def status_text(d: dict[str, Any]) -> str:
     lines.append(plan)
     if d.get("error"):
         lines.append(f"error: {d['error']}")
+    hold = (d.get("health") or {}).get("rollout") or {}
+    if hold.get("message"):
+        lines.append(f"rollout: {hold['message']}")
     lines += [f"warning: unknown field {u}" for u in d.get("unknownFields") or []]
     checked = [c for c in d.get("components") or [] if c.get("drift")]
     if checked:
@@ -164,6 +189,12 @@ def revision_text(d: dict[str, Any]) -> str:
         lines.append(f"  reason:         {last['error']}")
     if d.get("suspended"):
         lines.append("polling:          SUSPENDED (keystone resume)")
+    ro = d.get("rollout")
+    if ro:
+        wave = f"wave {ro['wave']} of {ro['waves']}" if ro.get("wave") else ""
+        canary = " (canary)" if ro.get("canary") else ""
+        detail = ro.get("message") or f"{ro.get('state')} {short(ro.get('revision'))}"
+        lines.append(f"rollout:          {detail}" + (f"; {wave}{canary}" if wave else ""))
     key = d.get("device_key")
     if key:
         lines.append(f"device key:       {key.get('algorithm')} {key.get('fingerprint')}")
@@ -223,14 +254,16 @@ def drift_text(d: dict[str, Any]) -> str:
 
 def graph_text(d: dict[str, Any]) -> str:
     """Start layers, one per line, then the dependency edges."""
-    order = d.get("order") or []
-    if not order:
+    # lazy: only the graph command needs the graph reader
+    from keystone.graph import picture
+
+    pic = picture(d)
+    if not pic.layers:
         return "empty plan"
-    lines = [f"layer {i}: {', '.join(layer)}" for i, layer in enumerate(order)]
-    edges = d.get("edges") or []
-    if edges:
+    lines = [f"layer {i}: {', '.join(layer)}" for i, layer in enumerate(pic.layers)]
+    if pic.edges:
         lines.append("")
-        lines += [f"{e['from']} -> {e['to']} ({e.get('type', 'hard')})" for e in edges]
+        lines += [f"{comp} -> {dep} ({kind})" for comp, dep, kind in pic.edges]
     return "\n".join(lines)
 
 
@@ -272,6 +305,14 @@ def recipes_text(rows: list[dict[str, Any]]) -> str:
         return "no recipes stored (keystone upload-recipe FILE)"
     body = [[r.get("name", ""), r.get("version", ""), str(r.get("sha256", ""))[:16]] for r in rows]
     return table(body, ["NAME", "VERSION", "SHA256"])
+
+
+def reconcile_text(d: dict[str, Any]) -> str:
+    """A reconcile pass: what it repaired, or why it was skipped."""
+    if d.get("skipped"):
+        return f"skipped: {d.get('reason') or 'no reason given'}"
+    took = f" ({d['duration']})" if d.get("duration") else ""
+    return f"repaired: {', '.join(d.get('repaired') or []) or 'nothing'}{took}"
 
 
 def restart_text(d: dict[str, Any]) -> str:
@@ -363,7 +404,32 @@ def render_text(d: dict[str, Any]) -> str:
         else "no components"
     )
     out += [f"warning: {w}" for w in d["warnings"] + d["unknown_fields"]]
+    if d.get("rollout"):
+        out.append(rollout_render_text(d["rollout"]))
     return "\n".join(out)
+
+
+def rollout_render_text(r: dict[str, Any]) -> str:
+    """``plan render``'s rollout line: the device's wave and when it opens."""
+    shares = ", ".join(f"{f * 100:g}%" for f in r.get("fractions") or [])
+    delays = ", ".join("+" + duration(x) if x else "at commit" for x in r.get("delays") or [])
+    lines = [
+        f"rollout: waves {shares} ({delays})"
+        + (f" from [labels.{r['label']}]" if r.get("label") else "")
+    ]
+    if r.get("halted"):
+        lines.append("  HALTED: devices that have not applied this revision stay where they are")
+    if r.get("wave") is None:
+        lines.append("  wave: decided by the commit id (render with --rev to see it)")
+    else:
+        pin = " (canary by label)" if r.get("pinned") else " (canary)" if r.get("canary") else ""
+        at = f" at {r['at_utc']}" if r.get("at_utc") else ""
+        lines.append(f"  wave {r['wave']} of {r['waves']}{pin}{at}")
+    m = r.get("maintenance")
+    if m:
+        tz = m.get("timezone") or "device local time"
+        lines.append(f"  maintenance windows ({tz}): {', '.join(m['windows'])}")
+    return "\n".join(lines)
 
 
 def plan_diff_text(d: dict[str, Any]) -> str:
@@ -394,6 +460,8 @@ def bundle_created_text(d: dict[str, Any]) -> str:
     )
     if d.get("datasets"):
         text += f", {len({x['path'].split('/')[1] for x in d['datasets']})} dataset(s)"
+    if d.get("images"):
+        text += f", {len(d['images'])} container image(s)"
     if d["prerequisites"]:
         text += f", needs {', '.join(short(p) for p in d['prerequisites'])}"
     return text

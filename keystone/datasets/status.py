@@ -20,25 +20,7 @@ from typing import Any
 
 from keystone.datasets.manager import DatasetManager
 from keystone.manifest import format_time
-
-
-def go_duration(seconds: float) -> str:
-    """A duration as Go's ``time.Duration.String`` prints it (``24h0m0s``, ``1m30s``, ``30s``)."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        ms = seconds * 1000
-        return f"{ms:g}ms" if ms >= 1 else f"{seconds * 1e6:g}µs"
-    whole = int(seconds)
-    frac = seconds - whole
-    h, rem = divmod(whole, 3600)
-    m, s = divmod(rem, 60)
-    sec = f"{s + frac:g}s" if frac else f"{s}s"
-    if h:
-        return f"{h}h{m}m{sec}"
-    if m:
-        return f"{m}m{sec}"
-    return sec
+from keystone.units import go_duration
 
 
 def _rfc3339(ts: float) -> str:

@@ -125,6 +125,7 @@ class WorkerPreparer:
         record the manifest of what was installed (``keystone.runtime.drift``)."""
         # As in policy(): loaded only for a plan with artifacts.
         from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, PreparedArtifact
+        from keystone.runtime.artifacts.files import link_go_view
 
         prepared = self._prepared.get(component.content_hash())
         if prepared is None:
@@ -137,6 +138,9 @@ class WorkerPreparer:
             for p in prepared:
                 item = PreparedArtifact.from_json(p)
                 store.install(item, workdir)
+                # Go's runtime/artifacts/<name>/<version>/<file>, for Go recipes' scripts.
+                blob = store.blob_path(item.sha256)
+                link_go_view(store.root, blob, item.name, component.recipe.name, component.version)
                 if item.unpacked is not None:
                     tree_files, tree_dirs = drift.tree_paths(item.unpacked)
                     files += tree_files

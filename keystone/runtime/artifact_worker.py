@@ -53,6 +53,7 @@ from keystone.runtime.artifacts import (
     public_error_type,
     redact_uri,
 )
+from keystone.runtime.artifacts.files import prune_go_view
 from keystone.workerproc import ErrorInfo, decode_answer, read_request, write_answer
 
 MODULE = "keystone.runtime.artifact_worker"
@@ -113,6 +114,8 @@ def handle(request: Mapping[str, Any]) -> dict[str, Any]:
             if keep is not None:
                 report = store.gc({*(str(k) for k in keep), *done})
                 answer["gc"] = report.to_json()
+                if report.evicted:  # Go-view links of what was evicted (artifacts.files)
+                    prune_go_view(store.root)
             answer["cache_bytes"] = store.cache_bytes()
         answer["clock_trusted"] = clock_trusted(policy)
     except KeystoneError as exc:

@@ -193,9 +193,16 @@ class Deployer:
         clock: Clock | None = None,
         component_env: Callable[[Component], Mapping[str, str]] | None = None,
         start_gate: Callable[[Component], Awaitable[str | None]] | None = None,
+        runner_for: Callable[[Component], AnyRunner] | None = None,
+        prepare_component: Callable[[Component], Awaitable[None]] | None = None,
         allow_privileged_install: bool = False,
     ) -> None:
         self.runner = runner
+        # The runner of one component (by its recipe's run type; default: ``runner``), and a
+        # check of each component about to start that runs before anything stops (a
+        # container's engine and image); it refuses with a KeystoneError.
+        self.runner_for = runner_for
+        self.prepare_component = prepare_component
         # May an install script run with the agent's privileges when its recipe asks
         # (require_privilege = true)? ([security] allow_privileged_install in agent.toml)
         self.allow_privileged_install = allow_privileged_install
@@ -217,7 +224,7 @@ class Deployer:
         """A supervisor for ``component`` in its versioned work dir."""
         return Supervisor(
             component,
-            self.runner,
+            self.runner_for(component) if self.runner_for else self.runner,
             component_paths(self.runtime_dir, component.name, component.version),
             tuning=self.tuning,
             install_timeout=self.install_timeout,
@@ -296,6 +303,9 @@ class Deployer:
         fresh = [c for c in starting if c.name not in changes.restarted]
         if self.preparer is not None and fresh:
             await self.preparer.prepare(fresh, context=artifacts)
+        if self.prepare_component is not None:
+            for comp in fresh:
+                await self.prepare_component(comp)
 
         old: dict[str, Supervisor] = {}
         started: list[Supervisor] = []
@@ -487,8 +497,9 @@ class Deployer:
             return sup.pid, dependents
 
     def restart_order(self, name: str) -> tuple[list[str], list[str]]:
-        """(stopOrder, startOrder) of a restart of ``name`` (dry run)."""
+        """(stopOrder, startOrder) of a restart of ``name`` (dry run), as Go reports them:
+        ``stopOrder`` lists the dependents stopped before it (farthest first), ``startOrder``
+        the component, then its dependents (nearest first)."""
         graph = self.applied.graph
         deps = sorted(graph.dependents([name]), key=lambda n: (graph.layer_of(n), n))
-        start = [name, *deps]
-        return list(reversed(start)), start
+        return list(reversed(deps)), [name, *deps]

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import ipaddress
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,20 +63,14 @@ async def probe(
         cwd: work dir for ``cmd:`` checks.
         env: the complete environment for ``cmd:`` checks.
     """
-    why = validate_check(check)
-    if why is not None:
-        return ProbeResult(False, why)
-    if check.startswith("cmd:"):
+    parsed = _parse(check)
+    if isinstance(parsed, str):
+        return ProbeResult(False, parsed)
+    if parsed is None:
         return await _probe_cmd(check[4:], timeout=timeout, runner=runner, cwd=cwd, env=env)
-    url = urlsplit(check)
-    host = url.hostname or ""
-    if url.scheme == "tcp":
-        port = url.port or 0
-        coro = _probe_tcp(host, port)
-    else:
-        port = url.port or (443 if url.scheme == "https" else 80)
-        coro = _probe_http(url, host, port)
-    where = f"{_hostport(host, port)}"
+    url, host, port, family, where = parsed
+    tcp = url.scheme == "tcp"
+    coro = _probe_tcp(host, port, family) if tcp else _probe_http(url, host, port)
     try:
         async with asyncio.timeout(timeout):
             return await coro
@@ -99,6 +96,32 @@ async def probe(
         return ProbeResult(False, f"cannot encode the host of {check!r}: {exc}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse(check: str) -> tuple[SplitResult, str, int, int, str] | str | None:
+    """A check parsed once (a probe runs every few seconds for the agent's whole life).
+
+    Returns None for ``cmd:``, the reason for an unusable check, else the URL, host, port,
+    the address family of an IP literal host (0 for a name) and ``host:port`` for messages.
+    """
+    why = validate_check(check)
+    if why is not None:
+        return why
+    if check.startswith("cmd:"):
+        return None
+    url = urlsplit(check)
+    host = url.hostname or ""
+    if url.scheme == "tcp":
+        port = url.port or 0
+    else:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    family: int
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = 0
+    return url, host, port, family, _hostport(host, port)
+
+
 class _BadResponse(Exception):
     """The server's answer is not HTTP."""
 
@@ -107,9 +130,18 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _probe_tcp(host: str, port: int) -> ProbeResult:
-    _, writer = await asyncio.open_connection(host, port)
-    writer.close()
+async def _probe_tcp(host: str, port: int, family: int = 0) -> ProbeResult:
+    if family:
+        # An IP literal: a bare non-blocking connect on the loop, no transport, no streams.
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        finally:
+            sock.close()
+    else:
+        _, writer = await asyncio.open_connection(host, port)
+        writer.close()
     return ProbeResult(True, f"connected to {_hostport(host, port)}")
 
 

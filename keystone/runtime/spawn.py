@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keystone.errors import ProcessError
+from keystone.recipe import Container
 
 #: Bytes of ``stdout`` (and of ``stderr``) that a one-shot command keeps without a log.
 OUTPUT_CAP = 1 << 20
@@ -52,6 +53,9 @@ class SpawnSpec:
         no_new_privileges: ``prctl(PR_SET_NO_NEW_PRIVS)`` in the child.
         capabilities: None leaves capabilities alone; a tuple (``()`` = none) becomes the
             child's bounding, permitted, effective, inheritable and ambient sets.
+        container: what a container runner runs (``[lifecycle.run.container]``); ``argv`` is
+            then the command overriding the image's (empty: the image's own).
+        version: the component's version (a container's ``keystone.version`` label).
     """
 
     name: str
@@ -65,6 +69,8 @@ class SpawnSpec:
     user: str | None = None
     no_new_privileges: bool = False
     capabilities: tuple[str, ...] | None = None
+    container: Container | None = None
+    version: str = ""
 
 
 @dataclass(frozen=True)

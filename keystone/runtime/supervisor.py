@@ -30,7 +30,8 @@ from keystone.plan import Component
 from keystone.recipe import RestartPolicy
 from keystone.runtime.health import ProbeResult, probe
 from keystone.runtime.privileges import user_ids
-from keystone.runtime.runner import AnyRunner, RunnerHandle, RunnerRecord
+from keystone.runtime.reported import reported_health, reported_state
+from keystone.runtime.runner import AnyRunner, CommandRunner, RunnerHandle, RunnerRecord
 from keystone.runtime.spawn import RunSecurity, SpawnSpec
 from keystone.runtime.timing import Clock, MonotonicClock
 
@@ -233,19 +234,46 @@ class Supervisor:
     def healthy(self) -> bool:
         return self.state is State.HEALTHY
 
+    def reported(self) -> tuple[str, str, int]:
+        """The Go agent's ``(state, last_health, pid)`` of this component (keystone.runtime.reported).
+
+        ``running`` only while the process is alive; ``pid`` 0 and ``last_health`` ``unknown``
+        otherwise.
+        """
+        handle = self.handle
+        alive = handle is not None and self.state in RUNNING and self.runner.alive(handle)
+        state = reported_state(self.state.value, alive=alive)
+        verdict = None if self.last_health is None else self.last_health.ok
+        pid = handle.pid if alive and handle is not None else 0
+        return state, reported_health(state, verdict), pid
+
     def to_json(self) -> dict[str, object]:
-        """The ``/v1/components`` entry."""
+        """The ``/v1/components`` entry: Go's keys and values, then ours beside them."""
+        state, health, pid = self.reported()
         return {
             "name": self.name,
-            "state": self.state.value,
+            "state": state,
             "restarts": self.restarts,
-            "last_health": self.last_health.detail if self.last_health else "",
-            "healthy": self.healthy,
-            "pid": self.pid,
+            "last_health": health,
+            "pid": pid,
+            **self._container_json(),
             "recipe": self.component.recipe.name,
             "version": self.version,
+            "phase": self.state.value,
+            "health_detail": self.last_health.detail if self.last_health else "",
+            "healthy": self.healthy,
             "since": self.since,
             "error": self.error,
+        }
+
+    def _container_json(self) -> dict[str, object]:
+        """A container component's id and name (its ``pid`` is 0, as the Go agent says)."""
+        if self.component.recipe.run.container is None:
+            return {}
+        running = self.handle is not None and self.state in RUNNING
+        return {
+            "container_id": getattr(self.handle, "container_id", None) if running else None,
+            "container": getattr(self.handle, "container_name", None) if running else None,
         }
 
     # --- the one place a state changes ------------------------------------------------------
@@ -379,6 +407,18 @@ class Supervisor:
 
     def _spawn_spec(self) -> SpawnSpec:
         run = self.component.recipe.run
+        if run.container is not None:
+            # A container gets its recipe's container env only; [lifecycle.run.exec], when
+            # given, overrides the image's command.
+            return SpawnSpec(
+                name=self.name,
+                argv=(run.exec.command, *run.exec.args) if run.exec else (),
+                cwd=self.paths.workdir,
+                env=self.env,
+                log_dir=self.paths.logdir,
+                container=run.container,
+                version=self.version,
+            )
         assert run.exec is not None
         res = self.component.recipe.resources
         sec = run.security
@@ -416,6 +456,7 @@ class Supervisor:
     def _attach(self, handle: RunnerHandle) -> None:
         self.handle = handle
         self.started_at = self.clock.now()
+        self.last_health = None  # a verdict on the previous process says nothing of this one
         self._set(State.STARTING)
         self._exit_task = self._spawn_task(self._watch_exit(handle))
         self._health_task = self._spawn_task(self._health_loop(handle))
@@ -493,23 +534,28 @@ class Supervisor:
             return
         deadline = clock.now() + health.start_timeout
         delay = min(0.05, health.interval)
+        # A container runner runs cmd: checks inside the container; others on the host.
+        inside = getattr(self.runner, "in_component", None)
+        probe_runner: CommandRunner = inside(handle) if inside is not None else self.runner
         failures = 0
         while self.handle is handle and self.state in RUNNING:
             result = await probe(
                 health.check,
                 timeout=health.timeout,
-                runner=self.runner,
+                runner=probe_runner,
                 cwd=self.paths.workdir,
                 env=self.env,
             )
             if self.handle is not handle or self.state not in RUNNING:
                 return
+            changed = result != self.last_health
             self.last_health = result
             if result.ok:
                 failures = 0
                 if self.state is not State.HEALTHY:
-                    self._set(State.HEALTHY)
-                if self.on_change:
+                    self._set(State.HEALTHY)  # tells on_change itself
+                elif changed and self.on_change:
+                    # The same answer again is no news: no snapshot, metrics or broker work.
                     self.on_change(self)
                 await clock.sleep(health.interval)
                 continue

@@ -64,12 +64,14 @@ class ImportedBundle:
             it after verification (:func:`keystone.sources.bundle.cache_bundle_artifacts`).
         artifacts: The sha256 of every artifact it carries, in manifest order.
         datasets: The dataset members it carries (``datasets/<name>/<file>``), sorted.
+        images: The sha256 of every container image archive it carries.
     """
 
     kind: str
     path: Path
     artifacts: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,12 @@ from keystone.sources.bundleformat import (
     DATASET_PREFIX,
     FORMAT,
     FORMAT_VERSION,
+    IMAGE_PREFIX,
     MANIFEST_MEMBER,
     REPO_MEMBER,
     BundleArtifact,
     BundleDatasetFile,
+    BundleImage,
     BundleInfo,
     Section,
     _hash_section,
@@ -70,6 +72,7 @@ __all__ = [
     "create_bundle",
     "extract_bundle_artifact",
     "extract_bundle_datasets",
+    "extract_bundle_images",
     "import_bundle",
     "inspect_bundle",
     "open_bundle",
@@ -133,6 +136,11 @@ class BundleReader:
         """The bytes of the dataset member ``datasets/<name>/<file>``, or None (as stored)."""
         member = self._layout.datasets.get(path)
         return None if member is None else Section(self._f, member.offset, member.size)
+
+    def image(self, sha256: str) -> Section | None:
+        """The bytes of the image archive ``images/<sha256>``, or None (as stored)."""
+        member = self._layout.images.get(sha256)
+        return Section(self._f, member.offset, member.size) if member else None
 
     def close(self) -> None:
         """Close the file."""
@@ -347,6 +355,42 @@ def extract_bundle_datasets(path: Path, dest: Path) -> Path | None:
     return dest
 
 
+def extract_bundle_images(path: Path, dest: Path) -> Path | None:
+    """Copy a Keystone bundle's container image archives to ``dest/<sha256>.tar``.
+
+    Each is checked against the sha256 the bundle manifest records while it is copied. ``dest``
+    is replaced. Returns ``dest``, or None when the bundle carries no images (then ``dest`` is
+    not touched).
+
+    Raises:
+        keystone.errors.ArtifactIntegrityError: an archive does not hash to its recorded sha256.
+        keystone.errors.BundleError: the bundle is damaged.
+    """
+    path, dest = Path(path), Path(dest)
+    with open_bundle(path) as bundle:
+        images = bundle.info.images
+        if not images:
+            return None
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for image in images:
+            section = bundle.image(image.sha256)
+            assert section is not None  # the layout lists exactly the manifest's members
+            target = dest / f"{image.sha256}.tar"
+            digest = hashlib.sha256()
+            with open(target, "wb") as out:
+                while chunk := section.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != image.sha256:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise ArtifactIntegrityError(
+                    f"{path}: {IMAGE_PREFIX}{image.sha256} ({image.name}) hashes to "
+                    f"{digest.hexdigest()}; the bundle is damaged, copy it again"
+                )
+    return dest
+
+
 def cache_bundle_artifacts(bundle: Path, shas: Sequence[str], *, artifacts_dir: Path) -> None:
     """Copy a verified revision's bundle artifacts into the artifact cache, all or none.
 
@@ -478,6 +522,7 @@ def create_bundle(
     *,
     ref: str | None = None,
     datasets: Sequence[tuple[str, Path]] = (),
+    images: Sequence[Path] = (),
 ) -> BundleInfo:
     """Write a Keystone bundle file: ``rev`` of ``repo`` (incremental since ``since``) + artifacts.
 
@@ -494,6 +539,8 @@ def create_bundle(
         ref: The ref name to record (see :func:`write_git_bundle`).
         datasets: ``(member path, file)`` pairs, each path ``datasets/<name>/<file>``: the
             signed dataset manifests, signatures, certificates and payloads to carry.
+        images: container image archives (``podman save``, ``docker save``) to carry as
+            ``images/<sha256>``; devices load them into their engine on import.
 
     Raises:
         keystone.errors.ArtifactIntegrityError: an artifact file does not hash to its sha256
@@ -522,6 +569,7 @@ def create_bundle(
         chosen[sha] = (file.name or sha, file, st.st_size)
     entries = [BundleArtifact(sha, size, name) for sha, (name, _f, size) in chosen.items()]
     dataset_files, dataset_sources = _dataset_entries(datasets)
+    image_entries, image_sources = _image_entries(images)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=out.parent) as git_file:
@@ -537,12 +585,14 @@ def create_bundle(
             repo_sha,
             entries,
             dataset_files,
+            image_entries,
         )
         total = (
             len(manifest)
             + repo_size
             + sum(a.size for a in entries)
             + sum(d.size for d in dataset_files)
+            + sum(i.size for i in image_entries)
         )
         done = 0
 
@@ -563,6 +613,14 @@ def create_bundle(
                 for entry in dataset_files:
                     with open(dataset_sources[entry.path], "rb") as src:
                         _write_member(f, entry.path, src, entry.size, advance)
+                for image in image_entries:
+                    _copy_artifact(
+                        f,
+                        BundleArtifact(image.sha256, image.size, image.name),
+                        image_sources[image.sha256],
+                        advance,
+                        prefix=IMAGE_PREFIX,
+                    )
                 f.write(b"\0" * (2 * _BLOCK))
                 f.flush()
                 os.fsync(f.fileno())
@@ -581,6 +639,7 @@ def create_bundle(
         kind="keystone",
         size=out.stat().st_size,
         datasets=tuple(dataset_files),
+        images=tuple(image_entries),
     )
 
 
@@ -624,6 +683,26 @@ def _dataset_entries(
     return files, sources
 
 
+def _image_entries(images: Sequence[Path]) -> tuple[list[BundleImage], dict[str, Path]]:
+    """The image archives to write, by sha256 (sorted; one copy of each), hashed now."""
+    found: dict[str, BundleImage] = {}
+    sources: dict[str, Path] = {}
+    for file in (Path(p) for p in images):
+        if not file.is_file():
+            raise ValidationError(f"image archive {file} is not a regular file", field="images")
+        digest = hashlib.sha256()
+        size = 0
+        with open(file, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        sha = digest.hexdigest()
+        if sha not in found:
+            found[sha] = BundleImage(sha, size, file.name)
+            sources[sha] = file
+    return [found[sha] for sha in sorted(found)], sources
+
+
 def _subject(obj: object) -> bytes:
     message = getattr(obj, "message", b"") or b""
     line = message.split(b"\n", 1)[0].strip()
@@ -646,10 +725,15 @@ def _write_member(
 
 
 def _copy_artifact(
-    f: IO[bytes], artifact: BundleArtifact, file: Path, advance: Callable[[int], None]
+    f: IO[bytes],
+    artifact: BundleArtifact,
+    file: Path,
+    advance: Callable[[int], None],
+    *,
+    prefix: str = ARTIFACT_PREFIX,
 ) -> None:
     digest = hashlib.sha256()
-    f.write(_tar_header(f"{ARTIFACT_PREFIX}{artifact.sha256}", artifact.size))
+    f.write(_tar_header(f"{prefix}{artifact.sha256}", artifact.size))
     left = artifact.size
     with open(file, "rb") as src:
         while left:

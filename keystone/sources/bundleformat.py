@@ -55,6 +55,7 @@ MANIFEST_MEMBER = "keystone-bundle.json"
 REPO_MEMBER = "repo.bundle"
 ARTIFACT_PREFIX = "artifacts/"
 DATASET_PREFIX = "datasets/"
+IMAGE_PREFIX = "images/"
 _DATASET_PATH = re.compile(r"datasets/[a-z0-9][a-z0-9._-]{0,62}/[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 
 MAX_MANIFEST_BYTES = BOUNDS["max_manifest_bytes"].default  # the default; see keystone.limits
@@ -94,6 +95,18 @@ class BundleDatasetFile:
 
 
 @dataclass(frozen=True)
+class BundleImage:
+    """One OCI (or docker) image archive carried by a Keystone bundle, under ``images/<sha256>``.
+
+    ``name`` is the archive's file name when it was bundled (what ``podman save -o`` wrote).
+    """
+
+    sha256: str
+    size: int
+    name: str
+
+
+@dataclass(frozen=True)
 class BundleInfo:
     """What a bundle carries, as read from its headers.
 
@@ -105,6 +118,7 @@ class BundleInfo:
         kind: ``"keystone"`` or ``"git"``.
         size: Size of the bundle file in bytes.
         datasets: The dataset files inside (``datasets/<name>/<file>``), sorted by path.
+        images: The container image archives inside (``images/<sha256>``), sorted by hash.
     """
 
     revision: str
@@ -114,6 +128,7 @@ class BundleInfo:
     kind: Literal["keystone", "git"]
     size: int
     datasets: tuple[BundleDatasetFile, ...] = ()
+    images: tuple[BundleImage, ...] = ()
 
     def artifact(self, sha256: str) -> BundleArtifact | None:
         """Return the artifact with this hash, or None when the bundle does not carry it."""
@@ -377,6 +392,7 @@ class _Layout:
     git: _GitHeader
     artifacts: dict[str, _Member]
     datasets: dict[str, _Member] = dataclasses.field(default_factory=dict)
+    images: dict[str, _Member] = dataclasses.field(default_factory=dict)
 
 
 def _manifest_bytes(
@@ -387,6 +403,7 @@ def _manifest_bytes(
     repo_sha256: str,
     artifacts: Sequence[BundleArtifact],
     datasets: Sequence[BundleDatasetFile] = (),
+    images: Sequence[BundleImage] = (),
 ) -> bytes:
     doc = {
         "format": FORMAT,
@@ -400,6 +417,9 @@ def _manifest_bytes(
     if datasets:
         # Only when there are some: a bundle without datasets stays what it always was.
         doc["datasets"] = [{"path": d.path, "sha256": d.sha256, "size": d.size} for d in datasets]
+    if images:
+        # Likewise: a bundle without container images stays byte for byte what it was.
+        doc["images"] = [{"sha256": i.sha256, "size": i.size, "name": i.name} for i in images]
     return (json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode("ascii")
 
 
@@ -489,10 +509,12 @@ def _open_layout(f: BinaryIO, size: int, where: str, ref: str | None = None) -> 
             raise BundleError(f"{where}: {MANIFEST_MEMBER}: malformed artifact {sha!r}")
         artifacts.append(BundleArtifact(sha, art_size, art_name))
     datasets = _parse_datasets(doc, where)
-    listed: dict[str, BundleArtifact | BundleDatasetFile] = {
+    images = _parse_images(doc, where)
+    listed: dict[str, BundleArtifact | BundleDatasetFile | BundleImage] = {
         f"{ARTIFACT_PREFIX}{a.sha256}": a for a in artifacts
     }
     listed.update({d.path: d for d in datasets})
+    listed.update({f"{IMAGE_PREFIX}{i.sha256}": i for i in images})
     stored = {m.name: m for m in members[2:]}
     if len(stored) != len(members) - 2 or set(stored) != set(listed):
         extra = sorted(set(stored) - set(listed)) + sorted(set(listed) - set(stored))
@@ -515,11 +537,34 @@ def _open_layout(f: BinaryIO, size: int, where: str, ref: str | None = None) -> 
             f"{where}: the manifest ({ref_name} at {revision}) does not match {REPO_MEMBER}"
         )
     info = BundleInfo(
-        revision, ref_name, tuple(prereqs), tuple(artifacts), "keystone", size, datasets
+        revision, ref_name, tuple(prereqs), tuple(artifacts), "keystone", size, datasets, images
     )
     artifact_members = {a.sha256: stored[f"{ARTIFACT_PREFIX}{a.sha256}"] for a in artifacts}
     dataset_members = {d.path: stored[d.path] for d in datasets}
-    return _Layout(info, repo, repo_sha, git, artifact_members, dataset_members)
+    image_members = {i.sha256: stored[f"{IMAGE_PREFIX}{i.sha256}"] for i in images}
+    return _Layout(info, repo, repo_sha, git, artifact_members, dataset_members, image_members)
+
+
+def _parse_images(doc: dict[str, object], where: str) -> tuple[BundleImage, ...]:
+    """The manifest's ``images`` list (absent: none)."""
+    if "images" not in doc:
+        return ()
+    entries = _manifest_field(doc, "images", list, where)
+    assert isinstance(entries, list)
+    out: list[BundleImage] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise BundleError(f"{where}: {MANIFEST_MEMBER}: malformed image entry")
+        sha = _manifest_field(entry, "sha256", str, where)
+        size = _manifest_field(entry, "size", int, where)
+        name = _manifest_field(entry, "name", str, where)
+        assert isinstance(sha, str) and isinstance(size, int) and isinstance(name, str)
+        if not _SHA256.fullmatch(sha) or size < 0:
+            raise BundleError(f"{where}: {MANIFEST_MEMBER}: malformed image entry {sha[:80]!r}")
+        out.append(BundleImage(sha, size, name))
+    if len({i.sha256 for i in out}) != len(out):
+        raise BundleError(f"{where}: {MANIFEST_MEMBER}: an image is listed twice")
+    return tuple(out)
 
 
 def _parse_datasets(doc: dict[str, object], where: str) -> tuple[BundleDatasetFile, ...]:

@@ -91,5 +91,6 @@ class BundleFileSource:
                 path=self.path,
                 artifacts=tuple(a.sha256 for a in info.artifacts),
                 datasets=tuple(d.path for d in info.datasets),
+                images=tuple(i.sha256 for i in info.images),
             ),
         )

@@ -47,6 +47,7 @@ from keystone.sources.transport import (
     _tracking_pool_classes,
     bounded_read,
     counting_pkt_lines,
+    ref_candidates,
 )
 from keystone.sources.tree import TreeReader
 
@@ -133,9 +134,7 @@ class GitSource:
 
     def ref_candidates(self) -> list[str]:
         """Return the remote ref names tried for :attr:`ref`, in order."""
-        if self.ref == "HEAD" or self.ref.startswith("refs/"):
-            return [self.ref]
-        return [f"refs/heads/{self.ref}", f"refs/tags/{self.ref}"]
+        return ref_candidates(self.ref)
 
     def fetch(self) -> FetchResult:
         """Fetch the ref's tip into the mirror and record it under ``refs/keystone/fetched``.

@@ -15,24 +15,39 @@ a file (damaged, too large, missing a prerequisite) is deleted, so the 304s that
 nothing.
 
 httpx is imported inside :meth:`HttpBundleSource.fetch`: the resident agent imports
-``keystone.sources`` and must stay small.
+``keystone.sources`` and must stay small. :func:`unchanged_bundle` is the agent's own
+conditional request (standard library only): a 304 there needs no worker at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keystone.errors import BundleError, KeystoneError, SourceUnreachable
 from keystone.limits import Limits, how_to_raise
 from keystone.sources.base import FetchResult, redact_url
-from keystone.sources.file import BundleFileSource, MirrorRef
+from keystone.sources.transport import http_get, proxy_configured
 from keystone.state import read_json, write_json
 
-__all__ = ["KEPT_BUNDLE", "PARTIAL_DOWNLOAD", "HttpBundleSource"]
+if TYPE_CHECKING:
+    import ssl
+
+    from keystone.sources.file import MirrorRef
+
+__all__ = [
+    "KEPT_BUNDLE",
+    "PARTIAL_DOWNLOAD",
+    "HttpBundleSource",
+    "UnchangedBundle",
+    "unchanged_bundle",
+]
 
 KEPT_BUNDLE = "current.bundle"
 PARTIAL_DOWNLOAD = "download.partial"
@@ -137,6 +152,9 @@ class HttpBundleSource:
             if rev and self.settled is not None and self.settled(rev):
                 return FetchResult(revision=rev, changed=False, **wire)
             path = kept  # never verified (an import cut short), or verified but not deployed
+        # lazy: the bundle reader and the mirror (dulwich) only for a bundle to import
+        from keystone.sources.file import BundleFileSource
+
         try:
             imported = BundleFileSource(
                 path, self._mirror, max_bytes=self.max_bytes, label=self.display_url
@@ -151,10 +169,7 @@ class HttpBundleSource:
     # -- the download ------------------------------------------------------------------------
 
     def _load_state(self) -> dict[str, Any]:
-        state = read_json(self.state_file, {}) or {}
-        if not isinstance(state, dict) or state.get("url") != self.url:
-            state = {"url": self.url}
-        return state
+        return _load_state(self.state_file, self.url)
 
     def _download(self, state: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
         """Fetch the URL conditionally; resume a partial download; bound the size.
@@ -252,3 +267,89 @@ class HttpBundleSource:
         state.update({"etag": etag, "last_modified": last_modified, "fetched_at": time.time()})
         write_json(self.state_file, state)
         return done, stats
+
+
+def _load_state(state_file: Path, url: str) -> dict[str, Any]:
+    state = read_json(state_file, {}) or {}
+    if not isinstance(state, dict) or state.get("url") != url:
+        state = {"url": url}
+    return state
+
+
+HTTPX_PROXY_VARIABLES = tuple(
+    v for name in ("http_proxy", "https_proxy", "all_proxy") for v in (name, name.upper())
+)
+"""The variables httpx (the worker's bundle download) takes a proxy from."""
+
+
+@dataclass(frozen=True)
+class UnchangedBundle:
+    """A bundle URL answered 304: what :meth:`HttpBundleSource.fetch` would have seen.
+
+    Attributes:
+        kept: A complete earlier download is kept (``current.bundle``).
+        revision: The revision the kept bundle brought, ``""`` when not known (an import cut
+            short) or when none is kept.
+        detail: The wire stats, as the source reports them.
+    """
+
+    kept: bool
+    revision: str
+    detail: dict[str, Any]
+
+
+def _httpx_tls() -> ssl.SSLContext:
+    # lazy: ssl only for an https URL. The same trust as the worker's httpx client: the
+    # SSL_CERT_FILE or SSL_CERT_DIR of the environment, else certifi's bundle.
+    import ssl
+
+    import certifi
+
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+async def unchanged_bundle(
+    url: str,
+    *,
+    state_file: Path,
+    work_dir: Path,
+    timeout: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> UnchangedBundle | None:
+    """The one conditional request of a poll, made with the standard library.
+
+    Sends exactly what :meth:`HttpBundleSource.fetch` would send (``If-None-Match`` /
+    ``If-Modified-Since`` from the same state file) and returns the 304 as the source would
+    report it. None when the source must run instead: nothing to be conditional on, a partial
+    download to resume, a proxy in the environment, any other status (the body is not read),
+    or no answer; the source then makes the request itself.
+    """
+    env = os.environ if environ is None else environ
+    if proxy_configured(HTTPX_PROXY_VARIABLES, env):
+        return None
+    state = _load_state(Path(state_file), url)
+    partial = Path(work_dir) / PARTIAL_DOWNLOAD
+    if state.get("partial_etag") and partial.exists():
+        return None
+    if not (state.get("etag") or state.get("last_modified")):
+        return None
+    headers = {"Accept-Encoding": "identity"}
+    if state.get("etag"):
+        headers["If-None-Match"] = str(state["etag"])
+    if state.get("last_modified"):
+        headers["If-Modified-Since"] = str(state["last_modified"])
+    try:
+        async with asyncio.timeout(min(float(timeout or 60), 15.0)):
+            answer = await http_get(url, headers, tls=_httpx_tls)
+    except Exception:  # any failure: the source asks again and reports it in full
+        return None
+    if answer.status != 304:
+        return None  # its body is left unread: the source downloads it
+    kept = (Path(work_dir) / KEPT_BUNDLE).is_file()
+    revision = str(state.get("bundle_revision") or "") if kept else ""
+    detail = {"requests": 1, "bytes": 0, "status": 304, "resumed_from": 0}
+    return UnchangedBundle(kept, revision, detail)

@@ -86,6 +86,17 @@ class TreeReader:
             sha = _hex(raw_sha)
         return mode, sha
 
+    def blob_id(self, path: str) -> str | None:
+        """The blob id of the regular file at ``path`` (None: absent, or not a regular file).
+
+        Reads only trees: a blob id names the content, so a reader that has seen it (a parsed
+        recipe cache) needs no read at all.
+        """
+        found = self._lookup(split_repo_path(path))
+        if found is None or not stat.S_ISREG(found[0]):
+            return None
+        return found[1]
+
     def read(self, path: str) -> bytes | None:
         """Return the content of the regular file at ``path``, or None when there is none.
 

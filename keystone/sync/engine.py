@@ -34,6 +34,7 @@ from keystone.sync.host import SyncHost
 from keystone.sync.imports import incoming_path
 from keystone.sync.model import EXIT_BY_RESULT, Outcome, RequestKind, SyncRequest, SyncResult
 from keystone.sync.pipeline import Clocks, SyncContext, SyncSettings, run_pipeline
+from keystone.sync.rollout import RolloutTracker
 
 __all__ = ["EXIT_BY_RESULT", "Poller", "SyncEngine"]
 
@@ -74,10 +75,23 @@ class SyncEngine:
         self.clocks = clocks or Clocks()
         self.soak = SoakWatch(self)
         self.poller: Poller | None = None
+        self.rollout = RolloutTracker(
+            self._rollout_due,
+            wall=self.clocks.wall,
+            device_id=settings.device_id,
+            labels=settings.labels,
+            maintenance=settings.maintenance,
+            runtime=settings.runtime,
+        )
 
     @property
     def ledger(self) -> Ledger:
         return self.host.ledger
+
+    def _rollout_due(self) -> None:
+        """A hold ended (a wave or window opened, a deferral ran out): sync, unless suspended."""
+        if not self.ledger.suspended:
+            self.submit(SyncRequest(trigger="rollout"))
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -112,6 +126,7 @@ class SyncEngine:
 
     async def close(self) -> None:
         self.soak.cancel()
+        self.rollout.wake.cancel()
 
     # --- status -----------------------------------------------------------------------------
 
@@ -132,6 +147,7 @@ class SyncEngine:
             "next_poll": self.poller.next_run() if self.poller else None,
             "device": s.device_id,
             "labels": list(s.labels),
+            **({"rollout": r} if (r := self.rollout.status()) is not None else {}),
         }
 
     # --- submissions ------------------------------------------------------------------------
@@ -220,8 +236,12 @@ class SyncEngine:
 
     async def run(self, request: SyncRequest) -> SyncResult:
         """Run the pipeline for ``request`` now (the slot calls this, one at a time)."""
-        ctx = SyncContext(request, self.host, self.settings, self.soak, self.clocks)
-        return await run_pipeline(ctx)
+        ctx = SyncContext(
+            request, self.host, self.settings, self.soak, self.clocks, rollout=self.rollout
+        )
+        result = await run_pipeline(ctx)
+        self.rollout.after(self.host, result)
+        return result
 
     # --- soak -------------------------------------------------------------------------------
 
@@ -259,6 +279,7 @@ class SyncEngine:
             "error": reason,
         }
         host.emit(event)
+        self.rollout.soaked(host, rev, ok=False)
         led.last_sync = LastSync(
             time=self.clocks.wall(),
             result="rolled-back",
@@ -286,6 +307,9 @@ class SyncEngine:
             self.poller.resume()
         self.host.emit({"kind": "resume", "result": "ok"})
         self.host.save_now()
+        hold = self.rollout.hold
+        if hold is not None and hold.at is not None and hold.at <= self.clocks.wall():
+            self._rollout_due()  # its time came while suspended: deploy now, not at the next poll
         return {"suspended": False}
 
 
@@ -345,6 +369,7 @@ class SoakWatch:
                 "revision {} is last known-good after a {:g}s soak", (rev or "")[:12], seconds
             )
             host.emit({"kind": "soak", "result": "ok", "revision": rev})
+            engine.rollout.soaked(host, rev or "", ok=True)
             host.save_now()
             return
         reason = self._reason or "unhealthy during soak"

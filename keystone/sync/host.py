@@ -28,6 +28,17 @@ class SyncMetrics(Protocol):
 
     def rollback(self, result: str) -> None: ...
 
+    def rollout(
+        self,
+        *,
+        revision: str,
+        wave: int,
+        canary: bool,
+        outcome: str,
+        until: float | None,
+        halted: bool,
+    ) -> None: ...
+
 
 class SyncHost(Protocol):
     """The agent as the sync engine sees it."""

@@ -37,6 +37,8 @@ def inspect(path: Path, *, allowed_signers: Path | None = None) -> dict[str, Any
         data["datasets"] = [
             {"path": d.path, "sha256": d.sha256, "size": d.size} for d in info.datasets
         ]
+    if info.images:  # likewise for container image archives
+        data["images"] = [{"sha256": i.sha256, "size": i.size, "name": i.name} for i in info.images]
     if info.prerequisites:
         # The tree may lean on objects only a device has, but the new commits are in the pack:
         # the tip's signature can be judged here; its plans only on the device.

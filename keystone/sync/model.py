@@ -37,6 +37,8 @@ class Outcome(Enum):
     ERROR = "error"
     SUSPENDED = "suspended"
     SUPERSEDED = "superseded"
+    WAITING = "waiting"  # verified, not deployed yet: a rollout wave, a window or a deferral
+    HALTED = "halted"  # verified, not deployed: the rollout is halted
 
     @property
     def exit_code(self) -> int:
@@ -46,12 +48,24 @@ class Outcome(Enum):
     @property
     def quiet(self) -> bool:
         """Nothing happened worth a history entry when a scheduled poll ends so."""
-        return self in (Outcome.UP_TO_DATE, Outcome.KNOWN_BAD, Outcome.DRY_RUN)
+        return self in (
+            Outcome.UP_TO_DATE,
+            Outcome.KNOWN_BAD,
+            Outcome.DRY_RUN,
+            Outcome.WAITING,  # the rollout step writes its own entry when the wait changes
+            Outcome.HALTED,
+        )
 
     @property
     def good(self) -> bool:
         """Logged as information, not as a warning."""
-        return self in (Outcome.APPLIED, Outcome.UP_TO_DATE, Outcome.DRY_RUN)
+        return self in (
+            Outcome.APPLIED,
+            Outcome.UP_TO_DATE,
+            Outcome.DRY_RUN,
+            Outcome.WAITING,
+            Outcome.HALTED,
+        )
 
 
 EXIT_CODES = {
@@ -65,6 +79,8 @@ EXIT_CODES = {
     Outcome.KNOWN_BAD: 3,
     Outcome.SUSPENDED: 0,
     Outcome.SUPERSEDED: 0,
+    Outcome.WAITING: 0,
+    Outcome.HALTED: 0,
 }
 
 EXIT_BY_RESULT = {o.value: code for o, code in EXIT_CODES.items()}
@@ -117,6 +133,15 @@ class WorkerOp(Enum):
     VERIFY_REV = "verify-rev"
     IMPORT_BUNDLE = "import-bundle"
     MARK_APPLIED = "mark-applied"
+
+
+def sync_deadline_message(seconds: float) -> str:
+    """What a sync past its deadline says (``[source] deadline``, ``KEYSTONE_SYNC_DEADLINE``)."""
+    return (
+        f"the sync did not finish within its deadline of {seconds:g}s (a slow or drip-feeding "
+        "source?); the sync worker was stopped and nothing was applied; raise it with "
+        "KEYSTONE_SYNC_DEADLINE or [source] deadline in agent.toml"
+    )
 
 
 @dataclass(frozen=True)
@@ -298,10 +323,19 @@ class VerifiedRevision:
     source: str | None = None
     checkout: str | None = None
     warnings: tuple[str, ...] = ()
+    rollout: str | None = None  # the revision's rollout.toml, validated by the worker
 
 
 TIP_KEYS = ("revision", "source", "bytes", "changed")
-VERIFIED_KEYS = ("signer", "fingerprint", "signature", "commit_time", "checkout", "warnings")
+VERIFIED_KEYS = (
+    "signer",
+    "fingerprint",
+    "signature",
+    "commit_time",
+    "checkout",
+    "warnings",
+    "rollout",
+)
 ANSWER_KEYS = {"ok", "up_to_date", "known_bad", "plan", "error", *TIP_KEYS, *VERIFIED_KEYS}
 
 
@@ -350,6 +384,8 @@ class WorkerAnswer:
                     "warnings": list(v.warnings),
                 }
             )
+            if v.rollout is not None:
+                out["rollout"] = v.rollout
         if self.plan is not None:
             out["plan"] = dict(self.plan)
         if self.error is not None:
@@ -383,6 +419,7 @@ class WorkerAnswer:
                 source=doc.get("source"),
                 checkout=doc.get("checkout"),
                 warnings=tuple(doc.get("warnings") or ()),
+                rollout=doc.get("rollout"),
             )
         return cls(
             ok=bool(doc.get("ok")),
@@ -432,6 +469,7 @@ class SyncResult:
     operation: str | None = None
     superseded_by: str | None = None
     datasets: tuple[Mapping[str, Any], ...] | None = None  # a bundle's datasets, as imported
+    rollout: Mapping[str, Any] | None = None  # the device's wave, window or deferral
 
     OPTIONAL: ClassVar[tuple[str, ...]] = (
         "signer",
@@ -471,6 +509,8 @@ class SyncResult:
             out["warnings"] = list(self.warnings)
         if self.datasets is not None:
             out["datasets"] = [dict(d) for d in self.datasets]
+        if self.rollout is not None:
+            out["rollout"] = dict(self.rollout)
         out["exit_code"] = self.exit_code
         return out
 

@@ -4,8 +4,8 @@ Each step is ``async def step(ctx: SyncContext) -> SyncResult | None``: it reads
 steps put in the context, adds its own product, and either returns None (go on) or the result
 that ends the sync. :data:`STEPS` is the order (DESIGN section 1)::
 
-    target -> fetch -> verify -> gate -> resolve -> diff -> dry_run -> prepare -> deploy
-           -> record -> soak
+    target -> fetch -> verify -> gate -> resolve -> diff -> dry_run -> rollout -> prepare
+           -> deploy -> record -> soak
 
 fetch + verify + resolve run in the sync worker process (one request, one answer); the steps on
 this side read its answer. :func:`run_pipeline` runs the steps and :func:`finish` writes what
@@ -14,6 +14,8 @@ every sync writes, whatever its outcome (last sync, metrics, log, history).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,7 +42,12 @@ from keystone.sync.model import (
     WorkerAnswer,
     WorkerOp,
     WorkerRequest,
+    sync_deadline_message,
 )
+from keystone.sync.peek import peek
+from keystone.sync.rollout import RolloutTracker
+from keystone.windows import Maintenance
+from keystone.workerproc import ErrorInfo
 
 TRUST_FAILURES = {
     "SignatureError": "signature",
@@ -61,6 +68,8 @@ class SyncSettings:
     device_id: str = ""
     labels: tuple[str, ...] = ()
     soak: float = 30.0
+    maintenance: Maintenance | None = None  # the agent's own windows ([maintenance])
+    peek: bool = False  # look at the source's tip here first (keystone.sync.peek)
 
     @property
     def polls(self) -> bool:
@@ -92,6 +101,8 @@ class SyncSettings:
             device_id=cfg.device_id,
             labels=tuple(cfg.labels),
             soak=src.soak if src else 30.0,
+            maintenance=cfg.maintenance,
+            peek=True,
         )
 
 
@@ -132,6 +143,7 @@ class SyncContext:
     desired: DesiredState | None = None
     deployed: DeployResult | None = None
     datasets: tuple[dict[str, Any], ...] | None = None
+    rollout: RolloutTracker | None = None  # the engine's holds (waves, windows, deferrals)
 
     def __post_init__(self) -> None:
         self.t0 = self.clocks.monotonic()
@@ -217,8 +229,31 @@ async def target(ctx: SyncContext) -> SyncResult | None:
 
 
 async def fetch(ctx: SyncContext) -> SyncResult | None:
-    """Fetch, verify and resolve in the worker process; keep its answer."""
-    ctx.answer = await ctx.host.run_worker(worker_request(ctx), timeout=ctx.settings.worker_timeout)
+    """Fetch, verify and resolve in the worker process; keep its answer.
+
+    An unchanged source is seen without the worker (:mod:`keystone.sync.peek`): one request
+    from the agent, and the answer the worker's gate would have given.
+    """
+    request = worker_request(ctx)
+    # One deadline for the whole fetch, the agent's own look included: a drip-feeding server
+    # holds the sync at most that long.
+    deadline = ctx.settings.worker_timeout
+    started = time.monotonic()
+    answer = None
+    if ctx.settings.peek:
+        with contextlib.suppress(TimeoutError):
+            answer = await asyncio.wait_for(peek(request), deadline)
+    if answer is None:
+        left = deadline - (time.monotonic() - started)
+        if left > 0:
+            answer = await ctx.host.run_worker(request, timeout=left)
+        if left <= 0 or (
+            answer is not None and answer.error and answer.error.type == "SyncDeadline"
+        ):
+            answer = WorkerAnswer.failed(
+                ErrorInfo("SyncDeadline", "retryable", sync_deadline_message(deadline))
+            )
+    ctx.answer = answer
     return None
 
 
@@ -292,6 +327,20 @@ async def diff(ctx: SyncContext) -> SyncResult | None:
 async def dry_run(ctx: SyncContext) -> SyncResult | None:
     """A dry run ends here, with the change set."""
     return ctx.result(Outcome.DRY_RUN) if ctx.request.dry_run else None
+
+
+async def rollout(ctx: SyncContext) -> SyncResult | None:
+    """A rollout wave, a halt, a maintenance window or a component's deferral may hold the
+    revision back (``keystone.sync.rollout``); only a sync of the source's tip is held."""
+    tracker = ctx.rollout
+    if tracker is None or ctx.request.kind is not RequestKind.SYNC:
+        return None
+    assert ctx.desired is not None
+    d = ctx.desired
+    hold = await tracker.check(ctx.host, d.verified, d.planned, ctx.host.applied_plan)
+    if hold is None:
+        return None
+    return ctx.result(hold.outcome, error=hold.message, rollout=hold.to_json())
 
 
 async def prepare(ctx: SyncContext) -> SyncResult | None:
@@ -400,6 +449,7 @@ STEPS: tuple[Step, ...] = (
     resolve,
     diff,
     dry_run,
+    rollout,
     prepare,
     datasets,
     deploy,

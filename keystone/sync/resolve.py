@@ -9,8 +9,8 @@ repository root and may not leave it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, Protocol
 
 from keystone import repopath
 from keystone.errors import ValidationError
@@ -23,7 +23,7 @@ from keystone.plan import (
     parse_plan,
     resolve_entries,
 )
-from keystone.recipe import Recipe, check_segment
+from keystone.recipe import check_segment
 
 
 class Tree(Protocol):
@@ -57,6 +57,10 @@ def plan_files(device_id: str, labels: Sequence[str]) -> list[str]:
     ]
 
 
+def _store_ref(recipe: str) -> bool:
+    return bool(STORE_REF.match(recipe)) and "/" not in recipe and not recipe.endswith(".toml")
+
+
 def _text(data: bytes, file: str) -> str:
     try:
         return data.decode("utf-8")
@@ -71,12 +75,14 @@ def resolve(
     labels: Sequence[str],
     environ: Mapping[str, str],
     revision: str = "",
-    cache: dict[tuple[object, ...], Recipe] | None = None,
+    cache: MutableMapping[Any, Any] | None = None,
 ) -> DesiredPlan:
     """The validated DesiredPlan of this device at ``revision`` (``tree``).
 
     Each component's ``origin`` is the plan file it came from. Raises ValidationError naming
-    the file, line and revision for anything that does not validate.
+    the file, line and revision for anything that does not validate. Recipes are cached by
+    content (``cache``, default the process's :data:`keystone.plan.RECIPES`); a tree that
+    names blob ids (a git revision) lets unchanged recipes skip even the read.
     """
     files: list[PlanFile] = []
     found: list[str] = []
@@ -88,8 +94,18 @@ def resolve(
         files.append(parse_plan(_text(data, path), file=path))
     entries, unknown = merge_entries(files)
 
+    blob_id = getattr(tree, "blob_id", None)
+
+    def identify(e: PlanEntry) -> tuple[str, str] | None:
+        # A git tree names each file's content: a recipe cached by its blob id is not read.
+        if blob_id is None or _store_ref(e.recipe):
+            return None
+        path = repo_path(e.recipe, file=e.file, line=e.line)
+        found = blob_id(path)
+        return (f"git:{found}", path) if isinstance(found, str) else None
+
     def read(e: PlanEntry) -> tuple[str, str]:
-        if STORE_REF.match(e.recipe) and "/" not in e.recipe and not e.recipe.endswith(".toml"):
+        if _store_ref(e.recipe):
             raise ValidationError(
                 f"recipe {e.recipe!r}: a fleet repository names recipes by path (e.g. recipes/x.recipe.toml)",
                 file=e.file,
@@ -107,7 +123,13 @@ def resolve(
 
     try:
         return resolve_entries(
-            entries, read, environ=environ, sources=tuple(found), unknown=unknown, cache=cache
+            entries,
+            read,
+            environ=environ,
+            sources=tuple(found),
+            unknown=unknown,
+            cache=cache,
+            identify=identify,
         )
     except ValidationError as exc:
         if revision and exc.file and "@" not in exc.file:

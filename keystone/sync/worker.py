@@ -127,6 +127,7 @@ def verify_and_resolve(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> Work
             f"revision {rev[:12]} has unknown fields: " + "; ".join(desired.unknown_fields)
         )
     checkout = _export_artifacts(req, tree, rev, desired)
+    rollout = _rollout(tree, rev)
     return WorkerAnswer(
         ok=True,
         tip=tip,
@@ -139,9 +140,26 @@ def verify_and_resolve(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> Work
             source=tip.source,
             checkout=str(checkout),
             warnings=tuple(desired.warnings),
+            rollout=rollout,
         ),
         plan=plan_to_json(desired),
     )
+
+
+def _rollout(tree: Any, rev: str) -> str | None:
+    """The revision's ``rollout.toml``, validated here so a bad one refuses the revision."""
+    from keystone.rollout import ROLLOUT_FILE, parse_rollout
+
+    data = tree.read(ROLLOUT_FILE)
+    if data is None:
+        return None
+    where = f"{ROLLOUT_FILE}@{rev[:12]}"
+    try:
+        text: str = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("not UTF-8 text", file=where) from None
+    parse_rollout(text, file=where)
+    return text
 
 
 def checked(req: WorkerRequest, mirror: Any, tip: FetchedTip) -> WorkerAnswer:
@@ -285,7 +303,31 @@ def op_fetch(req: WorkerRequest) -> WorkerAnswer:
             return WorkerAnswer.failed(_error(exc), tip)
     if answer.verified is not None and result.bundle is not None and result.bundle.datasets:
         answer = replace(answer, tip=_stage_datasets(req, result.bundle.path, answer.tip))
+    if answer.verified is not None and result.bundle is not None and result.bundle.images:
+        answer = replace(answer, tip=_stage_images(req, result.bundle.path, answer.tip))
     return answer
+
+
+def _stage_images(req: WorkerRequest, bundle: Path, tip: FetchedTip) -> FetchedTip:
+    """Copy a verified revision's container image archives to ``runtime/bundles/images``.
+
+    The agent loads them into its container engine before the revision's containers are
+    prepared (so ``pull_policy = "never"`` finds them). A damaged copy is reported in
+    ``bundle_images_error``; the deployment then refuses a component whose image is missing.
+    """
+    # lazy: the bundle reader, only for a bundle that carries images
+    from keystone.sources.bundle import extract_bundle_images
+
+    dest = Path(req.runtime) / "bundles" / "images"
+    wire = dict(tip.wire)
+    try:
+        staged = extract_bundle_images(bundle, dest)
+    except KeystoneError as exc:
+        wire["bundle_images_error"] = str(exc)
+    else:
+        if staged is not None:
+            wire["bundle_images"] = str(staged)
+    return replace(tip, wire=wire)
 
 
 def _stage_datasets(req: WorkerRequest, bundle: Path, tip: FetchedTip) -> FetchedTip:

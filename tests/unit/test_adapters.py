@@ -44,7 +44,7 @@ class FakeControl:
         self.op_result: JSON = {"kind": "apply", "result": "ok"}
 
     def health(self) -> JSON:
-        return {"status": "ok", "uptime": 75.5, "revision": "abc"}
+        return {"status": "ok", "uptime": "1m15.5s", "uptime_seconds": 75.5, "revision": "abc"}
 
     def components(self) -> list[JSON]:
         return [{"name": "db", "state": "healthy", "pid": 10}]
@@ -74,6 +74,9 @@ class FakeControl:
 
     def stop_plan(self) -> None:
         self.calls.append(("stop", None))
+
+    def recipe_files(self) -> list[str]:
+        return ["db-1.0.0.toml"]
 
     def recipes(self) -> list[JSON]:
         return [
@@ -112,6 +115,7 @@ class TestCommandTable:
         assert reply.success and reply.data == {
             "status": "ok",
             "uptime": "1m15.5s",
+            "uptime_seconds": 75.5,
             "revision": "abc",
         }
 

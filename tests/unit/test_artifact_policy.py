@@ -179,7 +179,7 @@ class TestPolicyFromEnv:
         assert p.download_timeout == 1800.0
         assert p.clock_policy == "high-water"
         assert p.state_dir == tmp_path / "state"
-        assert p.tls_verify and p.allow_unsigned and not p.require_sha256
+        assert p.allow_unsigned and not p.require_sha256 and not p.insecure_skip_verify
 
     def test_go_variables(self, tmp_path: Path) -> None:
         """The Go Keystone's variables keep their meaning; overrides win."""
@@ -201,7 +201,8 @@ class TestPolicyFromEnv:
         assert p.cache_limit_bytes == 1024**3
         assert p.download_timeout == 300.0
         assert p.clock_policy == "strict"
-        assert p.tls_verify is False
+        # Go's meaning: skip the mandatory integrity requirements (never TLS checks).
+        assert p.insecure_skip_verify is True
         assert p.allow_unsigned is False
         assert "ghp_x" not in repr(p)
 

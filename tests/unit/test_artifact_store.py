@@ -156,6 +156,50 @@ class TestPolicy:
         assert info.value.reason == "missing-signature"
         assert "'web'" in str(info.value) and "sig_uri" in str(info.value)
 
+    def test_insecure_skip_verify_drops_the_mandatory_integrity_only(
+        self, tmp_path: Path, policy: ArtifactPolicy
+    ) -> None:
+        """KEYSTONE_INSECURE_SKIP_VERIFY means what it means in Go: an artifact without a
+        signature (strict policy) or without a pin (signed revision) is accepted, with a
+        WARNING naming it; a pin the recipe does give is still checked."""
+        from dataclasses import replace
+
+        from loguru import logger
+
+        insecure = ArtifactPolicy.from_env(
+            policy.cache_dir,
+            {"KEYSTONE_INSECURE_SKIP_VERIFY": "true"},
+            repo_root=policy.repo_root,
+            allow_unsigned=False,
+            require_sha256=True,
+        )
+        assert insecure.insecure_skip_verify
+        src = write(tmp_path / "a.bin", b"x")
+        messages: list[str] = []
+        sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+        try:
+            prepared = ArtifactStore(insecure).prepare(
+                ArtifactSpec(uri=src.as_uri()), component="web"
+            )
+        finally:
+            logger.remove(sink)
+        assert prepared.sha256 == sha(b"x")
+        assert any("no sha256 pin" in m and "INSECURE_SKIP_VERIFY" in m for m in messages)
+        assert any("no signature" in m and "NOT authenticated" in m for m in messages)
+        with pytest.raises(ArtifactRefusedError) as info:
+            ArtifactStore(insecure).prepare(
+                ArtifactSpec(uri=src.as_uri(), sha256=sha(b"other")), component="web"
+            )
+        assert info.value.reason == "hash-mismatch"
+        # Without it, the same artifact is refused (the tests above), and "false" is off.
+        off = ArtifactPolicy.from_env(
+            policy.cache_dir, {"KEYSTONE_INSECURE_SKIP_VERIFY": "false"}, allow_unsigned=False
+        )
+        with pytest.raises(ArtifactRefusedError):
+            ArtifactStore(replace(off, repo_root=policy.repo_root)).prepare(
+                ArtifactSpec(uri=src.as_uri(), sha256=sha(b"x")), component="web"
+            )
+
     def test_repo_relative_paths(self, policy: ArtifactPolicy, store: ArtifactStore) -> None:
         """A path relative to the fleet repo works; one leaving it is refused."""
         assert policy.repo_root is not None

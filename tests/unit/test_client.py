@@ -72,8 +72,13 @@ class Control:
         self._rec("health")
         return {
             "status": "ok",
-            "uptime": 3725.0,
+            "uptime": "1h2m5s",
+            "closed": False,
             "time_utc": "2026-01-01T00:00:00Z",
+            "clock_trusted": True,
+            "clock_source": "system",
+            "uptime_seconds": 3725.0,
+            "components_status": "degraded",
             "version": "0.1.0",
             "device": "gw-1",
             "revision": "0123456789abcdef0123",
@@ -82,10 +87,12 @@ class Control:
     def components(self) -> list[dict[str, Any]]:
         self._rec("components")
         return [
-            {"name": "api", "state": "healthy", "pid": 12, "restarts": 1, "version": "1.2.0",
-             "last_health": "HTTP 200", "recipe": "com.example.api"},
-            {"name": "db", "state": "failed", "pid": None, "restarts": 5, "version": "1.0.0",
-             "last_health": "", "error": "exited 1", "recipe": "com.example.db"},
+            {"name": "api", "state": "running", "pid": 12, "restarts": 1, "version": "1.2.0",
+             "last_health": "healthy", "recipe": "com.example.api", "phase": "healthy",
+             "health_detail": "HTTP 200"},
+            {"name": "db", "state": "failed", "pid": 0, "restarts": 5, "version": "1.0.0",
+             "last_health": "unknown", "error": "exited 1", "recipe": "com.example.db",
+             "phase": "failed", "health_detail": ""},
         ]  # fmt: skip
 
     def stop_component(self, name: str) -> None:
@@ -107,6 +114,10 @@ class Control:
             {"name": n, "version": v, "sha256": hashlib.sha256(t.encode()).hexdigest(), "path": ""}
             for (n, v), t in sorted(self.store.items())
         ]
+
+    def recipe_files(self) -> list[str]:
+        self._rec("recipe_files")
+        return sorted(f"{n}-{v}.toml" for n, v in self.store)
 
     def upload_recipe(self, text: str, *, force: bool) -> dict[str, Any]:
         self._rec("upload", force)

@@ -153,14 +153,16 @@ class TestReads:
         assert r.exit_code == 0, r.stderr
         lines = r.stdout.splitlines()
         assert lines[0] == (
-            "agent ok, up 1h02m, keystone 0.1.0, device gw-1, revision 0123456789ab"
+            "agent ok (components degraded), up 1h02m, keystone 0.1.0, device gw-1, "
+            "revision 0123456789ab"
         )
         assert lines[1] == "plan running (api)"
         assert lines[3].split() == [
-            "COMPONENT", "STATE", "VERSION", "PID", "RESTARTS", "FOR", "HEALTH"
+            "COMPONENT", "STATE", "PHASE", "VERSION", "PID", "RESTARTS", "FOR", "HEALTH"
         ]  # fmt: skip
-        assert lines[4].split()[:5] == ["api", "healthy", "1.2.0", "12", "1"]
-        assert lines[5].split()[:5] == ["db", "failed", "1.0.0", "-", "5"]
+        assert lines[4].split()[:6] == ["api", "running", "healthy", "1.2.0", "12", "1"]
+        assert "healthy: HTTP 200" in lines[4]
+        assert lines[5].split()[:6] == ["db", "failed", "failed", "1.0.0", "-", "5"]
         assert "exited 1" in lines[5]
 
     def test_status_json_keeps_the_go_keys(self, cli: Cli) -> None:
@@ -183,7 +185,7 @@ class TestReads:
         """components, health and recipes: JSON as the agent answers it, tables otherwise."""
         assert [c["name"] for c in cli.json("components")] == ["api", "db"]
         assert cli.json("health")["status"] == "ok"
-        assert cli("health").stdout.startswith("agent ok, up 1h02m")
+        assert cli("health").stdout.startswith("agent ok (components degraded), up 1h02m")
         assert cli("recipes").stdout.startswith("no recipes stored")
         control.store[("x", "1")] = "t"
         assert cli("recipes").stdout.splitlines()[0].split() == ["NAME", "VERSION", "SHA256"]
@@ -530,6 +532,12 @@ class TestFastPath:
             (["components", "--addr"], None),
             (["apply", "plan.toml"], None),
             (["status", "extra"], None),
+            (["sync", "--once", "--dry", "--retry", "--json"],
+             ("sync", {}, {"--once", "--dry", "--retry", "--json"})),
+            (["sync", "--allow-rollback", "--dry-run"],
+             ("sync", {}, {"--allow-rollback", "--dry-run"})),
+            (["sync", "--revision"], None),
+            (["sync", "--help"], None),
             ([], None),
         ],
     )  # fmt: skip
@@ -550,6 +558,45 @@ class TestFastPath:
         code = fast_main([*args, "--addr", server.address, "--token", TOKEN])
         assert code == 0
         assert capsys.readouterr().out == typer_out
+
+    @pytest.mark.parametrize(
+        ("args", "asked"),
+        [(["sync", "--once"], (False, False, False)),
+         (["sync", "--once", "--json"], (False, False, False)),
+         (["sync", "--dry", "--retry"], (True, False, True)),
+         (["sync", "--dry-run", "--allow-rollback", "--json"], (True, True, False))],
+    )  # fmt: skip
+    def test_sync_same_output_and_request_as_typer(
+        self,
+        server: ApiServer,
+        control: Control,
+        args: list[str],
+        asked: tuple[bool, bool, bool],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``sync`` on the fast path asks the agent the same and prints the same."""
+        from keystone.cli import gitops
+
+        app = typer.Typer()
+        assert gitops.register(app)
+        typer_out = Cli(app, server)(*args)
+        assert typer_out.exit_code == 0, typer_out.stderr
+        typer_calls = [c for c in control.calls if c[0] == "sync"]
+        code = fast_main([*args, "--addr", server.address, "--token", TOKEN])
+        assert code == 0
+        assert capsys.readouterr().out == typer_out.stdout
+        fast_calls = [c for c in control.calls if c[0] == "sync"][len(typer_calls) :]
+        assert typer_calls == fast_calls == [("sync", asked)]
+
+    def test_sync_errors_go_to_stderr_with_their_exit_code(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for var in CLEAN_ENV:
+            monkeypatch.delenv(var, raising=False)
+        addr = f"http://127.0.0.1:{free_port()}"
+        assert fast_main(["sync", "--once", "--json", "--addr", addr, "--token", "t"]) == 1
+        out = capsys.readouterr()
+        assert out.out == "" and "error: " in out.err and "no agent answers" in out.err
 
     def test_errors_and_exit_codes(
         self, server: ApiServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

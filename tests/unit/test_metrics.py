@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from keystone.metrics import STATES, Metrics, health_label, read_proc_stat
+from keystone.metrics import PHASES, STATES, Metrics, health_label, read_proc_stat
+from keystone.runtime.reported import PHASE_TO_STATE
 from tests.conftest import wait_until
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -127,32 +128,76 @@ class TestNames:
 
 class TestComponents:
     def test_state_is_one_for_the_current_state_only(self) -> None:
-        """keystone_component_state{name,state} is 1 for the current state, 0 for the others."""
+        """keystone_component_state{name,state} carries Go's states (none, stopped, running,
+        failed), 1 for the current one and 0 for the others; the phase has its own series."""
         m = Metrics()
         m.set_component("api", "starting", False, 0, None)
         m.set_component("api", "healthy", True, 0, None)
         s = scrape(m)
+        assert STATES == ("none", "stopped", "running", "failed")
         for state in STATES:
-            want = 1.0 if state == "healthy" else 0.0
+            want = 1.0 if state == "running" else 0.0
             assert value(s, "keystone_component_state", name="api", state=state) == want
+        for phase in PHASES:
+            want = 1.0 if phase == "healthy" else 0.0
+            assert value(s, "keystone_component_phase", name="api", phase=phase) == want
+
+    @pytest.mark.parametrize(
+        ("phase", "state"),
+        [
+            ("pending", "none"),
+            ("installing", "none"),
+            ("starting", "running"),
+            ("healthy", "running"),
+            ("unhealthy", "running"),
+            ("backoff", "stopped"),
+            ("stopping", "stopped"),
+            ("stopped", "stopped"),
+            ("failed", "failed"),
+        ],
+    )
+    def test_every_phase_maps_to_a_go_state(self, phase: str, state: str) -> None:
+        """The one mapping (keystone.runtime.reported) covers every supervisor phase."""
+        assert set(PHASE_TO_STATE) == set(PHASES)
+        assert PHASE_TO_STATE[phase] == state
+        m = Metrics()
+        m.set_component("db", phase, False, 0, None)
+        assert value(scrape(m), "keystone_component_state", name="db", state=state) == 1
+
+    def test_go_alert_fires_for_a_component_not_running(self) -> None:
+        """Go's KeystoneComponentDown: ``keystone_component_state{state="running"} == 0 unless
+        on(name) keystone_component_state{state="running"} == 1`` selects exactly the
+        components that are not running."""
+        m = Metrics()
+        m.set_component("up", "healthy", True, 0, None)
+        m.set_component("crashed", "failed", False, 5, None)
+        m.set_component("waiting", "backoff", False, 2, None)
+        running = {
+            x.labels["name"]: x.value
+            for x in scrape(m)
+            if x.name == "keystone_component_state" and x.labels["state"] == "running"
+        }
+        firing = {n for n, v in running.items() if v == 0} - {
+            n for n, v in running.items() if v == 1
+        }
+        assert firing == {"crashed", "waiting"}
 
     @pytest.mark.parametrize(
         ("state", "healthy", "health"),
         [
-            ("healthy", True, "healthy"),
-            ("unhealthy", False, "unhealthy"),
-            ("failed", False, "unhealthy"),
-            ("backoff", False, "unhealthy"),
-            ("starting", False, "unknown"),
+            ("running", True, "healthy"),
+            ("running", False, "unhealthy"),
+            ("failed", False, "unknown"),
             ("stopped", False, "unknown"),
-            ("pending", False, "unknown"),
+            ("none", False, "unknown"),
         ],
     )
     def test_state_health(self, state: str, healthy: bool, health: str) -> None:
-        """keystone_component_state_health{name,state,health} is 1 for the current pair."""
+        """keystone_component_state_health{name,state,health} is 1 for the current pair, with
+        Go's values: health is unknown whenever the component is not running."""
         assert health_label(state, healthy) == health
         m = Metrics()
-        m.set_component("db", state, healthy, 0, None)
+        m.set_component("db", "healthy", healthy, 0, None, state=state)
         s = scrape(m)
         pairs = [x for x in s if x.name == "keystone_component_state_health"]
         assert [(x.labels, x.value) for x in pairs] == [
@@ -161,10 +206,10 @@ class TestComponents:
         assert value(s, "keystone_component_healthy", name="db") == (1 if healthy else 0)
 
     def test_explicit_health_label(self) -> None:
-        """The agent may name the health itself."""
+        """The agent names the health itself (the component's last_health)."""
         m = Metrics()
-        m.set_component("db", "healthy", True, 0, None, health="degraded")
-        assert value(scrape(m), "keystone_component_state_health", health="degraded") == 1
+        m.set_component("db", "starting", False, 0, None, state="running", health="unknown")
+        assert value(scrape(m), "keystone_component_state_health", health="unknown") == 1
 
     def test_restarts_is_a_counter(self) -> None:
         """keystone_component_restarts_total is a counter with the restart count."""
@@ -179,13 +224,14 @@ class TestComponents:
         assert fam and fam[0].type == "counter"
         assert value(scrape(m), "keystone_component_restarts_total", name="db") == 3
 
-    def test_an_unknown_state_is_still_exported(self) -> None:
-        """A state this module does not list gets its own series (and the known ones are 0)."""
+    def test_an_unknown_phase_is_still_exported(self) -> None:
+        """A phase this module does not list gets its own series (and the known ones are 0)."""
         m = Metrics()
         m.set_component("db", "draining", False, 0, None)
         s = scrape(m)
-        assert value(s, "keystone_component_state", name="db", state="draining") == 1
-        assert value(s, "keystone_component_state", name="db", state="healthy") == 0
+        assert value(s, "keystone_component_phase", name="db", phase="draining") == 1
+        assert value(s, "keystone_component_phase", name="db", phase="healthy") == 0
+        assert value(s, "keystone_component_state", name="db", state="stopped") == 1
 
     def test_remove_component(self) -> None:
         """A component removed from the plan leaves no series behind."""

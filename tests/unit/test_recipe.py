@@ -267,9 +267,9 @@ class TestBadRecipes:
         plain = both.replace('[[datasets]]\nname = "maps"\nmanifest = "https://h/m"\n', "")
         assert parse_recipe(plain, file="r").reload is not None
 
-    def test_container_refused(self) -> None:
-        """Container components are refused clearly instead of being run as processes."""
-        with pytest.raises(ValidationError, match="container components are not yet supported"):
+    def test_container_without_its_table_refused(self) -> None:
+        """A container component names the table it lacks (tests/unit/test_container_recipes)."""
+        with pytest.raises(ValidationError, match=r"needs \[lifecycle\.run\.container\]"):
             parse_recipe(GO_README_RECIPE + '\n[lifecycle.run]\ntype = "container"\n', file="r")
 
     def test_missing_exec(self) -> None:

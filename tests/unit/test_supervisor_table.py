@@ -372,6 +372,30 @@ class TestHealth:
 
         run(t)
 
+    def test_the_same_healthy_answer_again_is_no_news(self, tmp_path: Path) -> None:
+        """on_change (snapshot, metrics, brokers) runs when a probe's answer changes, not for
+        every identical healthy probe."""
+
+        async def t() -> None:
+            r = rig(tmp_path, component(health=True, interval="2s", threshold=3))
+            calls: list[str] = []
+            r.sup.on_change = lambda s: calls.append(s.last_health.detail if s.last_health else "")
+            await r.sup.start()
+            await r.clock.settle()
+            assert r.sup.state is S.HEALTHY
+            before = len(calls)
+            for _ in range(5):
+                await r.clock.advance(2.0)
+            assert len(calls) == before  # five identical "exit 0": nothing to tell
+            r.runner.probe_status = 1
+            await r.clock.advance(2.0)
+            r.runner.probe_status = 0
+            await r.clock.advance(2.0)
+            assert calls[before:] == ["exit 0"]  # healthy again after a failed probe: news
+            assert r.sup.state is S.HEALTHY
+
+        run(t)
+
     def test_one_success_resets_the_failure_count(self, tmp_path: Path) -> None:
         """Failures must be consecutive to count."""
 
@@ -537,5 +561,72 @@ class TestDeployerOnFakes:
             assert result.ok and deployer.supervisors["app"].state is S.HEALTHY
             await deployer.stop_all()
             assert runner.stops and deployer.supervisors["app"].state is S.STOPPED
+
+        run(t)
+
+
+class TestGoReport:
+    """``Supervisor.reported`` / ``to_json``: Go's state, last_health and pid guarantees."""
+
+    def test_running_only_while_the_process_lives(self, tmp_path: Path) -> None:
+        """A process that died before its exit is observed is reported stopped with pid 0."""
+
+        async def t() -> None:
+            r = rig(tmp_path, component(health=True))
+            await r.sup.start()
+            await r.clock.settle()
+            assert r.sup.state is S.HEALTHY
+            state, health, pid = r.sup.reported()
+            assert (state, health) == ("running", "healthy") and pid == r.handle.pid
+            r.runner._status[r.handle.pid] = 1  # gone; the exit watcher has not run yet
+            assert r.sup.state is S.HEALTHY
+            assert r.sup.reported() == ("stopped", "unknown", 0)
+            row = r.sup.to_json()
+            assert (row["state"], row["phase"], row["pid"]) == ("stopped", "healthy", 0)
+
+        run(t)
+
+    def test_health_is_unknown_when_not_running_and_after_a_restart(self, tmp_path: Path) -> None:
+        """last_health resets to unknown on exit, and a new process starts with no verdict."""
+
+        async def t() -> None:
+            r = rig(tmp_path, component(health=True))
+            await r.sup.start()
+            await r.clock.settle()
+            assert r.sup.reported()[1] == "healthy"
+            await r.crash()
+            assert r.sup.state is S.BACKOFF
+            assert r.sup.reported() == ("stopped", "unknown", 0)
+            assert r.sup.to_json()["health_detail"]  # the detail of the last probe stays
+            r.runner.probe_status = 1
+            await r.clock.advance(2.0)
+            assert r.sup.state is S.STARTING
+            assert r.sup.reported()[0] == "running"
+            assert r.sup.reported()[1] in ("unknown", "unhealthy")
+
+        run(t)
+
+    def test_without_a_health_check_health_stays_unknown(self, tmp_path: Path) -> None:
+        """Only components that declare a health check ever get a verdict."""
+
+        async def t() -> None:
+            r = rig(tmp_path)
+            await r.sup.start()
+            await r.clock.advance(TUNING.settle + 1)
+            assert r.sup.state is S.HEALTHY
+            assert r.sup.reported()[:2] == ("running", "unknown")
+
+        run(t)
+
+    def test_failed_and_pending(self, tmp_path: Path) -> None:
+        """Nothing started yet is none; exhausted restarts are failed, pid 0."""
+
+        async def t() -> None:
+            r = rig(tmp_path, component(policy="never"))
+            assert r.sup.reported() == ("none", "unknown", 0)
+            await r.sup.start()
+            await r.crash(3)
+            assert r.sup.state is S.FAILED
+            assert r.sup.reported() == ("failed", "unknown", 0)
 
         run(t)

@@ -10,7 +10,7 @@ import pytest
 from keystone.env import SubstitutionError, parse_dotenv, substitute
 from keystone.semver import Constraint
 from keystone.state import History, atomic_write, read_json, write_json
-from keystone.units import format_duration, parse_duration, parse_size
+from keystone.units import format_duration, go_duration, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
@@ -121,3 +121,28 @@ class TestState:
         with (tmp_path / "h.jsonl").open("a") as f:
             f.write('{"n": 3')
         assert [r["n"] for r in h.newest(10)] == [2, 1]
+
+
+# Go's own table for time.Duration.String (src/time/time_test.go, durationTests), in seconds.
+GO_DURATION_STRINGS = [
+    ("0s", 0.0),
+    ("1ns", 1e-9),
+    ("1.1µs", 1100e-9),
+    ("2.2ms", 2200e-6),
+    ("3.3s", 3.3),
+    ("4m5s", 4 * 60 + 5.0),
+    ("4m5.001s", 4 * 60 + 5.001),
+    ("5h6m7.001s", 5 * 3600 + 6 * 60 + 7.001),
+    ("8m0.000000001s", 8 * 60 + 1e-9),
+    ("-1.5s", -1.5),
+    ("1h0m0s", 3600.0),
+    ("100h0m0s", 360000.0),
+    ("999.999µs", 999.999e-6),
+    ("1m0s", 59.9999999999),  # rounded to whole nanoseconds first, as Go's int64 holds them
+]
+
+
+@pytest.mark.parametrize(("text", "seconds"), GO_DURATION_STRINGS)
+def test_go_duration_matches_go(text: str, seconds: float) -> None:
+    """units.go_duration prints what Go's time.Duration.String prints."""
+    assert go_duration(seconds) == text

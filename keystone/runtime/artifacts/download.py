@@ -148,7 +148,7 @@ class Downloader:
                     write=p.read_timeout,
                     pool=p.connect_timeout,
                 ),
-                verify=p.tls_verify,
+                verify=True,  # always, as in the Go agent (KEYSTONE_INSECURE_SKIP_VERIFY is not TLS)
                 follow_redirects=False,
                 headers={"User-Agent": USER_AGENT},
             )

@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from loguru import logger
+
 from keystone.runtime.archive import (
     remove_tree,
 )
@@ -15,6 +17,9 @@ from keystone.runtime.artifacts.policy import (
     CHUNK,
 )
 from keystone.state import fsync_dir
+
+CACHE_DIRS = frozenset({"sha256", "unpacked", "meta", "tmp"})
+"""The cache's own directories under ``runtime/artifacts``: never a Go-view recipe name."""
 
 
 def fsync_dir_quietly(path: Path) -> None:
@@ -84,3 +89,54 @@ def place_symlink(target: str, target_dir: Path, name: str) -> None:
     if dest.is_dir() and not dest.is_symlink():
         remove_tree(dest)
     os.replace(tmp, dest)
+
+
+def link_go_view(root: Path, blob: Path, name: str, recipe: str, version: str) -> Path | None:
+    """Link ``root/<recipe>/<version>/<name>`` to the cached ``blob`` (relative, read-only).
+
+    The Go agent keeps each download at ``runtime/artifacts/<name>/<version>/<file>``, and its
+    recipes' install scripts copy from there (``cp ../../../artifacts/<name>/<version>/<file>
+    .`` from the work dir ``runtime/components/<name>/<version>``); our cache is
+    content-addressed, so this link makes those scripts work unchanged. The blob is 0444: a
+    script can copy it, not change the cache through the link. Returns the link, or None when
+    there is no blob to point at (an artifact rebuilt from a delta patch has only its unpacked
+    tree) or the recipe name would shadow one of the cache's own directories.
+    """
+    if recipe in CACHE_DIRS or recipe.startswith(".") or version.startswith("."):
+        logger.warning(
+            "artifact {} of recipe {!r}: no Go-style link {}/{}/{}: the name is one of the "
+            "artifact cache's own directories",
+            name,
+            recipe,
+            recipe,
+            version,
+            name,
+        )
+        return None
+    if not blob.is_file():
+        return None
+    target_dir = root / recipe / version
+    ensure_real_dir(root / recipe)
+    ensure_real_dir(target_dir)
+    place_symlink(os.path.relpath(blob, target_dir), target_dir, name)
+    return target_dir / name
+
+
+def prune_go_view(root: Path) -> None:
+    """Remove the Go-view links whose blob was evicted, and the directories left empty."""
+    for recipe in os.listdir(root):
+        top = root / recipe
+        if recipe in CACHE_DIRS or recipe.startswith(".") or top.is_symlink() or not top.is_dir():
+            continue
+        for version in os.listdir(top):
+            vdir = top / version
+            if vdir.is_symlink() or not vdir.is_dir():
+                continue
+            for entry in os.listdir(vdir):
+                link = vdir / entry
+                if link.is_symlink() and not link.exists():
+                    link.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                vdir.rmdir()  # only when empty
+        with contextlib.suppress(OSError):
+            top.rmdir()

@@ -93,8 +93,10 @@ class ArtifactPolicy:
             seconds (``KEYSTONE_ARTIFACT_MIN_THROUGHPUT``; 0 turns the check off).
         retries: attempts after the first that made no progress.
         backoff_base / backoff_max: exponential backoff between attempts, in seconds.
-        tls_verify: ``False`` only with ``KEYSTONE_INSECURE_SKIP_VERIFY`` (the pinned sha256
-            still guards the bytes).
+        insecure_skip_verify: ``KEYSTONE_INSECURE_SKIP_VERIFY`` (``--insecure-skip-verify``), as
+            in the Go agent: the mandatory integrity requirements (``allow_unsigned = false``,
+            a signed revision's sha256 pins) are dropped, with a WARNING for each artifact;
+            a pin or a signature the recipe does give is still checked. Development only.
         clock_policy: ``high-water`` or ``strict`` (``KEYSTONE_CLOCK_POLICY``).
         state_dir: where the clock's high-water mark persists (``runtime/state``).
     """
@@ -119,7 +121,7 @@ class ArtifactPolicy:
     retries: int = 5
     backoff_base: float = 1.0
     backoff_max: float = 30.0
-    tls_verify: bool = True
+    insecure_skip_verify: bool = False
     clock_policy: str = HIGH_WATER
     state_dir: Path | None = None
 
@@ -166,7 +168,7 @@ class ArtifactPolicy:
                 environ, "KEYSTONE_ARTIFACT_DOWNLOAD_TIMEOUT", DEFAULT_DOWNLOAD_TIMEOUT
             ),
             "min_throughput": _env_size(environ, "KEYSTONE_ARTIFACT_MIN_THROUGHPUT", 1024),
-            "tls_verify": not _env_flag(environ, "KEYSTONE_INSECURE_SKIP_VERIFY"),
+            "insecure_skip_verify": _env_flag(environ, "KEYSTONE_INSECURE_SKIP_VERIFY"),
             "clock_policy": (environ.get("KEYSTONE_CLOCK_POLICY") or HIGH_WATER).strip(),
         }
         values.update(overrides)

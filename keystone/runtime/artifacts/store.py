@@ -162,17 +162,30 @@ class ArtifactStore:
             pinned = normalize_sha256(artifact.sha256)
         except ValueError as exc:
             raise refuse(f"{exc}; fix the recipe's sha256", "bad-pin") from None
+        insecure = self.policy.insecure_skip_verify
         if pinned is None and self.policy.require_sha256:
-            raise refuse(
-                "the recipe pins no sha256, and recipes from a signed revision must (the pin is "
-                'the root of trust); add sha256 = "<hex>" to the [[artifacts]] entry',
-                "missing-pin",
+            if not insecure:
+                raise refuse(
+                    "the recipe pins no sha256, and recipes from a signed revision must (the pin "
+                    'is the root of trust); add sha256 = "<hex>" to the [[artifacts]] entry',
+                    "missing-pin",
+                )
+            logger.warning(
+                "{}: no sha256 pin, accepted only because of KEYSTONE_INSECURE_SKIP_VERIFY "
+                "(--insecure-skip-verify): NOT authenticated; development only",
+                label,
             )
         if not artifact.sig_uri and not self.policy.allow_unsigned:
-            raise refuse(
-                "has no sig_uri, and this agent accepts signed artifacts only "
-                "(allow_unsigned_artifacts = false); sign it (docs/trust.md) and add sig_uri",
-                "missing-signature",
+            if not insecure:
+                raise refuse(
+                    "has no sig_uri, and this agent accepts signed artifacts only "
+                    "(allow_unsigned_artifacts = false); sign it (docs/trust.md) and add sig_uri",
+                    "missing-signature",
+                )
+            logger.warning(
+                "{}: no signature, accepted only because of KEYSTONE_INSECURE_SKIP_VERIFY "
+                "(--insecure-skip-verify): NOT authenticated; development only",
+                label,
             )
         # One HTTP client per prepare (artifact, signature, certificate share its connections);
         # closing it here leaves no socket open between syncs.
@@ -310,7 +323,6 @@ class ArtifactStore:
                 work / "target.tar",
                 full_bytes=base.stat().st_size if base is not None else None,
                 headers=artifact.headers,
-                verify=self.policy.tls_verify,
                 wait=self._delta_wait,
                 label=label,
             )

@@ -67,24 +67,28 @@ function short(rev) {
 function drawHealth(h) {
   $("#device").textContent = h ? `${h.device || ""} · agent ${h.version || ""}` : "";
   const badge = $("#health");
-  badge.textContent = h ? h.status : "unreachable";
-  badge.className = `badge ${h ? h.status : "down"}`;
+  // status is the agent's own liveness ("ok", as in Go); components_status says degraded.
+  const status = h ? (h.components_status === "degraded" ? "degraded" : h.status) : "unreachable";
+  badge.textContent = status;
+  badge.className = `badge ${h ? status : "down"}`;
 }
 
 function drawComponents(list) {
   const body = $("#components tbody");
   body.replaceChildren();
   for (const c of list) {
-    const health = c.last_health || (c.healthy ? "healthy" : "");
+    // state and last_health are the Go agent's values; phase and health_detail are ours.
+    const health = [c.last_health, c.health_detail].filter(Boolean).join(": ");
     const row = el(
       "tr",
-      { "data-name": c.name, "data-state": c.state, "data-pid": c.pid ?? "" },
+      { "data-name": c.name, "data-state": c.state, "data-phase": c.phase || "", "data-pid": c.pid ?? "" },
       el("td", { class: "name" }, el("strong", {}, c.name), el("div", { class: "muted" }, c.recipe || "")),
       el("td", { class: "state" }, el("span", { class: `badge ${c.state}` }, c.state),
+        c.phase && c.phase !== c.state ? el("div", { class: "muted phase" }, c.phase) : "",
         c.error ? el("div", { class: "error-text" }, c.error) : ""),
       el("td", { class: "health" }, health),
       el("td", { class: "version" }, c.version || ""),
-      el("td", { class: "pid num" }, c.pid ?? "–"),
+      el("td", { class: "pid num" }, c.pid || "–"),
       el("td", { class: "restarts num" }, c.restarts ?? 0),
       el("td", { class: "since muted", title: when(c.since) }, ago(c.since)),
       el("td", { class: "buttons" },
@@ -122,7 +126,7 @@ async function drawLogs() {
 
 function drawGraph(components) {
   // Redraw the picture only when a state changed: the SVG is rendered by the agent.
-  const key = components.map((c) => `${c.name}=${c.state}`).join(",");
+  const key = components.map((c) => `${c.name}=${c.phase || c.state}`).join(",");
   if (key === state.graphKey) return;
   state.graphKey = key;
   $("#graph").src = `/v1/plan/graph?format=svg&k=${encodeURIComponent(key)}`;

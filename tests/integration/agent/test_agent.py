@@ -55,7 +55,7 @@ class TestDemo:
             ticks(comps["db"]["pid"]) <= ticks(comps["cache"]["pid"]) <= ticks(comps["api"]["pid"])
         )
         health = agent.healthz()
-        assert health is not None and health["status"] == "ok" and health["uptime"] >= 0
+        assert health is not None and health["status"] == "ok" and health["uptime_seconds"] >= 0
         pgids = [os.getpgid(c["pid"]) for c in comps.values()]
         assert agent.stop(signal.SIGTERM) == 0
         assert all(pgid_members(g) == [] for g in pgids)

@@ -149,7 +149,7 @@ def test_agent_upgrades_through_a_delta_and_falls_back(
     wait_until(
         lambda: (
             agent.components()["app"].get("version") == "2.0.0"
-            and agent.components()["app"]["state"] == "healthy"
+            and agent.components()["app"]["phase"] == "healthy"
         ),
         timeout=120,
         what="app 2.0.0 healthy",
@@ -186,7 +186,7 @@ def test_agent_upgrades_through_a_delta_and_falls_back(
         wait_until(
             lambda: (
                 agent.components()["app"].get("version") == "3.0.0"
-                and agent.components()["app"]["state"] == "healthy"
+                and agent.components()["app"]["phase"] == "healthy"
             ),
             timeout=120,
             what="app 3.0.0 healthy",

@@ -48,7 +48,9 @@ class TestReadCommands:
         out = ok(demo_agent.cli("status"))
         assert "agent ok" in out and "COMPONENT" in out and "STATE" in out
         for name in DEMO:
-            assert any(line.split()[:2] == [name, "healthy"] for line in out.splitlines())
+            assert any(
+                line.split()[:3] == [name, "running", "healthy"] for line in out.splitlines()
+            )
         data = as_json(demo_agent.cli("status", "--json"))
         assert data["health"]["status"] == "ok"
         assert sorted(c["name"] for c in data["components"]) == sorted(DEMO)
@@ -70,7 +72,7 @@ class TestReadCommands:
         dot = ok(demo_agent.cli("graph", "--format", "dot"))
         assert dot.startswith("digraph") and dot.rstrip().endswith("}")
         assert '"db" -> "cache"' in dot and '"cache" -> "api"' in dot
-        assert as_json(demo_agent.cli("graph", "--json"))["order"] == [["db"], ["cache"], ["api"]]
+        assert as_json(demo_agent.cli("graph", "--json"))["order"] == ["db", "cache", "api"]
         assert demo_agent.cli("graph", "--format", "png").returncode == 2
 
     def test_restart_dry_changes_nothing(self, demo_agent: AgentProc) -> None:
@@ -78,9 +80,9 @@ class TestReadCommands:
         before = pids(demo_agent)
         for args in (("restart", "cache", "--dry"), ("restart", "cache", "--dry-run")):
             out = ok(demo_agent.cli(*args))
-            assert "stop:  api -> cache" in out and "start: cache -> api" in out
+            assert "stop:  api\n" in out and "start: cache -> api" in out
         data = as_json(demo_agent.cli("restart-dry", "cache", "--json"))
-        assert data == {"stopOrder": ["api", "cache"], "startOrder": ["cache", "api"]}
+        assert data == {"stopOrder": ["api"], "startOrder": ["cache", "api"]}
         assert pids(demo_agent) == before
 
     def test_version_and_recipes(self, demo_agent: AgentProc) -> None:
@@ -162,7 +164,7 @@ class TestChangingCommands:
         assert "stopped api" in ok(agent.cli("stop", "api"))
         assert agent.components()["api"]["state"] == "stopped"
         data = as_json(agent.cli("restart", "api", "--wait", "pid", "--timeout", "30s", "--json"))
-        assert data["component"] == "api" and data["pid"] not in (None, before["api"])
+        assert data["component"] == "api" and data["pid"] not in (0, before["api"])
         out = ok(agent.cli("restart", "cache", "--wait", "health", "--timeout", "60s"))
         assert "restarted cache" in out and "api" in out
         agent.wait_states(dict.fromkeys(DEMO, "healthy"))

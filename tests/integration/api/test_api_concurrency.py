@@ -64,7 +64,7 @@ class TestConcurrentClients:
             results = dict(zip(targets, pool.map(restarter, targets), strict=True))
         for name, (status, body) in results.items():
             assert status == 200, (name, body)
-            assert body["component"] == name and body["dependents"] == []
+            assert body["component"] == name and body["dependents"] == {}
             assert body["pid"] != before[name]["pid"]
 
         after = agent.wait_states(dict.fromkeys(names, "healthy"), timeout=60)

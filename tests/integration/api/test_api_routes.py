@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keystone.api import ROUTES
+from keystone.units import parse_duration
 from tests.conftest import wait_until
 from tests.integration.api.conftest import (
     DEMO,
@@ -55,8 +56,10 @@ class TestReads:
         """/healthz needs no token and says status, uptime, time, version and applied revision."""
         status, body, _ = request(demo_agent, "GET", "/healthz", token=None)
         assert status == 200
-        assert body["status"] == "ok" and body["uptime"] > 0
-        assert {"time_utc", "version", "revision"} <= set(body)
+        assert body["status"] == "ok" and body["uptime_seconds"] > 0
+        assert parse_duration(body["uptime"]) == pytest.approx(body["uptime_seconds"], abs=1)
+        assert {"closed", "clock_trusted", "clock_source", "time_utc", "version"} <= set(body)
+        assert body["closed"] is False and body["clock_source"] in ("system", "high-water", "build")
 
     def test_components(self, demo_agent: AgentProc) -> None:
         """/v1/components has the Go fields for each component, with live pids."""
@@ -67,7 +70,8 @@ class TestReads:
             assert {"name", "state", "restarts", "last_health", "pid", "recipe", "version"} <= set(
                 c
             )
-            assert c["state"] == "healthy" and c["version"] == "1.0.0"
+            assert c["state"] == "running" and c["phase"] == "healthy"
+            assert c["version"] == "1.0.0"
             assert Path(f"/proc/{c['pid']}").exists()
         assert {c["name"]: c["recipe"] for c in body}["db"] == "com.example.db"
 
@@ -80,20 +84,22 @@ class TestReads:
             "status",
             "error",
             "unknownFields",
-            "lastReconcile",
             "components",
         } <= set(body)
         assert body["status"] == "running" and body["error"] is None
         assert sorted(c["name"] for c in body["components"]) == sorted(DEMO)
 
     def test_plan_graph(self, demo_agent: AgentProc) -> None:
-        """/v1/plan/graph has the nodes, the typed edges and the start layers."""
+        """/v1/plan/graph: Go's nodes, edges (dependency -> dependents) and flat order; our
+        typed edges and start layers beside them."""
         status, body, _ = request(demo_agent, "GET", "/v1/plan/graph")
         assert status == 200
         assert sorted(body["nodes"]) == sorted(DEMO)
-        edges = {(e["from"], e["to"], e["type"]) for e in body["edges"]}
+        assert body["edges"] == {"db": ["cache"], "cache": ["api"]}
+        assert body["order"] == ["db", "cache", "api"]
+        edges = {(e["from"], e["to"], e["type"]) for e in body["typedEdges"]}
         assert edges == {("cache", "db", "hard"), ("api", "cache", "hard")}
-        assert body["order"] == [["db"], ["cache"], ["api"]]
+        assert body["layers"] == [["db"], ["cache"], ["api"]]
 
     def test_openapi(self, demo_agent: AgentProc) -> None:
         """/v1/openapi.json documents exactly the routes the agent serves."""
@@ -152,7 +158,7 @@ class TestMetrics:
         assert set(series) == set(DEMO)
         for name, c in comps.items():
             got = series[name]
-            assert got["keystone_component_state[healthy]"] == 1
+            assert got["keystone_component_state[running]"] == 1
             assert got["keystone_component_state[stopped]"] == 0
             assert got["keystone_component_healthy"] == 1
             assert got["keystone_component_cpu_percent"] >= 0
@@ -227,13 +233,17 @@ class TestRefusedRequestsChangeNothing:
         assert "JSON" in data["error"] and "column" in data["error"]
         assert snapshot(demo_agent) == before
 
-    def test_a_path_is_never_read(self, demo_agent: AgentProc, tmp_path: Path) -> None:
-        """A JSON planPath, or a plan naming a recipe file, is refused: no client path is read."""
+    def test_plan_paths_that_leave_the_working_directory_are_refused(
+        self, demo_agent: AgentProc, tmp_path: Path
+    ) -> None:
+        """A JSON planPath is refused (the API never reads a plan file a client names); a plan
+        naming a recipe file through ``..``, through a symlink out of the agent's working
+        directory, or a file that is not there is refused with the field, and nothing changes."""
         before = snapshot(demo_agent)
         (tmp_path / "x.recipe.toml").write_text(SLEEP_RECIPE)
-        (tmp_path / "plan.toml").write_text(
-            f'[[components]]\nname = "x"\nrecipe = "{tmp_path}/x.recipe.toml"\n'
-        )
+        link = demo_agent.cwd / "outside-link"
+        if not link.exists():
+            link.symlink_to(tmp_path)
         status, data, _ = request(
             demo_agent,
             "POST",
@@ -242,10 +252,15 @@ class TestRefusedRequestsChangeNothing:
             headers={"Content-Type": "application/json"},
         )
         assert status == 400 and "planPath" in data["error"]
-        status, data, _ = request(
-            demo_agent, "POST", "/v1/plan/apply", (tmp_path / "plan.toml").read_bytes()
-        )
-        assert status in (400, 422) and "name:version" in data["error"]
+        for ref, words in (
+            (f"../{tmp_path.name}/x.recipe.toml", "escapes"),
+            ("outside-link/x.recipe.toml", "escapes"),
+            ("recipes/missing.recipe.toml", "not found"),
+        ):
+            body = f'[[components]]\nname = "x"\nrecipe = "{ref}"\n'.encode()
+            status, data, _ = request(demo_agent, "POST", "/v1/plan/apply", body)
+            assert status == 400 and words in data["error"], (ref, data)
+            assert "recipe" in data["error"]
         assert snapshot(demo_agent) == before
 
     def test_body_over_4_mib_is_413(self, demo_agent: AgentProc) -> None:
@@ -285,7 +300,14 @@ class TestRestart:
         before = pids(demo_agent)
         status, body, _ = request(demo_agent, "POST", "/v1/components/cache:restart?dry=true")
         assert status == 200
-        assert body == {"stopOrder": ["api", "cache"], "startOrder": ["cache", "api"]}
+        assert body == {"stopOrder": ["api"], "startOrder": ["cache", "api"]}
+        assert pids(demo_agent) == before
+
+    def test_stop_dry_run_names_what_depends_on_it(self, demo_agent: AgentProc) -> None:
+        """:stop?dry=true (an addition) names the component and its direct dependents."""
+        before = pids(demo_agent)
+        status, body, _ = request(demo_agent, "POST", "/v1/components/cache:stop?dry=true")
+        assert status == 200 and body == {"stopOrder": ["cache"], "dependents": ["api"]}
         assert pids(demo_agent) == before
 
     def test_wait_health_restarts_it_and_its_dependents(self, demo_agent: AgentProc) -> None:
@@ -295,9 +317,11 @@ class TestRestart:
             demo_agent, "POST", "/v1/components/cache:restart?wait=health&timeout=60s"
         )
         assert status == 200, body
-        assert body["component"] == "cache" and body["dependents"] == ["api"]
+        assert body["component"] == "cache" and set(body["dependents"]) == {"api"}
+        assert (body["wait"], body["timeout"]) == ("health", "1m0s")
         assert body["pid"] != before["cache"]
         comps = demo_agent.wait_states(dict.fromkeys(DEMO, "healthy"))
+        assert body["dependents"]["api"] == comps["api"]["pid"]
         assert comps["cache"]["pid"] == body["pid"]
         assert comps["db"]["pid"] == before["db"]
         assert comps["api"]["pid"] != before["api"]
@@ -308,18 +332,22 @@ class TestRestart:
         status, body, _ = request(demo_agent, "POST", "/v1/components/api:stop")
         assert status == 204 and body is None
         comps = demo_agent.components()
-        assert comps["api"]["state"] == "stopped" and comps["api"]["pid"] is None
+        assert comps["api"]["state"] == "stopped" and comps["api"]["pid"] == 0
+        assert comps["api"]["last_health"] == "unknown"
         assert not Path(f"/proc/{before['api']}").exists() or _zombie_or_gone(before["api"])
         status, body, _ = request(demo_agent, "POST", "/v1/components/api:restart?wait=pid")
-        assert status == 200 and body["pid"] not in (None, before["api"])
+        assert status == 200 and body["pid"] not in (0, before["api"])
+        assert (body["dependents"], body["wait"], body["timeout"]) == ({}, "pid", "1m0s")
         demo_agent.wait_states(dict.fromkeys(DEMO, "healthy"))
 
     def test_reconcile_answers_what_it_repaired(self, demo_agent: AgentProc) -> None:
         """/v1/plan/reconcile with everything running repairs nothing."""
         demo_agent.wait_states(dict.fromkeys(DEMO, "healthy"))
         status, body, _ = request(demo_agent, "POST", "/v1/plan/reconcile")
-        assert status == 200 and body == {"repaired": []}
-        assert request(demo_agent, "GET", "/v1/plan/status")[1]["lastReconcile"] is not None
+        assert status == 200 and body["skipped"] is False and "repaired" not in body
+        assert parse_duration(body["duration"]) >= 0
+        plan = request(demo_agent, "GET", "/v1/plan/status")[1]
+        assert plan["lastReconcile"].endswith("Z") and plan["lastReconcileResult"] == "ok"
 
     def test_timeout_is_504(self, demo_agent: AgentProc) -> None:
         """A restart that does not finish within ?timeout answers 504."""
@@ -358,13 +386,18 @@ class TestStoreApplyStop:
         recipe = SLEEP_RECIPE.encode()
 
         status, body, _ = request(agent, "POST", "/v1/recipes", recipe)
-        assert status == 201 and (body["name"], body["version"]) == ("extra", "1.0.0")
+        assert status == 201
+        assert (body["status"], body["name"], body["version"]) == ("created", "extra", "1.0.0")
         assert request(agent, "POST", "/v1/recipes", recipe)[0] == 409
         assert request(agent, "POST", "/v1/recipes?force=true", recipe)[0] == 201
         other = recipe.replace(b'"extra"', b'"spare"')
         assert request(agent, "POST", "/v1/recipes", other)[0] == 201
-        stored = {(r["name"], r["version"]) for r in request(agent, "GET", "/v1/recipes")[1]}
-        assert {("extra", "1.0.0"), ("spare", "1.0.0")} <= stored
+        assert request(agent, "GET", "/v1/recipes")[1] == ["extra-1.0.0.toml", "spare-1.0.0.toml"]
+        detail = request(agent, "GET", "/v1/recipes?detail=true")[1]
+        assert {(r["name"], r["version"]) for r in detail} == {
+            ("extra", "1.0.0"),
+            ("spare", "1.0.0"),
+        }
 
         status, body, _ = request(agent, "POST", "/v1/plan/apply?dry=true", EXTRA_PLAN)
         assert status == 202 and body["status"] == "dry-run"
@@ -381,14 +414,15 @@ class TestStoreApplyStop:
         wait_until(
             lambda: (
                 set(agent.components()) == {"extra"}
-                and agent.components()["extra"]["state"] == "healthy"
+                and agent.components()["extra"]["phase"] == "healthy"
             ),
             timeout=30,
             what="the applied plan",
         )
         assert all(_zombie_or_gone(p) for p in demo_pids.values() if p)
         graph = request(agent, "GET", "/v1/plan/graph")[1]
-        assert graph["nodes"] == ["extra"] and graph["order"] == [["extra"]]
+        assert graph["nodes"] == ["extra"] and graph["order"] == ["extra"]
+        assert graph["edges"] == {}
 
         status, body, _ = request(agent, "DELETE", "/v1/recipes/extra/1.0.0")
         assert status == 409 and "extra" in body["error"]
@@ -408,7 +442,7 @@ class TestStoreApplyStop:
         again.start()
         try:
             assert request(again, "GET", "/v1/plan/status")[1]["status"] == "stopped"
-            assert all(c["pid"] is None for c in again.components().values())
+            assert all(c["pid"] == 0 for c in again.components().values())
         finally:
             stop_agent(again)
         assert os.path.exists(agent.runtime / "api.token")

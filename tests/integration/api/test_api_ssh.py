@@ -60,7 +60,7 @@ class TestSsh:
         r = keystone("status", env=env, cwd=tmp_path)
         assert r.returncode == 0 and r.stdout.startswith("agent ok")
         r = keystone("restart-dry", "cache", "--ssh", "other-host", env=env, cwd=tmp_path)
-        assert r.stdout == "stop:  api -> cache\nstart: cache -> api\n"
+        assert r.stdout == "stop:  api\nstart: cache -> api\n"
         calls = [json.loads(x) for x in Path(ssh_env["FAKE_SSH_LOG"]).read_text().splitlines()]
         target = f"127.0.0.1:{demo_agent.port}"
         assert calls[-1] == ["-o", "LogLevel=ERROR", "other-host", "-W", target]

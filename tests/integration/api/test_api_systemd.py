@@ -90,7 +90,7 @@ class TestNotify:
         assert ready.get("MAINPID", str(agent.proc.pid)) == str(agent.proc.pid)
         # The plan was up when READY=1 was sent.
         comps = agent.components()
-        assert {n: c["state"] for n, c in comps.items()} == dict.fromkeys(DEMO, "healthy")
+        assert {n: c["phase"] for n, c in comps.items()} == dict.fromkeys(DEMO, "healthy")
 
         for _ in range(3):
             _, pid = notify.wait_for("WATCHDOG", timeout=WATCHDOG_USEC / 1e6 * 3)

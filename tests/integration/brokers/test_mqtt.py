@@ -266,7 +266,7 @@ class TestConnection:
             wrong.connect()
             assert wrong.connect_rc.is_failure
             assert ops.request(DEV, "health")["success"] is True
-            assert agent.components()["db"]["state"] == "healthy"
+            assert agent.components()["db"]["phase"] == "healthy"
         finally:
             broker.stop()
 

@@ -206,4 +206,4 @@ class TestJetStream:
         assert probe.run(stream_msgs()) == 0
         assert probe.messages.empty(), "a job result arrived twice"
         status, recipes = second.api("GET", "/v1/recipes")
-        assert status == 200 and [r["name"] for r in recipes] == ["queued"]
+        assert status == 200 and recipes == ["queued-1.0.0.toml"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
@@ -278,6 +279,49 @@ class TestTcp:
         assert check(bench, f"tcp://127.0.0.1:{port}") == ProbeResult(
             False, f"connection refused to 127.0.0.1:{port}"
         )
+
+    def test_ipv6_literal_and_host_name(self, bench: Bench) -> None:
+        """An IP literal is a bare connect on the loop; a name is resolved first: both probe."""
+        import socket
+
+        with socket.socket(socket.AF_INET6) as six:
+            try:
+                six.bind(("::1", 0))
+            except OSError:
+                pytest.skip("no IPv6 loopback here")
+            six.listen(4)
+            port = six.getsockname()[1]
+            assert check(bench, f"tcp://[::1]:{port}") == ProbeResult(
+                True, f"connected to [::1]:{port}"
+            )
+        with socket.socket() as four:
+            four.bind(("127.0.0.1", 0))
+            four.listen(4)
+            port = four.getsockname()[1]
+            assert check(bench, f"tcp://localhost:{port}").ok
+
+    def test_a_connect_that_hangs_times_out(self, bench: Bench) -> None:
+        """A full backlog never completes the connect: the probe's timeout ends it."""
+        import socket
+
+        with socket.socket() as full:
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            port = full.getsockname()[1]
+            fillers = []
+            for _ in range(8):  # fill the accept queue: later connects are not answered
+                f = socket.socket()
+                f.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    f.connect(("127.0.0.1", port))
+                fillers.append(f)
+            try:
+                result = check(bench, f"tcp://127.0.0.1:{port}", timeout=0.3)
+            finally:
+                for f in fillers:
+                    f.close()
+        # Linux may still complete it from the SYN queue; either way the probe answered.
+        assert result.ok or result.detail == f"timeout after 0.3s (127.0.0.1:{port})"
 
 
 class TestCmd:

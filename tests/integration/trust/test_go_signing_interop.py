@@ -15,7 +15,7 @@ import pytest
 
 from keystone import manifest, sign
 from keystone.errors import UsageError
-from keystone.runtime.signing import SignatureRejected
+from keystone.runtime.signing import SignatureRejected, verify_chain
 
 pytestmark = pytest.mark.integration
 
@@ -28,29 +28,52 @@ def openssl(*args: str, cwd: Path) -> bytes:
     return proc.stdout
 
 
+_RSA_MATERIAL: dict[str, bytes] = {}
+"""RSA 4096/3072 keys take seconds to make: the exact material of the old script is made once
+per module and copied (tests that need two distinct CAs use Ed25519)."""
+
+
 def dev_sign_material(d: Path, kind: str) -> tuple[Path, Path, Path]:
-    """CA and leaf exactly as dev-sign.sh makes them; returns (ca.pem, leaf.key, leaf.pem)."""
+    """CA and leaf exactly as Go's dev-sign.sh makes them; returns (ca.pem, leaf.key, leaf.pem).
+
+    ``ed25519``: the current script (commit 58674d8): ``genpkey -algorithm ed25519`` for both,
+    ``req -x509 -new -nodes -days 3650`` for the CA, ``x509 -req -CAcreateserial -days 365``
+    for the leaf. ``rsa``: its first version (commit fe5b584): ``genrsa 4096`` for the CA and
+    ``genrsa 3072`` for the leaf, each step with ``-sha256``. Neither leaf has an extension
+    (``x509 -req`` without ``-extfile`` writes an X.509 v1 certificate); the CA has only what
+    openssl's default ``v3_ca`` section adds (basicConstraints CA:TRUE, key identifiers), no
+    keyUsage.
+    """
     d.mkdir(parents=True, exist_ok=True)
+    names = ("ca.key", "ca.pem", "leaf.key", "leaf.pem")
+    if kind == "rsa" and _RSA_MATERIAL:
+        for name in names:
+            (d / name).write_bytes(_RSA_MATERIAL[name])
+        return d / "ca.pem", d / "leaf.key", d / "leaf.pem"
+    sha = ["-sha256"] if kind == "rsa" else []
     if kind == "ed25519":
         openssl("genpkey", "-algorithm", "ed25519", "-out", "ca.key", cwd=d)
     else:
-        openssl("genrsa", "-out", "ca.key", "2048", cwd=d)
+        openssl("genrsa", "-out", "ca.key", "4096", cwd=d)
     openssl(
-        "req", "-x509", "-new", "-nodes", "-key", "ca.key", "-days", "3650",
+        "req", "-x509", "-new", "-nodes", "-key", "ca.key", *sha, "-days", "3650",
         "-out", "ca.pem", "-subj", "/CN=KeystoneDevCA", cwd=d,
     )  # fmt: skip
     if kind == "ed25519":
         openssl("genpkey", "-algorithm", "ed25519", "-out", "leaf.key", cwd=d)
     else:
-        openssl("genrsa", "-out", "leaf.key", "2048", cwd=d)
+        openssl("genrsa", "-out", "leaf.key", "3072", cwd=d)
     openssl(
         "req", "-new", "-key", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=keystone-dev-signer",
         cwd=d,
     )  # fmt: skip
     openssl(
         "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "leaf.pem", "-days", "365", cwd=d,
+        "-CAcreateserial", "-out", "leaf.pem", "-days", "365", *sha, cwd=d,
     )  # fmt: skip
+    (d / "leaf.csr").unlink()
+    if kind == "rsa":
+        _RSA_MATERIAL.update({name: (d / name).read_bytes() for name in names})
     return d / "ca.pem", d / "leaf.key", d / "leaf.pem"
 
 
@@ -90,6 +113,25 @@ KINDS = ["ed25519", "rsa"]
 
 class TestDevSignMaterial:
     """What Go's dev-sign.sh makes verifies here, and what we sign verifies in openssl."""
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_the_material_is_what_the_web_pki_path_refuses(self, tmp_path: Path, kind: str) -> None:
+        """The premise: the leaf is X.509 v1 with no extension and the CA has no keyUsage, so
+        cryptography's path validation alone refuses the chain; our Go-rules walk accepts it."""
+        from cryptography import x509
+        from cryptography.x509 import verification as xv
+
+        ca_pem, _, leaf_pem = dev_sign_material(tmp_path / "trust", kind)
+        ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+        leaf = x509.load_pem_x509_certificate(leaf_pem.read_bytes())
+        assert leaf.version is x509.Version.v1 and len(leaf.extensions) == 0
+        assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        with pytest.raises(x509.ExtensionNotFound):
+            ca.extensions.get_extension_for_class(x509.KeyUsage)
+        verifier = xv.PolicyBuilder().store(xv.Store([ca])).build_client_verifier()
+        with pytest.raises(xv.VerificationError):
+            verifier.verify(leaf, [])
+        verify_chain(leaf, [], [ca], datetime.now(UTC))
 
     @pytest.mark.parametrize("kind", KINDS)
     def test_openssl_signature_verifies_with_our_code(self, tmp_path: Path, kind: str) -> None:

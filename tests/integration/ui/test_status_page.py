@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 NAMES = ("api", "cache", "db", "metrics")
 ROWS = (
     "[...document.querySelectorAll('#components tbody tr[data-name]')]"
-    ".map(r => [r.dataset.name, r.dataset.state, r.dataset.pid])"
+    ".map(r => [r.dataset.name, r.dataset.state, r.dataset.pid, r.dataset.phase])"
 )
 
 
@@ -59,8 +59,9 @@ def login(b: Browser, agent: AgentProc, token: str) -> None:
     b.wait_event("Page.loadEventFired", since=mark)
 
 
-def rows(b: Browser) -> dict[str, tuple[str, str]]:
-    return {n: (s, p) for n, s, p in b.js(ROWS)}
+def rows(b: Browser) -> dict[str, tuple[str, str, str]]:
+    """Component name -> (Go state, pid, phase) as the page shows them."""
+    return {n: (s, p, ph) for n, s, p, ph in b.js(ROWS)}
 
 
 def own_origin(agent: AgentProc, url: str) -> bool:
@@ -114,7 +115,9 @@ class TestStatusPage:
         )
         before = wait_for(
             lambda: (
-                (r := rows(browser)) and all(r.get(n, ("",))[0] == "healthy" for n in NAMES) and r
+                (r := rows(browser))
+                and all(r.get(n, ("", "", ""))[::2] == ("running", "healthy") for n in NAMES)
+                and r
             ),
             timeout=20,
             what="four healthy rows",
@@ -130,7 +133,7 @@ class TestStatusPage:
         browser.js("document.querySelector('button[data-action=restart][data-name=api]').click()")
         browser.wait_js("document.querySelector('#confirm').open", what="the confirmation")
         dry = json.loads(browser.js("document.querySelector('#confirm-dry').textContent"))
-        assert dry == {"stopOrder": ["api"], "startOrder": ["api"]}
+        assert dry == {"stopOrder": [], "startOrder": ["api"]}
         assert agent.components()["api"]["pid"] == int(before["api"][1])
         browser.js("document.querySelector('#confirm-yes').click()")
         browser.wait_js("document.querySelector('#result').open", timeout=60, what="the restart")
