@@ -88,7 +88,7 @@ def wait_healthy(agent: AgentProc, token: str) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         status, rows = get(agent, "/v1/components", token)
         by = {c["name"]: c for c in rows or []} if status == 200 else {}
-        return by if all(by.get(n, {}).get("state") == "healthy" for n in DEMO) else None
+        return by if all(by.get(n, {}).get("last_health") == "healthy" for n in DEMO) else None
 
     return wait_until(check, timeout=60, what="demo components healthy")
 
