@@ -77,7 +77,13 @@ class ControlService:
             "device": self.config.device_id,
             "revision": self.node.ledger.applied,
             "components": len(sups),
+            **self._self_update(),
         }
+
+    def _self_update(self) -> JSON:
+        # Only an agent that updates itself has anything to say (keystone.selfupdate).
+        updater = self.node.self_update
+        return {} if updater is None else {"self_update": updater.status_json()}
 
     def components(self) -> list[JSON]:
         sups = sorted(self.node.deployer.supervisors.values(), key=lambda s: s.name)
