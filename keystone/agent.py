@@ -110,6 +110,11 @@ class Agent:
         self._shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._shutdown.set)
+        if os.environ.get("KEYSTONE_SELFUPDATE_TRIAL"):
+            # lazy: only an agent started by a self-update
+            from keystone.selfupdate import announce_waiting
+
+            announce_waiting()
         self.lock.acquire()
         if os.environ.get("KEYSTONE_SELFUPDATE_TRIAL"):
             self._begin_trial()

@@ -486,6 +486,18 @@ class SelfUpdater:
             version,
             proc.pid,
         )
+        # Nothing is handed over until the new agent got as far as waiting for the lock: one
+        # that cannot even start costs the running agent nothing.
+        why = await _until_waiting(ready_r, proc, settings()[0])
+        if why is not None:
+            os.close(ready_r)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.layout.clear_handover()
+            self._record_failure({**handover, "reason": why})
+            return {"result": "failed", "to": version, "reason": why}
         guardian = Guardian(self.layout, handover, proc, ready_r, self.listen, tls=self.tls)
         self.request_handover(guardian.guard)
         return {"result": "handover", "from": __version__, "to": version, "pid": proc.pid}
@@ -562,6 +574,48 @@ class SelfUpdater:
             for d in wheels.iterdir():
                 if not wanted.startswith(d.name):
                     shutil.rmtree(d, ignore_errors=True)
+
+
+async def _until_waiting(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """Wait (on the loop) for the new agent's ``waiting`` line; why not, or None."""
+    import asyncio  # lazy: the module is imported by the agent, whose loop this runs on
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str | None] = loop.create_future()
+    buf = bytearray()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 64)
+        except OSError as exc:
+            chunk, buf[:] = b"", f"{exc}".encode()
+        buf.extend(chunk)
+        if b"waiting" in buf or not chunk:
+            loop.remove_reader(fd)
+            if not done.done():
+                done.set_result(None if b"waiting" in buf else "eof")
+
+    loop.add_reader(fd, readable)
+    try:
+        got = await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        loop.remove_reader(fd)
+        return f"the new agent did not start within {timeout:g}s"
+    if got is None:
+        return None
+    try:
+        code = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        code = None
+    return f"the new agent exited before it was ready (status {code})"
+
+
+def announce_waiting() -> None:
+    """In a new agent on trial, before it waits for the lock: tell the guardian it got here."""
+    fd = os.environ.get(ENV_READY_FD, "")
+    if fd.isdigit():
+        with contextlib.suppress(OSError):
+            os.write(int(fd), b"waiting\n")
 
 
 # --- the guardian: the old agent once it stopped serving ------------------------------------

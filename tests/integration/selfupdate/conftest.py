@@ -6,6 +6,7 @@ optionally broken on purpose, and built with ``pip wheel --no-deps``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import shutil
@@ -146,3 +147,55 @@ def agent_wheels(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Wh
         return built[kind]
 
     return wheel
+
+
+def agent_recipe(wheel: Wheel) -> str:
+    """The ``type = "agent"`` recipe that pins ``wheel`` (the same text everywhere: one hash)."""
+    return (
+        f'[metadata]\nname = "keystone"\nversion = "{wheel.version}"\ntype = "agent"\n'
+        f'[[artifacts]]\nuri = "{wheel.path}"\nsha256 = "{wheel.sha256}"\n'
+    )
+
+
+@pytest.fixture(scope="session")
+def agent_installs(
+    tmp_path_factory: pytest.TempPathFactory, agent_wheels: Callable[[str], Wheel]
+) -> Callable[[str], Path]:
+    """``install(kind)``: ``<runtime>/agent/<version>`` as the agent's own prepare step makes
+    it (once per session), for tests about the handover rather than the install. The install
+    is relocatable: the agent runs it as ``<dir>/bin/python <dir>/bin/keystone``."""
+    from keystone.plan import PlanEntry, resolve_entries
+    from keystone.runtime.artifact_client import WorkerPreparer
+    from keystone.runtime.deployer import LOCAL_ARTIFACTS
+    from keystone.runtime.process import ProcessRunner
+    from keystone.selfupdate import SelfUpdater
+
+    made: dict[str, Path] = {}
+
+    def install(kind: str) -> Path:
+        if kind not in made:
+            wheel = agent_wheels(kind)
+            runtime = tmp_path_factory.mktemp(f"install-{kind}")
+            plan = resolve_entries(
+                [PlanEntry("keystone", "agent.recipe.toml", file="plan.toml")],
+                lambda e: (agent_recipe(wheel), "agent.recipe.toml"),
+                environ={},
+            )
+
+            async def go() -> None:
+                runner = ProcessRunner()
+                updater = SelfUpdater(
+                    runtime,
+                    runner,
+                    WorkerPreparer(runner, runtime),
+                    ledger=lambda: None,  # type: ignore[arg-type,return-value]
+                    emit=lambda _e: None,
+                    save=lambda: None,
+                )
+                await updater.prepare(plan.components["keystone"], LOCAL_ARTIFACTS)
+
+            asyncio.run(go())
+            made[kind] = runtime / "agent" / wheel.version
+        return made[kind]
+
+    return install
