@@ -488,19 +488,29 @@ class SelfUpdater:
         )
         # Nothing is handed over until the new agent got as far as waiting for the lock: one
         # that cannot even start costs the running agent nothing.
-        why = await _until_waiting(ready_r, proc, settings()[0])
+        try:
+            why = await _until_waiting(ready_r, proc, settings()[0])
+        except BaseException:
+            # The agent shuts down meanwhile: the new one has adopted nothing yet; it goes.
+            self._abandon(proc, ready_r)
+            raise
         if why is not None:
-            os.close(ready_r)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            self.layout.clear_handover()
+            self._abandon(proc, ready_r)
             self._record_failure({**handover, "reason": why})
             return {"result": "failed", "to": version, "reason": why}
         guardian = Guardian(self.layout, handover, proc, ready_r, self.listen, tls=self.tls)
         self.request_handover(guardian.guard)
         return {"result": "handover", "from": __version__, "to": version, "pid": proc.pid}
+
+    def _abandon(self, proc: subprocess.Popen[bytes], ready_fd: int) -> None:
+        """Kill a new agent that never got the lock (it holds nothing) and forget it."""
+        with contextlib.suppress(OSError):
+            os.close(ready_fd)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self.layout.clear_handover()
 
     # outcomes ---------------------------------------------------------------------------
 

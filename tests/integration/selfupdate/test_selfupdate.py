@@ -377,6 +377,7 @@ def test_sigkill_at_a_random_instant(device: Callable[..., Device], seed: int) -
     if not agents_of(d.runtime):
         current = d.runtime / "agent" / "current"
         d.start_from(current if current.exists() else None)
+        wait_until(d.agent.healthz, timeout=60, what="the restarted agent")
     version = (d.agent.healthz() or {}).get("version")
     assert version in (OLD, d.wheel.version)
     d.settled(str(version))
