@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import keystone
+from tests.integration.artifacts.conftest import Pki
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -149,12 +150,27 @@ def agent_wheels(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Wh
     return wheel
 
 
-def agent_recipe(wheel: Wheel) -> str:
-    """The ``type = "agent"`` recipe that pins ``wheel`` (the same text everywhere: one hash)."""
-    return (
+def agent_recipe(wheel: Wheel, sig: Path | None = None, cert: Path | None = None) -> str:
+    """The ``type = "agent"`` recipe that pins ``wheel`` (the same text everywhere: one hash),
+    with its detached signature and signer certificate when given."""
+    text = (
         f'[metadata]\nname = "keystone"\nversion = "{wheel.version}"\ntype = "agent"\n'
         f'[[artifacts]]\nuri = "{wheel.path}"\nsha256 = "{wheel.sha256}"\n'
     )
+    if sig is not None and cert is not None:
+        text += f'sig_uri = "{sig.as_uri()}"\ncert_uri = "{cert.as_uri()}"\n'
+    return text
+
+
+@pytest.fixture(scope="session")
+def signers(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA the devices trust with its code-signing leaf, and a rogue CA with its own leaf."""
+    p = Pki(tmp_path_factory.mktemp("pki"))
+    p.root_ca("ca")
+    p.issue("leaf", "p256", "ca")
+    p.root_ca("rogue-ca")
+    p.issue("rogue", "p256", "rogue-ca")
+    return p
 
 
 @pytest.fixture(scope="session")

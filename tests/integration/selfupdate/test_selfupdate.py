@@ -26,6 +26,7 @@ import keystone
 from keystone.runtime.process import pgid_members
 from tests.conftest import free_port, wait_until
 from tests.integration.agent.conftest import AgentProc
+from tests.integration.artifacts.conftest import Pki
 from tests.integration.selfupdate.conftest import Wheel, agent_recipe
 
 pytestmark = pytest.mark.integration
@@ -214,9 +215,16 @@ def device(
         d.teardown()
 
 
-def test_update_to_a_good_version_keeps_every_process(device: Callable[..., Device]) -> None:
-    """The new agent adopts the sleeper (same pid), serves as the new version, is `current`."""
-    d = device("good")
+def test_update_to_a_good_version_keeps_every_process(
+    device: Callable[..., Device], signers: Pki
+) -> None:
+    """A signed wheel, and an agent that accepts signed artifacts only: the new agent adopts
+    the sleeper (same pid), serves as the new version, is `current`."""
+    d = device("good", KEYSTONE_TRUST_BUNDLE=str(signers.cert("ca")))
+    (d.dir / "agent.toml").write_text("[trust]\nallow_unsigned_artifacts = false\n")
+    d.agent.args = ["--config", str(d.dir / "agent.toml")]
+    sig = signers.sign("leaf", d.wheel.path)
+    (d.dir / "agent.recipe.toml").write_text(agent_recipe(d.wheel, sig, signers.cert("leaf")))
     before = d.start()["sleeper"]["pid"]
     old_pid = d.agent.proc.pid if d.agent.proc else 0
     d.pin_agent()
@@ -245,6 +253,26 @@ def test_update_to_a_good_version_keeps_every_process(device: Callable[..., Devi
     pid = d.start_from(d.runtime / "agent" / "current")
     assert d.settled(d.wheel.version) == pid
     assert d.agent.components()["sleeper"]["pid"] == before
+
+
+def test_a_wheel_that_fails_its_signature_changes_nothing(
+    device: Callable[..., Device], signers: Pki
+) -> None:
+    """Signed by a CA the device does not trust: the plan is refused before anything is
+    installed or stopped, and the old agent goes on serving."""
+    d = device("good", KEYSTONE_TRUST_BUNDLE=str(signers.cert("ca")))
+    sig = signers.sign("rogue", d.wheel.path)
+    (d.dir / "agent.recipe.toml").write_text(agent_recipe(d.wheel, sig, signers.cert("rogue")))
+    before = d.start()["sleeper"]["pid"]
+    assert d.agent.proc is not None
+    done = d.agent.cli("apply", str(d.dir / "plan2.toml"))
+    assert done.returncode != 0
+    assert "sign with a certificate from a trusted CA" in done.stdout + done.stderr
+    assert "keystone_agent" in done.stdout + done.stderr
+    assert d.settled(OLD) == d.agent.proc.pid
+    assert d.agent.components()["sleeper"]["pid"] == before
+    assert not (d.runtime / "agent" / d.wheel.version).exists()
+    assert "new agent started" not in d.output()
 
 
 @pytest.mark.parametrize("kind", ["exits", "no-healthz"])
