@@ -13,8 +13,10 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,6 +70,34 @@ def sleepers(marker: str) -> list[int]:
         for p in os.listdir("/proc")
         if p.isdigit() and cmdline(int(p))[-1:] == [marker] and _alive(int(p))
     )
+
+
+class NotifySocket:
+    """A ``$NOTIFY_SOCKET`` as systemd's: a datagram socket, drained by a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while not self.closed.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(5)
+        self.sock.close()
 
 
 class Device:
@@ -216,11 +246,17 @@ def device(
 
 
 def test_update_to_a_good_version_keeps_every_process(
-    device: Callable[..., Device], signers: Pki
+    device: Callable[..., Device], signers: Pki, tmp_path: Path
 ) -> None:
     """A signed wheel, and an agent that accepts signed artifacts only: the new agent adopts
     the sleeper (same pid), serves as the new version, is `current`."""
-    d = device("good", KEYSTONE_TRUST_BUNDLE=str(signers.cert("ca")))
+    notify = NotifySocket(tmp_path / "notify.sock")
+    d = device(
+        "good",
+        KEYSTONE_TRUST_BUNDLE=str(signers.cert("ca")),
+        NOTIFY_SOCKET=str(notify.path),
+        WATCHDOG_USEC="2000000",
+    )
     (d.dir / "agent.toml").write_text("[trust]\nallow_unsigned_artifacts = false\n")
     d.agent.args = ["--config", str(d.dir / "agent.toml")]
     sig = signers.sign("leaf", d.wheel.path)
@@ -245,6 +281,17 @@ def test_update_to_a_good_version_keeps_every_process(
     assert events[-1]["result"] == "ok" and events[-1]["to"] == d.wheel.version
     out = d.output()
     assert "ready" in out and "after the old one stopped serving" in out
+    # What systemd is told (NotifyAccess=main): the guardian hands the unit's main process
+    # to the new agent, which then says READY itself and keeps pinging the watchdog.
+    wait_until(
+        lambda: any(f"MAINPID={pid}" in m and "READY=1" in m for m in notify.messages),
+        timeout=20,
+        what="READY=1 from the new agent",
+    )
+    handed = [i for i, m in enumerate(notify.messages) if m.startswith(f"MAINPID={pid}\n")]
+    assert handed, notify.messages
+    assert any(m == "WATCHDOG=1" for m in notify.messages[handed[0] :])
+    notify.close()
 
     # SIGKILL the new agent: the next one started from `current` is the new version again.
     os.kill(pid, signal.SIGKILL)
@@ -326,6 +373,30 @@ def test_sigkill_old_agent_during_the_trial(device: Callable[..., Device]) -> No
     assert d.agent.components()["sleeper"]["pid"] == before
     assert sleepers(d.marker) == [before]
     assert "interrupted" in d.state()["last"]["reason"]
+
+
+def test_under_systemd_a_trial_without_guardian_exits_for_the_unit_restart(
+    device: Callable[..., Device], tmp_path: Path
+) -> None:
+    """With $NOTIFY_SOCKET (systemd), the new agent whose guardian died before the commit
+    exits, leaving the processes; the unit's restart (here: the test) runs the previous
+    version, which adopts them."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    d = device("good", soak="60s", preinstalled=True, NOTIFY_SOCKET=str(notify.path))
+    before = d.start()["sleeper"]["pid"]
+    d.pin_agent()
+    h = wait_until(lambda: _trial_serving(d), timeout=60, what="the new agent on trial")
+    assert d.agent.proc is not None
+    d.agent.proc.kill()
+    d.agent.proc.wait(10)
+    wait_until(lambda: not agents_of(d.runtime), timeout=30, what="the trial agent to exit")
+    assert not _alive(int(h["trial"]))
+    assert sleepers(d.marker) == [before]
+    d.start_from(None)  # Restart=on-failure; `current` was never switched
+    d.settled(OLD)
+    assert d.agent.components()["sleeper"]["pid"] == before
+    assert "interrupted" in d.state()["last"]["reason"]
+    notify.close()
 
 
 def test_sigkill_new_agent_during_the_trial(device: Callable[..., Device]) -> None:
