@@ -22,6 +22,7 @@ import pytest
 
 import keystone
 from tests.integration.artifacts.conftest import Pki
+from tests.integration.sync.conftest import make_agent, signed_fleet  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[3]
 
