@@ -24,7 +24,7 @@ from keystone.errors import KeystoneError
 from keystone.ledger import Ledger, ProcessRecord, Snapshot
 from keystone.metrics import Metrics
 from keystone.plan import Component, DesiredPlan, RecipeStore, plan_from_json, plan_to_json
-from keystone.recipe import parse_recipe
+from keystone.recipe import AGENT_TYPE, parse_recipe
 from keystone.runtime.artifact_client import WorkerPreparer
 from keystone.runtime.deployer import (
     LOCAL_ARTIFACTS,
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from keystone.datasets.bundle import BundleEntry
     from keystone.datasets.manager import RefreshResult
     from keystone.runtime.container import ContainerRunner
+    from keystone.selfupdate import SelfUpdater
 
 SYNC_WORKER = "keystone.sync.worker"
 
@@ -97,6 +98,10 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._metric_names: set[str] = set()
         self._containers: ContainerRunner | None = None
+        # Self-update (keystone.selfupdate), made on first use; the agent wires its slot and
+        # handover into it through configure_updater.
+        self._updater: SelfUpdater | None = None
+        self.configure_updater: Callable[[SelfUpdater], None] | None = None
 
     # --- SyncHost ---------------------------------------------------------------------------
 
@@ -171,7 +176,11 @@ class Node:
         self.plan_error = None
         self.unknown_fields = list(plan.unknown_fields)
         self.stopped = False
+        agent: Component | None = None
         try:
+            if any(c.recipe.metadata.type == AGENT_TYPE for c in plan.components.values()):
+                plan, agent = await self._prepare_agent(plan, artifacts)
+                planned = None  # computed again for the plan without the agent
             result = await self.deployer.deploy(plan, planned=planned, artifacts=artifacts)
         except KeystoneError as exc:
             self.plan_state = "failed"
@@ -192,6 +201,8 @@ class Node:
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
             self.background(self.gc())
+            if agent is not None or self._updater is not None:
+                self.updater.want(agent, from_sync=not record)
         if record:
             self.record_deploy("apply", result, source=source)
         elif self.metrics is not None:
@@ -390,6 +401,60 @@ class Node:
                 self.metrics.rollback("ok" if not result.rollback_errors else "failed")
         if kind != "restore" or not result.ok:
             self.emit({"kind": kind, "result": outcome, **result.to_json(), **extra})
+
+    # --- self-update ------------------------------------------------------------------------
+
+    @property
+    def updater(self) -> SelfUpdater:
+        """The agent's self-update side, made on first use (a plan that pins the agent)."""
+        if self._updater is None:
+            # lazy: the self-update module, only for an agent that updates itself
+            from keystone.selfupdate import SelfUpdater
+
+            self._updater = SelfUpdater(
+                self.runtime,
+                self.runner,
+                self.preparer,
+                ledger=lambda: self.ledger,
+                emit=self.emit,
+                save=self.save_now,
+            )
+            if self.configure_updater is not None:
+                self.configure_updater(self._updater)
+        return self._updater
+
+    @property
+    def self_update(self) -> SelfUpdater | None:
+        """The self-update side if this agent has one (nothing is made)."""
+        return self._updater
+
+    def has_updater_state(self) -> bool:
+        """Whether an earlier run left self-update state (so the updater must look at it)."""
+        return (self.runtime / "agent" / "selfupdate.json").exists() or (
+            self.runtime / "agent" / "handover.json"
+        ).exists()
+
+    async def _prepare_agent(
+        self, plan: DesiredPlan, artifacts: ArtifactContext
+    ) -> tuple[DesiredPlan, Component]:
+        """Split the agent component off ``plan``; install its version if it is a new one."""
+        from keystone.selfupdate import split_plan  # lazy: as in updater
+
+        rest, agent = split_plan(plan)
+        assert agent is not None
+        await self.updater.prepare(agent, artifacts)
+        return rest, agent
+
+    async def detach(self) -> None:
+        """Stop supervising and save, leaving every component running (a self-update hands
+        them to the next agent, which adopts them from the snapshot)."""
+        if self._datasets is not None:
+            await self._datasets.stop()
+        for t in list(self._background):
+            t.cancel()
+        for sup in self.deployer.supervisors.values():
+            await sup.close()
+        self.save_now()
 
     # --- housekeeping -----------------------------------------------------------------------
 

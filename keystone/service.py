@@ -100,6 +100,7 @@ class ControlService:
             "revision": self.node.ledger.applied,
             "components": len(sups),
             **self._rollout(),
+            **self._self_update(),
         }
 
     def _rollout(self) -> JSON:
@@ -120,6 +121,11 @@ class ControlService:
             reading = TrustedClock(self.node.runtime / "state").read()
         source = reading.source
         return reading.trusted, "build" if source == "build-time" else source
+
+    def _self_update(self) -> JSON:
+        # Only an agent that updates itself has anything to say (keystone.selfupdate).
+        updater = self.node.self_update
+        return {} if updater is None else {"self_update": updater.status_json()}
 
     def components(self) -> list[JSON]:
         sups = sorted(self.node.deployer.supervisors.values(), key=lambda s: s.name)
