@@ -268,7 +268,7 @@ def test_update_to_a_good_version_keeps_every_process(
     assert pid != old_pid
     assert d.agent.proc is not None and d.agent.proc.wait(30) == 0  # the guardian left
     after = d.agent.components()["sleeper"]
-    assert after["pid"] == before and after["state"] == "healthy"
+    assert after["pid"] == before and after["phase"] == "healthy"
     assert sleepers(d.marker) == [before]
     assert cmdline(pid)[1] == str(d.runtime / "agent" / d.wheel.version / "bin" / "keystone")
     assert os.readlink(d.runtime / "agent" / "current") == d.wheel.version

@@ -38,7 +38,7 @@ def test_a_revision_whose_agent_fails_its_health_is_marked_failed(
         str(f.agent_config(tmp_path / "agent.toml")),
         env={"KEYSTONE_SELFUPDATE_SOAK": "1s", "KEYSTONE_SELFUPDATE_START_TIMEOUT": "20s"},
     ).start()
-    wait_until(lambda: agent.components().get("tool", {}).get("state") == "healthy", timeout=60)
+    wait_until(lambda: agent.components().get("tool", {}).get("phase") == "healthy", timeout=60)
     tool = agent.components()["tool"]["pid"]
     assert agent.proc is not None
     old_pid = agent.proc.pid
