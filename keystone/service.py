@@ -117,6 +117,7 @@ class ControlService:
             "error": node.plan_error,
             "unknownFields": node.unknown_fields,
             "lastReconcile": node.last_reconcile,
+            "damagedState": [r.to_json() for r in node.recoveries()],
             "components": self.components(),
         }
 
@@ -385,7 +386,11 @@ class ControlService:
 
     def revision(self) -> JSON:
         info = self._call(self._engine().revision_info)
-        return {**info, "device_key": public_info(self.node.runtime / "state")}
+        return {
+            **info,
+            "device_key": public_info(self.node.runtime / "state"),
+            "damaged_state": [r.to_json() for r in self.node.recoveries()],
+        }
 
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         eng = self._polling_engine()

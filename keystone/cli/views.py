@@ -138,6 +138,7 @@ def status_text(d: dict[str, Any]) -> str:
     if d.get("error"):
         lines.append(f"error: {d['error']}")
     lines += [f"warning: unknown field {u}" for u in d.get("unknownFields") or []]
+    lines += [f"damaged state: {damaged_text(r)}" for r in d.get("damagedState") or []]
     checked = [c for c in d.get("components") or [] if c.get("drift")]
     if checked:
         lines.append(
@@ -145,6 +146,12 @@ def status_text(d: dict[str, Any]) -> str:
         )
     lines += ["", components_text(d.get("components") or [])]
     return "\n".join(lines)
+
+
+def damaged_text(r: dict[str, Any]) -> str:
+    """One recovered state file: which, what was wrong, where it was moved."""
+    moved = f"; moved to {r['moved_to']}" if r.get("moved_to") else ""
+    return f"{r.get('path', '?')}: {r.get('problem', '')}{moved} ({when(r.get('time'))})"
 
 
 def revision_text(d: dict[str, Any]) -> str:
@@ -164,6 +171,7 @@ def revision_text(d: dict[str, Any]) -> str:
         lines.append(f"  reason:         {last['error']}")
     if d.get("suspended"):
         lines.append("polling:          SUSPENDED (keystone resume)")
+    lines += [f"damaged state:    {damaged_text(r)}" for r in d.get("damaged_state") or []]
     key = d.get("device_key")
     if key:
         lines.append(f"device key:       {key.get('algorithm')} {key.get('fingerprint')}")
