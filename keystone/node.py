@@ -351,14 +351,17 @@ class Node:
         last = Ledger.from_json(snap.ledger).last_sync if snap is not None else None
         if last is None or last.time <= 0:
             return
-        newest = self.events.newest(1)
+        # Every sync is in the history except a scheduled poll that found nothing to do.
+        if last.trigger == "schedule" and last.result in ("up-to-date", "known-bad", "dry-run"):
+            return
+        newest = [r for r in self.events.newest(200) if r.get("kind") == "sync"][:1]
         when = newest[0].get("time") if newest else None
         if not newest:
             report_missing(self.events.path, "emptied or deleted: the snapshot records syncs")
-        elif isinstance(when, int | float) and when + 5.0 < last.time:
+        elif isinstance(when, int | float) and when < last.time:
             self._damaged_copy(
                 self.events.path,
-                "older than the snapshot (an older copy?): its newest record precedes the last sync",
+                "older than the snapshot (an older copy?): it does not have the last sync",
             )
 
     def _check_clock(self, snap: Snapshot | None) -> None:

@@ -117,21 +117,35 @@ def fleet_revision(fleet: Any, version: str) -> str:
 
 
 def sync_once(agent: Any) -> dict[str, Any]:
-    r = agent.cli("sync", "--once", "--json")
-    try:
-        out: dict[str, Any] = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        raise AssertionError(
-            f"sync printed no JSON ({r.returncode}): {r.stdout}{r.stderr}"
-        ) from None
-    return out
+    """``sync --once --json``; while the restarted agent is still restoring, asked again."""
+
+    def attempt() -> dict[str, Any] | None:
+        r = agent.cli("sync", "--once", "--json")
+        if "still starting" in r.stderr + r.stdout:
+            return None
+        try:
+            out: dict[str, Any] = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            raise AssertionError(
+                f"sync printed no JSON ({r.returncode}): {r.stdout}{r.stderr}"
+            ) from None
+        return out
+
+    return wait_until(attempt, timeout=60, what="a sync the agent accepts")
 
 
 def status_revision(agent: Any) -> dict[str, Any]:
-    r = agent.cli("status", "--revision", "--json")
-    assert r.returncode == 0, r.stderr
-    out: dict[str, Any] = json.loads(r.stdout)
-    return out
+    """``status --revision --json`` (asked again while the agent is still restoring)."""
+
+    def attempt() -> dict[str, Any] | None:
+        r = agent.cli("status", "--revision", "--json")
+        if "still starting" in r.stderr:
+            return None
+        assert r.returncode == 0, r.stderr
+        out: dict[str, Any] = json.loads(r.stdout)
+        return out
+
+    return wait_until(attempt, timeout=60, what="status --revision")
 
 
 def phase_of(log: str, old: str, new: str) -> str:
