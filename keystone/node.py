@@ -294,9 +294,17 @@ class Node:
                 and not self.stopped
             ):
                 adopted[name] = (handle, sweep.instance_of(handle.pgid))
-            else:
+            elif sweep.ours(handle.pid):
                 why = "it was being stopped" if rec.stopping else "stale, not in the plan to run"
-                strays.append(Stray(name, handle, 10.0, why))
+                marker = sweep.marker_of(handle.pid)
+                timeout = marker.stop_timeout if marker is not None else 10.0
+                strays.append(Stray(name, handle, timeout, why))
+            else:
+                logger.warning(
+                    "{}: pid {} of the snapshot runs something that is not this agent's; left alone",
+                    name,
+                    handle.pid,
+                )
         known = process_pgids({n: h for n, (h, _) in adopted.items()})
         known |= {s.handle.pgid for s in strays}
         more, found = sweep.candidates(known, target, adopted)

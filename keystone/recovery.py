@@ -116,6 +116,16 @@ class Sweep:
         self.markers = read_markers(self.components_dir)
         self.live = scan_processes(self.components_dir)
 
+    def ours(self, pid: int) -> bool:
+        """``pid`` was started by an agent of this runtime (its environment or a marker says so)."""
+        return any(p.pid == pid for p in self.live) or self.marker_of(pid) is not None
+
+    def marker_of(self, pid: int) -> Marker | None:
+        for m in self.markers.values():
+            if m.pid == pid:
+                return m
+        return None
+
     def instance_of(self, pgid: int) -> str | None:
         """The ``KEYSTONE_INSTANCE`` of the process group ``pgid`` (its leader's first)."""
         for p in sorted(self.live, key=lambda p: p.pid != pgid):
