@@ -215,8 +215,8 @@ class Ledger:
         doc = obj(doc if doc is not None else {}, where)
         journal = doc.get("journal")
         last = doc.get("last_sync")
-        failed = obj(doc.get("failed") or {}, f"{where}.failed")
-        bundles = obj(doc.get("imported_bundles") or {}, f"{where}.imported_bundles")
+        failed = obj(_or_empty(doc.get("failed")), f"{where}.failed")
+        bundles = obj(_or_empty(doc.get("imported_bundles")), f"{where}.imported_bundles")
         applied_at = opt_number(doc.get("applied_at"), f"{where}.applied_at")
         return cls(
             applied=opt_string(doc.get("applied"), f"{where}.applied") or None,
@@ -331,12 +331,12 @@ class Snapshot:
         ver = version(doc, "agent.json", SNAPSHOT_VERSION)
         processes: dict[str, ProcessRecord] = {}
         problems: list[str] = []
-        for name, rec in obj(doc.get("processes") or {}, "processes").items():
+        for name, rec in obj(_or_empty(doc.get("processes")), "processes").items():
             try:
                 processes[str(name)] = ProcessRecord.from_json(rec, f"processes.{name}")
             except StateDamage as exc:
                 problems.append(str(exc))  # that process is not adopted from here
-        ledger = obj(doc.get("sync") or {}, "sync")
+        ledger = obj(_or_empty(doc.get("sync")), "sync")
         Ledger.from_json(ledger)  # validated here, so a damaged ledger damages the file
         return cls(
             plan=opt_obj(doc.get("plan"), "plan") or None,
@@ -365,3 +365,8 @@ class Snapshot:
     def write(self, path: Path) -> None:
         """Replace the snapshot at ``path`` atomically."""
         write_json(path, self.to_json())
+
+
+def _or_empty(value: Any) -> Any:
+    """An absent (null) object is an empty one; anything else is checked as it is."""
+    return {} if value is None else value
