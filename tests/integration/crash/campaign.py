@@ -15,6 +15,7 @@ than one process. ``tests/integration/crash/test_crash_campaign.py`` runs it in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -100,20 +101,31 @@ def component_processes(runtime: Path) -> dict[str, list[tuple[int, str]]]:
     return found
 
 
+PHASES = ("fetch", "prepare", "stop", "start", "soak")
+
+
 def fleet_revision(fleet: Any, version: str) -> str:
-    """Commit (signed) and push a revision where db and api both run ``version``."""
-    return str(
-        fleet.commit(
-            {
-                "recipes/db.recipe.toml": fleet.recipe("db", version=version),
-                "recipes/api.recipe.toml": fleet.recipe(
-                    "api", version=version, deps=[("db", "hard")]
-                ),
-                "plans/default.toml": fleet.plan("db", "api"),
-            },
-            f"db and api {version}",
+    """Commit (signed) and push a revision where db and api both run ``version``.
+
+    Each carries a repo-relative artifact (so every deployment prepares artifacts), and api
+    takes half a second to stop gracefully (so a kill can land while it stops).
+    """
+    files: dict[str, str | None] = {"plans/default.toml": fleet.plan("db", "api")}
+    for name in COMPONENTS:
+        data = f"{name} {version}\n" * 4096
+        artifact = f"artifacts/{name}/data-{version}.txt"
+        files[artifact] = data
+        recipe = fleet.recipe(
+            name,
+            version=version,
+            deps=[("db", "hard")] if name == "api" else None,
+            args=["--term-delay", "0.5"] if name == "api" else None,
         )
-    )
+        digest = hashlib.sha256(data.encode()).hexdigest()
+        files[f"recipes/{name}.recipe.toml"] = (
+            recipe + f'\n[[artifacts]]\nuri = "{artifact}"\nsha256 = "{digest}"\n'
+        )
+    return str(fleet.commit(files, f"db and api {version}"))
 
 
 def sync_once(agent: Any) -> dict[str, Any]:
@@ -148,7 +160,7 @@ def status_revision(agent: Any) -> dict[str, Any]:
     return wait_until(attempt, timeout=60, what="status --revision")
 
 
-def phase_of(log: str, old: str, new: str) -> str:
+def phase_of(log: str, old: str, new: str, journaled: bool) -> str:
     """Where the deployment from ``old`` to ``new`` was when the agent died (from its log)."""
     started = {c: f"{c} {new}: pending -> starting" in log for c in COMPONENTS}
     healthy = {c: f"{c} {new}: starting -> healthy" in log for c in COMPONENTS}
@@ -158,7 +170,37 @@ def phase_of(log: str, old: str, new: str) -> str:
         return "start"
     if any(f"{c} {old}: healthy -> stopping" in log for c in COMPONENTS):
         return "stop"
-    return "fetch/prepare"
+    return "prepare" if journaled else "fetch"
+
+
+def journaled(runtime: Path, rev: str) -> bool:
+    """The snapshot journals a deployment of ``rev`` (fetched and verified; preparing)."""
+    try:
+        doc = json.loads((runtime / "state" / "agent.json").read_text())
+    except (OSError, ValueError):
+        return False
+    journal = (doc.get("sync") or {}).get("journal") or {}
+    return isinstance(journal, dict) and journal.get("revision") == rev
+
+
+def wait_for_phase(agent: Any, phase: str, old: str, new: str, rev: str) -> bool:
+    """Wait until the deployment of ``rev`` reaches ``phase`` (False: it ended first)."""
+    marks = {
+        "stop": f"api {old}: healthy -> stopping",
+        "start": f"db {new}: pending -> starting",
+        "soak": f"api {new}: starting -> healthy",
+    }
+
+    def reached() -> bool:
+        if phase == "prepare":
+            return journaled(agent.runtime, rev)
+        return marks[phase] in agent.output()
+
+    try:
+        wait_until(reached, timeout=30, what=f"the deployment to reach {phase}")
+    except AssertionError:
+        return False
+    return True
 
 
 def one_run(
@@ -168,7 +210,8 @@ def one_run(
     version = f"2.{run}.0"
     rev = fleet_revision(fleet, version)
     revs[rev] = version
-    delay = rng.uniform(0.0, 3.5)
+    aim = rng.choice(PHASES)
+    delay = rng.uniform(0.0, 0.4)
     proc = subprocess.Popen(
         [sys.executable, "-m", "keystone", "sync", "--once", "--json"],
         cwd=agent.cwd,
@@ -176,10 +219,14 @@ def one_run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(delay)  # the kill instant itself is what is being drawn at random
+    if aim == "fetch":
+        delay += 0.4  # the CLI's own start, then into the sync worker's fetch
+    else:
+        wait_for_phase(agent, aim, old, version, rev)
+    time.sleep(delay)  # the kill instant within the phase is what is drawn at random
     agent.stop(signal.SIGKILL)
     proc.wait(60)
-    phase = phase_of(agent.output(), old, version)
+    phase = phase_of(agent.output(), old, version, journaled(agent.runtime, rev))
     agent.start()
     out = sync_once(agent)
     assert out.get("result") in ("applied", "up-to-date", "known-bad"), out
