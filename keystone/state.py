@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from keystone.statefile import StateDamage, read_bytes, set_aside
+from keystone.statefile import StateDamage, read_bytes, read_state, set_aside
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -51,18 +51,16 @@ def write_json(path: Path, value: Any) -> None:
 def read_json(path: Path, default: Any = None) -> Any:
     """Read JSON, returning ``default`` when the file does not exist.
 
-    A file that does not parse is renamed aside (``.corrupt``) and ``default`` returned, so one
+    Read through :func:`keystone.statefile.read_state` (bounded, UTF-8, JSON): a file that does
+    not decode is set aside (``.corrupt-<time>``) and reported, and ``default`` returned, so one
     bad write by another tool cannot keep the agent from starting.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return default
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        os.replace(path, path.with_name(path.name + f".corrupt-{int(time.time())}"))
-        return default
+    value = read_state(path, _any)
+    return default if value is None else value
+
+
+def _any(doc: Any) -> Any:
+    return doc
 
 
 class History:

@@ -108,6 +108,18 @@ class Recoveries:
 RECOVERIES = Recoveries()
 """Every recovery of this process (the agent's status and metric read it)."""
 
+_OWNER = True
+
+
+def leave_in_place() -> None:
+    """This process is not the agent (a worker): damage is logged and the file left alone.
+
+    The agent reads every state file at start and sets a damaged one aside there, where the
+    report reaches its status and metrics; a worker that moved it would report to nobody.
+    """
+    global _OWNER
+    _OWNER = False
+
 
 def max_state_bytes(environ: Mapping[str, str] | None = None) -> int:
     """The bound on one state file (``KEYSTONE_MAX_STATE_BYTES``, bytes; 64 MiB)."""
@@ -136,6 +148,11 @@ def set_aside(
     """
     now = time.time()
     orig = original or path
+    if not _OWNER:
+        logger.warning(
+            "damaged state file {}: {}; not used (the agent sets it aside)", orig, problem
+        )
+        return Recovery(name or orig.name, str(orig), problem, None, now)
     target = orig.with_name(f"{orig.name}.corrupt-{utc_stamp(now)}")
     n = 1
     while target.exists():

@@ -127,11 +127,14 @@ def test_damaged_state_file_is_reported_and_nothing_older_runs(
     converged_on(agent, new, "1.1.0")
     passed = 0
     for kind in KINDS:
+        seen = len(fleet.started())
         agent.stop(signal.SIGKILL)
         for n, path in paths.items():
             damage(path, kind, older[n], rng)
         agent.start()
         converged_on(agent, new, "1.1.0")
+        # Nothing older ever started, not even for a moment at boot.
+        assert [s["version"] for s in fleet.started()[seen:] if s["version"] != "1.1.0"] == []
         status, plan = agent.api("GET", "/v1/plan/status")
         assert status == 200, plan
         text = metrics(agent)
