@@ -183,7 +183,7 @@ class Agent:
         self.engine = self.service.engine = engine
         self.node.on_component_change = engine.on_component_change
         engine.start()
-        if self.node.recover_to is not None:
+        if self.node.recover_to is not None and not self.node.stopped:
             # The snapshot was older than the mirror's verified anchor: deploy the anchor now.
             engine.submit(
                 SyncRequest(kind=RequestKind.ROLLBACK, to=self.node.recover_to, trigger="recovery")

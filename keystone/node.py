@@ -260,9 +260,7 @@ class Node:
         for problem in snap.problems:
             self._damaged_copy(self.snapshot_path, problem)
         if loaded is None and not damaged and self._had_state():
-            report_missing(
-                self.snapshot_path, "the history and mirror are there, the snapshot is not"
-            )
+            report_missing(self.snapshot_path, "the history is there, the snapshot is not")
         self.stopped = snap.stopped
         self.plan_path = snap.plan_path
         self.ledger = Ledger.from_json(snap.ledger)

@@ -30,7 +30,7 @@ from keystone.errors import KeystoneError
 from keystone.plan import Component, DesiredPlan
 from keystone.recipe import DependencyType
 from keystone.runtime.markers import LiveProcess, Marker, read_markers, scan_processes
-from keystone.runtime.process import ProcessHandle, ProcessRunner
+from keystone.runtime.process import ProcessHandle, ProcessRunner, cgroup2_mount
 
 ANCHOR_REF = "refs/keystone/applied"
 _HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -116,6 +116,27 @@ class Sweep:
         self.markers = read_markers(self.components_dir)
         self.live = scan_processes(self.components_dir)
 
+    def cgroup_of(self, pid: int) -> Path | None:
+        """The spawn cgroup of ``pid`` when it lies under the runner's cgroup root.
+
+        Stopping through it also kills what left the process group (and cleared its
+        environment), and removes the cgroup.
+        """
+        root = self.runner.cgroup_root
+        mount = cgroup2_mount() if root is not None else None
+        if root is None or mount is None:
+            return None
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if line.startswith("0::"):
+                path = mount / line[3:].lstrip("/")
+                if path.parent == root:
+                    return path
+        return None
+
     def ours(self, pid: int) -> bool:
         """``pid`` was started by an agent of this runtime (its environment or a marker says so)."""
         return any(p.pid == pid for p in self.live) or self.marker_of(pid) is not None
@@ -166,7 +187,8 @@ class Sweep:
                 if handle is not None:
                     adopt[marker.component] = (handle, marker.instance)
                     continue
-            handle = self.runner.adopt(lead.component, lead.pid, pgid, lead.start_ticks, None)
+            cgroup = self.cgroup_of(lead.pid)
+            handle = self.runner.adopt(lead.component, lead.pid, pgid, lead.start_ticks, cgroup)
             if handle is None:
                 continue  # gone (or its pid reused) since the scan: nothing to stop
             if lead.instance is None:
