@@ -96,6 +96,9 @@ class Node:
         self._metric_names: set[str] = set()
         self.recover_to: str | None = None
         """A verified revision newer than the snapshot's, for the first sync to deploy."""
+        # The history as found, before this agent appends to it (a recovery record, say).
+        self.events.check()
+        self._history_found = self._had_state()
         RECOVERIES.listen(self._on_recovery)
         if self.metrics is not None:
             self.metrics.add_samples(self._recovery_samples)
@@ -259,7 +262,7 @@ class Node:
         snap = loaded or Snapshot()
         for problem in snap.problems:
             self._damaged_copy(self.snapshot_path, problem)
-        if loaded is None and not damaged and self._had_state():
+        if loaded is None and not damaged and self._history_found:
             report_missing(self.snapshot_path, "the history is there, the snapshot is not")
         self.stopped = snap.stopped
         self.plan_path = snap.plan_path
@@ -352,22 +355,29 @@ class Node:
         set_aside(copy, problem, name=path.name, original=path)
 
     def _check_history(self, snap: Snapshot | None) -> None:
-        """The history through its schema; emptied or older than the snapshot is reported."""
-        self.events.check()
-        last = Ledger.from_json(snap.ledger).last_sync if snap is not None else None
-        if last is None or last.time <= 0:
+        """A history emptied, deleted or older than the snapshot is reported.
+
+        (Its schema was checked when the node was made, before anything was appended.)
+        """
+        if snap is None:
             return
-        # Every sync is in the history except a scheduled poll that found nothing to do.
-        if last.trigger == "schedule" and last.result in ("up-to-date", "known-bad", "dry-run"):
+        led = Ledger.from_json(snap.ledger)
+        reported = any(r.path == str(self.events.path) for r in RECOVERIES)
+        if not self._history_found and (led.applied or snap.plan):
+            if not reported:
+                report_missing(
+                    self.events.path, "emptied or deleted: the snapshot has an applied plan"
+                )
             return
-        newest = [r for r in self.events.newest(200) if r.get("kind") == "sync"][:1]
-        when = newest[0].get("time") if newest else None
-        if not newest:
-            report_missing(self.events.path, "emptied or deleted: the snapshot records syncs")
-        elif isinstance(when, int | float) and when < last.time:
+        if not led.applied_at or reported:
+            return
+        # The sync that applied the snapshot's revision is in the history, written after it.
+        times = [r.get("time") for r in self.events.newest(200) if r.get("kind") == "sync"]
+        if not any(isinstance(t, int | float) and t >= led.applied_at for t in times):
             self._damaged_copy(
                 self.events.path,
-                "older than the snapshot (an older copy?): it does not have the last sync",
+                "older than the snapshot (an older copy?): it does not have the sync that "
+                "applied the snapshot's revision",
             )
 
     def _check_clock(self, snap: Snapshot | None) -> None:
