@@ -32,6 +32,7 @@ from keystone.service import ControlService
 from keystone.slot import DesiredSlot
 from keystone.stick import StickReporter
 from keystone.sync.engine import SyncEngine
+from keystone.sync.model import RequestKind, SyncRequest
 from keystone.sync.pipeline import SyncSettings
 from keystone.sync.scheduler import device_offset
 from keystone.sync.triggers import BundleWatch, PollTrigger, StagedBundles, Trigger
@@ -279,6 +280,11 @@ class Agent:
         self.engine = self.service.engine = engine
         self.node.on_component_change = engine.on_component_change
         engine.start()
+        if self.node.recover_to is not None and not self.node.stopped:
+            # The snapshot was older than the mirror's verified anchor: deploy the anchor now.
+            engine.submit(
+                SyncRequest(kind=RequestKind.ROLLBACK, to=self.node.recover_to, trigger="recovery")
+            )
         if cfg.source is not None and cfg.source.url:
             self.triggers.append(
                 PollTrigger(

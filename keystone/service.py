@@ -164,6 +164,7 @@ class ControlService:
             "status": "stopped" if node.stopped else node.plan_state,
             "error": node.plan_error,
             "unknownFields": node.unknown_fields,
+            "damagedState": [r.to_json() for r in node.recoveries()],
         }
         if node.last_reconcile is not None:  # omitted until a pass has run, as in Go
             status["lastReconcile"] = _rfc3339(node.last_reconcile)
@@ -460,7 +461,11 @@ class ControlService:
 
     def revision(self) -> JSON:
         info = self._call(self._engine().revision_info)
-        return {**info, "device_key": public_info(self.node.runtime / "state")}
+        return {
+            **info,
+            "device_key": public_info(self.node.runtime / "state"),
+            "damaged_state": [r.to_json() for r in self.node.recoveries()],
+        }
 
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         eng = self._polling_engine()
