@@ -58,6 +58,8 @@ class TestSpec:
         [
             ('waves = ["1%", "100"]\nwait = "1h"\n', 1, "waves[1]", "percentage"),
             ('waves = ["10%", "5%", "100%"]\nwait = "1h"\n', 1, "waves[1]", "must grow"),
+            ('waves = ["50%", "10%", "100%"]\nwait = "1h"\n', 1, "waves[1]", "'10%' after '50%'"),
+            ('waves = ["10%", "100%"]\nwait = ["1h", "2h"]\n', 2, "wait", "expected 1 duration ("),
             ('waves = ["10%", "50%"]\nwait = "1h"\n', 1, "waves[1]", '"100%"'),
             ('waves = ["0%", "100%"]\nwait = "1h"\n', 1, "waves[0]", "above 0%"),
             ('waves = [10, "100%"]\nwait = "1h"\n', 1, "waves[0]", '"10%"'),
