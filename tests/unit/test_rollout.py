@@ -305,6 +305,13 @@ class TestAgentConfigWindows:
         else:
             assert (err.value.line, err.value.field) == (line, field), str(err.value)
 
+    def test_a_misspelt_windows_is_named(self) -> None:
+        """``window = [...]`` for ``windows``: the error says what the table has instead."""
+        with pytest.raises(ValidationError) as err:
+            parse_config('[maintenance]\nwindow = ["02:00-03:00"]\n', file="agent.toml")
+        assert str(err.value).startswith("agent.toml:1: maintenance.windows: required field")
+        assert "it has window instead" in str(err.value)
+
 
 RECIPE = """\
 [metadata]
