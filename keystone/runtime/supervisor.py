@@ -187,6 +187,8 @@ class Supervisor:
         self._exit_task: asyncio.Task[None] | None = None
         self._backoff_task: asyncio.Task[None] | None = None
         self._stop_lock = asyncio.Lock()
+        self._killing: asyncio.Future[int | None] | None = None
+        """The health check's kill of an unhealthy run, which :meth:`stop` waits for."""
 
     # --- properties -------------------------------------------------------------------------
 
@@ -550,7 +552,12 @@ class Supervisor:
             return
         # Kill it ourselves and take the restart path (the exit watcher ignores this exit).
         self.handle = None
-        await self.runner.stop(handle, timeout=self.component.recipe.run.stop_timeout)
+        # Shielded: a stop() (a rollback) cancels this health task, and a kill cut short would
+        # leave the process or container running, reported stopped; stop() waits for it instead.
+        self._killing = asyncio.ensure_future(
+            self.runner.stop(handle, timeout=self.component.recipe.run.stop_timeout)
+        )
+        await asyncio.shield(self._killing)
         self._forget_marker()
         self._after_exit(None, self.clock.now() - self.started_at, reason)
 
@@ -565,6 +572,9 @@ class Supervisor:
                 self._backoff_task.cancel()
             if self._health_task:
                 self._health_task.cancel()
+            killing = self._killing
+            if killing is not None and not killing.done():
+                await asyncio.shield(killing)
             handle = self.handle
             if self.state in (State.STOPPED, State.PENDING) and handle is None:
                 if self.state is State.PENDING:
