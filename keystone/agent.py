@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loguru import logger
 
+from keystone.agentlock import AgentLock
 from keystone.config import AgentConfig
 from keystone.drift import DriftMonitor
 from keystone.env import substitution_env
@@ -30,10 +32,14 @@ from keystone.service import ControlService
 from keystone.slot import DesiredSlot
 from keystone.stick import StickReporter
 from keystone.sync.engine import SyncEngine
+from keystone.sync.model import RequestKind, SyncRequest
 from keystone.sync.pipeline import SyncSettings
 from keystone.sync.scheduler import device_offset
 from keystone.sync.triggers import BundleWatch, PollTrigger, StagedBundles, Trigger
 from keystone.units import parse_size
+
+if TYPE_CHECKING:
+    from keystone.selfupdate import SelfUpdater, Trial
 
 
 class Agent:
@@ -62,6 +68,12 @@ class Agent:
         self.api: Any = None
         self.notifier: Any = None
         self._shutdown: asyncio.Event | None = None
+        # One serving agent per runtime dir; a self-update hands the lock over.
+        self.lock = AgentLock(self.runtime)
+        # Set by a self-update: stop serving without stopping components, then run this.
+        self.after_detach: Callable[[], NoReturn] | None = None
+        self.trial: Trial | None = None
+        self.node.configure_updater = self._configure_updater
 
     def load_plan_file(
         self,
@@ -100,11 +112,21 @@ class Agent:
         self._shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._shutdown.set)
+        if os.environ.get("KEYSTONE_SELFUPDATE_TRIAL"):
+            # lazy: only an agent started by a self-update
+            from keystone.selfupdate import announce_waiting
+
+            announce_waiting()
+        self.lock.acquire()
+        if os.environ.get("KEYSTONE_SELFUPDATE_TRIAL"):
+            self._begin_trial()
         if self.listen:
             self._start_api()
         else:
             logger.info('HTTP API disabled (--http "")')
         await node.restore()
+        if self.trial is not None or node.has_updater_state():
+            node.updater.on_start(trial=self.trial is not None)
         if initial is not None:
             result = await node.apply(initial, source=initial_source, record=True)
             if not result.ok:
@@ -128,8 +150,12 @@ class Agent:
             len(node.deployer.supervisors),
             self.listen or "none",
         )
+        if self.trial is not None:
+            self.trial.ready()
         await self._shutdown.wait()
         self.service.closed = True  # /healthz says so while the components stop
+        if self.after_detach is not None:
+            await self._detach(self.after_detach)
         logger.info("shutting down: stopping components in reverse order")
         if self.notifier is not None:
             self.notifier.stopping()
@@ -142,6 +168,71 @@ class Agent:
         if self.api is not None:
             self.api.stop()
         return 0
+
+    # --- self-update (keystone.selfupdate) ---------------------------------------------------
+
+    def _configure_updater(self, updater: SelfUpdater) -> None:
+        updater.submit = self.slot.submit
+        updater.request_handover = self._request_detach
+        updater.listen = self.listen
+        updater.tls = bool(self.config.api.tls_cert and self.config.api.tls_key)
+
+    def _request_detach(self, after: Callable[[], NoReturn]) -> None:
+        """Stop serving (components keep running), then run ``after`` (it never returns)."""
+        if self.after_detach is None:
+            self.after_detach = after
+        if self._shutdown is not None:
+            self._shutdown.set()
+
+    async def _detach(self, after: Callable[[], NoReturn]) -> NoReturn:
+        logger.info("self-update: the agent stops serving; components keep running")
+        for trigger in self.triggers:
+            await trigger.stop()
+        if self.engine is not None:
+            await self.engine.close()
+        await self.slot.close()
+        if self.api is not None:
+            self.api.stop()
+        await self.node.detach()
+        self.lock.release()
+        after()
+
+    def _begin_trial(self) -> None:
+        """This agent was started by a self-update: serve only while the old one guards it."""
+        # lazy: only an agent on trial loads the handover code here
+        from keystone.selfupdate import GIVE_BACK, Trial
+
+        trial = Trial.from_env(self.runtime)
+        if trial is None:
+            return
+        if not trial.guardian_alive():
+            self.lock.release()
+            trial.yield_back()
+        self.trial = trial
+        assert self.loop is not None
+
+        def give_back() -> None:
+            logger.info("self-update: the old agent takes its components back")
+            self._request_detach(_exit_now)
+
+        def guardian_gone() -> None:
+            if trial.committed():
+                trial.promote()
+                self.trial = None
+                self.node.updater.finished(trial.handover)
+                self._notify_main()
+                logger.info("self-update to {} complete: this agent serves", trial.handover["to"])
+            else:
+                self._request_detach(trial.yield_back)
+
+        self.loop.add_signal_handler(GIVE_BACK, give_back)
+        trial.watch(self.loop, guardian_gone)
+
+    def _notify_main(self) -> None:
+        """Under systemd: tell the unit this process is its main one now (``MAINPID=``)."""
+        if self.notifier is not None:
+            self.notifier.pid = os.getpid()
+            self.notifier.ready("self-update complete")
 
     def request_shutdown(self) -> None:
         if self.loop is not None and self._shutdown is not None:
@@ -190,6 +281,11 @@ class Agent:
         self.engine = self.service.engine = engine
         self.node.on_component_change = engine.on_component_change
         engine.start()
+        if self.node.recover_to is not None and not self.node.stopped:
+            # The snapshot was older than the mirror's verified anchor: deploy the anchor now.
+            engine.submit(
+                SyncRequest(kind=RequestKind.ROLLBACK, to=self.node.recover_to, trigger="recovery")
+            )
         if cfg.source is not None and cfg.source.url:
             self.triggers.append(
                 PollTrigger(
@@ -247,6 +343,13 @@ class Agent:
                     await asyncio.to_thread(rotate_logs, d, max_bytes, 3)
                 except OSError as exc:
                     logger.warning("log rotation in {} failed: {}", d, exc)
+
+
+def _exit_now() -> NoReturn:
+    # lazy: as in _begin_trial
+    from keystone.selfupdate import exit_now
+
+    exit_now(0)
 
 
 def _read_plan(path: Path) -> str:

@@ -14,10 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keystone.state import read_json, write_json
+from keystone.state import write_json
+from keystone.statefile import (
+    StateDamage,
+    boolean,
+    integer,
+    number,
+    obj,
+    opt_number,
+    opt_obj,
+    opt_string,
+    read_state,
+    string,
+    version,
+)
 
 JSON = dict[str, Any]
 SNAPSHOT_VERSION = 1
+SNAPSHOT_FILE = "agent.json"
 
 
 @dataclass(frozen=True)
@@ -32,8 +46,13 @@ class FailedRevision:
         return {"reason": self.reason, "kind": self.kind, "time": self.time}
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> FailedRevision:
-        return cls(str(doc.get("reason") or ""), str(doc.get("kind") or ""), _num(doc, "time"))
+    def from_json(cls, doc: Mapping[str, Any], where: str = "failed") -> FailedRevision:
+        doc = obj(doc, where)
+        return cls(
+            string(doc.get("reason"), f"{where}.reason", optional=True),
+            string(doc.get("kind"), f"{where}.kind", optional=True),
+            number(doc.get("time"), f"{where}.time", default=0.0),
+        )
 
 
 @dataclass(frozen=True)
@@ -48,9 +67,12 @@ class Journal:
         return {"revision": self.revision, "attempts": self.attempts, "started": self.started}
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> Journal:
+    def from_json(cls, doc: Mapping[str, Any], where: str = "journal") -> Journal:
+        doc = obj(doc, where)
         return cls(
-            str(doc.get("revision") or ""), int(doc.get("attempts") or 1), _num(doc, "started")
+            string(doc.get("revision"), f"{where}.revision"),
+            integer(doc.get("attempts"), f"{where}.attempts", default=1),
+            number(doc.get("started"), f"{where}.started", default=0.0),
         )
 
 
@@ -76,14 +98,15 @@ class LastSync:
         }
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> LastSync:
+    def from_json(cls, doc: Mapping[str, Any], where: str = "last_sync") -> LastSync:
+        doc = obj(doc, where)
         return cls(
-            time=_num(doc, "time"),
-            result=str(doc.get("result") or ""),
-            revision=doc.get("revision"),
-            error=doc.get("error"),
-            trigger=doc.get("trigger"),
-            duration=_num(doc, "duration"),
+            time=number(doc.get("time"), f"{where}.time", default=0.0),
+            result=string(doc.get("result"), f"{where}.result", optional=True),
+            revision=opt_string(doc.get("revision"), f"{where}.revision"),
+            error=opt_string(doc.get("error"), f"{where}.error"),
+            trigger=opt_string(doc.get("trigger"), f"{where}.trigger"),
+            duration=number(doc.get("duration"), f"{where}.duration", default=0.0),
         )
 
 
@@ -102,8 +125,13 @@ class ImportedBundle:
         return out
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> ImportedBundle:
-        return cls(str(doc.get("path") or ""), _num(doc, "time"), doc.get("result"))
+    def from_json(cls, doc: Mapping[str, Any], where: str = "imported_bundles") -> ImportedBundle:
+        doc = obj(doc, where)
+        return cls(
+            string(doc.get("path"), f"{where}.path", optional=True),
+            number(doc.get("time"), f"{where}.time", default=0.0),
+            opt_string(doc.get("result"), f"{where}.result"),
+        )
 
 
 LEDGER_KEYS = (
@@ -177,32 +205,42 @@ class Ledger:
         return out
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any] | None) -> Ledger:
-        doc = dict(doc or {})
+    def from_json(cls, doc: Mapping[str, Any] | None, where: str = "sync") -> Ledger:
+        """The ledger of a snapshot's ``sync`` object.
+
+        Raises:
+            StateDamage: a field of the wrong type, naming it (``sync.failed: expected an
+                object, got a list``); the snapshot is then damaged as a whole.
+        """
+        doc = obj(doc if doc is not None else {}, where)
         journal = doc.get("journal")
         last = doc.get("last_sync")
+        failed = obj(_or_empty(doc.get("failed")), f"{where}.failed")
+        bundles = obj(_or_empty(doc.get("imported_bundles")), f"{where}.imported_bundles")
+        applied_at = opt_number(doc.get("applied_at"), f"{where}.applied_at")
         return cls(
-            applied=doc.get("applied") or None,
-            last_known_good=doc.get("last_known_good") or None,
-            signer=doc.get("signer"),
-            fingerprint=doc.get("fingerprint"),
-            source=doc.get("source"),
-            applied_at=doc.get("applied_at"),
-            applied_plan_checkout=doc.get("applied_plan_checkout"),
-            lkg_plan=doc.get("lkg_plan") or None,
-            lkg_checkout=doc.get("lkg_checkout"),
+            applied=opt_string(doc.get("applied"), f"{where}.applied") or None,
+            last_known_good=opt_string(doc.get("last_known_good"), f"{where}.last_known_good")
+            or None,
+            signer=opt_string(doc.get("signer"), f"{where}.signer"),
+            fingerprint=opt_string(doc.get("fingerprint"), f"{where}.fingerprint"),
+            source=opt_string(doc.get("source"), f"{where}.source"),
+            applied_at=applied_at,
+            applied_plan_checkout=opt_string(
+                doc.get("applied_plan_checkout"), f"{where}.applied_plan_checkout"
+            ),
+            lkg_plan=opt_obj(doc.get("lkg_plan"), f"{where}.lkg_plan") or None,
+            lkg_checkout=opt_string(doc.get("lkg_checkout"), f"{where}.lkg_checkout"),
             failed={
-                str(rev): FailedRevision.from_json(f)
-                for rev, f in (doc.get("failed") or {}).items()
-                if isinstance(f, Mapping)
+                str(rev): FailedRevision.from_json(f, f"{where}.failed.{rev}")
+                for rev, f in failed.items()
             },
-            journal=Journal.from_json(journal) if isinstance(journal, Mapping) else None,
-            last_sync=LastSync.from_json(last) if isinstance(last, Mapping) else None,
-            suspended=bool(doc.get("suspended")),
+            journal=Journal.from_json(journal, f"{where}.journal") if journal is not None else None,
+            last_sync=LastSync.from_json(last, f"{where}.last_sync") if last is not None else None,
+            suspended=boolean(doc.get("suspended"), f"{where}.suspended", default=False),
             imported_bundles={
-                str(d): ImportedBundle.from_json(b)
-                for d, b in (doc.get("imported_bundles") or {}).items()
-                if isinstance(b, Mapping)
+                str(d): ImportedBundle.from_json(b, f"{where}.imported_bundles.{d}")
+                for d, b in bundles.items()
             },
             extra={k: v for k, v in doc.items() if k not in LEDGER_KEYS},
         )
@@ -215,12 +253,15 @@ class ProcessRecord:
     ``runner`` is the runner's own description of what runs (for processes: pid, process
     group, start ticks, cgroup; for another runner whatever it needs to find its work again):
     the ledger never looks inside it. On disk the runner's keys sit beside ``version`` and
-    ``hash`` in one object, as they always have.
+    ``hash`` in one object, as they always have. ``stopping`` marks a process that was being
+    stopped (an old version during an upgrade): the next agent finishes stopping it before its
+    successor starts, and never adopts it.
     """
 
     runner: Mapping[str, object]
     version: str
     hash: str
+    stopping: bool = False
 
     @property
     def pid(self) -> int:
@@ -229,15 +270,25 @@ class ProcessRecord:
         return pid if isinstance(pid, int) else 0
 
     def to_json(self) -> JSON:
-        return {**self.runner, "version": self.version, "hash": self.hash}
+        out = {**self.runner, "version": self.version, "hash": self.hash}
+        if self.stopping:
+            out["stopping"] = True
+        return out
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> ProcessRecord:
-        if not isinstance(doc, Mapping) or not doc.get("hash"):
+    def from_json(cls, doc: Mapping[str, Any], where: str = "process") -> ProcessRecord:
+        """Raises StateDamage for a record without the component's hash (never adoptable)."""
+        doc = obj(doc, where)
+        if not doc.get("hash"):
             # Adoption needs the component's hash: a record without one can never be adopted.
-            raise ValueError("process record without the component's hash")
-        runner = {k: v for k, v in doc.items() if k not in ("version", "hash")}
-        return cls(runner=runner, version=str(doc.get("version") or ""), hash=str(doc["hash"]))
+            raise StateDamage(f"{where}: process record without the component's hash")
+        runner = {k: v for k, v in doc.items() if k not in ("version", "hash", "stopping")}
+        return cls(
+            runner=runner,
+            version=string(doc.get("version"), f"{where}.version", optional=True),
+            hash=string(doc["hash"], f"{where}.hash"),
+            stopping=boolean(doc.get("stopping"), f"{where}.stopping", default=False),
+        )
 
 
 @dataclass(frozen=True)
@@ -251,6 +302,8 @@ class Snapshot:
     ledger: JSON = field(default_factory=dict)
     saved_at: float = 0.0
     version: int = SNAPSHOT_VERSION
+    problems: tuple[str, ...] = ()
+    """What was dropped while reading (a torn process record): reported, never fatal."""
 
     def to_json(self) -> JSON:
         return {
@@ -265,33 +318,55 @@ class Snapshot:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any] | None) -> Snapshot:
-        doc = doc or {}
-        processes = {}
-        for name, rec in (doc.get("processes") or {}).items():
+        """The snapshot of a decoded ``agent.json`` (its typed schema).
+
+        A process record that cannot be adopted is dropped and named in ``problems``; anything
+        else of the wrong shape (not an object, a field of the wrong type, a ledger that does
+        not validate) raises.
+
+        Raises:
+            StateDamage: naming the field and what was expected.
+        """
+        doc = obj(doc if doc is not None else {}, "agent.json")
+        ver = version(doc, "agent.json", SNAPSHOT_VERSION)
+        processes: dict[str, ProcessRecord] = {}
+        problems: list[str] = []
+        for name, rec in obj(_or_empty(doc.get("processes")), "processes").items():
             try:
-                processes[str(name)] = ProcessRecord.from_json(rec)
-            except (KeyError, TypeError, ValueError):
-                continue  # a torn or foreign record: that process is not adopted
+                processes[str(name)] = ProcessRecord.from_json(rec, f"processes.{name}")
+            except StateDamage as exc:
+                problems.append(str(exc))  # that process is not adopted from here
+        ledger = obj(_or_empty(doc.get("sync")), "sync")
+        Ledger.from_json(ledger)  # validated here, so a damaged ledger damages the file
         return cls(
-            plan=doc.get("plan") or None,
-            plan_path=str(doc.get("plan_path") or ""),
-            stopped=bool(doc.get("stopped")),
+            plan=opt_obj(doc.get("plan"), "plan") or None,
+            plan_path=string(doc.get("plan_path"), "plan_path", optional=True),
+            stopped=boolean(doc.get("stopped"), "stopped", default=False),
             processes=processes,
-            ledger=dict(doc.get("sync") or {}),
-            saved_at=_num(doc, "saved_at"),
-            version=int(doc.get("version") or SNAPSHOT_VERSION),
+            ledger=dict(ledger),
+            saved_at=number(doc.get("saved_at"), "saved_at", default=0.0),
+            version=ver,
+            problems=tuple(problems),
         )
 
     @classmethod
     def read(cls, path: Path) -> Snapshot:
-        """The snapshot at ``path`` (an empty one when there is none)."""
-        return cls.from_json(read_json(path, {}) or {})
+        """The snapshot at ``path``; an empty one when there is none or it was damaged.
+
+        A damaged file is set aside and reported (:mod:`keystone.statefile`).
+        """
+        return cls.load(path) or cls()
+
+    @classmethod
+    def load(cls, path: Path) -> Snapshot | None:
+        """The snapshot at ``path``; None when there is none or it was damaged (set aside)."""
+        return read_state(path, cls.from_json, name=SNAPSHOT_FILE)
 
     def write(self, path: Path) -> None:
         """Replace the snapshot at ``path`` atomically."""
         write_json(path, self.to_json())
 
 
-def _num(doc: Mapping[str, Any], key: str) -> float:
-    value = doc.get(key)
-    return float(value) if isinstance(value, int | float) else 0.0
+def _or_empty(value: Any) -> Any:
+    """An absent (null) object is an empty one; anything else is checked as it is."""
+    return {} if value is None else value

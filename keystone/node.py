@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,11 @@ from loguru import logger
 from keystone.config import AgentConfig
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError
-from keystone.ledger import Ledger, ProcessRecord, Snapshot
+from keystone.ledger import SNAPSHOT_FILE, Ledger, ProcessRecord, Snapshot
 from keystone.metrics import Metrics
 from keystone.plan import Component, DesiredPlan, RecipeStore, plan_from_json, plan_to_json
-from keystone.recipe import parse_recipe
+from keystone.recipe import AGENT_TYPE, parse_recipe
+from keystone.recovery import Stray, Sweep, closed_subset, process_pgids, read_anchor, stop_all
 from keystone.runtime.artifact_client import WorkerPreparer
 from keystone.runtime.deployer import (
     LOCAL_ARTIFACTS,
@@ -35,11 +37,12 @@ from keystone.runtime.deployer import (
     DeployResult,
     PlannedChanges,
 )
-from keystone.runtime.process import ProcessRunner, detect_cgroup_root
+from keystone.runtime.process import ProcessHandle, ProcessRunner, detect_cgroup_root
 from keystone.runtime.runner import AnyRunner, record_kind
 from keystone.runtime.supervisor import RestartTuning, Supervisor
 from keystone.state import History, atomic_write
-from keystone.sync.model import WorkerAnswer, WorkerRequest, sync_deadline_message
+from keystone.statefile import RECOVERIES, Recovery, report_missing, set_aside
+from keystone.sync.model import WorkerAnswer, WorkerOp, WorkerRequest, sync_deadline_message
 from keystone.units import go_duration, parse_duration
 from keystone.workerproc import ErrorInfo, call
 
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
     from keystone.datasets.bundle import BundleEntry
     from keystone.datasets.manager import RefreshResult
     from keystone.runtime.container import ContainerRunner
+    from keystone.selfupdate import SelfUpdater
 
 SYNC_WORKER = "keystone.sync.worker"
 
@@ -101,6 +105,18 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._metric_names: set[str] = set()
         self._containers: ContainerRunner | None = None
+        # Self-update (keystone.selfupdate), made on first use; the agent wires its slot and
+        # handover into it through configure_updater.
+        self._updater: SelfUpdater | None = None
+        self.configure_updater: Callable[[SelfUpdater], None] | None = None
+        self.recover_to: str | None = None
+        """A verified revision newer than the snapshot's, for the first sync to deploy."""
+        # The history as found, before this agent appends to it (a recovery record, say).
+        self.events.check()
+        self._history_found = self._had_state()
+        RECOVERIES.listen(self._on_recovery)
+        if self.metrics is not None:
+            self.metrics.add_samples(self._recovery_samples)
 
     # --- SyncHost ---------------------------------------------------------------------------
 
@@ -176,7 +192,11 @@ class Node:
         self.plan_error = None
         self.unknown_fields = list(plan.unknown_fields)
         self.stopped = False
+        agent: Component | None = None
         try:
+            if any(c.recipe.metadata.type == AGENT_TYPE for c in plan.components.values()):
+                plan, agent = await self._prepare_agent(plan, artifacts)
+                planned = None  # computed again for the plan without the agent
             result = await self.deployer.deploy(plan, planned=planned, artifacts=artifacts)
         except KeystoneError as exc:
             self.plan_state = "failed"
@@ -197,6 +217,8 @@ class Node:
         self.plan_error = None if result.ok else f"{result.failed}: {result.reason} (rolled back)"
         if result.ok:
             self.background(self.gc())
+            if agent is not None or self._updater is not None:
+                self.updater.want(agent, from_sync=not record)
         if record:
             self.record_deploy("apply", result, source=source)
         elif self.metrics is not None:
@@ -269,11 +291,13 @@ class Node:
         processes = {}
         for name, sup in self.deployer.supervisors.items():
             record = sup.describe()
-            if record is not None:
+            stopping = sup.describe_stopping() if record is None else None
+            if record is not None or stopping is not None:
                 processes[name] = ProcessRecord(
-                    runner=record.to_json(),
+                    runner=(record or stopping).to_json(),  # type: ignore[union-attr]
                     version=sup.version,
                     hash=sup.component.content_hash(),
+                    stopping=stopping is not None,
                 )
         return Snapshot(
             plan=plan_to_json(self.deployer.applied),
@@ -285,8 +309,25 @@ class Node:
         )
 
     async def restore(self) -> None:
-        """Load the snapshot, adopt surviving processes, stop stale ones, start the rest."""
-        snap = Snapshot.read(self.snapshot_path)
+        """Load the snapshot, adopt surviving processes, stop stale ones, start the rest.
+
+        Every state file is read through its schema first (damage is set aside and reported).
+        The snapshot is reconciled with the mirror's anti-rollback anchor: when the anchor is a
+        verified descendant of the snapshot's revision, the snapshot is stale and its plan is
+        never started; the processes that already run the anchor's plan are kept and the first
+        sync deploys the anchor (:attr:`recover_to`). Every component process found alive that
+        nobody adopts (a stale version, one being stopped when the agent died, one whose
+        record was lost) is stopped before anything starts.
+        """
+        loaded = Snapshot.load(self.snapshot_path)
+        damaged = loaded is None and any(
+            r.file == SNAPSHOT_FILE for r in RECOVERIES if r.path == str(self.snapshot_path)
+        )
+        snap = loaded or Snapshot()
+        for problem in snap.problems:
+            self._damaged_copy(self.snapshot_path, problem)
+        if loaded is None and not damaged and self._history_found:
+            report_missing(self.snapshot_path, "the history is there, the snapshot is not")
         self.stopped = snap.stopped
         self.plan_path = snap.plan_path
         self.ledger = Ledger.from_json(snap.ledger)
@@ -295,43 +336,261 @@ class Node:
             try:
                 plan = plan_from_json(snap.plan, environ=substitution_env())
             except KeystoneError as exc:
-                logger.error("saved plan no longer validates ({}); starting with none", exc)
-        self.deployer.applied = plan
+                self._damaged_copy(self.snapshot_path, f"its plan does not validate: {exc}")
+                self.ledger.applied = None  # what ran is unknown now: trust the mirror's anchor
+        self._check_history(loaded)
+        self._check_clock(loaded)
+        target = await self._reconcile_anchor(plan)
+        sweep = Sweep(self.runner, self.runtime / "components")
+        sweep.collect()
+        strays: list[Stray] = []
+        adopted: dict[str, tuple[Any, str | None]] = {}
         for name, rec in snap.processes.items():
             runner = self.runner_of_kind(record_kind(rec.runner))
             handle = runner.adopt_record(name, rec.runner)
-            comp = plan.components.get(name)
+            comp = target.components.get(name)
+            if handle is None:
+                if runner is self.runner and rec.runner.get("pid") is None:
+                    self._damaged_copy(self.snapshot_path, f"processes.{name}: not a usable record")
+                continue
             if (
-                handle is not None
-                and comp is not None
+                comp is not None
                 and comp.content_hash() == rec.hash
+                and not rec.stopping
                 and not self.stopped
             ):
-                sup = self.deployer.make_supervisor(comp)
-                self.deployer.supervisors[name] = sup
-                sup.adopt(handle)
-                if runner is not self.runner:
-                    # docker/nerdctl: follow the adopted container's logs again (podman's
-                    # containers write to the log files themselves)
-                    await self.containers.resume_logs(handle, sup.paths.logdir)
-                if comp.recipe.datasets:
-                    # Running already: its datasets are on disk; keep them fresh from here.
-                    self.datasets.bind(comp)
-                    self.datasets.scheduler.sync_bindings()
-                logger.info("adopted {} (pid {}) from the previous run", name, handle.pid)
-            elif handle is not None:
-                logger.info("stopping stale {} (pid {}) left by the previous run", name, handle.pid)
+                adopted[name] = (
+                    handle,
+                    sweep.instance_of(handle.pgid) if runner is self.runner else None,
+                )
+            elif runner is not self.runner:
+                logger.info("stopping stale {} ({}) left by the previous run", name, rec.runner)
                 await runner.stop(handle, timeout=10.0)
+            elif sweep.ours(handle.pid):
+                why = "it was being stopped" if rec.stopping else "stale, not in the plan to run"
+                marker = sweep.marker_of(handle.pid)
+                timeout = marker.stop_timeout if marker is not None else 10.0
+                strays.append(Stray(name, handle, timeout, why))
+            else:
+                logger.warning(
+                    "{}: pid {} of the snapshot runs something that is not this agent's; left alone",
+                    name,
+                    handle.pid,
+                )
+        known = process_pgids({n: h for n, (h, _) in adopted.items()})
+        known |= {s.handle.pgid for s in strays}
+        more, found = sweep.candidates(known, target, adopted)
+        adopted.update({n: (h, i) for n, (h, i) in more.items() if not self.stopped})
+        strays += found + [
+            Stray(n, h, 10.0, "the plan is stopped") for n, (h, _) in more.items() if self.stopped
+        ]
+        if self.recover_to is not None:
+            keep = closed_subset(target, adopted)
+            for name in set(adopted) - set(keep.components):
+                handle = adopted.pop(name)[0]
+                if isinstance(handle, ProcessHandle):
+                    strays.append(Stray(name, handle, 10.0, "its dependency is not running"))
+                else:  # a container: its own runner stops it
+                    await self.containers.stop(handle, timeout=10.0)
+            target = keep
+        await stop_all(self.runner, strays)
+        self.deployer.applied = target
+        for name, (handle, instance) in adopted.items():
+            comp = target.components[name]
+            sup = self.deployer.make_supervisor(comp)
+            self.deployer.supervisors[name] = sup
+            sup.adopt(handle, instance=instance)
+            if comp.recipe.run.container is not None:
+                # docker/nerdctl: follow the adopted container's logs again (podman's
+                # containers write to the log files themselves)
+                await self.containers.resume_logs(handle, sup.paths.logdir)
+            if comp.recipe.datasets:
+                # Running already: its datasets are on disk; keep them fresh from here.
+                self.datasets.bind(comp)
+                self.datasets.scheduler.sync_bindings()
+            logger.info("adopted {} (pid {}) from the previous run", name, handle.pid)
         runtimes = [
             c.recipe.run.container.runtime
-            for c in plan.components.values()
+            for c in target.components.values()
             if c.recipe.run.container is not None
         ]
         if runtimes or self._containers is not None:
             await self.containers.sweep(runtimes)
-        if plan.components and not self.stopped:
+        if target.components and not self.stopped and self.recover_to is None:
             result = await self.deployer.start_all()
             self.record_deploy("restore", result)
+        self.save_soon()
+
+    def _had_state(self) -> bool:
+        """Something says this agent ran before (so a missing snapshot was lost)."""
+        try:
+            return self.events.path.stat().st_size > 0
+        except OSError:
+            return False
+
+    def _damaged_copy(self, path: Path, problem: str) -> None:
+        """Report damage inside a file still in use: a copy is kept aside, the file rewritten."""
+        try:
+            copy = path.with_name(f"{path.name}.damaged.tmp")
+            shutil.copy2(path, copy)
+        except OSError:
+            set_aside(path, problem)
+            return
+        set_aside(copy, problem, name=path.name, original=path)
+
+    def _check_history(self, snap: Snapshot | None) -> None:
+        """A history emptied, deleted or older than the snapshot is reported.
+
+        (Its schema was checked when the node was made, before anything was appended.)
+        """
+        if snap is None:
+            return
+        led = Ledger.from_json(snap.ledger)
+        reported = any(r.path == str(self.events.path) for r in RECOVERIES)
+        if not self._history_found and (led.applied or snap.plan):
+            if not reported:
+                report_missing(
+                    self.events.path, "emptied or deleted: the snapshot has an applied plan"
+                )
+            return
+        if not led.applied_at or reported:
+            return
+        # The sync that applied the snapshot's revision is in the history, written after it.
+        times = [r.get("time") for r in self.events.newest(200) if r.get("kind") == "sync"]
+        if not any(isinstance(t, int | float) and t >= led.applied_at for t in times):
+            self._damaged_copy(
+                self.events.path,
+                "older than the snapshot (an older copy?): it does not have the sync that "
+                "applied the snapshot's revision",
+            )
+
+    def _check_clock(self, snap: Snapshot | None) -> None:
+        """The trust clock's mark through its schema, raised to the last time the agent saved.
+
+        The mark lags by design (it is written when certificates are judged), so an older copy
+        cannot be told from a normal one: it is raised to the snapshot's time, which the device
+        has certainly seen, and never reported.
+        """
+        # lazy: the trust clock, only read here at start and by artifact verification
+        from keystone.runtime.clock import TrustedClock
+
+        clock = TrustedClock(self.runtime / "state")
+        mark = clock.mark()  # validates (a damaged mark is set aside and reported)
+        path = clock.mark_path
+        seen = snap.saved_at if snap is not None else 0.0
+        if path is None or not path.exists() or seen <= mark:
+            return
+        try:
+            clock.observe(seen)
+        except OSError as exc:
+            logger.warning("cannot raise the trust clock mark: {}", exc)
+
+    async def _reconcile_anchor(self, plan: DesiredPlan) -> DesiredPlan:
+        """The plan to run: the snapshot's, or the mirror anchor's when that is newer."""
+        anchor = read_anchor(self.runtime / "repo")
+        applied = self.ledger.applied
+        if not anchor or anchor == applied:
+            return plan
+        # lazy: the sync settings, only for an agent whose snapshot and mirror disagree
+        from dataclasses import replace
+
+        from keystone.sync.pipeline import SyncSettings
+
+        settings = SyncSettings.from_config(self.config, self.runtime)
+        answer = await self.run_worker(
+            WorkerRequest(
+                WorkerOp.VERIFY_REV,
+                runtime=str(self.runtime),
+                source=settings.source,
+                trust=replace(settings.trust, max_age=0.0),
+                applied=applied,
+                rev=anchor,
+                device_id=settings.device_id,
+                labels=settings.labels,
+                environ=dict(self.environ()),
+            ),
+            timeout=settings.worker_timeout,
+        )
+        if not answer.ok or answer.plan is None:
+            why = answer.error.message if answer.error else "no plan"
+            if applied:
+                logger.info(
+                    "the mirror's anchor {} is not newer than the applied {} ({}); keeping {}",
+                    anchor[:12],
+                    applied[:12],
+                    why,
+                    applied[:12],
+                )
+                if self.loop is not None:
+                    self.background(self._mark_anchor(applied, settings))
+            else:
+                logger.warning(
+                    "the mirror's anchor {} does not verify ({}); nothing is started from it",
+                    anchor[:12],
+                    why,
+                )
+            return plan
+        try:
+            newer = plan_from_json(dict(answer.plan), environ=substitution_env())
+        except KeystoneError as exc:
+            logger.warning(
+                "the plan of the mirror's anchor {} does not validate: {}", anchor[:12], exc
+            )
+            return plan
+        if applied:
+            self._damaged_copy(
+                self.snapshot_path,
+                f"older than the mirror's anti-rollback anchor: it applied {applied[:12]}, the "
+                f"mirror's verified {anchor[:12]} descends from it; {applied[:12]} is not "
+                f"started, {anchor[:12]} is deployed",
+            )
+        else:
+            logger.warning(
+                "no applied revision in the snapshot; the mirror's verified anchor {} is deployed",
+                anchor[:12],
+            )
+        self.recover_to = anchor
+        return newer
+
+    async def _mark_anchor(self, rev: str, settings: Any) -> None:
+        await self.run_worker(
+            WorkerRequest(
+                WorkerOp.MARK_APPLIED,
+                runtime=str(self.runtime),
+                source=settings.source,
+                trust=settings.trust,
+                rev=rev,
+            ),
+            timeout=settings.worker_timeout,
+        )
+
+    # --- damaged state ----------------------------------------------------------------------
+
+    def _mine(self, rec: Recovery) -> bool:
+        return rec.path.startswith(str(self.runtime) + os.sep)
+
+    def recoveries(self) -> list[Recovery]:
+        """The state files of this runtime recovered since the agent started."""
+        return [r for r in RECOVERIES if self._mine(r)]
+
+    def _on_recovery(self, rec: Recovery) -> None:
+        if self._mine(rec):
+            self.emit({"kind": "recovery", "result": "recovered", **rec.to_json()})
+
+    def _recovery_samples(self) -> list[Any]:
+        counts: dict[str, int] = {}
+        for r in self.recoveries():
+            counts[r.file] = counts.get(r.file, 0) + 1
+        return [
+            _Sample(
+                "keystone_state_recovered_total",
+                "counter",
+                "State files found damaged, missing or stale and recovered from, by file",
+                (("file", f),),
+                float(n),
+            )
+            for f, n in sorted(counts.items())
+        ]
 
     # --- runners ----------------------------------------------------------------------------
 
@@ -395,6 +654,60 @@ class Node:
                 self.metrics.rollback("ok" if not result.rollback_errors else "failed")
         if kind != "restore" or not result.ok:
             self.emit({"kind": kind, "result": outcome, **result.to_json(), **extra})
+
+    # --- self-update ------------------------------------------------------------------------
+
+    @property
+    def updater(self) -> SelfUpdater:
+        """The agent's self-update side, made on first use (a plan that pins the agent)."""
+        if self._updater is None:
+            # lazy: the self-update module, only for an agent that updates itself
+            from keystone.selfupdate import SelfUpdater
+
+            self._updater = SelfUpdater(
+                self.runtime,
+                self.runner,
+                self.preparer,
+                ledger=lambda: self.ledger,
+                emit=self.emit,
+                save=self.save_now,
+            )
+            if self.configure_updater is not None:
+                self.configure_updater(self._updater)
+        return self._updater
+
+    @property
+    def self_update(self) -> SelfUpdater | None:
+        """The self-update side if this agent has one (nothing is made)."""
+        return self._updater
+
+    def has_updater_state(self) -> bool:
+        """Whether an earlier run left self-update state (so the updater must look at it)."""
+        return (self.runtime / "agent" / "selfupdate.json").exists() or (
+            self.runtime / "agent" / "handover.json"
+        ).exists()
+
+    async def _prepare_agent(
+        self, plan: DesiredPlan, artifacts: ArtifactContext
+    ) -> tuple[DesiredPlan, Component]:
+        """Split the agent component off ``plan``; install its version if it is a new one."""
+        from keystone.selfupdate import split_plan  # lazy: as in updater
+
+        rest, agent = split_plan(plan)
+        assert agent is not None
+        await self.updater.prepare(agent, artifacts)
+        return rest, agent
+
+    async def detach(self) -> None:
+        """Stop supervising and save, leaving every component running (a self-update hands
+        them to the next agent, which adopts them from the snapshot)."""
+        if self._datasets is not None:
+            await self._datasets.stop()
+        for t in list(self._background):
+            t.cancel()
+        for sup in self.deployer.supervisors.values():
+            await sup.close()
+        self.save_now()
 
     # --- housekeeping -----------------------------------------------------------------------
 
@@ -728,3 +1041,14 @@ def apply_record(
         return {"kind": "apply", "result": "refused", "error": str(error), "source": source}
     outcome = "ok" if result.ok else "rolled-back"
     return {"kind": "apply", "result": outcome, **result.to_json(), "source": source}
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One scrape-time series (see ``Metrics.add_samples``)."""
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[tuple[str, str], ...]
+    value: float

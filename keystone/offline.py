@@ -18,6 +18,7 @@ import tomlkit
 
 from keystone.env import substitution_env
 from keystone.errors import ValidationError
+from keystone.ledger import Snapshot
 from keystone.plan import (
     STORE_REF,
     DesiredPlan,
@@ -29,7 +30,7 @@ from keystone.plan import (
 )
 from keystone.recipe import check_segment, parse_recipe
 from keystone.runtime.deployer import plan_actions
-from keystone.state import read_json
+from keystone.statefile import StateDamage, decode_json, read_bytes
 
 LocalRecipe = tuple[str, str, str, str]
 """A recipe file to upload: ``(name, version, text, file)``."""
@@ -123,10 +124,15 @@ def prepare_plan(text: str, *, file: str) -> tuple[str, list[LocalRecipe], list[
 
 
 def _applied_plan(runtime: Path, environ: dict[str, str]) -> DesiredPlan:
-    snap = read_json(runtime / "state" / "agent.json", {}) or {}
-    if snap.get("plan"):
+    # Read, never moved aside: the snapshot is the agent's (it reports damage at its start).
+    try:
+        data = read_bytes(runtime / "state" / "agent.json")
+        snap = Snapshot.from_json(decode_json(data)) if data is not None else None
+    except StateDamage:
+        snap = None
+    if snap is not None and snap.plan:
         try:
-            return plan_from_json(snap["plan"], environ=environ)
+            return plan_from_json(snap.plan, environ=environ)
         except Exception:  # a saved plan that no longer parses: compare against nothing
             return DesiredPlan.empty()
     return DesiredPlan.empty()

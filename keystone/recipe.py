@@ -462,6 +462,10 @@ def parse_recipe(
             )
         )
 
+    if meta.type == AGENT_TYPE:
+        # The agent itself, as a pinned wheel (docs/self-update.md): nothing for a runner.
+        return _agent_recipe(r, meta, artifacts, text=text, file=file)
+
     datasets = parse_datasets(r)
 
     r.table(("lifecycle",), {"install", "run", "reload", "shutdown", "defer"})
@@ -803,6 +807,48 @@ def _host_env(text: str, environ: Mapping[str, str]) -> str:
         return m.group(2) if m.group(2) is not None else m.group(0)
 
     return _HOST_ENV.sub(repl, text)
+
+
+AGENT_TYPE = "agent"
+"""``[metadata] type`` of the recipe that pins the agent's own version (its wheel)."""
+
+_AGENT_ONLY = ("metadata", "artifacts")
+
+
+def _agent_recipe(
+    r: Reader,
+    meta: Metadata,
+    artifacts: list[Artifact],
+    *,
+    text: str,
+    file: str,
+) -> Recipe:
+    """A ``type = "agent"`` recipe: ``[metadata]`` and pinned ``[[artifacts]]``, nothing else.
+
+    The agent runs itself (:mod:`keystone.selfupdate`), so a run, an install script, datasets,
+    resources or dependencies would be ignored: each is refused, naming the key.
+    """
+    for key in sorted(r.data):
+        if key in _TOP and key not in _AGENT_ONLY:
+            raise r.error(
+                (key,),
+                'an agent recipe (type = "agent") takes only [metadata] and [[artifacts]]: '
+                "the agent runs itself",
+            )
+    if not artifacts:
+        raise r.error(("artifacts",), "an agent recipe needs the agent's wheel as an artifact")
+    for i, a in enumerate(artifacts):
+        if not a.sha256:
+            raise r.error(
+                ("artifacts", i, "sha256"), "the agent's wheel must be pinned by its sha256"
+            )
+    return Recipe(
+        metadata=meta,
+        artifacts=tuple(artifacts),
+        source=file,
+        unknown_fields=tuple(r.unknown_messages()),
+        text=text,
+    )
 
 
 def _segment(r: Reader, path: Path_) -> str:

@@ -213,7 +213,7 @@ def _waves(r: Reader, path: Path_) -> tuple[float, ...] | None:
         if out and frac <= out[-1]:
             raise r.error(
                 (*path, i),
-                f"waves are cumulative shares and must grow: {item!r} after {out[-1]:.4g}",
+                f"waves are cumulative shares and must grow: {item!r} after {raw[i - 1]!r}",
             )
         out.append(frac)
     if out[-1] != 1.0:
@@ -242,7 +242,8 @@ def _waits(r: Reader, path: Path_, waves: int) -> tuple[float, ...] | None:
         if len(raw) != gaps:
             raise r.error(
                 path,
-                f"expected {gaps} durations (one between each two of the {waves} waves), got {len(raw)}",
+                f"expected {gaps} duration{'s' if gaps != 1 else ''} (one between each two of "
+                f"the {waves} waves), got {len(raw)}",
             )
         return tuple(_seconds(r, (*path, i), v) for i, v in enumerate(raw))
     return (_seconds(r, path, raw),) * gaps

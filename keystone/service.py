@@ -100,6 +100,7 @@ class ControlService:
             "revision": self.node.ledger.applied,
             "components": len(sups),
             **self._rollout(),
+            **self._self_update(),
         }
 
     def _rollout(self) -> JSON:
@@ -120,6 +121,11 @@ class ControlService:
             reading = TrustedClock(self.node.runtime / "state").read()
         source = reading.source
         return reading.trusted, "build" if source == "build-time" else source
+
+    def _self_update(self) -> JSON:
+        # Only an agent that updates itself has anything to say (keystone.selfupdate).
+        updater = self.node.self_update
+        return {} if updater is None else {"self_update": updater.status_json()}
 
     def components(self) -> list[JSON]:
         sups = sorted(self.node.deployer.supervisors.values(), key=lambda s: s.name)
@@ -158,6 +164,7 @@ class ControlService:
             "status": "stopped" if node.stopped else node.plan_state,
             "error": node.plan_error,
             "unknownFields": node.unknown_fields,
+            "damagedState": [r.to_json() for r in node.recoveries()],
         }
         if node.last_reconcile is not None:  # omitted until a pass has run, as in Go
             status["lastReconcile"] = _rfc3339(node.last_reconcile)
@@ -454,7 +461,11 @@ class ControlService:
 
     def revision(self) -> JSON:
         info = self._call(self._engine().revision_info)
-        return {**info, "device_key": public_info(self.node.runtime / "state")}
+        return {
+            **info,
+            "device_key": public_info(self.node.runtime / "state"),
+            "damaged_state": [r.to_json() for r in self.node.recoveries()],
+        }
 
     def sync(self, *, dry_run: bool, allow_rollback: bool, retry: bool = False) -> JSON:
         eng = self._polling_engine()

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from keystone.statefile import StateDamage, read_bytes, read_state, set_aside
+
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
@@ -49,18 +51,16 @@ def write_json(path: Path, value: Any) -> None:
 def read_json(path: Path, default: Any = None) -> Any:
     """Read JSON, returning ``default`` when the file does not exist.
 
-    A file that does not parse is renamed aside (``.corrupt``) and ``default`` returned, so one
+    Read through :func:`keystone.statefile.read_state` (bounded, UTF-8, JSON): a file that does
+    not decode is set aside (``.corrupt-<time>``) and reported, and ``default`` returned, so one
     bad write by another tool cannot keep the agent from starting.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return default
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        os.replace(path, path.with_name(path.name + f".corrupt-{int(time.time())}"))
-        return default
+    value = read_state(path, _any)
+    return default if value is None else value
+
+
+def _any(doc: Any) -> Any:
+    return doc
 
 
 class History:
@@ -102,18 +102,73 @@ class History:
         atomic_write(self.path, b"".join(reversed(keep)))
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Records oldest first; a torn last line (crash mid-append) is skipped."""
+        """Records oldest first; a line that is not a JSON object (a torn append) is skipped."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return
         for line in data.splitlines():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+            rec = _record(line)
+            if rec is not None:
+                yield rec
+
+    def check(self) -> None:
+        """Validate the whole file once (at start): every line a JSON object with a time.
+
+        A damaged file (random bytes, a torn or truncated line, the wrong JSON types) is set
+        aside as ``history.jsonl.corrupt-<time>`` and reported; the records that are intact
+        are kept in a fresh file, so the history carries on.
+        """
+        try:
+            data = read_bytes(self.path, max_bytes=max(self.max_bytes * 2, 1 << 20))
+        except StateDamage as exc:
+            set_aside(self.path, str(exc))
+            return
+        if data is None:
+            return
+        good: list[bytes] = []
+        bad: list[int] = []
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        elif lines:
+            bad.append(len(lines))  # the last line has no newline: torn or truncated
+        for no, line in enumerate(lines, 1):
+            if _record(line) is None:
+                if no not in bad:
+                    bad.append(no)
+            elif no not in bad:
+                good.append(line + b"\n")
+        if not data.strip():
+            bad = [1]
+        if not bad:
+            return
+        where = ", ".join(str(n) for n in sorted(bad)[:5]) + (" ..." if len(bad) > 5 else "")
+        tmp = self.path.with_name(f"{self.path.name}.damaged.tmp")
+        try:
+            os.replace(self.path, tmp)
+            if good:
+                atomic_write(self.path, b"".join(good))
+        except OSError:
+            tmp = self.path
+        what = "is empty" if not data.strip() else f"line(s) {where} are not JSON records"
+        set_aside(
+            tmp,
+            f"{what} ({len(good)} intact record(s) kept)",
+            name=self.path.name,
+            original=self.path,
+        )
 
     def newest(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest ``limit`` records, newest first."""
         recs = list(self.records())
         return list(reversed(recs[-limit:])) if limit > 0 else []
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """One history line as a record; None for one that is not a JSON object."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None

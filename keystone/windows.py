@@ -243,7 +243,11 @@ def read_maintenance(r: Reader, path: Path_) -> Maintenance | None:
     wpath: Path_ = (*path, "windows")
     raw = r.get(wpath)
     if raw is None:
-        raise r.error(wpath, "required field is missing (a list of windows)")
+        # A misspelt ``windows`` is the likely cause: name what the table has instead.
+        table = r.get(path)
+        others = sorted(str(k) for k in table if k not in ("windows", "timezone"))
+        found = f"; it has {', '.join(others)} instead" if others else ""
+        raise r.error(wpath, f"required field is missing (a list of windows){found}")
     if not isinstance(raw, list):
         raise r.error(wpath, 'expected a list of windows such as ["mon-fri 02:00-04:00"]')
     if len(raw) > MAX_WINDOWS:

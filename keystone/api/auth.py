@@ -16,6 +16,7 @@ from loguru import logger
 
 from keystone.errors import UsageError
 from keystone.state import atomic_write
+from keystone.statefile import RECOVERIES, StateDamage, read_state, report_missing
 
 TOKEN_FILE = "api.token"
 
@@ -34,12 +35,28 @@ class TlsConfig:
 
 
 def read_token_file(path: Path) -> str | None:
-    """The token stored in ``path``, or None when the file is missing, unreadable or empty."""
+    """The token stored in ``path``, or None when the file is missing or unreadable.
+
+    A file that does not hold one token (not UTF-8, empty, whitespace or control characters
+    inside, too long) is damaged: it is set aside and reported (:mod:`keystone.statefile`), and
+    a new token is generated in its place.
+    """
+    return read_state(path, _token_schema, raw=True, max_bytes=MAX_TOKEN_BYTES)
+
+
+MAX_TOKEN_BYTES = 4096
+
+
+def _token_schema(data: bytes) -> str:
     try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text or None
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise StateDamage(f"is not UTF-8 text (byte {exc.start})") from None
+    if not text:
+        raise StateDamage("is empty")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise StateDamage("holds more than one token (whitespace or control characters)")
+    return text
 
 
 def resolve_token(runtime_dir: Path, environ: Mapping[str, str]) -> str:
@@ -66,6 +83,9 @@ def token_from_file(path: Path) -> str:
         except OSError as exc:
             logger.warning("{}: cannot check permissions: {}", path, exc)
         return token
+    reported = any(r.path == str(path) for r in RECOVERIES)
+    if (path.parent / "state" / "agent.json").exists() and not path.exists() and not reported:
+        report_missing(path, "the agent ran here before; a new token is generated")
     token = secrets.token_urlsafe(32)
     try:
         atomic_write(path, (token + "\n").encode(), mode=0o600)

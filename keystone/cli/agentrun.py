@@ -278,8 +278,8 @@ def fast_agent(argv: Sequence[str]) -> int | None:
 
     try:
         return run_agent(opts, warn=warn)
-    except UsageError:
-        return None  # raised before anything started: typer prints its usage error
     except KeystoneError as exc:
+        # A usage error here may come from the agent itself (an API address beyond loopback
+        # without a token, say), after it took the runtime dir: said once, never run again.
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -209,6 +209,19 @@ def _upload_recipes(client: Client, recipes: list[tuple[str, str, str, str]]) ->
     return sent
 
 
+def _local_names(notes: list[Any], recipes: list[tuple[str, str, str, str]]) -> list[Any]:
+    """The agent names an uploaded recipe ``store:NAME:VERSION``: name the local file instead."""
+    files = {f"store:{name}:{version}:": f"{file}:" for name, version, _text, file in recipes}
+    out = []
+    for note in notes:
+        for ref, file in files.items():
+            if isinstance(note, str) and note.startswith(ref):
+                note = file + note[len(ref) :]
+                break
+        out.append(note)
+    return out
+
+
 def _wait_applied(client: Client, op_id: str, timeout: float) -> dict[str, Any]:
     """The outcome of this apply: the agent holds the request until its operation is done."""
     try:
@@ -243,6 +256,8 @@ def _apply(session: Session, plan: Path, *, dry: bool, wait: bool, timeout: str)
         )
         data = dict(data or {})
         data["uploaded"] = uploaded
+        if not session.as_json:
+            data["unknownFields"] = _local_names(data.get("unknownFields") or [], recipes)
         code = ExitCode.OK
         if wait and not dry:
             outcome = _wait_applied(client, str(data.get("operation") or ""), wait_s)

@@ -59,7 +59,14 @@ def is_go_agent(argv: Sequence[str]) -> bool:
     if not argv:
         return False
     name = _name(argv[0])
-    return name is not None and (name in FIRST or _is_broker(name))
+    if name is None:
+        return False
+    if name in FIRST or _is_broker(name):
+        return True
+    # One dash is Go's too: click would read ``-help`` or ``-dry-run`` as a cluster of short
+    # options (``-h -e -l -p``) and name the wrong one, so a single-dash word, and ``-h``, are
+    # the agent's line, where Go's help and Go's refusals answer.
+    return not argv[0].startswith("--") and (len(name) > 1 or name == "h")
 
 
 def _bool(name: str, value: str, written: str) -> bool:
@@ -110,6 +117,10 @@ def to_agent_argv(argv: Sequence[str]) -> tuple[list[str], bool]:
                 i += 1
                 value = argv[i]
             out.append(f"--{name}={value}")
+        elif name == "dry-run":
+            raise GoFlagError(
+                f"flag provided but not defined: {written} (use `keystone apply-dry plan.toml`)"
+            )
         else:
             raise GoFlagError(f"flag provided but not defined: {written}")
         i += 1

@@ -163,6 +163,7 @@ def status_text(d: dict[str, Any]) -> str:
     if hold.get("message"):
         lines.append(f"rollout: {hold['message']}")
     lines += [f"warning: unknown field {u}" for u in d.get("unknownFields") or []]
+    lines += [f"damaged state: {damaged_text(r)}" for r in d.get("damagedState") or []]
     checked = [c for c in d.get("components") or [] if c.get("drift")]
     if checked:
         lines.append(
@@ -170,6 +171,12 @@ def status_text(d: dict[str, Any]) -> str:
         )
     lines += ["", components_text(d.get("components") or [])]
     return "\n".join(lines)
+
+
+def damaged_text(r: dict[str, Any]) -> str:
+    """One recovered state file: which, what was wrong, where it was moved."""
+    moved = f"; moved to {r['moved_to']}" if r.get("moved_to") else ""
+    return f"{r.get('path', '?')}: {r.get('problem', '')}{moved} ({when(r.get('time'))})"
 
 
 def revision_text(d: dict[str, Any]) -> str:
@@ -195,6 +202,7 @@ def revision_text(d: dict[str, Any]) -> str:
         canary = " (canary)" if ro.get("canary") else ""
         detail = ro.get("message") or f"{ro.get('state')} {short(ro.get('revision'))}"
         lines.append(f"rollout:          {detail}" + (f"; {wave}{canary}" if wave else ""))
+    lines += [f"damaged state:    {damaged_text(r)}" for r in d.get("damaged_state") or []]
     key = d.get("device_key")
     if key:
         lines.append(f"device key:       {key.get('algorithm')} {key.get('fingerprint')}")

@@ -54,6 +54,7 @@ from keystone.runtime.artifacts import (
     redact_uri,
 )
 from keystone.runtime.artifacts.files import prune_go_view
+from keystone.statefile import leave_in_place
 from keystone.workerproc import ErrorInfo, decode_answer, read_request, write_answer
 
 MODULE = "keystone.runtime.artifact_worker"
@@ -131,6 +132,7 @@ def _usage(message: str) -> KeystoneError:
 
 def main() -> int:
     """Read a request on stdin, write the answer on stdout; 0 unless the worker crashed."""
+    leave_in_place()  # state files are the agent's to set aside
     logger.remove()
     logger.add(sys.stderr, format="{level}|{message}", level="INFO")
     try:

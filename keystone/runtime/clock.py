@@ -18,7 +18,6 @@ clock is behind what the device has already seen.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from loguru import logger
 import keystone
 from keystone.errors import UsageError, VerificationError
 from keystone.state import write_json
+from keystone.statefile import StateDamage, number, obj, read_state
 
 HIGH_WATER = "high-water"
 STRICT = "strict"
@@ -44,6 +44,14 @@ BEHIND_TOLERANCE_S = 300.0
 MARK_WRITE_INTERVAL_S = 60.0
 
 WallClock = Callable[[], float]
+
+
+def _mark_schema(doc: object) -> float:
+    """``{"high_water": <seconds>, "utc": "..."}``: a positive number of seconds."""
+    value = number(obj(doc, MARK_FILE).get("high_water"), "high_water")
+    if value <= 0:
+        raise StateDamage(f"high_water: expected a positive time, got {value}")
+    return value
 
 
 class ClockBehind(VerificationError):
@@ -150,16 +158,16 @@ class TrustedClock:
         return None if self.state_dir is None else self.state_dir / MARK_FILE
 
     def mark(self) -> float:
-        """Return the persisted high-water mark, 0 when there is none or it is unreadable."""
+        """Return the persisted high-water mark, 0 when there is none.
+
+        A damaged mark file is set aside and reported (:mod:`keystone.statefile`); the floor is
+        then the build time until the next verification writes a new mark.
+        """
         path = self.mark_path
         if path is None:
             return 0.0
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            value = float(data["high_water"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0.0
-        return value if value > 0 else 0.0
+        value = read_state(path, _mark_schema, max_bytes=4096)
+        return value if value is not None and value > 0 else 0.0
 
     def read(self) -> ClockReading:
         """Take a reading without changing anything."""

@@ -29,6 +29,7 @@ from keystone.errors import ProcessError
 from keystone.plan import Component
 from keystone.recipe import RestartPolicy
 from keystone.runtime.health import ProbeResult, probe
+from keystone.runtime.markers import INSTANCE_ENV, new_instance, remove_marker, write_marker
 from keystone.runtime.privileges import user_ids
 from keystone.runtime.reported import reported_health, reported_state
 from keystone.runtime.runner import AnyRunner, CommandRunner, RunnerHandle, RunnerRecord
@@ -207,6 +208,8 @@ class Supervisor:
         self.error: str | None = None
         self.last_health: ProbeResult | None = None
         self.handle: RunnerHandle | None = None
+        self.instance: str | None = None
+        """The instance id of the running process (its ``KEYSTONE_INSTANCE`` and marker)."""
         self.started_at = 0.0
         self.wanted = False  # False after an explicit stop: never restarted behind the operator
         self._changed = asyncio.Event()
@@ -215,6 +218,8 @@ class Supervisor:
         self._exit_task: asyncio.Task[None] | None = None
         self._backoff_task: asyncio.Task[None] | None = None
         self._stop_lock = asyncio.Lock()
+        self._killing: asyncio.Future[int | None] | None = None
+        """The health check's kill of an unhealthy run, which :meth:`stop` waits for."""
 
     # --- properties -------------------------------------------------------------------------
 
@@ -433,7 +438,7 @@ class Supervisor:
             name=self.name,
             argv=(run.exec.command, *run.exec.args),
             cwd=self.paths.workdir,
-            env=self.env,
+            env={**self.env, INSTANCE_ENV: self.instance} if self.instance else self.env,
             log_dir=self.paths.logdir,
             open_files=res.open_files,
             memory_limit=res.memory_limit,
@@ -446,12 +451,29 @@ class Supervisor:
     async def _spawn(self) -> None:
         self.paths.workdir.mkdir(parents=True, exist_ok=True)
         self.paths.logdir.mkdir(parents=True, exist_ok=True)
+        self._forget_marker()
+        self.instance = new_instance()
         try:
             handle = await self.runner.spawn(self._spawn_spec())
         except ProcessError as exc:
+            self.instance = None
             self._set(State.FAILED, str(exc))
             return
+        # Found again after a crash, whatever the snapshot says (keystone.recovery).
+        write_marker(
+            self.paths.workdir,
+            self.instance,
+            component=self.name,
+            version=self.version,
+            hash=self.component.content_hash(),
+            record=self.runner.describe(handle).to_json(),
+            stop_timeout=self.component.recipe.run.stop_timeout,
+        )
         self._attach(handle)
+
+    def _forget_marker(self) -> None:
+        remove_marker(self.paths.workdir, self.instance)
+        self.instance = None
 
     def _attach(self, handle: RunnerHandle) -> None:
         self.handle = handle
@@ -461,17 +483,25 @@ class Supervisor:
         self._exit_task = self._spawn_task(self._watch_exit(handle))
         self._health_task = self._spawn_task(self._health_loop(handle))
 
-    def adopt(self, handle: RunnerHandle) -> None:
+    def adopt(self, handle: RunnerHandle, *, instance: str | None = None) -> None:
         """Take over a process left running by a previous agent (same pid and start time).
 
-        ``handle`` comes from the runner's ``adopt_record`` of this component's snapshot entry.
+        ``handle`` comes from the runner's ``adopt_record`` of this component's snapshot entry
+        (or of its marker); ``instance`` is its ``KEYSTONE_INSTANCE``, when known.
         """
         self.wanted = True
+        self.instance = instance
         self._attach(handle)
 
     def describe(self) -> RunnerRecord | None:
         """The runner's snapshot record of the running process; None when nothing runs."""
         if self.handle is None or self.state not in RUNNING:
+            return None
+        return self.runner.describe(self.handle)
+
+    def describe_stopping(self) -> RunnerRecord | None:
+        """The record of a process being stopped (the next agent finishes stopping it)."""
+        if self.handle is None or self.state is not State.STOPPING:
             return None
         return self.runner.describe(self.handle)
 
@@ -487,6 +517,7 @@ class Supervisor:
         status = await self.runner.exited(handle)
         if self.handle is not handle or self.state in (State.STOPPING, State.STOPPED):
             return
+        self._forget_marker()
         if self._health_task:
             self._health_task.cancel()
         uptime = self.clock.now() - self.started_at
@@ -583,7 +614,13 @@ class Supervisor:
             return
         # Kill it ourselves and take the restart path (the exit watcher ignores this exit).
         self.handle = None
-        await self.runner.stop(handle, timeout=self.component.recipe.run.stop_timeout)
+        # Shielded: a stop() (a rollback) cancels this health task, and a kill cut short would
+        # leave the process or container running, reported stopped; stop() waits for it instead.
+        self._killing = asyncio.ensure_future(
+            self.runner.stop(handle, timeout=self.component.recipe.run.stop_timeout)
+        )
+        await asyncio.shield(self._killing)
+        self._forget_marker()
         self._after_exit(None, self.clock.now() - self.started_at, reason)
 
     # --- stop / restart / reload ------------------------------------------------------------
@@ -597,6 +634,9 @@ class Supervisor:
                 self._backoff_task.cancel()
             if self._health_task:
                 self._health_task.cancel()
+            killing = self._killing
+            if killing is not None and not killing.done():
+                await asyncio.shield(killing)
             handle = self.handle
             if self.state in (State.STOPPED, State.PENDING) and handle is None:
                 if self.state is State.PENDING:
@@ -621,6 +661,7 @@ class Supervisor:
                         )
                 await self.runner.stop(handle, timeout=recipe.run.stop_timeout)
             self.handle = None
+            self._forget_marker()
             self._set(State.STOPPED, reason)
 
     async def restart(self) -> None:

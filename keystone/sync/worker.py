@@ -34,6 +34,7 @@ from keystone.errors import (
     ValidationError,
 )
 from keystone.sources.base import FetchResult, Source
+from keystone.statefile import leave_in_place
 from keystone.sync.imports import max_bundle_bytes
 from keystone.sync.model import (
     FetchedTip,
@@ -396,6 +397,7 @@ def serve(doc: Any) -> WorkerAnswer:
 
 def main() -> int:
     """Read one request, answer it, exit 0 (a crash exits 1 with a traceback on stderr)."""
+    leave_in_place()  # state files are the agent's to set aside
     try:
         doc = read_request(sys.stdin.buffer)
     except KeystoneError as exc:

@@ -122,6 +122,9 @@ AGENT_LINES: list[tuple[list[str], list[str]]] = [
     ),
     (["--apply", "plan.toml"], ["agent", "--apply=plan.toml"]),
     (["-http", "x", "-h"], ["agent", "--help"]),
+    # the agent's help as the first argument, as Go's -h and -help
+    (["-h"], ["agent", "--help"]),
+    (["-help"], ["agent", "--help"]),
 ]
 
 
@@ -148,10 +151,14 @@ def test_version_flag() -> None:
         (["-http", "x", "---demo"], "bad flag syntax: ---demo"),
         (["-http", "x", "-=1"], "bad flag syntax: -=1"),
         (["-http", "x", "status"], "unexpected argument 'status'"),
+        # a single-dash word first is Go's line too, not a cluster of click's short options
+        (["-foo"], "flag provided but not defined: -foo"),
+        (["-dry-run", "plan.toml"], "flag provided but not defined: -dry-run .*apply-dry"),
     ],
 )
 def test_go_agent_refusals(argv: list[str], message: str) -> None:
     """What Go's flag package refuses is refused, named as it names it."""
+    assert goagent.is_go_agent(argv)
     with pytest.raises(goagent.GoFlagError, match=message.replace("(", r"\(")):
         goagent.to_agent_argv(argv)
 

@@ -58,6 +58,8 @@ class TestSpec:
         [
             ('waves = ["1%", "100"]\nwait = "1h"\n', 1, "waves[1]", "percentage"),
             ('waves = ["10%", "5%", "100%"]\nwait = "1h"\n', 1, "waves[1]", "must grow"),
+            ('waves = ["50%", "10%", "100%"]\nwait = "1h"\n', 1, "waves[1]", "'10%' after '50%'"),
+            ('waves = ["10%", "100%"]\nwait = ["1h", "2h"]\n', 2, "wait", "expected 1 duration ("),
             ('waves = ["10%", "50%"]\nwait = "1h"\n', 1, "waves[1]", '"100%"'),
             ('waves = ["0%", "100%"]\nwait = "1h"\n', 1, "waves[0]", "above 0%"),
             ('waves = [10, "100%"]\nwait = "1h"\n', 1, "waves[0]", '"10%"'),
@@ -302,6 +304,13 @@ class TestAgentConfigWindows:
             assert "agent.toml:3: unknown field maintenance.when" in str(err.value)
         else:
             assert (err.value.line, err.value.field) == (line, field), str(err.value)
+
+    def test_a_misspelt_windows_is_named(self) -> None:
+        """``window = [...]`` for ``windows``: the error says what the table has instead."""
+        with pytest.raises(ValidationError) as err:
+            parse_config('[maintenance]\nwindow = ["02:00-03:00"]\n', file="agent.toml")
+        assert str(err.value).startswith("agent.toml:1: maintenance.windows: required field")
+        assert "it has window instead" in str(err.value)
 
 
 RECIPE = """\

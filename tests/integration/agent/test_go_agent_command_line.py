@@ -88,7 +88,7 @@ def wait_healthy(agent: AgentProc, token: str) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         status, rows = get(agent, "/v1/components", token)
         by = {c["name"]: c for c in rows or []} if status == 200 else {}
-        return by if all(by.get(n, {}).get("state") == "healthy" for n in DEMO) else None
+        return by if all(by.get(n, {}).get("last_health") == "healthy" for n in DEMO) else None
 
     return wait_until(check, timeout=60, what="demo components healthy")
 
@@ -171,6 +171,8 @@ def test_all_interfaces_without_a_token_is_refused(go_line: GoLine) -> None:
         ("keystone -http", "flag needs an argument: -http"),
         ("keystone -http 127.0.0.1:{port} -no-such", "flag provided but not defined: -no-such"),
         ("keystone -demo=maybe", 'invalid boolean value "maybe" for -demo'),
+        ("keystone -no-such", "flag provided but not defined: -no-such"),
+        ("keystone -dry-run", "flag provided but not defined: -dry-run"),
         ("keystone --http 127.0.0.1:{port} --clock-policy sometimes", "high-water or strict"),
         ("keystone --http 127.0.0.1:{port} --reconcile-interval soon", "invalid duration"),
     ],
@@ -181,6 +183,17 @@ def test_bad_lines_are_usage_errors(go_line: GoLine, line: str, message: str) ->
     assert agent.proc is not None
     assert agent.proc.wait(30) == 2
     assert message in agent.output()
+
+
+def test_help_flags_print_the_agents_help(tmp_path: Path) -> None:
+    """Go's -h and -help, first on the line, print the agent's flags and start nothing."""
+    for flag in ("-h", "-help"):
+        r = subprocess.run(
+            [str(KEYSTONE), flag], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert r.returncode == 0, r.stderr
+        assert "keystone agent" in r.stdout and "--http" in r.stdout
+    assert not (tmp_path / "runtime").exists()
 
 
 def test_version(tmp_path: Path) -> None:

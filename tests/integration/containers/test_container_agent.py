@@ -82,7 +82,7 @@ class TestStart:
         assert not Path("/www/index.html").exists()
         agent = container_agent("--apply", str(plan)).start()
         comps = agent.wait_states({"web": "healthy"}, timeout=60)
-        assert comps["web"]["last_health"].startswith("exit 0")
+        assert comps["web"]["health_detail"].startswith("exit 0")
 
 
 class TestRestarts:
@@ -205,7 +205,7 @@ class TestAdoption:
         wait_until(
             lambda: (
                 second.components()["web"].get("container_id") not in (None, before["container_id"])
-                and second.components()["web"]["state"] == "healthy"
+                and second.components()["web"]["phase"] == "healthy"
             ),
             timeout=60,
             what="web restarted after its adopted container died",
@@ -232,7 +232,7 @@ class TestRefusals:
         out = done.stdout + done.stderr
         assert missing in out and 'pull_policy = "never"' in out
         now = agent.components()["web"]
-        assert (now["container_id"], now["version"], now["state"]) == (
+        assert (now["container_id"], now["version"], now["phase"]) == (
             before["container_id"],
             "1.0.0",
             "healthy",

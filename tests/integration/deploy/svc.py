@@ -1,6 +1,7 @@
 """A test component: records its start, serves /healthz, can crash or stay unhealthy on purpose.
 
 svc.py --name NAME --port N --log FILE [--unhealthy] [--exit-after S --code C] [--ignore-term]
+       [--term-delay S]
 """
 
 import argparse
@@ -21,6 +22,7 @@ p.add_argument("--exit-after", type=float, default=None)
 p.add_argument("--code", type=int, default=1)
 p.add_argument("--ignore-term", action="store_true")
 p.add_argument("--tag", default="")
+p.add_argument("--term-delay", type=float, default=0.0)
 a = p.parse_args()
 
 with open(a.log, "a") as f:
@@ -39,6 +41,11 @@ with open(a.log, "a") as f:
 
 if a.ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+elif a.term_delay:
+    # A graceful shutdown that takes a while (connections drained, state flushed).
+    signal.signal(
+        signal.SIGTERM, lambda *_: threading.Timer(a.term_delay, lambda: os._exit(0)).start()
+    )
 else:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 

@@ -51,6 +51,13 @@ async def wait_state(
     assert ok, f"{name} never reached {states}; it is {deployer.supervisors[name].state}"
 
 
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 class TestLayers:
     def test_layers_start_in_order(self, fleet: Fleet, tmp_path: Path) -> None:
         """db starts first, cache only after db is healthy, api last (from real start times)."""
@@ -207,6 +214,35 @@ class TestChangesAndRollback:
             "2.0.0",
             "1.0.0",
         ]
+
+    def test_rollback_waits_for_the_kill_of_a_stubborn_unhealthy_version(
+        self, fleet: Fleet, tmp_path: Path
+    ) -> None:
+        """A new version that never turns healthy and ignores SIGTERM is killed, not left behind.
+
+        The health check's own restart kill was cut short by the rollback's stop, so the new
+        version kept running (holding the old version's port) after it was reported stopped.
+        """
+        fleet.recipe("api")
+        v1 = desired(fleet, ["api"])
+        fleet.recipe(
+            "api", version="2.0.0", extra_args=["--unhealthy", "--ignore-term"], start_timeout="1s"
+        )
+        v2 = desired(fleet, ["api"])
+
+        async def body(d: Deployer) -> None:
+            assert (await d.deploy(v1)).ok
+            result = await d.deploy(v2)
+            assert result.rolled_back, result.reason
+            assert result.rollback_errors == []
+            api = d.supervisors["api"]
+            assert api.version == "1.0.0" and api.state is State.HEALTHY
+
+        run(body, tmp_path / "rt")
+        v2_pids = [s["pid"] for s in fleet.starts() if s["tag"] == "2.0.0"]
+        assert v2_pids
+        for pid in v2_pids:
+            assert not Path(f"/proc/{pid}").exists() or "Z" in _proc_state(pid)
 
     def test_removed_component_is_stopped(self, fleet: Fleet, tmp_path: Path) -> None:
         """A component removed from the plan is stopped and forgotten."""

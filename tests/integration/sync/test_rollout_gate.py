@@ -68,13 +68,13 @@ def vector(*values: float) -> dict[str, Any]:
 
 
 def gate(
-    f: SignedFleet, prometheus: str, rev: str, *extra: str
+    f: SignedFleet, prometheus: str, rev: str, *extra: str, python: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     f.git("config", "gpg.format", "ssh")
     f.git("config", "user.signingkey", str(f.key))
     return subprocess.run(
         [
-            sys.executable,
+            *(python or (sys.executable,)),
             str(GATE),
             "--repo",
             str(f.work),
@@ -158,3 +158,18 @@ class TestGate:
         r = gate(f, "http://127.0.0.1:9", rev)
         assert r.returncode == 1 and "failed" in json.loads(r.stdout)["error"]
         assert f.git("rev-parse", "HEAD").strip() == rev
+
+    def test_a_python_without_tomlkit_is_named_not_a_traceback(
+        self, signed_fleet: SignedFleet, prometheus: str
+    ) -> None:
+        """Run by a python3 that lacks Keystone's libraries (``-S``: no site-packages), the gate
+        says which Python to use, exits 1 and changes nothing."""
+        f = signed_fleet
+        rev = f.commit({"rollout.toml": ROLLOUT}, "roll out")
+        Prometheus.answer = vector(1)
+        r = gate(f, prometheus, rev, python=(sys.executable, "-S"))
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert "tomlkit is not installed" in json.loads(r.stdout)["error"]
+        assert f.git("rev-parse", "HEAD").strip() == rev
+        assert f.git("status", "--porcelain").strip() == ""
