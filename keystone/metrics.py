@@ -12,7 +12,7 @@ so its dashboards and alerts keep working::
     keystone_component_cpu_percent{name}                CPU of the component's process, % of a core
     keystone_component_memory_rss_bytes{name}           its resident memory
     keystone_reconcile_total{result}, keystone_reconcile_duration_seconds,
-    keystone_reconcile_repairs_total, keystone_reconcile_last_timestamp_seconds,
+    keystone_reconcile_repairs_total{component}, keystone_reconcile_last_timestamp_seconds,
     keystone_clock_trusted
 
 ``state`` and ``health`` are the values ``GET /v1/components`` reports (the mapping from the
@@ -51,7 +51,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,7 @@ class Metrics:
         self.reconcile_repairs = Counter(
             "keystone_reconcile_repairs_total",
             "Components started again by reconcile passes",
+            ["component"],
             registry=r,
         )
         self.reconcile_last = Gauge(
@@ -454,12 +455,16 @@ class Metrics:
         """Count events a broker adapter dropped from its full buffer (0 creates the series)."""
         self.broker_dropped.labels(adapter).inc(n)
 
-    def reconcile(self, result: str, duration: float, repairs: int) -> None:
-        """Count a reconcile pass, its duration and how many components it started again."""
+    def reconcile(self, result: str, duration: float, repaired: Sequence[str] = ()) -> None:
+        """Count a reconcile pass, its duration and each component it started again.
+
+        ``keystone_reconcile_repairs_total`` is labelled ``component``, as in Go, so the Go
+        docs' ``KeystoneComponentRepeatedlyRepaired`` alert names the component.
+        """
         self.reconcile_total.labels(result).inc()
         self.reconcile_duration.observe(max(0.0, duration))
-        if repairs:
-            self.reconcile_repairs.inc(repairs)
+        for name in repaired:
+            self.reconcile_repairs.labels(name).inc()
         self.reconcile_last.set(time.time())
 
     # --- scrape -----------------------------------------------------------------------------

@@ -282,7 +282,7 @@ class Node:
         self.last_reconcile = time.time()
         self.last_reconcile_result = summary
         if self.metrics is not None:
-            self.metrics.reconcile(outcome, elapsed, len(repaired))
+            self.metrics.reconcile(outcome, elapsed, repaired)
 
     # --- snapshot ---------------------------------------------------------------------------
 

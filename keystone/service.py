@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from loguru import logger
+
 from keystone import __version__
 from keystone.config import AgentConfig
 from keystone.control import JSON, Conflict, NotFound
@@ -378,6 +380,8 @@ class ControlService:
             try:
                 result = await node.apply(plan, source=source, planned=planned, record=True)
             except KeystoneError as exc:
+                # The client may have gone; the journal must still say why nothing changed.
+                logger.warning("plan apply ({}, {}) refused: {}", source, op_id, exc)
                 return {**apply_record(source, error=exc), "operation": op_id}
             return {**apply_record(source, result=result), "operation": op_id}
 

@@ -235,9 +235,9 @@ def decode_json(data: bytes) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StateDamage(
-            f"is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+        # Some of json's messages already end in "at" ("Unterminated string starting at").
+        what = exc.msg if exc.msg.endswith(" at") else f"{exc.msg} at"
+        raise StateDamage(f"is not JSON: {what} line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise StateDamage("is not JSON this reader accepts: nested too deeply") from None
 

@@ -375,6 +375,17 @@ def _changes_brief(ch: dict[str, list[str]]) -> str:
     return "; ".join(parts)
 
 
+def _history_detail(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return str(r["error"])
+    if r.get("changes"):
+        return _changes_brief(r["changes"])
+    if r.get("from") and r.get("to"):  # a self-update
+        why = f": {r['reason']}" if r.get("reason") else ""
+        return f"{r['from']} -> {r['to']}{why}"
+    return ""
+
+
 def history_text(rows: list[dict[str, Any]]) -> str:
     """The history, newest first: time, kind, result, revision and a detail."""
     if not rows:
@@ -385,7 +396,7 @@ def history_text(rows: list[dict[str, Any]]) -> str:
             r.get("kind", ""),
             r.get("result", ""),
             short(r.get("revision")),
-            (r.get("error") or (r.get("changes") and _changes_brief(r["changes"])) or "")[:90],
+            _history_detail(r)[:90],
         ]
         for r in rows
     ]

@@ -219,6 +219,16 @@ class TestViews:
                  "changes": {"added": ["db"], "unchanged": ["x"]}}]  # fmt: skip
         last = views.history_text(rows).splitlines()[-1].split()
         assert last[2:] == ["sync", "applied", "c" * 12, "added", "db"]
+        update = [{"time": 0, "kind": "self-update", "result": "ok", "revision": None,
+                   "from": "0.1.0", "to": "0.2.0"}]  # fmt: skip
+        last = views.history_text(update).splitlines()[-1].split()
+        assert last[2:] == ["self-update", "ok", "-", "0.1.0", "->", "0.2.0"]
+        failed = [{**update[0], "result": "failed", "reason": "did not answer /healthz"}]
+        assert (
+            views.history_text(failed)
+            .splitlines()[-1]
+            .endswith("0.1.0 -> 0.2.0: did not answer /healthz")
+        )
         made = {"bundle": "f.ksb", "revision": "d" * 40, "artifacts": [{}], "size": 9}
         assert views.bundle_created_text({**made, "prerequisites": []}) == (
             f"wrote f.ksb: {'d' * 12}, 1 artifact(s), 9 bytes"

@@ -79,7 +79,7 @@ class TestNames:
         """After one event of each kind, a scrape carries every Go name and every added one."""
         m = Metrics()
         m.set_component("db", "healthy", True, 2, os.getpid())
-        m.reconcile("ok", 0.2, 1)
+        m.reconcile("ok", 0.2, ["db"])
         m.deployment("ok")
         m.rollback("ok")
         m.sync("applied", "git", 1.5)
@@ -372,8 +372,9 @@ class TestEvents:
         m.signature_failure("commit")
         m.set_cache_bytes(4096)
         m.set_clock_trusted(False)
-        m.reconcile("ok", 0.1, 2)
-        m.reconcile("ok", 0.1, 0)
+        m.reconcile("ok", 0.1, ["api", "db"])
+        m.reconcile("ok", 0.1, ["db"])
+        m.reconcile("ok", 0.1)
         s = scrape(m)
         assert value(s, "keystone_deployments_total", result="rolled-back") == 2
         assert value(s, "keystone_rollbacks_total", result="failed") == 1
@@ -385,8 +386,10 @@ class TestEvents:
         assert value(s, "keystone_signature_failures_total", kind="commit") == 1
         assert value(s, "keystone_artifact_cache_bytes") == 4096
         assert value(s, "keystone_clock_trusted") == 0
-        assert value(s, "keystone_reconcile_total", result="ok") == 2
-        assert value(s, "keystone_reconcile_repairs_total") == 2
+        assert value(s, "keystone_reconcile_total", result="ok") == 3
+        # Labelled by component as in Go (its RepeatedlyRepaired alert names $labels.component).
+        assert value(s, "keystone_reconcile_repairs_total", component="db") == 2
+        assert value(s, "keystone_reconcile_repairs_total", component="api") == 1
         assert (value(s, "keystone_reconcile_last_timestamp_seconds") or 0) > 0
 
     def test_revision_info_replaces_the_previous(self) -> None:

@@ -67,6 +67,28 @@ class TestSnapshot:
         Snapshot.load(path)
         assert recovered(path) == ["sync.failed: expected an object, got a list"]
 
+    @pytest.mark.parametrize(
+        ("data", "problem"),
+        [
+            (
+                b'{"version": 1,\n "plan": {"compo',
+                "Unterminated string starting at line 2 column 11",
+            ),
+            (b'{"version": 1,\n  ', "Expecting property name enclosed in double quotes at line 2"),
+            (b'{"version": 1,\n "x": }', "Expecting value at line 2 column 7"),
+        ],
+    )
+    def test_a_json_error_names_its_line_once(
+        self, tmp_path: Path, data: bytes, problem: str
+    ) -> None:
+        """The line and column are said once, in plain words ("starting at at" was printed)."""
+        path = tmp_path / "agent.json"
+        path.write_bytes(data)
+        Snapshot.load(path)
+        [said] = recovered(path)
+        assert said.startswith(f"is not JSON: {problem}")
+        assert " at at " not in said
+
     def test_a_process_record_missing_its_hash_is_dropped_and_named(self, tmp_path: Path) -> None:
         """KeyError in _restore before: now the record is dropped, the rest is trusted."""
         path = tmp_path / "agent.json"

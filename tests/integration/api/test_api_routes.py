@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keystone.api import ROUTES
 from keystone.units import parse_duration
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.integration.api.conftest import (
     DEMO,
     AgentProc,
@@ -467,3 +467,36 @@ class TestMetricsFollowThePlan:
             if s.name.startswith("keystone_component_")
         }
         assert named == {"m00"}
+
+
+class TestRefusedApplyIsLogged:
+    def test_the_journal_names_why_an_api_apply_was_refused(
+        self, make_agent: Any, tmp_path: Path
+    ) -> None:
+        """An API apply refused while it runs (its artifact cannot be fetched) is answered in
+        its operation and also said in the agent's log; what ran keeps running."""
+        plan = write_sleep_plan(tmp_path, 1, prefix="k")
+        agent = make_agent("--apply", str(plan)).start()
+        agent.wait_states({"k00": "healthy"})
+        before = pids(agent)
+        closed = free_port()  # nothing listens there
+        uri = f"http://127.0.0.1:{closed}/missing.bin"
+        recipe = (
+            '[metadata]\nname = "unfetchable"\nversion = "1.0.0"\n'
+            f'[[artifacts]]\nuri = "{uri}"\nsha256 = "{"0" * 64}"\n'
+            '[lifecycle.run.exec]\ncommand = "sleep"\nargs = ["3600"]\n'
+        )
+        assert request(agent, "POST", "/v1/recipes", recipe.encode())[0] == 201
+        body = b'[[components]]\nname = "unfetchable"\nrecipe = "unfetchable:1.0.0"\n'
+        status, reply, _ = request(agent, "POST", "/v1/plan/apply", body)
+        assert status == 202, reply
+        status, op, _ = request(agent, "GET", f"/v1/operations/{reply['operation']}?wait=120s")
+        assert status == 200 and op["result"]["result"] == "refused", op
+        wait_until(
+            lambda: "refused" in agent.output() and uri in agent.output(),
+            timeout=30,
+            what="the refusal in the agent's log",
+        )
+        line = next(x for x in agent.output().splitlines() if "plan apply" in x)
+        assert "WARNING" in line and reply["operation"] in line and uri in line
+        assert pids(agent) == before

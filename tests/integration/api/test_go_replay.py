@@ -6,7 +6,9 @@ always wants its bearer token (bruno's ``auth: none`` works against a Go agent w
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,35 @@ def test_a_posted_plan_names_recipe_files_on_the_device(make_agent: Any, tmp_pat
         lambda: request(agent, "GET", "/v1/plan/status")[1]["status"] == "running",
         what="plan status running",
     )
+
+
+def test_a_reconcile_repair_is_counted_by_component(make_agent: Any, tmp_path: Path) -> None:
+    """Go's ``KeystoneComponentRepeatedlyRepaired`` alert reads
+    ``keystone_reconcile_repairs_total`` and names ``$labels.component``: a component that
+    died with no restart left is started again by ``POST /v1/plan/reconcile`` and counted
+    under its name."""
+    (tmp_path / "once.recipe.toml").write_text(
+        '[metadata]\nname = "once"\nversion = "1.0.0"\n'
+        '[lifecycle.run]\nrestart_policy = "never"\n'
+        '[lifecycle.run.exec]\ncommand = "sleep"\nargs = ["3600"]\n'
+    )
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[components]]\nname = "once"\nrecipe = "once.recipe.toml"\n')
+    agent: AgentProc = make_agent("--apply", str(plan)).start()
+    agent.wait_states({"once": "healthy"})
+    os.kill(agent.components()["once"]["pid"], signal.SIGKILL)
+    wait_until(
+        lambda: agent.components()["once"]["state"] != "running",
+        timeout=30,
+        what="the killed component not running",
+    )
+    status, rec, _ = request(agent, "POST", "/v1/plan/reconcile")
+    assert status == 200 and rec["repaired"] == ["once"], rec
+    _, text, _ = request(agent, "GET", "/metrics")
+    repairs = {
+        s.labels.get("component"): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "keystone_reconcile_repairs_total"
+    }
+    assert repairs == {"once": 1.0}

@@ -84,7 +84,7 @@ def converged_on(agent: Any, rev: str, version: str) -> None:
             return False
         comps = agent.components()
         return all(
-            comps.get(c, {}).get("state") == "healthy" and comps[c]["version"] == version
+            comps.get(c, {}).get("phase") == "healthy" and comps[c]["version"] == version
             for c in COMPONENTS
         )
 
