@@ -232,7 +232,7 @@ class TestWindow:
         code, out = sync(agent)
         assert code == 0 and out["result"] == "waiting", out
         stamp = start_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        assert out["error"] == f"waiting for maintenance window at {stamp}"
+        assert out["error"] == f"waiting for maintenance window at {stamp} (agent.toml: {window!r})"
         assert out["rollout"]["reason"] == "window"
         assert out["signer"] == "ops@example.com"  # fetched and verified, only not deployed
         assert revision(agent)["applied"] is None and agent.components() == {}
