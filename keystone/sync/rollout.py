@@ -163,7 +163,8 @@ def decide(
             )
             return a, Hold(
                 "window",
-                f"waiting for maintenance window at {describe(opens)} ({which})",
+                f"waiting for maintenance window at {describe(opens)}"
+                + (f" ({which})" if which else ""),
                 revision,
                 opens,
                 a,
