@@ -1,5 +1,9 @@
 """Deployment plans: ``[[components]]`` with ``name`` and ``recipe``, resolved to recipes.
 
+A plan may also declare ``[maintenance]`` windows (as agent.toml and ``rollout.toml`` do, read
+by :func:`keystone.windows.read_maintenance`): a sync deploys a new revision only while the
+windows of every plan file the device merges are open.
+
 ``load_plan`` reads a plan file; ``resolve_plan`` loads the recipes it names (a path inside the
 plan root, or ``name:version`` from the recipe store) and validates the dependency graph. The
 result, a ``DesiredPlan``, is what the deployer and the sync engine work with.
@@ -23,6 +27,13 @@ from keystone.recipe import Recipe, check_segment, parse_recipe
 from keystone.repopath import repo_path_problem
 from keystone.state import atomic_write
 from keystone.tomlsrc import Reader
+from keystone.windows import (
+    Maintenance,
+    WindowError,
+    read_maintenance,
+    window_from_json,
+    window_to_json,
+)
 
 _VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 STORE_REF = re.compile(r"^([A-Za-z0-9._+-]+):([A-Za-z0-9._+-]+)\Z")
@@ -46,6 +57,7 @@ class PlanFile:
     entries: tuple[PlanEntry, ...]
     file: str
     unknown_fields: tuple[str, ...] = ()
+    maintenance: Maintenance | None = None  # [maintenance]: when this plan may be deployed
 
 
 @dataclass(frozen=True)
@@ -67,13 +79,18 @@ class Component:
 
 @dataclass(frozen=True)
 class DesiredPlan:
-    """A validated plan: components by name, and their graph."""
+    """A validated plan: components by name, and their graph.
+
+    ``maintenance`` holds the ``[maintenance]`` windows of each plan file that declares them,
+    by file, in merge order: a sync deploys the plan only while all of them are open.
+    """
 
     components: Mapping[str, Component]
     graph: Graph
     sources: tuple[str, ...] = ()
     unknown_fields: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    maintenance: tuple[tuple[str, Maintenance], ...] = ()
 
     @classmethod
     def empty(cls) -> DesiredPlan:
@@ -137,7 +154,8 @@ def parse_plan(text: str, *, file: str, limits: Limits | None = None) -> PlanFil
 
 def _parse_plan(text: str, *, file: str, lim: Limits) -> PlanFile:
     r = Reader.from_text(text, file=file, limits=lim, size_bound="max_plan_bytes")
-    r.table((), {"components"})
+    r.table((), {"components", "maintenance"})
+    windows = read_maintenance(r, ("maintenance",))
     listed = r.get(("components",))
     if isinstance(listed, list) and len(listed) > lim.max_components:
         raise lim.refuse(
@@ -169,7 +187,7 @@ def _parse_plan(text: str, *, file: str, lim: Limits) -> PlanFile:
         entries.append(
             PlanEntry(name, recipe, r.flag((*path, "enabled"), default=True), file, recipe_line)
         )
-    return PlanFile(tuple(entries), file, tuple(r.unknown_messages()))
+    return PlanFile(tuple(entries), file, tuple(r.unknown_messages()), windows)
 
 
 def load_plan(path: Path, *, display: str | None = None, limits: Limits | None = None) -> PlanFile:
@@ -184,6 +202,12 @@ def load_plan(path: Path, *, display: str | None = None, limits: Limits | None =
         what="plan",
     )
     return parse_plan(text, file=name, limits=lim)
+
+
+def merge_windows(files: list[PlanFile]) -> tuple[tuple[str, Maintenance], ...]:
+    """The ``[maintenance]`` windows of the plan files that declare them, by file: every one
+    of them must be open (they do not replace one another as components do)."""
+    return tuple((pf.file, pf.maintenance) for pf in files if pf.maintenance is not None)
 
 
 def merge_entries(files: list[PlanFile]) -> tuple[list[PlanEntry], list[str]]:
@@ -218,6 +242,7 @@ def resolve_entries(
     cache: MutableMapping[Any, Any] | None = None,
     limits: Limits | None = None,
     identify: RecipeIdentity | None = None,
+    maintenance: tuple[tuple[str, Maintenance], ...] = (),
 ) -> DesiredPlan:
     """Load the recipe of every entry and validate the graph.
 
@@ -226,6 +251,7 @@ def resolve_entries(
     whose content id (its git blob id) is cached is not even read: between two revisions only
     the recipes whose tree entries changed are read and parsed. ``limits`` (default:
     ``Limits.from_env()``) bounds the number of components after the merge and every recipe.
+    ``maintenance`` (:func:`merge_windows`) is carried to the result.
     """
     lim = limits or Limits.from_env()
     if len(entries) > lim.max_components:
@@ -263,7 +289,7 @@ def resolve_entries(
     graph = build_graph(
         {n: c.recipe for n, c in comps.items()}, origin={n: c.origin for n, c in comps.items()}
     )
-    return DesiredPlan(comps, graph, sources, tuple(unknown_all), graph.warnings)
+    return DesiredPlan(comps, graph, sources, tuple(unknown_all), graph.warnings, maintenance)
 
 
 def _cached(store: MutableMapping[Any, Any], key: Any, env: Mapping[str, str]) -> Recipe | None:
@@ -512,8 +538,11 @@ class RecipeStore:
 
 
 def plan_to_json(plan: DesiredPlan) -> dict[str, object]:
-    """A self-contained snapshot of a desired plan (recipes included), for the state file."""
-    return {
+    """A self-contained snapshot of a desired plan (recipes included), for the state file.
+
+    ``maintenance`` is written only for a plan with windows (a snapshot without it has none).
+    """
+    out: dict[str, object] = {
         "sources": list(plan.sources),
         "components": [
             {
@@ -526,6 +555,43 @@ def plan_to_json(plan: DesiredPlan) -> dict[str, object]:
             for c in plan.components.values()
         ],
     }
+    if plan.maintenance:
+        out["maintenance"] = [
+            {
+                "file": name,
+                "windows": [window_to_json(w) for w in m.windows],
+                "timezone": m.timezone,
+            }
+            for name, m in plan.maintenance
+        ]
+    return out
+
+
+def _windows_from_json(data: object, file: str) -> tuple[tuple[str, Maintenance], ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ValidationError("expected a list", file=file, field="plan.maintenance")
+    out: list[tuple[str, Maintenance]] = []
+    for i, item in enumerate(data):
+        where = f"plan.maintenance[{i}]"
+        if not isinstance(item, Mapping):
+            raise ValidationError("expected an object", file=file, field=where)
+        name, windows, zone = item.get("file"), item.get("windows"), item.get("timezone")
+        if not isinstance(name, str):
+            raise ValidationError("expected a string", file=file, field=f"{where}.file")
+        if zone is not None and not isinstance(zone, str):
+            raise ValidationError("expected a string", file=file, field=f"{where}.timezone")
+        if not isinstance(windows, list) or not windows:
+            raise ValidationError("expected a list of windows", file=file, field=f"{where}.windows")
+        parsed = []
+        for j, w in enumerate(windows):
+            try:
+                parsed.append(window_from_json(w))
+            except WindowError as exc:
+                raise ValidationError(str(exc), file=file, field=f"{where}.windows[{j}]") from None
+        out.append((name, Maintenance(tuple(parsed), zone or None)))
+    return tuple(out)
 
 
 def plan_from_json(
@@ -582,4 +648,5 @@ def plan_from_json(
         environ=environ,
         sources=tuple(sources),
         limits=limits,
+        maintenance=_windows_from_json(data.get("maintenance"), file),
     )

@@ -10,8 +10,9 @@ expression with a duration::
 
 A list of windows is their union: a device may deploy while any is open. The agent's own
 windows (``[maintenance]`` in agent.toml) and the fleet's (``[maintenance]`` in the fleet
-repository's ``rollout.toml``) must both be open: :func:`next_open` finds the first instant
-both allow. Times are local to ``timezone`` (an IANA name), else to the device's local time.
+repository's ``rollout.toml``), and those of the plan files a device merges (``[maintenance]``
+in a plan), must all be open: :func:`next_open` finds the first instant all allow.
+Times are local to ``timezone`` (an IANA name), else to the device's local time.
 """
 
 from __future__ import annotations
@@ -274,6 +275,37 @@ def read_maintenance(r: Reader, path: Path_) -> Maintenance | None:
     if not out:
         raise r.error(wpath, "expected at least one window (remove [maintenance] for none)")
     return Maintenance(tuple(out), zone or None)
+
+
+def window_to_json(w: Window) -> str | dict[str, Any]:
+    """A window as a snapshot keeps it: its text, or its cron expression and seconds."""
+    if w.cron is not None:
+        return {"cron": w.cron, "duration": w.duration}
+    return w.text
+
+
+def window_from_json(item: object) -> Window:
+    """The window :func:`window_to_json` wrote.
+
+    Raises:
+        WindowError: ``item`` is not one.
+    """
+    if isinstance(item, str):
+        return parse_window(item)
+    if isinstance(item, dict):
+        expr, seconds = item.get("cron"), item.get("duration")
+        if isinstance(expr, str) and isinstance(seconds, int | float):
+            return cron_window(expr, float(seconds))
+    raise WindowError('expected "HH:MM-HH:MM" or {"cron": ..., "duration": seconds}')
+
+
+def closed_at(m: Maintenance, t: float) -> bool:
+    """Whether every window of ``m`` is closed at ``t``."""
+    try:
+        opens, _closes = open_until(m.windows, t, m.zone())
+    except WindowError:  # a cron window that fires no more
+        return True
+    return opens > t
 
 
 def describe(t: float) -> str:

@@ -337,7 +337,9 @@ async def rollout(ctx: SyncContext) -> SyncResult | None:
         return None
     assert ctx.desired is not None
     d = ctx.desired
-    hold = await tracker.check(ctx.host, d.verified, d.planned, ctx.host.applied_plan)
+    hold = await tracker.check(
+        ctx.host, d.verified, d.planned, ctx.host.applied_plan, plan_windows=d.plan.maintenance
+    )
     if hold is None:
         return None
     return ctx.result(hold.outcome, error=hold.message, rollout=hold.to_json())

@@ -4,7 +4,8 @@ A device's plan is the merge, in this order, of ``plans/default.toml``, each
 ``labels/<label>/plan.toml`` in the order the device lists its labels, then
 ``devices/<id>/plan.toml`` (DESIGN section 3). A later entry with the same component name
 replaces the earlier one whole; ``enabled = false`` removes it. Recipe paths are relative to the
-repository root and may not leave it.
+repository root and may not leave it. The ``[maintenance]`` windows of every plan file that
+declares them are kept (all must be open for the plan to be deployed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from keystone.plan import (
     PlanEntry,
     PlanFile,
     merge_entries,
+    merge_windows,
     parse_plan,
     resolve_entries,
 )
@@ -130,6 +132,7 @@ def resolve(
             unknown=unknown,
             cache=cache,
             identify=identify,
+            maintenance=merge_windows(files),
         )
     except ValidationError as exc:
         if revision and exc.file and "@" not in exc.file:

@@ -5,7 +5,7 @@ The ``rollout`` step of a sync (after the diff, before the deployment) asks, in 
 1. does the revision change anything here? (no: nothing to hold, it is recorded at once)
 2. is the rollout halted (``halted = true`` in the revision's ``rollout.toml``)?
 3. has this device's wave opened (committer time + the waits before its wave)?
-4. are the fleet's and the agent's maintenance windows open?
+4. are the maintenance windows of the fleet, the agent and the device's plan files all open?
 5. does a component that would be stopped defer the update (``[lifecycle.defer]``)?
 
 A hold ends the sync ``waiting`` (or ``halted``) with a message for status, the history (one
@@ -41,7 +41,7 @@ from keystone.state import read_json, write_json
 from keystone.sync.host import SyncHost
 from keystone.sync.model import Outcome, SyncResult, VerifiedRevision
 from keystone.units import parse_duration
-from keystone.windows import Maintenance, describe, next_open
+from keystone.windows import Maintenance, closed_at, describe, next_open
 
 JSON = dict[str, Any]
 _DEFER = re.compile(r"^\s*defer\s+(\S+)\s*$", re.IGNORECASE)
@@ -69,6 +69,8 @@ class Hold:
         at: when the hold ends (None: not by itself, as a halt).
         assignment: the device's wave (None without a ``rollout.toml``).
         component: the component that deferred (``defer`` only).
+        windows: the window sets waited for (``window`` only): ``rollout.toml``,
+            ``agent.toml`` or a plan file.
     """
 
     reason: str
@@ -77,6 +79,7 @@ class Hold:
     at: float | None = None
     assignment: Assignment | None = None
     component: str | None = None
+    windows: tuple[str, ...] = ()
 
     @property
     def outcome(self) -> Outcome:
@@ -101,6 +104,8 @@ class Hold:
             )
         if self.component is not None:
             out["component"] = self.component
+        if self.windows:
+            out["windows"] = list(self.windows)
         return out
 
 
@@ -113,10 +118,13 @@ def decide(
     commit_time: float,
     now: float,
     agent_windows: Maintenance | None,
+    plan_windows: Sequence[tuple[str, Maintenance]] = (),
 ) -> tuple[Assignment | None, Hold | None]:
     """The device's wave of ``revision`` and what holds it back at ``now`` (pure).
 
-    Halted, then the wave, then the fleet's and the agent's windows together.
+    Halted, then the wave, then the windows of the fleet (``rollout.toml``), of the agent
+    (``agent.toml``) and of each plan file (``plan_windows``, by file) together: all must be
+    open. A window hold names the sets closed at ``now``.
     """
     a = (
         assign(spec, device_id=device_id, labels=labels, revision=revision, commit_time=commit_time)
@@ -127,26 +135,46 @@ def decide(
         return a, Hold("halted", "rollout halted", revision, None, a)
     if a is not None and now < a.at:
         return a, Hold("wave", f"waiting for wave {a.wave} at {describe(a.at)}", revision, a.at, a)
-    sets = [
-        (m.windows, m.zone())
-        for m in (a.maintenance if a is not None else None, agent_windows)
+    named = [
+        (name, m)
+        for name, m in (
+            ("rollout.toml", a.maintenance if a is not None else None),
+            ("agent.toml", agent_windows),
+            *plan_windows,
+        )
         if m is not None
     ]
-    if sets:
-        opens = next_open(sets, now)
+    if named:
+        opens = next_open([(m.windows, m.zone()) for _, m in named], now)
         if opens is None:
+            names = tuple(name for name, _ in named)
             return a, Hold(
                 "window",
-                "waiting for a maintenance window: the fleet's and the agent's windows never overlap",
+                f"waiting for a maintenance window: the windows of {_and(names)} never overlap",
                 revision,
                 None,
                 a,
+                windows=names,
             )
         if opens > now:
+            closed = [(name, m) for name, m in named if closed_at(m, now)]
+            which = "; ".join(
+                f"{name}: " + ", ".join(repr(w.text) for w in m.windows) for name, m in closed
+            )
             return a, Hold(
-                "window", f"waiting for maintenance window at {describe(opens)}", revision, opens, a
+                "window",
+                f"waiting for maintenance window at {describe(opens)}"
+                + (f" ({which})" if which else ""),
+                revision,
+                opens,
+                a,
+                windows=tuple(name for name, _ in closed),
             )
     return a, None
+
+
+def _and(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def parse_defer_answer(text: str) -> float | None:
@@ -352,8 +380,12 @@ class RolloutTracker:
         verified: VerifiedRevision,
         planned: PlannedChanges,
         applied: DesiredPlan,
+        plan_windows: Sequence[tuple[str, Maintenance]] = (),
     ) -> Hold | None:
-        """What holds ``verified`` back now (None: deploy it); records a hold it finds."""
+        """What holds ``verified`` back now (None: deploy it); records a hold it finds.
+
+        ``plan_windows`` are the ``[maintenance]`` windows of the desired plan's files.
+        """
         rev = verified.revision
         if planned.changes.empty:
             return None
@@ -371,6 +403,7 @@ class RolloutTracker:
             commit_time=verified.commit_time or now,
             now=now,
             agent_windows=self.maintenance,
+            plan_windows=plan_windows,
         )
         if a is not None:
             self.assignment = (rev, a)

@@ -217,7 +217,10 @@ class TestDecide:
         )
         assert hold is not None and hold.reason == "window"
         assert hold.at == utc("2026-12-02T02:00:00")
-        assert hold.message == "waiting for maintenance window at 2026-12-02T02:00:00Z"
+        assert hold.message == (
+            "waiting for maintenance window at 2026-12-02T02:00:00Z (agent.toml: '02:00-04:00')"
+        )
+        assert hold.windows == ("agent.toml",)
 
 
 class TestWindows:

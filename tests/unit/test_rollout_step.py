@@ -214,7 +214,9 @@ class TestWindows:
             rig = Rig("dev-1", windows)
             result = await rig.sync(None)
             assert result is not None and result.outcome is Outcome.WAITING
-            assert result.error == "waiting for maintenance window at 2027-01-15T09:30:00Z"
+            assert result.error == (
+                "waiting for maintenance window at 2027-01-15T09:30:00Z (agent.toml: '09:30-10:00')"
+            )
             await rig.clock.advance(5399)
             assert rig.fired == []
             await rig.clock.advance(1)

@@ -232,8 +232,54 @@ class TestWindow:
         code, out = sync(agent)
         assert code == 0 and out["result"] == "waiting", out
         stamp = start_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        assert out["error"] == f"waiting for maintenance window at {stamp}"
+        assert out["error"] == f"waiting for maintenance window at {stamp} (agent.toml: {window!r})"
         assert out["rollout"]["reason"] == "window"
         assert out["signer"] == "ops@example.com"  # fetched and verified, only not deployed
         assert revision(agent)["applied"] is None and agent.components() == {}
         assert "keystone_rollout_wait_seconds 0.0" not in metrics(agent)
+
+    def test_a_plan_declared_window_holds_a_verified_revision(
+        self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path
+    ) -> None:
+        """The device's plan file declares [maintenance] opening in three hours: tool 2.0.0
+        is fetched and verified but not deployed; a commit dropping the window deploys it."""
+        from datetime import UTC, datetime, timedelta
+
+        f = signed_fleet
+        agent, base = start(f, make_agent, tmp_path)
+        pid = agent.components()["tool"]["pid"]
+        start_at = (datetime.now(UTC) + timedelta(hours=3)).replace(
+            minute=0, second=0, microsecond=0
+        )
+        window = f"{start_at.hour:02d}:00-{(start_at.hour + 1) % 24:02d}:00"
+        rev = f.commit(
+            {
+                "recipes/tool.recipe.toml": f.recipe("tool", version="2.0.0"),
+                "devices/dev-1/plan.toml": (
+                    f'[maintenance]\nwindows = ["{window}"]\ntimezone = "UTC"\n'
+                ),
+            },
+            "tool 2.0.0, in the device's window",
+        )
+        code, out = sync(agent)
+        assert code == 0 and out["result"] == "waiting", out
+        stamp = start_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert out["error"] == (
+            f"waiting for maintenance window at {stamp} (devices/dev-1/plan.toml: {window!r})"
+        )
+        assert out["rollout"]["reason"] == "window"
+        assert out["rollout"]["windows"] == ["devices/dev-1/plan.toml"]
+        assert out["rollout"]["revision"] == rev
+        assert out["signer"] == "ops@example.com"  # fetched and verified, only not deployed
+        assert revision(agent)["applied"] == base
+        assert agent.components()["tool"]["version"] == "1.0.0"
+        assert agent.components()["tool"]["pid"] == pid
+        waits = [r for r in history(agent) if r["kind"] == "rollout"]
+        assert waits and "devices/dev-1/plan.toml" in waits[-1]["error"]
+
+        after = f.commit({"devices/dev-1/plan.toml": None}, "no window for dev-1")
+        code, out = sync(agent)
+        assert code == 0 and out["result"] == "applied", out
+        assert revision(agent)["applied"] == after
+        agent.wait_states({"tool": "healthy"})
+        assert agent.components()["tool"]["version"] == "2.0.0"
