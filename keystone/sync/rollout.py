@@ -487,7 +487,13 @@ class RolloutTracker:
             self._metrics(host, rev, "rolled-back")
 
     def soaked(self, host: SyncHost, rev: str, ok: bool) -> None:
-        """The soak of ``rev`` ended: healthy, or rolled back."""
+        """The soak of ``rev`` ended: healthy, or rolled back.
+
+        A newer revision already held back (its wave, a window) is what the device rolls out
+        now: the older soak's end does not take its series.
+        """
+        if self.hold is not None and self.hold.revision != rev:
+            return
         self._metrics(host, rev, "healthy" if ok else "rolled-back")
 
     def _metrics(self, host: SyncHost, rev: str, outcome: str) -> None:

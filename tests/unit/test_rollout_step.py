@@ -147,6 +147,23 @@ class TestWaves:
 
         run(go())
 
+    def test_the_previous_soak_ending_keeps_the_held_revisions_series(self) -> None:
+        """The soak of the revision before ends while the next one waits for its wave: the
+        series still says waiting for the held revision, not healthy for the older one."""
+        dev = device_in_wave(TWO_WAVES, 2)
+
+        async def go() -> None:
+            rig = Rig(dev)
+            result = await rig.sync(TWO_WAVES)
+            assert result is not None and result.outcome is Outcome.WAITING
+            rig.tracker.soaked(rig.host, "0" * 40, ok=True)
+            metrics = rig.host.metrics
+            assert metrics is not None
+            last = [c[1] for c in metrics.calls if c[0] == "rollout"][-1]
+            assert (last["revision"], last["outcome"], last["wave"]) == (REV, "waiting", 2)
+
+        run(go())
+
     def test_the_first_wave_deploys_at_once(self) -> None:
         dev = device_in_wave(TWO_WAVES, 1)
 
