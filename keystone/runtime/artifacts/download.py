@@ -171,7 +171,7 @@ class Downloader:
                 if failures > p.retries or remaining <= 0:
                     raise ArtifactDownloadError(
                         f"{job.label}: download failed after {failures} attempt(s) without "
-                        f"progress: {exc}; the agent will try again at the next sync",
+                        f"progress: {exc}; it is tried again at the next sync or apply",
                         reason=exc.reason,
                         component=job.component,
                         uri=redact_uri(job.url),
@@ -332,7 +332,7 @@ class Downloader:
     def _deadline(self, job: Fetch) -> None:
         raise ArtifactDownloadError(
             f"{job.label}: the download did not finish within {self.policy.download_timeout:.0f}s "
-            "(KEYSTONE_ARTIFACT_DOWNLOAD_TIMEOUT); the agent will try again at the next sync",
+            "(KEYSTONE_ARTIFACT_DOWNLOAD_TIMEOUT); it is tried again at the next sync or apply",
             reason="deadline",
             component=job.component,
             uri=redact_uri(job.url),

@@ -462,7 +462,7 @@ class ArtifactStore:
                 path.unlink(missing_ok=True)
                 raise ArtifactDownloadError(
                     f"{label}: I/O error while fetching into the cache {self.root} "
-                    f"({exc.strerror or exc}); the agent will try again at the next sync",
+                    f"({exc.strerror or exc}); it is tried again at the next sync or apply",
                     reason="io",
                     component=component,
                     uri=redact_uri(uri),
