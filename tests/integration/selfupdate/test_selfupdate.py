@@ -290,7 +290,12 @@ def test_update_to_a_good_version_keeps_every_process(
     )
     handed = [i for i, m in enumerate(notify.messages) if m.startswith(f"MAINPID={pid}\n")]
     assert handed, notify.messages
-    assert any(m == "WATCHDOG=1" for m in notify.messages[handed[0] :])
+    # the first ping comes within half the watchdog timeout of READY, not with it
+    wait_until(
+        lambda: any(m == "WATCHDOG=1" for m in notify.messages[handed[0] :]),
+        timeout=20,
+        what="a watchdog ping from the new agent",
+    )
     notify.close()
 
     # SIGKILL the new agent: the next one started from `current` is the new version again.
