@@ -14,8 +14,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import tomlkit
-
 from keystone.env import substitution_env
 from keystone.errors import ValidationError
 from keystone.ledger import Snapshot
@@ -105,6 +103,8 @@ def prepare_plan(text: str, *, file: str) -> tuple[str, list[LocalRecipe], list[
     Raises:
         ValidationError: the plan or a recipe does not parse or validate (file, line, field).
     """
+    import tomlkit  # lazy: only a rewrite keeps comments and layout; a dry run does not
+
     parsed = parse_plan(text, file=file)
     doc = tomlkit.parse(text)
     tables = doc.get("components") or []

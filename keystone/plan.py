@@ -327,6 +327,7 @@ def safe_join(
     line: int | None = None,
     field: str = "recipe",
     allow_absolute: bool = False,
+    resolved_root: Path | None = None,
 ) -> Path:
     """``root / rel`` if it stays inside ``root`` (symlinks resolved), else a ValidationError.
 
@@ -335,13 +336,15 @@ def safe_join(
     Go agent allows); a relative one must still stay inside ``root``.
 
     A path the system cannot resolve (too long, a NUL, a symlink loop) is a ValidationError
-    naming it too.
+    naming it too. ``resolved_root`` is ``root.resolve()`` when the caller already has it (a
+    reader joining many recipes to one root resolves it once).
     """
     try:
         if allow_absolute and rel.startswith("/"):
             return Path(rel).resolve()
         if not rel or (
-            rel.startswith("/") and not Path(rel).resolve().is_relative_to(root.resolve())
+            rel.startswith("/")
+            and not Path(rel).resolve().is_relative_to(resolved_root or root.resolve())
         ):
             raise ValidationError(
                 f"path {_short(rel)!r} is outside the plan root {root}",
@@ -358,7 +361,7 @@ def safe_join(
             field=field,
         ) from None
     plain = rel.startswith("/") or repo_path_problem(rel) is None  # no '..', no backslash
-    if not plain or not candidate.is_relative_to(root.resolve()):
+    if not plain or not candidate.is_relative_to(resolved_root or root.resolve()):
         raise ValidationError(
             f"path {_short(rel)!r} escapes the plan root {root}",
             file=file,
@@ -402,6 +405,17 @@ class FileRecipes:
         # Called with (path, text) for every recipe read from the filesystem (not the store):
         # the agent's recipe signature check.
         self.verify = verify
+        self._roots: dict[Path, Path] = {}
+
+    def _resolved(self, base: Path) -> Path | None:
+        """``base.resolve()``, once per reader (None when it cannot be resolved: then
+        ``safe_join`` resolves it and reports the error itself)."""
+        if base not in self._roots:
+            try:
+                self._roots[base] = base.resolve()
+            except (OSError, ValueError, RuntimeError):
+                return None
+        return self._roots[base]
 
     def _read(self, p: Path, display: str) -> str:
         lim = self.limits
@@ -436,7 +450,12 @@ class FileRecipes:
         tried: list[Path] = []
         for base in (self.root, plan_dir):
             p = safe_join(
-                base, e.recipe, file=e.file, line=e.line, allow_absolute=self.allow_absolute
+                base,
+                e.recipe,
+                file=e.file,
+                line=e.line,
+                allow_absolute=self.allow_absolute,
+                resolved_root=self._resolved(base),
             )
             tried.append(p)
             try:
@@ -449,10 +468,11 @@ class FileRecipes:
                     field="recipe",
                 ) from None
             if found:
-                text = self._read(p, _display(p))
+                display = _display(p)
+                text = self._read(p, display)
                 if self.verify is not None:
                     self.verify(p, text)
-                return text, _display(p)
+                return text, display
         looked = ", ".join(sorted({_short(str(t)) for t in tried}))
         raise ValidationError(
             f"recipe file not found: {_short(e.recipe)} (looked in {looked})",

@@ -52,7 +52,9 @@ class LineIndex:
 
     def __init__(self, text: str) -> None:
         self._lines: dict[Path_, int] = {}
-        self.defs: list[_Def] = []
+        # (kind, path, line, table) of every definition, as _Def fields: plain tuples, as
+        # only a refused document (first_conflict) reads them.
+        self._defs: list[tuple[str, Path_, int, Path_]] = []
         self.max_depth = 0
         self.depth_line: int | None = None
         self._text = text
@@ -90,7 +92,7 @@ class LineIndex:
             self._pos += 1
             path = self._prefix + tuple(names)
             self._lines.setdefault(path, start_line)
-            self.defs.append(_Def("key", path, start_line, self._prefix))
+            self._defs.append(("key", path, start_line, self._prefix))
             self._deeper(len(path) - 1, start_line)
             self._value(len(path) - 1)
 
@@ -111,7 +113,7 @@ class LineIndex:
         self._prefix = tuple(out)
         self._deeper(len(self._prefix), line)
         self._lines.setdefault(self._prefix, line)
-        self.defs.append(_Def("array" if array else "table", self._prefix, line))
+        self._defs.append(("array" if array else "table", self._prefix, line, ()))
 
     def _deeper(self, depth: int, line: int) -> None:
         """Record nesting ``depth`` (tables and arrays around a value) seen at ``line``."""
@@ -120,9 +122,11 @@ class LineIndex:
             self.depth_line = line
 
     def _skip_ws(self) -> None:
-        m = _WS.match(self._text, self._pos)
-        if m:
-            self._pos = m.end()
+        t, pos = self._text, self._pos
+        if pos < len(t) and t[pos] in " \t":  # most keys and values have no run to skip
+            m = _WS.match(t, pos)
+            if m:
+                self._pos = m.end()
 
     def _skip_blank(self) -> None:
         t, n = self._text, len(self._text)
@@ -285,6 +289,11 @@ class LineIndex:
             self._pos = at
 
     # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def defs(self) -> list[_Def]:
+        """Every key, table and array-of-tables entry, in the order written."""
+        return [_Def(*d) for d in self._defs]
 
     def line(self, path: Path_) -> int | None:
         """The line of ``path``, or of its nearest written ancestor."""
