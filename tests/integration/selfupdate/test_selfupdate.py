@@ -395,7 +395,8 @@ def test_under_systemd_a_trial_without_guardian_exits_for_the_unit_restart(
     d.agent.proc.kill()
     d.agent.proc.wait(10)
     wait_until(lambda: not agents_of(d.runtime), timeout=30, what="the trial agent to exit")
-    assert not _alive(int(h["trial"]))
+    # its command line goes with its memory, a moment before the process itself is gone
+    wait_until(lambda: not _alive(int(h["trial"])), timeout=30, what="the trial agent gone")
     assert sleepers(d.marker) == [before]
     d.start_from(None)  # Restart=on-failure; `current` was never switched
     d.settled(OLD)
