@@ -47,7 +47,14 @@ from keystone.errors import KeystoneError, ProcessError
 from keystone.recipe import Container, PullPolicy
 from keystone.runtime.process import ProcessHandle, ProcessRunner
 from keystone.runtime.procfs import is_live, read_start_ticks, stat_fields
-from keystone.runtime.runner import KIND_KEY, CommandRunner, RunnerRecord, record_json, record_kind
+from keystone.runtime.runner import (
+    KIND_KEY,
+    CommandRunner,
+    RunnerRecord,
+    record_ints,
+    record_json,
+    record_kind,
+)
 from keystone.runtime.spawn import OUTPUT_CAP, RunResult, RunSecurity, SpawnSpec
 
 #: The runner kind of container snapshot entries.
@@ -212,12 +219,9 @@ class ContainerRecord:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{key} must be a non-empty string, got {value!r}")
             texts.append(value)
-        numbers: list[int] = []
-        for key in ("main_pid", "start_ticks", "logs_pid", "logs_ticks"):
-            value = data.get(key, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
-            numbers.append(value)
+        numbers = record_ints(
+            data, ("main_pid", "start_ticks", "logs_pid", "logs_ticks"), default=0
+        )
         return cls(texts[0], texts[1], texts[2], *numbers)
 
 

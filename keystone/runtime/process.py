@@ -66,7 +66,7 @@ from keystone.runtime.procfs import (
     read_start_ticks,
     stat_fields,
 )
-from keystone.runtime.runner import KIND_KEY, RunnerRecord, record_json, record_kind
+from keystone.runtime.runner import KIND_KEY, RunnerRecord, record_ints, record_json, record_kind
 from keystone.runtime.spawn import (
     OUTPUT_CAP,
     NoReapPopen,
@@ -172,12 +172,7 @@ class ProcessRecord:
         """
         if record_kind(data) != PROCESS_KIND:
             raise ValueError(f"not a process entry (runner = {record_kind(data)!r})")
-        numbers: list[int] = []
-        for key in ("pid", "pgid", "start_ticks"):
-            value = data.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
-            numbers.append(value)
+        numbers = record_ints(data, ("pid", "pgid", "start_ticks"))
         cgroup = data.get("cgroup")
         if cgroup is not None and not isinstance(cgroup, str):
             raise ValueError(f"cgroup must be a path or null, got {cgroup!r}")

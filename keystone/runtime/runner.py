@@ -59,6 +59,24 @@ def record_kind(data: Mapping[str, object]) -> str:
     return kind if isinstance(kind, str) and kind else LEGACY_KIND
 
 
+def record_ints(
+    data: Mapping[str, object], keys: Sequence[str], *, default: int | None = None
+) -> list[int]:
+    """The non-negative integer fields ``keys`` of a snapshot entry, in order (``default`` for a
+    missing one; None: a missing one is an error).
+
+    Raises:
+        ValueError: a field is missing or not a non-negative integer, naming it.
+    """
+    numbers: list[int] = []
+    for key in keys:
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+        numbers.append(value)
+    return numbers
+
+
 def record_json(record: RunnerRecord | Mapping[str, object]) -> Mapping[str, object]:
     """A record as its snapshot entry, whether given as a record or as read from the snapshot."""
     return record if isinstance(record, Mapping) else record.to_json()
