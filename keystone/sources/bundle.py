@@ -341,18 +341,24 @@ def extract_bundle_datasets(path: Path, dest: Path) -> Path | None:
             assert section is not None  # the layout lists exactly the manifest's members
             target = dest / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            with open(target, "wb") as out:
-                while chunk := section.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            if digest.hexdigest() != entry.sha256:
+            got = _copy_hashed(section, target)
+            if got != entry.sha256:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise ArtifactIntegrityError(
-                    f"{where}: {entry.path} hashes to {digest.hexdigest()}, not {entry.sha256} "
+                    f"{where}: {entry.path} hashes to {got}, not {entry.sha256} "
                     "as the bundle manifest records; the bundle is damaged, copy it again"
                 )
     return dest
+
+
+def _copy_hashed(section: Section, target: Path) -> str:
+    """Copy ``section`` to ``target`` in chunks; the sha256 (hex) of what was copied."""
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        while chunk := section.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
 
 
 def extract_bundle_images(path: Path, dest: Path) -> Path | None:
@@ -377,16 +383,12 @@ def extract_bundle_images(path: Path, dest: Path) -> Path | None:
             section = bundle.image(image.sha256)
             assert section is not None  # the layout lists exactly the manifest's members
             target = dest / f"{image.sha256}.tar"
-            digest = hashlib.sha256()
-            with open(target, "wb") as out:
-                while chunk := section.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            if digest.hexdigest() != image.sha256:
+            got = _copy_hashed(section, target)
+            if got != image.sha256:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise ArtifactIntegrityError(
                     f"{path}: {IMAGE_PREFIX}{image.sha256} ({image.name}) hashes to "
-                    f"{digest.hexdigest()}; the bundle is damaged, copy it again"
+                    f"{got}; the bundle is damaged, copy it again"
                 )
     return dest
 
