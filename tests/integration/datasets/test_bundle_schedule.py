@@ -111,6 +111,10 @@ class FakeClock:
         self._sleepers.append((self.mono + seconds, fut))
         await fut
 
+    def asleep(self) -> bool:
+        """Whether something waits on this clock (so :meth:`advance` reaches it)."""
+        return any(not fut.done() for _, fut in self._sleepers)
+
     def advance(self, seconds: float) -> None:
         self.mono += seconds
         self.wall.now += seconds
@@ -147,11 +151,14 @@ class TestScheduler:
                 mgr, clock, device_id="gw-1", on_result=lambda r: results.append(r.result)
             )
             task = asyncio.create_task(sched.run())
-            await settle(lambda: results == ["updated"], "the first refresh")
+            # The refresh is reported before the loop goes back to sleep: advancing the
+            # clock before it sleeps would move its wake-up along with it.
+            await settle(lambda: results == ["updated"] and clock.asleep(), "the first refresh")
             publisher.publish(1)
             clock.advance(1800)  # half an interval: nothing is due
             await asyncio.sleep(0.05)
             assert results == ["updated"]
+            assert clock.asleep()
             clock.advance(1800)
             await settle(lambda: len(results) == 2, "the second refresh")
             assert results == ["updated", "updated"]
