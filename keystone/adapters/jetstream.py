@@ -165,15 +165,19 @@ class JobQueue:
             self.cfg.js_stream,
             self.durable,
         )
-        # Workers waiting on the old subscription would sit out their whole pull: start them
-        # again on the new one (a worker running a job finishes it and moves over by itself).
+        self._restart_pulls()
+        return True
+
+    def _restart_pulls(self) -> None:
+        """Start the workers waiting in a pull again: a pull asked of a server that has since
+        gone (restarted, or lost its consumer) is never answered, and the worker would sit out
+        its whole ``FETCH_WAIT``. A worker running a job finishes it and moves over by itself."""
         current = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for i, task in enumerate(self._workers):
             if task in self._fetching and task is not current:
                 task.cancel()
                 self._workers[i] = loop.create_task(self._work(i))
-        return True
 
     def reconnected(self) -> None:
         """The connection is back: the server may be a new one without its store."""
@@ -184,7 +188,8 @@ class JobQueue:
         delay = 0.5
         while True:
             try:
-                await self.check()
+                if not await self.check():
+                    self._restart_pulls()  # the pulls asked before the reconnect are lost
                 return
             except asyncio.CancelledError:
                 raise
