@@ -16,6 +16,9 @@ pytestmark = pytest.mark.integration
 
 COMPONENTS = 50
 CLIENTS = 20
+# Restarts run one at a time, each until its component is ready again (1 s for one without a
+# health check): eight concurrent ones show the same as twenty, in a third of the time.
+RESTARTS = 8
 
 
 def alive(pid: int) -> bool:
@@ -28,7 +31,7 @@ def alive(pid: int) -> bool:
 
 class TestConcurrentClients:
     def test_twenty_clients_get_consistent_answers(self, make_agent: Any, tmp_path: Path) -> None:
-        """Concurrent reads agree with each other, and concurrent restarts of twenty different
+        """Concurrent reads agree with each other, and concurrent restarts of eight different
         components each happen exactly once, with the answers matching what the agent reports."""
         plan = write_sleep_plan(tmp_path, COMPONENTS)
         agent = make_agent("--apply", str(plan)).start()
@@ -52,7 +55,7 @@ class TestConcurrentClients:
         assert [c["name"] for c in listed] == names
         assert {c["name"]: c["pid"] for c in listed} == {n: c["pid"] for n, c in before.items()}
 
-        targets = names[:CLIENTS]
+        targets = names[:RESTARTS]
 
         def restarter(name: str) -> tuple[int, Any]:
             status, body, _ = request(
@@ -60,7 +63,7 @@ class TestConcurrentClients:
             )
             return status, body
 
-        with ThreadPoolExecutor(CLIENTS) as pool:
+        with ThreadPoolExecutor(RESTARTS) as pool:
             results = dict(zip(targets, pool.map(restarter, targets), strict=True))
         for name, (status, body) in results.items():
             assert status == 200, (name, body)

@@ -476,7 +476,9 @@ class TestRefusedApplyIsLogged:
         """An API apply refused while it runs (its artifact cannot be fetched) is answered in
         its operation and also said in the agent's log; what ran keeps running."""
         plan = write_sleep_plan(tmp_path, 1, prefix="k")
-        agent = make_agent("--apply", str(plan)).start()
+        # A short download deadline: the refusal comes after it, not after a minute of retries.
+        env = {"KEYSTONE_ARTIFACT_DOWNLOAD_TIMEOUT": "2s"}
+        agent = make_agent("--apply", str(plan), env=env).start()
         agent.wait_states({"k00": "healthy"})
         before = pids(agent)
         closed = free_port()  # nothing listens there
