@@ -271,7 +271,8 @@ class TestRetriesAndCache:
         self, policy: ArtifactPolicy, http_server: RecordingServer
     ) -> None:
         """Bytes that do not match the pin are refused and not cached."""
-        http_server.routes["/a"] = (200, {}, DATA[:-1] + b"!")
+        tampered = DATA[:-1] + bytes([DATA[-1] ^ 0xFF])  # never equal to DATA, whatever it is
+        http_server.routes["/a"] = (200, {}, tampered)
         store = ArtifactStore(policy)
         with pytest.raises(ArtifactRefusedError) as info:
             store.prepare(ArtifactSpec(uri=http_server.url("/a"), sha256=SHA), component="c")
