@@ -11,7 +11,8 @@ Subjects (``{d}`` is the device id)::
     keystone.label.<label>.sync     devices carrying <label>: sync now
 
 All network I/O is on the agent's loop. The first connection is retried with a backoff (1 s
-doubling to 60 s) and nats-py reconnects after that by itself; components are never touched.
+doubling up to ``reconnect_wait``, so a broker that comes up late is found as quickly as a lost
+one) and nats-py reconnects after that by itself; components are never touched.
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ class NatsAdapter:
     # --- connection -------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        delay = 1.0
+        cap = max(self.cfg.reconnect_wait, 0.1)
+        delay = min(1.0, cap)
         opts = connect_options(self.cfg, self.device_id)
         while True:
             try:
@@ -221,7 +223,7 @@ class NatsAdapter:
                     "[nats] cannot connect to {}: {}; retry in {:g}s", self.cfg.url, exc, delay
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
+                delay = min(delay * 2, cap)
         nc = self.nc
         await nc.subscribe(self.subjects.cmd_wildcard, cb=self._on_msg)
         await nc.subscribe(self.subjects.fleet_sync, cb=self._on_msg)

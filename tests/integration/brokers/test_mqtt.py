@@ -285,12 +285,13 @@ class TestBrokerDownAtStart:
         mq.start()
         ns.start()
         try:
+            # Listening before the agent can connect: its first state event is the one seen.
+            nats = NatsProbe(ns.port).connect(f"keystone.{DEV}.events.state")
+            probes.append(nats)
             probe = MqttProbe(mq.port).connect(f"keystone/{DEV}/#")
             probes.append(probe)
             online(probe, timeout=30)
             assert probe.request(DEV, "status")["success"] is True
-            nats = NatsProbe(ns.port).connect(f"keystone.{DEV}.events.state")
-            probes.append(nats)
             nats.wait(lambda s, d: json.loads(d)["deviceId"] == DEV, timeout=60)
             assert nats.request(f"keystone.{DEV}.cmd.health")["success"] is True
             assert {n: c["pid"] for n, c in agent.components().items()} == pids
