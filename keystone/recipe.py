@@ -411,6 +411,7 @@ def parse_recipe(
     )
 
     deps: list[Dependency] = []
+    dep_lines = r.header_lines("dependencies")
     for path, _ in r.tables(("dependencies",), {"name", "version", "type"}):
         name = r.text((*path, "name"), required=True)
         assert name is not None
@@ -427,7 +428,13 @@ def parse_recipe(
                 Constraint.parse(constraint)
             except ValueError as exc:
                 raise r.error((*path, "version"), str(exc)) from None
-        deps.append(Dependency(name, constraint, dtype, r.index.line(path)))
+        at = path[-1]
+        line = (
+            dep_lines[at]
+            if dep_lines is not None and isinstance(at, int) and at < len(dep_lines)
+            else r.index.line(path)
+        )
+        deps.append(Dependency(name, constraint, dtype, line))
 
     artifacts: list[Artifact] = []
     for path, tbl in r.tables(("artifacts",), _ARTIFACT):

@@ -1,11 +1,17 @@
 """TOML documents, strictly parsed, with the line of every key for error messages.
 
 Documents are parsed with the standard library's ``tomllib`` (TOML 1.0, as the Go Keystone's
-go-toml reads them). Parsed values carry no line numbers, so ``LineIndex`` scans the source once
+go-toml reads them). Parsed values carry no line numbers, so ``LineIndex`` scans the source
 (in linear time, strings and comments skipped) and maps each dotted key path (array-of-table
 entries by index: ``("artifacts", 1, "uri")``) to the line where it is written; the same scan
-measures bracket nesting, so a deeply nested document is refused before the parser recurses,
-and explains a duplicate key or table with both of its lines. ``Reader`` walks a parsed
+measures bracket nesting and explains a duplicate key or table with both of its lines.
+
+The scan costs about what the parser does, and most documents never need a line: it runs only
+when one is asked for (an error, an unknown key), except for a document with more than
+``SCAN_FIRST`` dots and opening brackets, which is scanned before the parser runs. Below that
+count nothing can be deep or long enough to cost the parser much (a dotted key costs it the
+square of its parts), and a document deeper than the bound is refused after the parse with
+the same message and line the scan gives. ``Reader`` walks a parsed
 document against a declared schema, converting values strictly (a float where a string is
 expected is an error) and collecting unknown keys.
 
@@ -33,6 +39,8 @@ _BASIC_STOP = re.compile(r'[\\"\n]')
 _ML_BASIC_STOP = re.compile(r'\\.|"""', re.DOTALL)
 _AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
 _TRIPLE_LITERAL = "'" * 3
+SCAN_FIRST = 256
+"""A document with more dots and opening brackets than this is scanned before it is parsed."""
 
 
 @dataclass(frozen=True)
@@ -361,13 +369,13 @@ def parse_toml(
     file: str,
     limits: Limits | None = None,
     size_bound: str = "max_recipe_bytes",
-    index: LineIndex | None = None,
 ) -> dict[str, Any]:
     """Parse TOML into plain Python values, refusing what is over ``limits``.
 
-    The size (``size_bound``, a field of ``Limits``) is checked before anything else, the
-    bracket nesting before the parser runs. Syntax errors name file and line; a duplicate key
-    or table names both lines.
+    The size (``size_bound``, a field of ``Limits``) is checked before anything else; the
+    nesting before the parser runs when the document could be deep (see the module's
+    docstring), after it otherwise. Syntax errors name file and line; a duplicate key or table
+    names both lines.
 
     Raises:
         ValidationError: malformed TOML (``DuplicateKeyError`` for a duplicate,
@@ -377,7 +385,41 @@ def parse_toml(
     size = byte_length(text)
     if size > int(getattr(lim, size_bound)):
         raise lim.refuse(size_bound, size, what="the file", file=file)
-    idx = index or LineIndex(text)
+    return _parse(text, file, lim, _Lines(text))
+
+
+class _Lines:
+    """The ``LineIndex`` of a text, made on first use."""
+
+    __slots__ = ("made", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.made: LineIndex | None = None
+
+    def get(self) -> LineIndex:
+        if self.made is None:
+            self.made = LineIndex(self.text)
+        return self.made
+
+
+def _parse(text: str, file: str, lim: Limits, lines: _Lines) -> dict[str, Any]:
+    if text.count(".") + text.count("[") + text.count("{") > SCAN_FIRST:
+        _check_depth(lines.get(), file, lim)
+    try:
+        value = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _decode_error(exc, text, file, lines.get()) from None
+    except RecursionError:  # nesting the scan did not see (it counts brackets only)
+        _check_depth(lines.get(), file, lim)
+        raise lim.refuse(
+            "max_toml_depth", "too deep to parse", what="the nesting", file=file
+        ) from None
+    _check_values(value, file, lines, lim)
+    return value
+
+
+def _check_depth(idx: LineIndex, file: str, lim: Limits) -> None:
     if idx.max_depth > lim.max_toml_depth:
         raise lim.refuse(
             "max_toml_depth",
@@ -386,16 +428,6 @@ def parse_toml(
             file=file,
             line=idx.depth_line,
         )
-    try:
-        value = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise _decode_error(exc, text, file, idx) from None
-    except RecursionError:  # nesting the scan did not see (it counts brackets only)
-        raise lim.refuse(
-            "max_toml_depth", "too deep to parse", what="the nesting", file=file
-        ) from None
-    _check_values(value, file, idx, lim)
-    return value
 
 
 def _decode_error(exc: Exception, text: str, file: str, idx: LineIndex) -> ValidationError:
@@ -428,13 +460,15 @@ def _decode_error(exc: Exception, text: str, file: str, idx: LineIndex) -> Valid
     return ValidationError(f"malformed TOML: {reason}{column}", file=file, line=line)
 
 
-def _check_values(root: dict[str, Any], file: str, idx: LineIndex, lim: Limits) -> None:
+def _check_values(root: dict[str, Any], file: str, lines: _Lines, lim: Limits) -> None:
     """Depth of tables and arrays, and integers TOML can represent (64-bit), iteratively."""
     stack: list[tuple[Path_, Any, int]] = [((), root, 0)]
     while stack:
         path, node, depth = stack.pop()
         if isinstance(node, dict | list):
             if depth > lim.max_toml_depth:
+                idx = lines.get()
+                _check_depth(idx, file, lim)  # the scan's message, when it sees the depth too
                 raise lim.refuse(
                     "max_toml_depth",
                     f"more than {lim.max_toml_depth} levels at {dotted(path)}",
@@ -453,7 +487,7 @@ def _check_values(root: dict[str, Any], file: str, idx: LineIndex, lim: Limits) 
             raise ValidationError(
                 "integer out of range (TOML integers are 64-bit)",
                 file=file,
-                line=idx.line(path),
+                line=lines.get().line(path),
                 field=dotted(path),
             )
 
@@ -464,7 +498,7 @@ class Reader:
 
     data: dict[str, Any]
     file: str
-    index: LineIndex
+    lines: _Lines
     unknown: list[tuple[int | None, str]] = field(default_factory=list)
 
     @classmethod
@@ -476,15 +510,35 @@ class Reader:
         limits: Limits | None = None,
         size_bound: str = "max_recipe_bytes",
     ) -> Reader:
-        """Parse ``text`` (bounded by ``limits``; ``size_bound`` names its size bound) and
-        index its lines."""
+        """Parse ``text`` (bounded by ``limits``; ``size_bound`` names its size bound); its
+        lines are indexed when one is first asked for."""
         lim = limits or Limits.from_env()
         size = byte_length(text)
         if size > int(getattr(lim, size_bound)):  # before the line scan, not after
             raise lim.refuse(size_bound, size, what="the file", file=file)
-        index = LineIndex(text)
-        data = parse_toml(text, file=file, limits=lim, size_bound=size_bound, index=index)
-        return cls(data, file, index)
+        lines = _Lines(text)
+        return cls(_parse(text, file, lim, lines), file, lines)
+
+    @property
+    def index(self) -> LineIndex:
+        """The document's line index (scanned on first use)."""
+        return self.lines.get()
+
+    def header_lines(self, name: str) -> list[int] | None:
+        """The lines of the top-level ``[[name]]`` entries, in order, found without the index.
+
+        Only when every mention of ``name`` in the document is such a header, one per entry
+        (nothing in a string, a comment or an inline form could be mistaken for one); else
+        None, and the caller asks the index.
+        """
+        text = self.lines.text
+        entries = self.data.get(name)
+        if self.lines.made is not None or not isinstance(entries, list):
+            return None
+        found = [m.start() for m in _header_re(name).finditer(text)]
+        if not len(found) == len(entries) == text.count(name):
+            return None
+        return [text.count("\n", 0, at) + 1 for at in found]
 
     def error(self, path: Path_, message: str) -> ValidationError:
         """A ValidationError located at ``path``."""
@@ -628,6 +682,17 @@ class Reader:
             else f"{self.file}: unknown field {name}"
             for line, name in sorted(self.unknown, key=lambda u: (u[0] or 0, u[1]))
         ]
+
+
+_HEADERS: dict[str, re.Pattern[str]] = {}
+
+
+def _header_re(name: str) -> re.Pattern[str]:
+    pattern = _HEADERS.get(name)
+    if pattern is None:
+        pattern = re.compile(rf"^[ \t]*\[\[[ \t]*{re.escape(name)}[ \t]*\]\]", re.MULTILINE)
+        _HEADERS[name] = pattern
+    return pattern
 
 
 def _kind(value: Any) -> str:
