@@ -412,17 +412,19 @@ def parse_recipe(
     file: str,
     environ: Mapping[str, str] | None = None,
     limits: Limits | None = None,
+    reader: Reader | None = None,
 ) -> Recipe:
     """Parse and validate recipe TOML ``text`` (``file`` is used in messages).
 
-    ``limits`` (default: ``Limits.from_env()``) bounds its size and nesting.
+    ``limits`` (default: ``Limits.from_env()``) bounds its size and nesting. ``reader`` is
+    ``text`` already parsed under those bounds (``Reader.from_text`` or ``from_parsed``).
 
     Raises:
         ValidationError: with file, line, field and what was expected (``LimitExceeded``
             for a recipe over a bound, ``DuplicateKeyError`` for a key defined twice).
     """
     env = environ if environ is not None else {}
-    r = Reader.from_text(text, file=file, limits=limits, size_bound="max_recipe_bytes")
+    r = reader or Reader.from_text(text, file=file, limits=limits, size_bound="max_recipe_bytes")
     r.table((), _TOP)
 
     r.table(("metadata",), {"name", "version", "description", "publisher", "type"}, required=True)
