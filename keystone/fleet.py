@@ -19,15 +19,12 @@ from typing import Any
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError, ValidationError
 from keystone.plan import DesiredPlan
-from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
 from keystone.runtime.deployer import plan_actions
 from keystone.sources.base import DirectoryReader
-from keystone.sources.bundle import create_bundle
 from keystone.sources.documents import DocumentFile
 from keystone.sources.git import GitMirror
 from keystone.sync.resolve import render as render_rows
 from keystone.sync.resolve import resolve
-from keystone.trust import CommitVerifier, TrustPolicy
 
 
 @dataclass
@@ -230,6 +227,9 @@ def verify(
     revoked_keys: Path | None = None,
 ) -> dict[str, Any]:
     """The signature verdict of commit ``rev``, as the agent would judge it."""
+    # lazy: the verifier (and cryptography behind it) is for verify, not for diff or render
+    from keystone.trust import CommitVerifier, TrustPolicy
+
     m = Checkout(repo).mirror()
     sha = resolve_rev(m, rev)
     verdict = CommitVerifier(TrustPolicy(allowed_signers, gpg_home, revoked_keys)).verify(
@@ -275,6 +275,9 @@ def bundle_artifacts(
     last segment (what the bundle's manifest and ``bundle inspect`` show), and each artifact is
     exported or fetched once however many plans use it.
     """
+    # lazy: the artifact store (and its HTTP client) is for bundles, not for diff or render
+    from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
+
     m = Checkout(repo).mirror()
     sha = resolve_rev(m, rev)
     tree = m.file_source(sha)
@@ -344,6 +347,9 @@ def build_bundle(
     ``images`` are container image archives (``podman save -o``, ``docker save -o``) carried as
     ``images/<sha256>`` and loaded into the device's engine on import.
     """
+    # lazy: the bundle writer is for bundles, not for diff or render
+    from keystone.sources.bundle import create_bundle
+
     sha = resolve_rev(Checkout(repo).mirror(), rev)
     targets: list[tuple[str, list[str]]] = [("any-device", [])]
     if every_label:
