@@ -146,3 +146,10 @@ class TestDocumentFile:
         docs.put("text:abc", text, parsed)
         docs.put("git:abc", text, parsed)
         assert len(docs) == 0
+
+    def test_a_date_is_parsed_every_time(self, tmp_path: Path) -> None:
+        """A document with a TOML date (which the file's format cannot hold) is not kept."""
+        text = "when = 2020-01-01\n"
+        docs = DocumentFile.load(tmp_path)
+        docs.put("git:" + "1" * 40, text, Reader.from_text(text, file="r").parsed())
+        assert len(docs) == 0
