@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keystone.plan import DesiredPlan
+from keystone.plan import Component, DesiredPlan
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,18 @@ class ChangeSet:
         return "; ".join(parts) or "no changes"
 
 
+def _same(a: Component, b: Component) -> bool:
+    # One recipe object (recipes are immutable and cached by content): the same content hash,
+    # without computing it.
+    return a.recipe is b.recipe or a.content_hash() == b.content_hash()
+
+
 def diff_plans(current: DesiredPlan, desired: DesiredPlan) -> ChangeSet:
     """Compare two plans by component name and recipe content hash."""
     cur, new = current.components, desired.components
     added = sorted(set(new) - set(cur))
     removed = sorted(set(cur) - set(new))
-    changed = sorted(
-        n for n in set(cur) & set(new) if cur[n].content_hash() != new[n].content_hash()
-    )
+    changed = sorted(n for n in set(cur) & set(new) if not _same(cur[n], new[n]))
     cascade = desired.graph.dependents(changed) if changed else set()
     restarted = sorted(n for n in cascade if n in cur and n not in changed)
     unchanged = sorted(set(cur) & set(new) - set(changed) - set(restarted))

@@ -19,14 +19,12 @@ from typing import Any
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError, ValidationError
 from keystone.plan import DesiredPlan
-from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
 from keystone.runtime.deployer import plan_actions
 from keystone.sources.base import DirectoryReader
-from keystone.sources.bundle import create_bundle
+from keystone.sources.documents import DocumentFile
 from keystone.sources.git import GitMirror
 from keystone.sync.resolve import render as render_rows
 from keystone.sync.resolve import resolve
-from keystone.trust import CommitVerifier, TrustPolicy
 
 
 @dataclass
@@ -48,6 +46,15 @@ class Checkout:
         m = self.mirror()
         sha = resolve_rev(m, rev)
         return m.file_source(sha), sha
+
+    def documents(self) -> DocumentFile | None:
+        """The parsed recipes kept in the repository's git directory (None: not a repository,
+        whose error ``tree`` gives)."""
+        try:
+            git_dir = self.mirror().git_dir
+        except KeystoneError:
+            return None
+        return DocumentFile.load(git_dir)
 
 
 _SUFFIX = re.compile(r"(~\d*|\^\d*)$")
@@ -88,8 +95,10 @@ def resolve_at(
     device: str,
     labels: Sequence[str],
     cache: dict[Any, Any] | None = None,
+    documents: DocumentFile | None = None,
 ) -> tuple[DesiredPlan, str]:
-    """The desired plan of a device at ``rev`` of ``repo``."""
+    """The desired plan of a device at ``rev`` of ``repo`` (``documents``: the recipes parsed
+    by an earlier run, :meth:`Checkout.documents`; the caller saves it)."""
     tree, label = Checkout(repo).tree(rev)
     return resolve(
         tree,
@@ -98,6 +107,7 @@ def resolve_at(
         environ=substitution_env(),
         revision=label if rev else "",
         cache=cache,
+        documents=documents,
     ), label
 
 
@@ -154,7 +164,12 @@ def rollout_at(
 def render(repo: Path, rev: str | None, *, device: str, labels: Sequence[str]) -> dict[str, Any]:
     """What a device with these labels would run, with each component's origin (and, when the
     repository has a ``rollout.toml``, the device's wave and when it opens)."""
-    plan, label = resolve_at(repo, rev, device=device, labels=labels)
+    docs = Checkout(repo).documents() if rev is not None else None
+    try:
+        plan, label = resolve_at(repo, rev, device=device, labels=labels, documents=docs)
+    finally:
+        if docs is not None:
+            docs.save()
     rollout = rollout_at(repo, rev, device=device, labels=labels)
     extra = {"rollout": rollout} if rollout is not None else {}
     return {
@@ -182,9 +197,15 @@ def diff(
     """What moving a device from ``rev_a`` to ``rev_b`` would change, and in what order;
     with ``graphs``, also both dependency graphs (``{"from": ..., "to": ...}``, each as
     ``GET /v1/plan/graph`` answers it) for a picture of the change."""
-    # Recipes unchanged between the revisions are read and parsed once (keystone.plan.RECIPES).
-    a, la = resolve_at(repo, rev_a, device=device, labels=labels)
-    b, lb = resolve_at(repo, rev_b, device=device, labels=labels)
+    # Recipes unchanged between the revisions are read and parsed once (keystone.plan.RECIPES),
+    # and those an earlier run parsed are not parsed again (keystone.sources.documents).
+    docs = Checkout(repo).documents()
+    try:
+        a, la = resolve_at(repo, rev_a, device=device, labels=labels, documents=docs)
+        b, lb = resolve_at(repo, rev_b, device=device, labels=labels, documents=docs)
+    finally:
+        if docs is not None:
+            docs.save()
     changes, actions = plan_actions(a, b)
     out: dict[str, Any] = {
         "from": la,
@@ -206,6 +227,9 @@ def verify(
     revoked_keys: Path | None = None,
 ) -> dict[str, Any]:
     """The signature verdict of commit ``rev``, as the agent would judge it."""
+    # lazy: the verifier (and cryptography behind it) is for verify, not for diff or render
+    from keystone.trust import CommitVerifier, TrustPolicy
+
     m = Checkout(repo).mirror()
     sha = resolve_rev(m, rev)
     verdict = CommitVerifier(TrustPolicy(allowed_signers, gpg_home, revoked_keys)).verify(
@@ -251,6 +275,9 @@ def bundle_artifacts(
     last segment (what the bundle's manifest and ``bundle inspect`` show), and each artifact is
     exported or fetched once however many plans use it.
     """
+    # lazy: the artifact store (and its HTTP client) is for bundles, not for diff or render
+    from keystone.runtime.artifacts import ArtifactPolicy, ArtifactStore, artifact_name
+
     m = Checkout(repo).mirror()
     sha = resolve_rev(m, rev)
     tree = m.file_source(sha)
@@ -320,6 +347,9 @@ def build_bundle(
     ``images`` are container image archives (``podman save -o``, ``docker save -o``) carried as
     ``images/<sha256>`` and loaded into the device's engine on import.
     """
+    # lazy: the bundle writer is for bundles, not for diff or render
+    from keystone.sources.bundle import create_bundle
+
     sha = resolve_rev(Checkout(repo).mirror(), rev)
     targets: list[tuple[str, list[str]]] = [("any-device", [])]
     if every_label:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from keystone.dag import Graph, build_graph
 from keystone.errors import ValidationError
@@ -26,7 +26,7 @@ from keystone.limits import Limits, read_bounded
 from keystone.recipe import Recipe, check_segment, parse_recipe
 from keystone.repopath import repo_path_problem
 from keystone.state import atomic_write
-from keystone.tomlsrc import Reader
+from keystone.tomlsrc import Parsed, Reader
 from keystone.windows import (
     Maintenance,
     WindowError,
@@ -138,22 +138,39 @@ PLANS: MutableMapping[Any, Any] = LRU(32)
 """Parsed plan files by text, file name and bounds (a plan file rarely changes)."""
 
 
-def parse_plan(text: str, *, file: str, limits: Limits | None = None) -> PlanFile:
+def parse_plan(
+    text: str,
+    *,
+    file: str,
+    limits: Limits | None = None,
+    parsed: Parsed | None = None,
+    keep: Callable[[Parsed], None] | None = None,
+) -> PlanFile:
     """Parse plan TOML; duplicate names and unsafe names are errors naming file and line.
 
     ``limits`` (default: ``Limits.from_env()``) bounds its size, nesting and number of
-    components. The same text is parsed once per process (:data:`PLANS`).
+    components. The same text is parsed once per process (:data:`PLANS`). ``parsed`` is
+    ``text`` as parsed by an earlier process (``Documents``): only validated; when ``text`` is
+    parsed here, ``keep`` is given the parsed document.
     """
     lim = limits or Limits.from_env()
     key = (text, file, lim)
     cached: PlanFile | None = PLANS.get(key)
     if cached is None:
-        cached = PLANS[key] = _parse_plan(text, file=file, lim=lim)
+        if parsed is not None:
+            r = Reader.from_parsed(text, parsed, file=file, limits=lim, size_bound=_PLAN_BOUND)
+        else:
+            r = Reader.from_text(text, file=file, limits=lim, size_bound=_PLAN_BOUND)
+            if keep is not None:
+                keep(r.parsed())
+        cached = PLANS[key] = _parse_plan(r, file=file, lim=lim)
     return cached
 
 
-def _parse_plan(text: str, *, file: str, lim: Limits) -> PlanFile:
-    r = Reader.from_text(text, file=file, limits=lim, size_bound="max_plan_bytes")
+_PLAN_BOUND = "max_plan_bytes"
+
+
+def _parse_plan(r: Reader, *, file: str, lim: Limits) -> PlanFile:
     r.table((), {"components", "maintenance"})
     windows = read_maintenance(r, ("maintenance",))
     listed = r.get(("components",))
@@ -232,6 +249,18 @@ RecipeIdentity = Callable[[PlanEntry], tuple[str, str] | None]
 blob id), or None when it cannot (then the recipe is read)."""
 
 
+class Documents(Protocol):
+    """Parsed recipe documents by content id (a git blob id), kept between processes."""
+
+    def get(self, content_id: str) -> tuple[str, Parsed] | None:
+        """The text and parsed document with this content id, or None (not kept, or damaged)."""
+        ...
+
+    def put(self, content_id: str, text: str, parsed: Parsed) -> None:
+        """Keep ``text``, whose content id this is, parsed as ``parsed`` (before validation)."""
+        ...
+
+
 def resolve_entries(
     entries: list[PlanEntry],
     read: RecipeReader,
@@ -243,6 +272,7 @@ def resolve_entries(
     limits: Limits | None = None,
     identify: RecipeIdentity | None = None,
     maintenance: tuple[tuple[str, Maintenance], ...] = (),
+    documents: Documents | None = None,
 ) -> DesiredPlan:
     """Load the recipe of every entry and validate the graph.
 
@@ -251,7 +281,9 @@ def resolve_entries(
     whose content id (its git blob id) is cached is not even read: between two revisions only
     the recipes whose tree entries changed are read and parsed. ``limits`` (default:
     ``Limits.from_env()``) bounds the number of components after the merge and every recipe.
-    ``maintenance`` (:func:`merge_windows`) is carried to the result.
+    ``maintenance`` (:func:`merge_windows`) is carried to the result. ``documents`` keeps
+    recipes parsed by content id across processes: one found there is neither read nor parsed
+    again, only validated (with the bounds and variables in force).
     """
     lim = limits or Limits.from_env()
     if len(entries) > lim.max_components:
@@ -274,11 +306,21 @@ def resolve_entries(
         if known is not None:
             recipe = _cached(store, ("id", *known, lim), env)
         if recipe is None:
-            text, display = read(e)
+            kept = documents.get(known[0]) if documents is not None and known else None
+            if kept is not None and known is not None:
+                text, display = kept[0], known[1]
+            else:
+                text, display = read(e)
             text_key = ("text", text, display, lim)
             recipe = _cached(store, text_key, env)
             if recipe is None:
-                recipe = parse_recipe(text, file=display, environ=env, limits=lim)
+                reader = None
+                if kept is not None:
+                    reader = Reader.from_parsed(text, kept[1], file=display, limits=lim)
+                elif documents is not None and known:
+                    reader = Reader.from_text(text, file=display, limits=lim)
+                    documents.put(known[0], text, reader.parsed())  # before validation reads it
+                recipe = parse_recipe(text, file=display, environ=env, limits=lim, reader=reader)
                 names = tuple(sorted(set(_VAR_REF.findall(text))))
                 _remember(store, text_key, names, env, recipe)
             if known is not None:

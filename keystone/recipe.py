@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -320,7 +320,7 @@ class Recipe:
         return cached
 
     def _hash(self) -> str:
-        data = asdict(self)
+        data = _plain(self)
         # drift only says what to do when installed files change: not a reason to restart;
         # defer only says when an update may stop it
         for key in ("source", "unknown_fields", "text", "drift", "defer"):
@@ -329,6 +329,30 @@ class Recipe:
             dep.pop("line", None)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _plain(obj: Any) -> Any:
+    """``dataclasses.asdict`` for JSON: the same document once dumped, without its deep copies.
+
+    Dataclasses become dicts, tuples and lists lists, dicts dicts; any other value is kept as
+    it is (``json.dumps`` writes it, or its ``str``, exactly as it would a copy of it).
+    """
+    names = _FIELDS.get(type(obj))
+    if names is not None:
+        return {name: _plain(getattr(obj, name)) for name in names}
+    if obj is None or isinstance(obj, str | int | float):  # also bool and the StrEnums
+        return obj
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        _FIELDS[type(obj)] = tuple(f.name for f in fields(obj))
+        return _plain(obj)
+    return obj
 
 
 _TOP = {"metadata", "dependencies", "artifacts", "datasets", "lifecycle", "resources", "drift"}
@@ -388,17 +412,19 @@ def parse_recipe(
     file: str,
     environ: Mapping[str, str] | None = None,
     limits: Limits | None = None,
+    reader: Reader | None = None,
 ) -> Recipe:
     """Parse and validate recipe TOML ``text`` (``file`` is used in messages).
 
-    ``limits`` (default: ``Limits.from_env()``) bounds its size and nesting.
+    ``limits`` (default: ``Limits.from_env()``) bounds its size and nesting. ``reader`` is
+    ``text`` already parsed under those bounds (``Reader.from_text`` or ``from_parsed``).
 
     Raises:
         ValidationError: with file, line, field and what was expected (``LimitExceeded``
             for a recipe over a bound, ``DuplicateKeyError`` for a key defined twice).
     """
     env = environ if environ is not None else {}
-    r = Reader.from_text(text, file=file, limits=limits, size_bound="max_recipe_bytes")
+    r = reader or Reader.from_text(text, file=file, limits=limits, size_bound="max_recipe_bytes")
     r.table((), _TOP)
 
     r.table(("metadata",), {"name", "version", "description", "publisher", "type"}, required=True)

@@ -13,9 +13,13 @@ all of them. This module imports only :mod:`keystone.errors`, so any layer may u
 
 from __future__ import annotations
 
+import re
+
 from keystone.errors import ValidationError
 
 __all__ = ["repo_path", "repo_path_problem", "split_repo_path"]
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")  # a control character or a backslash
 
 
 def repo_path_problem(path: object, *, allow_root: bool = False) -> str | None:
@@ -28,7 +32,7 @@ def repo_path_problem(path: object, *, allow_root: bool = False) -> str | None:
         return f"repository path must be a string, got {type(path).__name__}"
     if path.startswith("/"):
         return f"{path!r} is absolute; paths in the fleet repository are relative to its root"
-    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+    if _UNSAFE.search(path):
         return (
             f"{path!r} contains a backslash or a control character; use plain '/'-separated names"
         )

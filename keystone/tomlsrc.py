@@ -51,6 +51,17 @@ class _Def:
     table: Path_ = ()  # for a key: the header path in force where it is written
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """One document as parsed and indexed, before validation: what a cache of parsed documents
+    keeps (``Reader.from_parsed`` applies the bounds in force to it again)."""
+
+    data: dict[str, Any]
+    lines: dict[Path_, int]  # LineIndex: the first line of each key path
+    max_depth: int
+    depth_line: int | None
+
+
 class LineIndex:
     """Maps key paths of a TOML source to 1-based line numbers; measures bracket nesting.
 
@@ -71,6 +82,19 @@ class LineIndex:
         self._arrays: dict[Path_, int] = {}
         self._prefix: Path_ = ()
         self._scan()
+
+    @classmethod
+    def restored(cls, parsed: Parsed) -> LineIndex:
+        """The index of a document parsed before (``Reader.parsed``), without a scan.
+
+        Only a document that parsed has one, so what only a refused document needs (its
+        definitions, for ``first_conflict``) is empty.
+        """
+        idx = cls("")
+        idx._lines = parsed.lines
+        idx.max_depth = parsed.max_depth
+        idx.depth_line = parsed.depth_line
+        return idx
 
     # -- scanning ---------------------------------------------------------------------------
 
@@ -420,6 +444,7 @@ def _parse(text: str, file: str, lim: Limits, lines: _Lines) -> dict[str, Any]:
 
 
 def _check_depth(idx: LineIndex, file: str, lim: Limits) -> None:
+    """The nesting the scan measured, over the bound: refused naming the deepest line."""
     if idx.max_depth > lim.max_toml_depth:
         raise lim.refuse(
             "max_toml_depth",
@@ -539,6 +564,36 @@ class Reader:
         if not len(found) == len(entries) == text.count(name):
             return None
         return [text.count("\n", 0, at) + 1 for at in found]
+
+    @classmethod
+    def from_parsed(
+        cls,
+        text: str,
+        parsed: Parsed,
+        *,
+        file: str,
+        limits: Limits | None = None,
+        size_bound: str = "max_recipe_bytes",
+    ) -> Reader:
+        """``from_text`` for a document parsed before (``parsed``, from a cache): the same
+        bounds are checked, in the same order, so it is refused exactly as ``text`` would be.
+
+        ``parsed.data`` is used, not copied: it must be the caller's own.
+        """
+        lim = limits or Limits.from_env()
+        size = byte_length(text)
+        if size > int(getattr(lim, size_bound)):
+            raise lim.refuse(size_bound, size, what="the file", file=file)
+        lines = _Lines(text)
+        lines.made = LineIndex.restored(parsed)
+        _check_depth(lines.made, file, lim)
+        _check_values(parsed.data, file, lines, lim)
+        return cls(parsed.data, file, lines)
+
+    def parsed(self) -> Parsed:
+        """The document as parsed and indexed (for a cache; before anything reads it)."""
+        idx = self.index
+        return Parsed(self.data, idx._lines, idx.max_depth, idx.depth_line)
 
     def error(self, path: Path_, message: str) -> ValidationError:
         """A ValidationError located at ``path``."""

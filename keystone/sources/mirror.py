@@ -150,6 +150,11 @@ class GitMirror:
         return self._repo
 
     @property
+    def git_dir(self) -> Path:
+        """The repository's git directory (a checkout's ``.git``; a bare mirror itself)."""
+        return Path(self._repo.controldir())
+
+    @property
     def objects_dir(self) -> Path:
         """The mirror's object directory."""
         return Path(self._repo.object_store.path)

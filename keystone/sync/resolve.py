@@ -10,7 +10,7 @@ declares them are kept (all must be open for the plan to be deployed).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol
 
 from keystone import repopath
@@ -18,6 +18,7 @@ from keystone.errors import ValidationError
 from keystone.plan import (
     STORE_REF,
     DesiredPlan,
+    Documents,
     PlanEntry,
     PlanFile,
     merge_entries,
@@ -26,6 +27,7 @@ from keystone.plan import (
     resolve_entries,
 )
 from keystone.recipe import check_segment
+from keystone.tomlsrc import Parsed
 
 
 class Tree(Protocol):
@@ -70,6 +72,14 @@ def _text(data: bytes, file: str) -> str:
         raise ValidationError("not UTF-8 text", file=file) from None
 
 
+def _keeper(
+    docs: Documents | None, content_id: str | None, text: str
+) -> Callable[[Parsed], None] | None:
+    if docs is None or content_id is None:
+        return None
+    return lambda parsed: docs.put(content_id, text, parsed)
+
+
 def resolve(
     tree: Tree,
     *,
@@ -78,25 +88,37 @@ def resolve(
     environ: Mapping[str, str],
     revision: str = "",
     cache: MutableMapping[Any, Any] | None = None,
+    documents: Documents | None = None,
 ) -> DesiredPlan:
     """The validated DesiredPlan of this device at ``revision`` (``tree``).
 
     Each component's ``origin`` is the plan file it came from. Raises ValidationError naming
     the file, line and revision for anything that does not validate. Recipes are cached by
     content (``cache``, default the process's :data:`keystone.plan.RECIPES`); a tree that
-    names blob ids (a git revision) lets unchanged recipes skip even the read.
+    names blob ids (a git revision) lets unchanged recipes skip even the read, and with
+    ``documents`` (:class:`keystone.plan.Documents`) the parse in a later process too.
     """
+    blob_id = getattr(tree, "blob_id", None)
+    docs = documents if blob_id is not None else None
     files: list[PlanFile] = []
     found: list[str] = []
     for path in plan_files(device_id, labels):
-        data = tree.read(path)
-        if data is None:
-            continue
+        # A plan file kept parsed by an earlier process (documents) is not read or parsed.
+        found_id = blob_id(path) if docs is not None and blob_id is not None else None
+        content_id = f"git:{found_id}" if isinstance(found_id, str) else None
+        kept = docs.get(content_id) if docs is not None and content_id is not None else None
+        if kept is not None:
+            text = kept[0]
+        else:
+            data = tree.read(path)
+            if data is None:
+                continue
+            text = _text(data, path)
         found.append(path)
-        files.append(parse_plan(_text(data, path), file=path))
+        keep = _keeper(docs, content_id, text)
+        parsed = kept[1] if kept is not None else None
+        files.append(parse_plan(text, file=path, parsed=parsed, keep=keep))
     entries, unknown = merge_entries(files)
-
-    blob_id = getattr(tree, "blob_id", None)
 
     def identify(e: PlanEntry) -> tuple[str, str] | None:
         # A git tree names each file's content: a recipe cached by its blob id is not read.
@@ -133,6 +155,7 @@ def resolve(
             cache=cache,
             identify=identify,
             maintenance=merge_windows(files),
+            documents=docs,
         )
     except ValidationError as exc:
         if revision and exc.file and "@" not in exc.file:

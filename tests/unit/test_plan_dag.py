@@ -133,6 +133,15 @@ class TestChangeSet:
         """Re-applying the same plan changes nothing."""
         assert diff_plans(plan(STACK), plan(STACK)).empty
 
+    def test_equal_recipes_parsed_twice_are_unchanged(self) -> None:
+        """Two parses of one recipe (distinct objects, same content) are not a change; a new
+        version is."""
+        again = {n: parse_recipe(r.text, file=f"{n}.toml") for n, r in STACK.items()}
+        assert all(again[n] is not STACK[n] for n in STACK)
+        assert diff_plans(plan(STACK), plan(again)).empty
+        again["db"] = recipe("db", "1.1.0")
+        assert diff_plans(plan(STACK), plan(again)).changed == ("db",)
+
     def test_first_apply_starts_everything_in_layers(self) -> None:
         """From nothing, every component starts, layer by layer."""
         _, actions = plan_actions(DesiredPlan.empty(), plan(STACK))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from keystone.errors import ValidationError
-from keystone.recipe import DependencyType, RestartPolicy, load_recipe, parse_recipe
+from keystone.recipe import DependencyType, Recipe, RestartPolicy, load_recipe, parse_recipe
 
 GO_README_RECIPE = """
 [metadata]
@@ -92,6 +95,42 @@ open_files = 4096
 memory_limit = "128M"
 cpu_quota = "50%"
 """
+
+
+def _asdict_hash(r: Recipe) -> str:
+    """The content hash as first defined, over ``dataclasses.asdict`` (the reference)."""
+    data = asdict(r)
+    for key in ("source", "unknown_fields", "text", "drift", "defer"):
+        data.pop(key, None)
+    for dep in data["dependencies"]:
+        dep.pop("line", None)
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+_DATASET = (
+    '\n[[datasets]]\nname = "maps"\nmanifest = "https://h/m.toml"\n[datasets.headers]\nA = "b"\n'
+)
+_DELTA = 'unpack = true\n[artifacts.delta]\nserver = "https://d"\nsha256 = "' + "ab" * 32 + '"'
+_CONTAINER_RECIPES = Path(__file__).parent.parent / "data" / "go_container_recipes"
+_HASHED = [
+    (FULL_RECIPE, {"DB_URL": "x"}),
+    (GO_README_RECIPE, {}),
+    (GO_README_RECIPE + _DATASET, {}),
+    (GO_README_RECIPE.replace("unpack = true", _DELTA), {}),
+    *(
+        (p.read_text(), {"API_KEY": "k", "POSTGRES_PASSWORD": "p", "KEYSTONE_HOME": "/k"})
+        for p in sorted(_CONTAINER_RECIPES.glob("*.recipe.toml"))
+    ),
+]
+
+
+class TestContentHash:
+    @pytest.mark.parametrize(("text", "env"), _HASHED)
+    def test_same_as_over_asdict(self, text: str, env: dict[str, str]) -> None:
+        """The hash is the one over ``asdict`` (installed components keep their hashes)."""
+        r = parse_recipe(text, file="r.recipe.toml", environ=env)
+        assert r.content_hash() == _asdict_hash(r)
 
 
 class TestGoFormat:
