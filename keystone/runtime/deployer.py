@@ -22,6 +22,7 @@ from loguru import logger
 from keystone.diff import ChangeSet, diff_plans
 from keystone.errors import DeploymentFailed, ValidationError
 from keystone.plan import Component, DesiredPlan
+from keystone.runtime.probes import ProbeScheduler
 from keystone.runtime.runner import AnyRunner
 from keystone.runtime.supervisor import (
     RUNNING,
@@ -211,6 +212,8 @@ class Deployer:
         self.component_env = component_env
         self.start_gate = start_gate
         self.clock: Clock = clock or MonotonicClock()
+        # One schedule for every supervisor's health probes: due probes run in one turn.
+        self.probes = ProbeScheduler(self.clock)
         self.runtime_dir = runtime_dir
         self.preparer = preparer
         self.tuning = tuning or RestartTuning()
@@ -232,6 +235,7 @@ class Deployer:
             env_passthrough=self.component_env(component) if self.component_env else None,
             clock=self.clock,
             allow_privileged_install=self.allow_privileged_install,
+            probes=self.probes,
         )
 
     async def _start(self, sups: Sequence[Supervisor]) -> None:

@@ -28,9 +28,10 @@ from loguru import logger
 from keystone.errors import ProcessError
 from keystone.plan import Component
 from keystone.recipe import RestartPolicy
-from keystone.runtime.health import ProbeResult, probe
+from keystone.runtime.health import ProbeResult
 from keystone.runtime.markers import INSTANCE_ENV, new_instance, remove_marker, write_marker
 from keystone.runtime.privileges import user_ids
+from keystone.runtime.probes import ProbeScheduler
 from keystone.runtime.reported import reported_health, reported_state
 from keystone.runtime.runner import AnyRunner, CommandRunner, RunnerHandle, RunnerRecord
 from keystone.runtime.spawn import RunSecurity, SpawnSpec
@@ -172,7 +173,8 @@ class Supervisor:
 
     ``runner`` does everything to the process (any :class:`~keystone.runtime.runner.Runner`);
     ``clock`` times every wait and uptime (default: the real monotonic clock); ``rng`` draws the
-    backoff jitter.
+    backoff jitter; ``probes`` schedules the health probes (shared by a deployer's supervisors,
+    so their due probes run together; default: one of its own on ``clock``).
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class Supervisor:
         rng: Callable[[], float] = random.random,
         clock: Clock | None = None,
         allow_privileged_install: bool = False,
+        probes: ProbeScheduler | None = None,
     ) -> None:
         self.component = component
         self.allow_privileged_install = allow_privileged_install
@@ -201,6 +204,7 @@ class Supervisor:
         self.env = clean_env(component, paths.workdir, env_passthrough)
         self._rng = rng
         self.clock: Clock = clock or MonotonicClock()
+        self.probes = probes or ProbeScheduler(self.clock)
         self.state = State.PENDING
         self.since = time.time()
         self.restarts = 0
@@ -568,9 +572,12 @@ class Supervisor:
         # A container runner runs cmd: checks inside the container; others on the host.
         inside = getattr(self.runner, "in_component", None)
         probe_runner: CommandRunner = inside(handle) if inside is not None else self.runner
+        probes = self.probes
         failures = 0
+        wait = 0.0  # the first probe at once
         while self.handle is handle and self.state in RUNNING:
-            result = await probe(
+            result = await probes.probe(
+                wait,
                 health.check,
                 timeout=health.timeout,
                 runner=probe_runner,
@@ -579,8 +586,9 @@ class Supervisor:
             )
             if self.handle is not handle or self.state not in RUNNING:
                 return
-            changed = result != self.last_health
+            changed = result is not self.last_health and result != self.last_health
             self.last_health = result
+            wait = health.interval
             if result.ok:
                 failures = 0
                 if self.state is not State.HEALTHY:
@@ -588,7 +596,6 @@ class Supervisor:
                 elif changed and self.on_change:
                     # The same answer again is no news: no snapshot, metrics or broker work.
                     self.on_change(self)
-                await clock.sleep(health.interval)
                 continue
             if self.state is State.STARTING:
                 if clock.now() >= deadline:
@@ -596,7 +603,7 @@ class Supervisor:
                         handle, f"not healthy within {health.start_timeout:g}s: {result.detail}"
                     )
                     return
-                await clock.sleep(delay)
+                wait = delay
                 delay = min(delay * 2, health.interval, 1.0)
                 continue
             failures += 1
@@ -605,7 +612,6 @@ class Supervisor:
                 if self.state is not State.UNHEALTHY:
                     return
                 failures = 0
-            await clock.sleep(health.interval)
 
     async def _unhealthy(self, handle: RunnerHandle, reason: str) -> None:
         """Mark unhealthy; restart it unless its policy is ``never``."""

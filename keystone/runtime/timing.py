@@ -13,14 +13,22 @@ import asyncio
 import contextlib
 import heapq
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
 
+class Timer(Protocol):
+    """A callback scheduled with :meth:`Clock.call_later`."""
+
+    def cancel(self) -> None:
+        """Do not call it (no effect once it ran)."""
+        ...
+
+
 class Clock(Protocol):
-    """Monotonic time in seconds, sleeping, and waiting with a timeout."""
+    """Monotonic time in seconds, sleeping, waiting with a timeout, and timers."""
 
     def now(self) -> float:
         """Seconds on a monotonic clock (only differences mean anything)."""
@@ -36,6 +44,10 @@ class Clock(Protocol):
         Raises:
             TimeoutError: ``timeout`` passed first.
         """
+        ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback`` on the running loop after ``delay`` seconds (no task, no future)."""
         ...
 
 
@@ -54,12 +66,30 @@ class MonotonicClock:
         """``asyncio.wait_for``."""
         return await asyncio.wait_for(aw, timeout)
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """``loop.call_later`` on the running loop."""
+        return asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+
+
+class _FakeTimer:
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def done(self) -> bool:
+        return self.cancelled
+
 
 class FakeClock:
     """A clock that stands still until a test advances it.
 
-    Sleepers wake in deadline order (ties in the order they went to sleep), and after each wake-up
-    the loop is given :data:`SETTLE_ROUNDS` turns, so whatever the woken task does next (a
+    Sleepers wake and timers (:meth:`call_later`) run in deadline order (ties in the order they
+    were scheduled), and after each wake-up the loop is given :data:`SETTLE_ROUNDS` turns, so whatever the woken task does next (a
     transition, the next sleep) has happened when :meth:`advance` returns.
     """
 
@@ -69,7 +99,7 @@ class FakeClock:
     def __init__(self, start: float = 0.0) -> None:
         self._now = start
         self._seq = 0
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._sleepers: list[tuple[float, int, asyncio.Future[None] | _FakeTimer]] = []
 
     def now(self) -> float:
         """The fake time."""
@@ -105,9 +135,19 @@ class FakeClock:
             await task
         raise TimeoutError
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback`` once :meth:`advance` reaches ``now() + delay`` (``<= 0``: soon)."""
+        timer = _FakeTimer(callback)
+        if delay <= 0:
+            asyncio.get_running_loop().call_soon(lambda: None if timer.cancelled else callback())
+            return timer
+        heapq.heappush(self._sleepers, (self._now + delay, self._seq, timer))
+        self._seq += 1
+        return timer
+
     @property
     def deadlines(self) -> list[float]:
-        """When the pending sleepers wake, earliest first."""
+        """When the pending sleepers wake and timers run, earliest first."""
         return sorted(when for when, _, fut in self._sleepers if not fut.done())
 
     async def settle(self) -> None:
@@ -124,7 +164,11 @@ class FakeClock:
             if fut.done():
                 continue
             self._now = max(self._now, when)
-            fut.set_result(None)
+            if isinstance(fut, _FakeTimer):
+                fut.cancelled = True  # ran: a cancel() now has nothing to stop
+                fut.callback()
+            else:
+                fut.set_result(None)
             await self.settle()
         self._now = target
         await self.settle()

@@ -396,6 +396,30 @@ class TestHealth:
 
         run(t)
 
+    def test_supervisors_of_one_deployer_probe_on_one_timer(self, tmp_path: Path) -> None:
+        """The components of a deployer wait for their next probes on one shared timer."""
+
+        async def t() -> None:
+            clock = FakeClock(1000.0)
+            runner = FakeRunner()
+            deployer = Deployer(runner, tmp_path, tuning=TUNING, clock=clock)
+            sups = [
+                deployer.make_supervisor(component(n, health=True, interval="2s"))
+                for n in ("a", "b", "c")
+            ]
+            for sup in sups:
+                sup.on_change = None
+                await sup.start()
+            await clock.settle()
+            assert all(sup.state is S.HEALTHY for sup in sups)
+            assert clock.deadlines == [1002.0]  # one timer for three components
+            probes = len(runner.commands)
+            await clock.advance(2.0)
+            assert len(runner.commands) == probes + 3
+            assert clock.deadlines == [1004.0]
+
+        run(t)
+
     def test_one_success_resets_the_failure_count(self, tmp_path: Path) -> None:
         """Failures must be consecutive to count."""
 

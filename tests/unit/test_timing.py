@@ -84,3 +84,56 @@ class TestMonotonicClock:
                 await clock.wait_for(asyncio.Event().wait(), 0.01)
 
         asyncio.run(t())
+
+
+class TestFakeTimers:
+    def test_timers_run_in_deadline_order_with_sleepers(self) -> None:
+        """call_later timers and sleepers wake in one deadline order; a cancelled timer never runs."""
+
+        async def t() -> None:
+            clock = FakeClock(100.0)
+            seen: list[tuple[str, float]] = []
+
+            async def sleeper() -> None:
+                await clock.sleep(2.0)
+                seen.append(("sleep", clock.now()))
+
+            task = asyncio.ensure_future(sleeper())
+            await clock.settle()
+            clock.call_later(3.0, lambda: seen.append(("three", clock.now())))
+            clock.call_later(1.0, lambda: seen.append(("one", clock.now())))
+            gone = clock.call_later(1.5, lambda: seen.append(("cancelled", clock.now())))
+            gone.cancel()
+            assert clock.deadlines == [101.0, 102.0, 103.0]
+            await clock.advance(5.0)
+            assert seen == [("one", 101.0), ("sleep", 102.0), ("three", 103.0)]
+            assert clock.deadlines == []
+            await task
+
+        asyncio.run(t())
+
+    def test_a_timer_due_now_runs_on_the_next_turn(self) -> None:
+        """A delay of zero (or less) runs the callback soon, without moving time."""
+
+        async def t() -> None:
+            clock = FakeClock(5.0)
+            seen: list[float] = []
+            clock.call_later(0.0, lambda: seen.append(clock.now()))
+            assert seen == []
+            await clock.settle()
+            assert seen == [5.0]
+
+        asyncio.run(t())
+
+    def test_real_timer_is_the_loops(self) -> None:
+        """MonotonicClock.call_later is the running loop's timer (cancellable)."""
+
+        async def t() -> None:
+            clock = MonotonicClock()
+            done = asyncio.get_running_loop().create_future()
+            clock.call_later(0.0, lambda: done.set_result(True))
+            never = clock.call_later(60.0, lambda: done.set_result(False))
+            assert await done is True
+            never.cancel()
+
+        asyncio.run(t())
