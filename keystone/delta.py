@@ -18,8 +18,9 @@ memory-mapped: mapped pages count in the process's RSS, read ones stay in the pa
 ``bsdiff4.patch`` would hold the base, the decompressed diff block (about the size of the new
 file) and the new file at once.
 
-``bsdiff4`` and ``zstandard`` are imported inside the functions that use them: the resident
-agent never loads them, and without them every delta falls back to the full download.
+``bsdiff4`` and ``zstandard`` are imported inside the functions that use them, and without them
+every delta falls back to the full download. The resident agent loads none of this module: what
+recipes need of it (``[artifacts.delta]``) is :mod:`keystone.deltaspec`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import contextlib
 import gzip
 import hashlib
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -40,14 +40,19 @@ from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
 
-from keystone.errors import KeystoneError, ValidationError
+# The spec half lives in keystone.deltaspec (no patcher for the resident agent); its names stay
+# importable from here.
+from keystone.deltaspec import DELTA_FORMAT as DELTA_FORMAT
+from keystone.deltaspec import DeltaSpec as DeltaSpec
+from keystone.deltaspec import absolute_http
+from keystone.deltaspec import is_sha256_hex as is_sha256_hex
+from keystone.deltaspec import parse_delta_table as parse_delta_table
+from keystone.errors import KeystoneError
 
-DELTA_FORMAT = "bsdiff+zstd"
 BSDIFF_MAGIC = b"BSDIFF40"
 DEFAULT_MAX_BASE_BYTES = 256 << 20  # Go's KEYSTONE_DELTA_MAX_BASE_BYTES default
 DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
 CHUNK = 4 << 20
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ZSTD_MAX_WINDOW = 1 << 27
 
 
@@ -67,90 +72,13 @@ class DeltaError(KeystoneError):
         super().__init__(message)
 
 
-@dataclass(frozen=True)
-class DeltaSpec:
-    """A recipe's ``[artifacts.delta]``: the patch server and the target tar's SHA-256."""
-
-    server: str
-    sha256: str
-    format: str = DELTA_FORMAT
-    unknown_fields: tuple[str, ...] = ()
-
-
-def is_sha256_hex(value: str) -> bool:
-    """64 lowercase hex characters: the only digest shape that reaches a delta URL."""
-    return bool(_HEX64.match(value))
-
-
-def _absolute_http(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
-
-
-def parse_delta_table(
-    table: Mapping[str, Any] | None,
-    *,
-    file: str | None = None,
-    line: int | None = None,
-    field: str = "artifacts.delta",
-) -> DeltaSpec | None:
-    """Validate a recipe's ``[artifacts.delta]`` table (``None`` when absent).
-
-    ``server`` (an absolute http(s) URL) and ``sha256`` (of the uncompressed tar) are required;
-    ``format`` defaults to ``bsdiff+zstd``. Another format is kept, not refused, as in Go: the
-    client then falls back to the full download and says why. Unknown keys are reported in
-    ``unknown_fields``.
-
-    Raises:
-        ValidationError: naming ``file:line`` and the field.
-    """
-    if table is None:
-        return None
-    if not isinstance(table, Mapping):
-        raise ValidationError("must be a table", file=file, line=line, field=field)
-    unknown = tuple(f"{field}.{k}" for k in table if k not in ("server", "sha256", "format"))
-    server = table.get("server")
-    if not isinstance(server, str) or not server.strip():
-        raise ValidationError(
-            "required: the base URL of the delta server (e.g. https://ota.example.com)",
-            file=file,
-            line=line,
-            field=f"{field}.server",
-        )
-    if not _absolute_http(server.strip()):
-        raise ValidationError(
-            f"{server!r} must be an absolute http(s) URL",
-            file=file,
-            line=line,
-            field=f"{field}.server",
-        )
-    sha = table.get("sha256")
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha.strip()):
-        raise ValidationError(
-            "required: the SHA-256 of the uncompressed tar (64 hex characters; "
-            "`gunzip -c X.tar.gz | sha256sum`)",
-            file=file,
-            line=line,
-            field=f"{field}.sha256",
-        )
-    fmt = table.get("format", "")
-    if not isinstance(fmt, str):
-        raise ValidationError("must be a string", file=file, line=line, field=f"{field}.format")
-    return DeltaSpec(
-        server=server.strip(),
-        sha256=sha.strip().lower(),
-        format=fmt.strip() or DELTA_FORMAT,
-        unknown_fields=unknown,
-    )
-
-
 def delta_url(server: str, from_sha: str, to_sha: str) -> str:
     """``{server}/delta/{from}/{to}``, keeping a base path and not doubling a trailing slash.
 
     Raises:
         DeltaError: ``http`` for a relative server or digests that are not lowercase hex.
     """
-    if not server or not _absolute_http(server):
+    if not server or not absolute_http(server):
         raise DeltaError(f"delta server {server!r} must be an absolute URL", reason="bad-input")
     for what, sha in (("base", from_sha), ("target", to_sha)):
         if not is_sha256_hex(sha):

@@ -1,4 +1,4 @@
-"""Prometheus metrics, prefixed ``keystone_`` (DESIGN section 11), on one registry.
+"""Prometheus metrics, prefixed ``keystone_`` (DESIGN section 11), and their text format.
 
 The component metrics keep the Go Keystone's names and labels (``name``, ``state``, ``health``)
 so its dashboards and alerts keep working::
@@ -42,17 +42,20 @@ the broker adapters' ``keystone_broker_connected{adapter}`` and
 
 The agent calls the event methods from its loop; ``render()`` runs in an API thread. CPU and
 memory are read from ``/proc/<pid>/stat`` at scrape time, so no thread or timer runs for metrics.
+The series are small counters, gauges and histograms of this module's own, and ``render()``
+writes the Prometheus text format 0.0.4 itself, byte for byte what prometheus-client's
+``generate_latest`` wrote for them: prometheus-client is not loaded by the agent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
+import re
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,9 @@ series; ``STATES`` (keystone.runtime.reported) are the Go states of ``keystone_c
 __all__ = ["HEALTHS", "PHASES", "STATES", "Metrics", "health_label", "read_proc_stat"]
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The Prometheus text exposition format 0.0.4, what ``render`` writes."""
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -124,6 +130,15 @@ def health_label(state: str, healthy: bool) -> str:
     return "healthy" if healthy else "unhealthy"
 
 
+def python_version() -> str:
+    """``platform.python_version()`` without the ``platform`` module: the version at the head
+    of ``sys.version`` (``3.11.7``, ``3.13.0rc1``), a missing patch level read as ``.0``."""
+    head = re.match(r"[\w.+]+", sys.version, re.ASCII)
+    version = head.group() if head else ""
+    parts = version.split(".")
+    return ".".join([*parts, "0"]) if len(parts) == 2 else version
+
+
 @dataclass
 class _Component:
     phase: str
@@ -138,194 +153,440 @@ class _Component:
     sample: tuple[float, int, int] | None = None
 
 
-class _SampleCollector:
-    """A prometheus collector over plain samples, grouped into families by name."""
+# --- the text exposition format ---------------------------------------------------------------
+#
+# Written here rather than by prometheus-client, which would stay resident (with wsgiref,
+# urllib.request, mmap and its collectors) for a few dozen lines of output. Like the Go agent,
+# no *_created series (they would double every counter's size). tests/unit/test_metrics_text.py
+# renders the same series with prometheus-client's generate_latest and compares the bytes.
 
-    def __init__(self, sources: list[Callable[[], Iterable[Any]]]) -> None:
-        self.sources = sources
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        families: dict[str, Any] = {}
-        for source in self.sources:
-            try:
-                samples = list(source())
-            except Exception:  # a scrape must not fail for one source (it is read in a thread)
-                continue
-            for smp in samples:
-                fam = families.get(smp.name)
-                if fam is None:
-                    keys = [k for k, _ in smp.labels]
-                    make = CounterMetricFamily if smp.kind == "counter" else GaugeMetricFamily
-                    fam = families[smp.name] = make(smp.name, smp.help, labels=keys)
-                fam.add_metric([v for _, v in smp.labels], smp.value)
-        yield from families.values()
+def format_value(value: float) -> str:
+    """A sample value as prometheus-client writes it: ``+Inf``, ``-Inf``, ``NaN``, Python's
+    shortest repr otherwise, except that a positive number of 7 or more integer digits is
+    written with an exponent, as Go would (``1e6`` is ``1e+06``, ``1234567.5`` ``1.2345675e+06``).
+    """
+    d = float(value)
+    if d != d:
+        return "NaN"
+    if d in (float("inf"), float("-inf")):
+        return "+Inf" if d > 0 else "-Inf"
+    text = repr(d)
+    dot = text.find(".")
+    if d <= 0 or dot <= 6:  # no dot (already 1e+16 form) is -1
+        return text
+    digits = (text[:dot] + text[dot + 1 :]).rstrip("0")
+    mantissa = f"{digits[0]}.{digits[1:]}".rstrip(".")
+    return f"{mantissa}e+{dot - 1:02d}"
+
+
+def _name(name: str, valid: re.Pattern[str], colon: bool) -> str:
+    """A metric (``colon``) or label name as is, or with each character outside the legacy
+    set (letters, ``_``, digits after the first, ``:`` in metric names) replaced by ``_``."""
+    if valid.match(name):
+        return name
+    return "".join(
+        c
+        if ("a" <= c <= "z" or "A" <= c <= "Z" or c == "_" or (colon and c == ":"))
+        or ("0" <= c <= "9" and i > 0)
+        else "_"
+        for i, c in enumerate(name)
+    )
+
+
+def _escape_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _sample(out: list[str], name: str, labels: Iterable[tuple[str, str]], value: float) -> None:
+    """One ``name{label="value",...} value`` line, labels sorted by name."""
+    pairs = ",".join(
+        f'{_name(k, _LABEL_NAME, False)}="{_escape_value(v)}"'
+        for k, v in sorted(dict(labels).items())
+    )
+    label_text = f"{{{pairs}}}" if pairs else ""
+    out.append(f"{_name(name, _METRIC_NAME, True)}{label_text} {format_value(value)}\n")
+
+
+def _header(out: list[str], name: str, help_text: str, kind: str) -> None:
+    """The ``# HELP`` and ``# TYPE`` lines of a family."""
+    name = _name(name, _METRIC_NAME, True)
+    help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+
+
+class _Family:
+    """A metric family: its series by label values, created on first use, kept in that order.
+
+    A family without labels has one series, created with it.
+    """
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, ...], Any] = {}
+        if not self.labelnames:
+            self._series[()] = self._new()
+
+    def _new(self) -> Any:
+        return [0.0]
+
+    def _key(self, values: Sequence[object]) -> tuple[str, ...]:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values, not {values!r}")
+        return tuple(str(v) for v in values)
+
+    def _get(self, values: Sequence[object]) -> Any:
+        key = self._key(values)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = self._new()
+            return series
+
+    def remove(self, *values: object) -> None:
+        """Drop one series; one that does not exist is no error."""
+        key = self._key(values)
+        with self._lock:
+            self._series.pop(key, None)
+
+    def clear(self) -> None:
+        """Drop every series."""
+        with self._lock:
+            self._series.clear()
+
+    def _items(self) -> list[tuple[tuple[tuple[str, str], ...], Any]]:
+        with self._lock:
+            return [
+                (tuple(zip(self.labelnames, k, strict=True)), _copy(s))
+                for k, s in self._series.items()
+            ]
+
+    def render(self, out: list[str]) -> None:
+        _header(out, self.name, self.help, self.kind)
+        for labels, series in self._items():
+            _sample(out, self.name, labels, series[0])
+
+
+def _copy(series: Any) -> Any:
+    return [list(x) if isinstance(x, list) else x for x in series]
+
+
+class _Value:
+    """One series of a counter or a gauge (what ``labels()`` answers)."""
+
+    def __init__(self, family: _Family, cell: list[float]) -> None:
+        self._family, self._cell = family, cell
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0 and self._family.kind == "counter":
+            raise ValueError(f"{self._family.name}: a counter only goes up, not by {amount}")
+        with self._family._lock:
+            self._cell[0] += amount
+
+    def set(self, value: float) -> None:
+        with self._family._lock:
+            self._cell[0] = float(value)
+
+
+class _Counter(_Family):
+    """A counter; ``name`` is the exposed one, ``_total`` included."""
+
+    kind = "counter"
+
+    def labels(self, *values: object) -> _Value:
+        return _Value(self, self._get(values))
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+
+class _Gauge(_Family):
+    """A gauge; ``read`` (one without labels) gives its value at each scrape instead."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        *,
+        read: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(name, help_text, labelnames)
+        self._read = read
+
+    def labels(self, *values: object) -> _Value:
+        return _Value(self, self._get(values))
+
+    def set(self, value: float) -> None:
+        self.labels().set(value)
+
+    def render(self, out: list[str]) -> None:
+        if self._read is None:
+            super().render(out)
+            return
+        _header(out, self.name, self.help, self.kind)
+        _sample(out, self.name, (), self._read())
+
+
+class _Histogram(_Family):
+    """A histogram without labels: counts per bucket (``+Inf`` added), their sum."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
+        self.bounds = (*(float(b) for b in buckets), float("inf"))
+        super().__init__(name, help_text)
+
+    def _new(self) -> Any:
+        # [per-bucket counts (not cumulative), sum]
+        return [[0.0] * len(self.bounds), 0.0]
+
+    def observe(self, amount: float) -> None:
+        with self._lock:
+            series = self._series[()]
+            series[1] += amount
+            for i, bound in enumerate(self.bounds):
+                if amount <= bound:
+                    series[0][i] += 1.0
+                    break
+
+    def render(self, out: list[str]) -> None:
+        _header(out, self.name, self.help, self.kind)
+        for labels, (counts, total) in self._items():
+            acc = 0.0
+            for bound, n in zip(self.bounds, counts, strict=True):
+                acc += n
+                le = (*labels, ("le", format_value(bound)))
+                _sample(out, f"{self.name}_bucket", le, acc)
+            _sample(out, f"{self.name}_count", labels, acc)
+            _sample(out, f"{self.name}_sum", labels, total)
+
+
+class _Info(_Family):
+    """An info metric: one series ``<name>_info`` of value 1 whose labels are the info."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        super().__init__(f"{name}_info", help_text)
+        self._info: dict[str, str] = {}
+
+    def info(self, values: dict[str, str]) -> None:
+        with self._lock:
+            self._info = dict(values)
+
+    def render(self, out: list[str]) -> None:
+        with self._lock:
+            info = tuple(self._info.items())
+        _header(out, self.name, self.help, "gauge")
+        _sample(out, self.name, info, 1.0)
+
+
+def _render_samples(out: list[str], sources: list[Callable[[], Iterable[Any]]]) -> None:
+    """Families made at scrape time from plain samples, grouped by name in first-seen order.
+
+    A counter's family is named without ``_total``, its series with it; the label names of a
+    family are those of its first sample.
+    """
+    families: dict[str, _SampleFamily] = {}
+    for source in sources:
+        try:
+            samples = list(source())
+        except Exception:  # a scrape must not fail for one source (it is read in a thread)
+            continue
+        for smp in samples:
+            fam = families.get(smp.name)
+            if fam is None:
+                fam = families[smp.name] = _SampleFamily(
+                    smp.kind, smp.help, tuple(k for k, _ in smp.labels)
+                )
+            # A later sample's values are paired with the first one's keys (prometheus-client's
+            # families did the same).
+            values = [v for _, v in smp.labels]
+            fam.series.append((tuple(zip(fam.keys, values, strict=False)), smp.value))
+    for name, fam in families.items():
+        kind = "counter" if fam.kind == "counter" else "gauge"
+        if kind == "counter":
+            name = (name[: -len("_total")] if name.endswith("_total") else name) + "_total"
+        _header(out, name, fam.help, kind)
+        for labels, value in fam.series:
+            _sample(out, name, labels, value)
+
+
+@dataclass
+class _SampleFamily:
+    kind: str
+    help: str
+    keys: tuple[str, ...]
+    series: list[tuple[tuple[tuple[str, str], ...], float]] = field(default_factory=list)
 
 
 class Metrics:
-    """Every Keystone metric, on ``self.registry``.
+    """Every Keystone metric, rendered by :meth:`render` in the order they are defined here.
 
     Args:
         proc: the proc filesystem (tests may point it elsewhere).
         monotonic: clock for CPU rates (seconds).
+        wall: the Unix time of uptime and the ``*_timestamp_seconds`` gauges.
     """
 
     def __init__(
-        self, *, proc: Path = Path("/proc"), monotonic: Callable[[], float] = time.monotonic
+        self,
+        *,
+        proc: Path = Path("/proc"),
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        import prometheus_client.metrics as pm
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-
-        # The Go agent exports no *_created series; they would double every counter's size.
-        disable_created: Any = pm.disable_created_metrics
-        disable_created()
         self._proc = proc
         self._monotonic = monotonic
+        self._wall = wall
         self._lock = threading.Lock()
         self._components: dict[str, _Component] = {}
-        self.started = time.time()
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        r.register(_ComponentCollector(self))
+        self.started = wall()
+        self._build: dict[str, str] | None = None
+        self._families: list[_Family | Callable[[list[str]], None]] = [self._render_components]
+        r = self._families.append
 
-        self.reconcile_total = Counter(
-            "keystone_reconcile_total", "Reconcile passes by result", ["result"], registry=r
+        self.reconcile_total = _Counter(
+            "keystone_reconcile_total", "Reconcile passes by result", ["result"]
         )
-        self.reconcile_duration = Histogram(
+        r(self.reconcile_total)
+        self.reconcile_duration = _Histogram(
             "keystone_reconcile_duration_seconds",
             "Duration of reconcile passes",
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
-        self.reconcile_repairs = Counter(
+        r(self.reconcile_duration)
+        self.reconcile_repairs = _Counter(
             "keystone_reconcile_repairs_total",
             "Components started again by reconcile passes",
             ["component"],
-            registry=r,
         )
-        self.reconcile_last = Gauge(
-            "keystone_reconcile_last_timestamp_seconds",
-            "Unix time of the last reconcile pass",
-            registry=r,
+        r(self.reconcile_repairs)
+        self.reconcile_last = _Gauge(
+            "keystone_reconcile_last_timestamp_seconds", "Unix time of the last reconcile pass"
         )
-        self.clock_trusted = Gauge(
+        r(self.reconcile_last)
+        self.clock_trusted = _Gauge(
             "keystone_clock_trusted",
             "1 if the system clock is not behind the trusted clock's high-water mark",
-            registry=r,
         )
+        r(self.clock_trusted)
         self.clock_trusted.set(1)
-        self.build = Info("keystone_build", "Agent build", registry=r)
-        self.build.info({"version": __version__, "python": platform.python_version()})
-        self.uptime = Gauge(
-            "keystone_uptime_seconds", "Seconds since the agent started", registry=r
+        # The Python version is read at the first scrape (no platform module for it).
+        self.build = _Info("keystone_build", "Agent build")
+        r(self.build)
+        self.uptime = _Gauge(
+            "keystone_uptime_seconds",
+            "Seconds since the agent started",
+            read=lambda: self._wall() - self.started,
         )
-        self.uptime.set_function(lambda: time.time() - self.started)
-        self.deployments = Counter(
-            "keystone_deployments_total", "Deployments by result", ["result"], registry=r
+        r(self.uptime)
+        self.deployments = _Counter(
+            "keystone_deployments_total", "Deployments by result", ["result"]
         )
-        self.rollbacks = Counter(
-            "keystone_rollbacks_total",
-            "Rollbacks to the last known-good by result",
-            ["result"],
-            registry=r,
+        r(self.deployments)
+        self.rollbacks = _Counter(
+            "keystone_rollbacks_total", "Rollbacks to the last known-good by result", ["result"]
         )
-        self.sync_total = Counter(
-            "keystone_sync_total",
-            "Sync attempts by result and source",
-            ["result", "source"],
-            registry=r,
+        r(self.rollbacks)
+        self.sync_total = _Counter(
+            "keystone_sync_total", "Sync attempts by result and source", ["result", "source"]
         )
-        self.sync_duration = Histogram(
-            "keystone_sync_duration_seconds",
-            "Duration of sync attempts",
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        r(self.sync_total)
+        self.sync_duration = _Histogram(
+            "keystone_sync_duration_seconds", "Duration of sync attempts", DURATION_BUCKETS
         )
-        self.sync_last = Gauge(
-            "keystone_sync_last_timestamp_seconds", "Unix time of the last sync attempt", registry=r
+        r(self.sync_duration)
+        self.sync_last = _Gauge(
+            "keystone_sync_last_timestamp_seconds", "Unix time of the last sync attempt"
         )
-        self.revision = Info(
-            "keystone_revision", "The applied revision and where it came from", registry=r
-        )
-        self.signature_failures = Counter(
+        r(self.sync_last)
+        self.revision = _Info("keystone_revision", "The applied revision and where it came from")
+        r(self.revision)
+        self.signature_failures = _Counter(
             "keystone_signature_failures_total",
             "Revisions or artifacts refused by a signature or trust check, by kind",
             ["kind"],
-            registry=r,
         )
-        self.cache_bytes = Gauge(
-            "keystone_artifact_cache_bytes", "Bytes held in the artifact cache", registry=r
+        r(self.signature_failures)
+        self.cache_bytes = _Gauge(
+            "keystone_artifact_cache_bytes", "Bytes held in the artifact cache"
         )
-        self.drift_files = Gauge(
+        r(self.cache_bytes)
+        self.drift_files = _Gauge(
             "keystone_drift_files",
             "Installed files that differ from their install manifest, by kind",
             ["name", "kind"],
-            registry=r,
         )
-        self.drift_repairs = Counter(
+        r(self.drift_files)
+        self.drift_repairs = _Counter(
             "keystone_drift_repairs_total",
             "Reinstalls of drifted components by result",
             ["name", "result"],
-            registry=r,
         )
-        self.delta_bytes = Counter(
+        r(self.drift_repairs)
+        self.delta_bytes = _Counter(
             "keystone_artifact_delta_bytes_total",
             "Delta updates: patch bytes downloaded, and bytes the full downloads would have added",
             ["kind"],
-            registry=r,
         )
-        self.artifact_fetches = Counter(
+        r(self.delta_bytes)
+        self.artifact_fetches = _Counter(
             "keystone_artifact_fetches_total",
             "Artifacts fetched, by path: the whole artifact or a delta patch",
             ["path"],
-            registry=r,
         )
+        r(self.artifact_fetches)
         for kind in ("downloaded", "saved"):
             self.delta_bytes.labels(kind)
         for path in ("full", "delta"):
             self.artifact_fetches.labels(path)
         # Series computed at scrape time from plain samples (the datasets'), see add_samples.
         self._sample_sources: list[Callable[[], Iterable[Any]]] = []
-        r.register(_SampleCollector(self._sample_sources))
-        self.broker_connected = Gauge(
+        r(lambda out: _render_samples(out, self._sample_sources))
+        self.broker_connected = _Gauge(
             "keystone_broker_connected",
             "1 while the broker adapter is connected, 0 otherwise",
             ["adapter"],
-            registry=r,
         )
-        self.broker_dropped = Counter(
+        r(self.broker_connected)
+        self.broker_dropped = _Counter(
             "keystone_broker_events_dropped_total",
             "Events dropped from a broker adapter's full buffer while the broker was away",
             ["adapter"],
-            registry=r,
         )
+        r(self.broker_dropped)
         # Staged rollouts: one outcome series per device (the revision it rolls out now), so
         # count by (revision, outcome) over the fleet shows how the canaries fare.
-        self.rollout_outcome = Gauge(
+        self.rollout_outcome = _Gauge(
             "keystone_rollout_outcome",
             "1 for the revision this device rolls out (or last rolled out), its wave and outcome",
             ["revision", "wave", "canary", "outcome"],
-            registry=r,
         )
-        self.rollout_wave = Gauge(
+        r(self.rollout_outcome)
+        self.rollout_wave = _Gauge(
             "keystone_rollout_wave",
             "This device's wave (1-based) of the revision it rolls out; 0 without a rollout",
-            registry=r,
         )
-        self.rollout_wait = Gauge(
+        r(self.rollout_wave)
+        self._rollout_until: float | None = None
+        self.rollout_wait = _Gauge(
             "keystone_rollout_wait_seconds",
             "Seconds until this device may deploy the revision held back (0: not waiting)",
-            registry=r,
+            read=lambda: (
+                max(0.0, self._rollout_until - self._wall()) if self._rollout_until else 0.0
+            ),
         )
-        self.rollout_halted = Gauge(
-            "keystone_rollout_halted",
-            "1 while the revision is held by a halted rollout",
-            registry=r,
+        r(self.rollout_wait)
+        self.rollout_halted = _Gauge(
+            "keystone_rollout_halted", "1 while the revision is held by a halted rollout"
         )
-        self._rollout_until: float | None = None
-        self.rollout_wait.set_function(
-            lambda: max(0.0, self._rollout_until - time.time()) if self._rollout_until else 0.0
-        )
+        r(self.rollout_halted)
         # Series that dashboards divide by exist from the start, at zero.
         for result in ("ok", "failed"):
             self.reconcile_total.labels(result)
@@ -383,7 +644,7 @@ class Metrics:
         """Count a sync attempt (result as the sync record says it) and its duration."""
         self.sync_total.labels(result, source).inc()
         self.sync_duration.observe(max(0.0, duration))
-        self.sync_last.set(time.time())
+        self.sync_last.set(self._wall())
 
     def set_revision(self, revision: str, source: str) -> None:
         """The applied revision and its source (``git``, ``http``, ``bundle``...)."""
@@ -438,8 +699,7 @@ class Metrics:
         its series (no manifest, or it left the plan)."""
         for kind in ("changed", "added", "removed"):
             if counts is None:
-                with contextlib.suppress(KeyError):  # never set: nothing to drop
-                    self.drift_files.remove(name, kind)
+                self.drift_files.remove(name, kind)  # never set: nothing to drop
             else:
                 self.drift_files.labels(name, kind).set(counts.get(kind, 0))
 
@@ -465,7 +725,7 @@ class Metrics:
         self.reconcile_duration.observe(max(0.0, duration))
         for name in repaired:
             self.reconcile_repairs.labels(name).inc()
-        self.reconcile_last.set(time.time())
+        self.reconcile_last.set(self._wall())
 
     # --- scrape -----------------------------------------------------------------------------
 
@@ -498,10 +758,17 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text (Prometheus text format 0.0.4) and its content type."""
-        from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-
         self.refresh()
-        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+        if self._build is None:
+            self._build = {"version": __version__, "python": python_version()}
+            self.build.info(self._build)
+        out: list[str] = []
+        for family in self._families:
+            if isinstance(family, _Family):
+                family.render(out)
+            else:
+                family(out)
+        return "".join(out).encode(), CONTENT_TYPE
 
     def components_snapshot(self) -> dict[str, _Component]:
         """A copy of the per-component records (for the collector and tests)."""
@@ -520,64 +787,71 @@ class Metrics:
                 for n, c in self._components.items()
             }
 
-
-class _ComponentCollector:
-    """Builds the per-component families at scrape time from the recorded states."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        comps = self.metrics.components_snapshot()
-        state = GaugeMetricFamily(
+    def _render_components(self, out: list[str]) -> None:
+        """The per-component families, from the recorded states (names in order)."""
+        comps = self.components_snapshot()
+        names = sorted(comps)
+        _header(
+            out,
             "keystone_component_state",
             "Component state (1 for the current state, 0 for the others)",
-            labels=["name", "state"],
+            "gauge",
         )
-        phase = GaugeMetricFamily(
-            "keystone_component_phase",
-            "Component lifecycle phase of the supervisor (1 for the current phase, 0 for the others)",
-            labels=["name", "phase"],
-        )
-        state_health = GaugeMetricFamily(
+        for name in names:
+            c = comps[name]
+            for st in STATES if c.state in STATES else (*STATES, c.state):
+                labels = (("name", name), ("state", st))
+                _sample(out, "keystone_component_state", labels, 1.0 if st == c.state else 0.0)
+        _header(
+            out,
             "keystone_component_state_health",
             "Component state with its health (1 for the current combination)",
-            labels=["name", "state", "health"],
+            "gauge",
         )
-        restarts = CounterMetricFamily(
-            "keystone_component_restarts",
+        for name in names:
+            c = comps[name]
+            pair = (("name", name), ("state", c.state), ("health", c.health))
+            _sample(out, "keystone_component_state_health", pair, 1.0)
+        _header(
+            out,
+            "keystone_component_phase",
+            "Component lifecycle phase of the supervisor (1 for the current phase, 0 for the others)",
+            "gauge",
+        )
+        for name in names:
+            c = comps[name]
+            for ph in PHASES if c.phase in PHASES else (*PHASES, c.phase):
+                labels = (("name", name), ("phase", ph))
+                _sample(out, "keystone_component_phase", labels, 1.0 if ph == c.phase else 0.0)
+        _header(
+            out,
+            "keystone_component_restarts_total",
             "Restarts of the component since the agent started",
-            labels=["name"],
+            "counter",
         )
-        healthy = GaugeMetricFamily(
-            "keystone_component_healthy", "Component health (1 healthy, 0 not)", labels=["name"]
-        )
-        cpu = GaugeMetricFamily(
+        for name in names:
+            _sample(
+                out, "keystone_component_restarts_total", (("name", name),), comps[name].restarts
+            )
+        _header(out, "keystone_component_healthy", "Component health (1 healthy, 0 not)", "gauge")
+        for name in names:
+            healthy = 1.0 if comps[name].healthy else 0.0
+            _sample(out, "keystone_component_healthy", (("name", name),), healthy)
+        _header(
+            out,
             "keystone_component_cpu_percent",
             "CPU of the component's process, percent of one core",
-            labels=["name"],
+            "gauge",
         )
-        rss = GaugeMetricFamily(
+        for name in names:
+            if (cpu := comps[name].cpu_percent) is not None:
+                _sample(out, "keystone_component_cpu_percent", (("name", name),), cpu)
+        _header(
+            out,
             "keystone_component_memory_rss_bytes",
             "Resident memory of the component's process",
-            labels=["name"],
+            "gauge",
         )
-        for name in sorted(comps):
-            c = comps[name]
-            for s in STATES if c.state in STATES else (*STATES, c.state):
-                state.add_metric([name, s], 1.0 if s == c.state else 0.0)
-            for p in PHASES if c.phase in PHASES else (*PHASES, c.phase):
-                phase.add_metric([name, p], 1.0 if p == c.phase else 0.0)
-            state_health.add_metric([name, c.state, c.health], 1.0)
-            restarts.add_metric([name], float(c.restarts))
-            healthy.add_metric([name], 1.0 if c.healthy else 0.0)
-            if c.cpu_percent is not None:
-                cpu.add_metric([name], c.cpu_percent)
-            if c.rss_bytes is not None:
-                rss.add_metric([name], float(c.rss_bytes))
-        yield from (state, state_health, phase, restarts, healthy, cpu, rss)
+        for name in names:
+            if (rss := comps[name].rss_bytes) is not None:
+                _sample(out, "keystone_component_memory_rss_bytes", (("name", name),), rss)

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keystone.datasetspec import DatasetSpec, parse_datasets, reload_plan
-from keystone.delta import DeltaSpec, parse_delta_table
+from keystone.deltaspec import DeltaSpec, parse_delta_table
 from keystone.env import SubstitutionError, substitute
 from keystone.limits import Limits, read_bounded
 from keystone.semver import Constraint, Version

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from keystone import errors as errors_module
-from keystone.delta import DeltaSpec, parse_delta_table
+from keystone.deltaspec import DeltaSpec, parse_delta_table
 from keystone.errors import (
     ArtifactFetchError,
     ArtifactIntegrityError,
