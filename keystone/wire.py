@@ -357,9 +357,11 @@ class WireClient(Requests):
         runtime: Path | str | None = None,
         timeout: float = 600.0,
         environ: Mapping[str, str] | None = None,
+        max_body: int | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
         self.addr = parse_addr(addr, self.environ)
+        self.max_body = MAX_BODY if max_body is None else max_body
         ssh = ssh if ssh is not None else self.environ.get("KEYSTONE_SSH")
         self.plain = self.addr.scheme == "http" and not (ssh and ssh.strip())
         self.token = find_token(token, runtime=runtime, environ=self.environ)
@@ -552,8 +554,8 @@ class WireClient(Requests):
             if not declared.isdigit():
                 raise Unusual(f"Content-Length {declared!r}")
             size = int(declared)
-            if size > MAX_BODY:
-                raise Unusual(f"a body of {size} bytes, over {MAX_BODY}")
+            if size > self.max_body:
+                raise Unusual(f"a body of {size} bytes, over {self.max_body}")
             while len(rest) < size:
                 rest += self._recv()
             self._buf = rest[size:]
@@ -561,8 +563,8 @@ class WireClient(Requests):
         # Neither: the body runs to the close.
         assert self._sock is not None
         while True:
-            if len(rest) > MAX_BODY:
-                raise Unusual(f"a body over {MAX_BODY} bytes")
+            if len(rest) > self.max_body:
+                raise Unusual(f"a body over {self.max_body} bytes")
             more = self._sock.recv(65536)
             if not more:
                 return status, headers, rest, False
@@ -588,8 +590,8 @@ class WireClient(Requests):
             if n == 0:
                 break
             size += n
-            if size > MAX_BODY:
-                raise Unusual(f"a chunked body over {MAX_BODY} bytes")
+            if size > self.max_body:
+                raise Unusual(f"a chunked body over {self.max_body} bytes")
             while len(data) < n + 2:
                 data += self._recv()
             if data[n : n + 2] != b"\r\n":
