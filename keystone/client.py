@@ -22,7 +22,6 @@ from keystone.errors import AgentUnreachable, UsageError
 from keystone.wire import (
     CONNECT_TIMEOUT,
     DEFAULT_ADDR,
-    OPERATION_WAIT,
     TOKEN_FILE,
     ApiError,
     ApiRefused,
@@ -65,6 +64,8 @@ __all__ = [
 ]
 
 SYSTEM_RUNTIME = Path("/var/lib/keystone")
+OPERATION_WAIT = 30.0
+"""Seconds one ``GET /v1/operations/{id}?wait=`` may hold the connection."""
 EXPECT_CONTINUE_BYTES = 1 << 20
 """Bodies at least this large ask first (``Expect: 100-continue``), so a wrong token or an
 oversized upload is refused before the bytes travel."""
@@ -390,6 +391,59 @@ class Client(Requests):
             method=method,
             path=path,
         )
+
+    def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
+        """Wait until operation ``op_id`` is done and return it (``GET /v1/operations/{id}``).
+
+        The agent holds each request until the operation is done (long poll, at most
+        ``OPERATION_WAIT`` seconds each), so this asks again only after such a wait.
+
+        Raises:
+            OperationTimeout: ``timeout`` passed before the operation was done (its last
+                state is in ``.operation``).
+            AgentUnreachable: no agent answered.
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        path = "/v1/operations/" + quote(op_id, safe="")
+        while True:
+            left = deadline - time.monotonic()
+            wait = max(0.0, min(left, OPERATION_WAIT))
+            op = self.get(
+                path, params={"wait": f"{wait:.3f}s"} if wait > 0 else None, timeout=wait + 30
+            )
+            if not isinstance(op, dict):
+                raise AgentUnreachable(f"GET {path}: the agent answered {op!r}")
+            if op.get("state") == "done":
+                return op
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(
+                    f"operation {op_id} was {op.get('state')} when the timeout of {timeout:g}s "
+                    "passed; it goes on in the agent (keystone status follows it)",
+                    operation=op,
+                )
+
+    def follow_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
+        """The result of operation ``op_id``, following the newer ones that superseded it.
+
+        A queued request that a newer one replaced (latest wins) ends "superseded by <id>":
+        what the caller asked for is then decided by that newer operation, so this waits on it.
+
+        Raises:
+            OperationTimeout: ``timeout`` passed first (it counts for the whole chain).
+            AgentUnreachable: no agent answered.
+        """
+        import time  # lazy: keeps the fast status path's imports as they were
+
+        deadline = time.monotonic() + timeout
+        while True:
+            op = self.wait_operation(op_id, max(0.0, deadline - time.monotonic()))
+            result = dict(op.get("result") or {})
+            newer = op.get("superseded_by") or result.get("superseded_by")
+            if result.get("result") != "superseded" or not newer:
+                return result
+            op_id = str(newer)
 
 
 class _StaleConnection(Exception):

@@ -37,12 +37,12 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from keystone.client import Client
+
 DEFAULT_ADDR = "http://127.0.0.1:8080"
 TOKEN_FILE = "api.token"
 SYSTEM_RUNTIME_DIR = "/var/lib/keystone"
 CONNECT_TIMEOUT = 5.0
-OPERATION_WAIT = 30.0
-"""Seconds one ``GET /v1/operations/{id}?wait=`` may hold the connection."""
 MAX_HEAD = 64 * 1024
 """Bytes of status line and headers the wire reads before it calls an answer unusual."""
 MAX_BODY = 16 * 1024 * 1024
@@ -245,7 +245,7 @@ def find_token(
 
 
 class Requests:
-    """The requests built on ``request``, shared by ``Client`` and :class:`WireClient`."""
+    """What the CLI's commands ask of a client (``Client``, :class:`WireClient`)."""
 
     def request(
         self,
@@ -269,58 +269,12 @@ class Requests:
         return self.request("POST", path, **kw)
 
     def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
-        """Wait until operation ``op_id`` is done and return it (``GET /v1/operations/{id}``).
-
-        The agent holds each request until the operation is done (long poll, at most
-        ``OPERATION_WAIT`` seconds each), so this asks again only after such a wait.
-
-        Raises:
-            OperationTimeout: ``timeout`` passed before the operation was done (its last
-                state is in ``.operation``).
-            AgentUnreachable: no agent answered.
-        """
-        import time
-        from urllib.parse import quote
-
-        deadline = time.monotonic() + timeout
-        path = "/v1/operations/" + quote(op_id, safe="")
-        while True:
-            left = deadline - time.monotonic()
-            wait = max(0.0, min(left, OPERATION_WAIT))
-            op = self.get(
-                path, params={"wait": f"{wait:.3f}s"} if wait > 0 else None, timeout=wait + 30
-            )
-            if not isinstance(op, dict):
-                raise AgentUnreachable(f"GET {path}: the agent answered {op!r}")
-            if op.get("state") == "done":
-                return op
-            if time.monotonic() >= deadline:
-                raise OperationTimeout(
-                    f"operation {op_id} was {op.get('state')} when the timeout of {timeout:g}s "
-                    "passed; it goes on in the agent (keystone status follows it)",
-                    operation=op,
-                )
+        """Wait until operation ``op_id`` is done and return it (see ``Client``)."""
+        raise NotImplementedError
 
     def follow_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
-        """The result of operation ``op_id``, following the newer ones that superseded it.
-
-        A queued request that a newer one replaced (latest wins) ends "superseded by <id>":
-        what the caller asked for is then decided by that newer operation, so this waits on it.
-
-        Raises:
-            OperationTimeout: ``timeout`` passed first (it counts for the whole chain).
-            AgentUnreachable: no agent answered.
-        """
-        import time
-
-        deadline = time.monotonic() + timeout
-        while True:
-            op = self.wait_operation(op_id, max(0.0, deadline - time.monotonic()))
-            result = dict(op.get("result") or {})
-            newer = op.get("superseded_by") or result.get("superseded_by")
-            if result.get("result") != "superseded" or not newer:
-                return result
-            op_id = str(newer)
+        """The result of operation ``op_id``, following the newer ones that superseded it."""
+        raise NotImplementedError
 
 
 # --- the wire -------------------------------------------------------------------------------
@@ -360,6 +314,7 @@ class WireClient(Requests):
         max_body: int | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
+        self.args = (addr, token, ssh, runtime)
         self.addr = parse_addr(addr, self.environ)
         self.max_body = MAX_BODY if max_body is None else max_body
         ssh = ssh if ssh is not None else self.environ.get("KEYSTONE_SSH")
@@ -396,6 +351,25 @@ class WireClient(Requests):
             self._sock, self._buf = sock, b""
             return sock
         raise unreachable(self.addr.base, describe(err or OSError("no address")))
+
+    def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
+        """``Client.wait_operation`` (long polls are not the hot path's)."""
+        with self._client() as client:
+            return client.wait_operation(op_id, timeout)
+
+    def follow_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
+        """``Client.follow_operation`` (a superseded sync is not the hot path's)."""
+        with self._client() as client:
+            return client.follow_operation(op_id, timeout)
+
+    def _client(self) -> Client:
+        from pathlib import Path
+
+        from keystone.client import Client
+
+        addr, token, ssh, runtime = self.args
+        runtime = Path(runtime) if runtime is not None else None
+        return Client(addr, token, ssh, runtime=runtime, timeout=self.timeout, environ=self.environ)
 
     def close(self) -> None:
         """Close the connection, if any."""

@@ -330,3 +330,27 @@ class TestChoice:
         assert WireClient(runtime=tmp_path, environ={}).token == "from-file"
         assert WireClient(runtime=str(tmp_path), environ={}).token == "from-file"
         assert Client(runtime=tmp_path, environ={}).token == "from-file"
+
+
+class TestSync:
+    def test_a_superseded_sync_follows_the_newer_operation(
+        self, server: Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``sync --once`` superseded by a newer request prints that one's outcome and exits
+        with its code; the wire hands the long poll to Client."""
+        for var in CLEAN_ENV:
+            monkeypatch.delenv(var, raising=False)
+        done = {"state": "done", "result": {"result": "refused", "error": "bad sig"}}
+
+        def agent(h: http.server.BaseHTTPRequestHandler) -> None:
+            if h.command == "POST":
+                send(h, 200, b'{"result": "superseded", "superseded_by": "op 2"}')
+            else:
+                send(h, 200, json.dumps(done).encode())
+
+        server.handle = agent
+        assert fast_main(["sync", "--once", "--json", "--addr", server.addr, "--token", "t"]) == 3
+        assert json.loads(capsys.readouterr().out) == done["result"]
+        (post, sync, _), (get, path, _) = server.requests
+        assert (post, sync) == ("POST", "/v1/sync?dry=false&allow_rollback=false&retry=false")
+        assert get == "GET" and path.startswith("/v1/operations/op%202?wait=")
