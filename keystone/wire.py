@@ -436,7 +436,14 @@ class WireClient(Requests):
             lines.append(f"Authorization: Bearer {self.token}")
         if body is not None:
             lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if not target.isascii() or any(c <= " " or c == "\x7f" for c in target):
+            raise Unusual("a target http.client refuses (it says why)")
+        if self.token and ("\r" in self.token or "\n" in self.token):
+            raise Unusual("a token http.client refuses (it says why)")
+        try:
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        except UnicodeEncodeError:
+            raise Unusual("a header that is not Latin-1") from None
         try:
             sock.sendall(head + body if body else head)
             status, headers, raw, keep = self._answer(method)

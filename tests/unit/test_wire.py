@@ -354,3 +354,19 @@ class TestSync:
         (post, sync, _), (get, path, _) = server.requests
         assert (post, sync) == ("POST", "/v1/sync?dry=false&allow_rollback=false&retry=false")
         assert get == "GET" and path.startswith("/v1/operations/op%202?wait=")
+
+
+class TestWhatHttpClientRefuses:
+    @pytest.mark.parametrize("addr_path", ["/a b", "/caf\u00e9"])
+    def test_a_target_http_client_refuses_is_unusual(self, server: Server, addr_path: str) -> None:
+        """A target with a space or beyond ASCII is not sent; Client then says what is wrong."""
+        with WireClient(server.addr + addr_path, "t", environ={}) as c, pytest.raises(Unusual):
+            c.get("/healthz")
+        assert server.requests == []
+
+    @pytest.mark.parametrize("token", ["a\nb", "caf\u20ac"])
+    def test_a_token_http_client_refuses_is_unusual(self, server: Server, token: str) -> None:
+        """A token with a line break or beyond Latin-1 is not sent."""
+        with WireClient(server.addr, token, environ={}) as c, pytest.raises(Unusual):
+            c.get("/healthz")
+        assert server.requests == []
