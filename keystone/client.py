@@ -1,10 +1,12 @@
-"""The CLI's client for the agent API: stdlib ``http.client`` (quick to import and start),
-token discovery, and ``--ssh`` tunnels through the operator's own ``ssh -W``, as the Go
-keystonectl does.
+"""The CLI's client for the agent API: stdlib ``http.client`` (https with mTLS, uploads with
+``Expect: 100-continue``), token discovery, and ``--ssh`` tunnels through the operator's own
+``ssh -W``, as the Go keystonectl does.
 
 Errors map to the CLI's exit codes (DESIGN section 8) through the ``KeystoneError`` tree:
 nothing answering is ``AgentUnreachable`` (exit 1); an error answer becomes an ``ApiError``
 subclass chosen by the ``kind`` the agent reports: misuse 2, refused 3, rolled back 4, else 1.
+The address, token discovery and the error answers are :mod:`keystone.wire`'s (re-exported
+here), shared with the plain-HTTP client of the CLI's fast path.
 """
 
 from __future__ import annotations

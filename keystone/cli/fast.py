@@ -5,6 +5,9 @@ loop. ``fast_main`` serves ``status [--revision]``, ``components``, ``health`` a
 connection options, and declines (returns None) anything else, including ``--help``, so typer
 handles it. The typer commands of ``keystone.cli.control`` run the same ``read_*`` bodies and
 print through the same views, so both paths print exactly the same thing.
+
+An ``http://`` agent is asked through :class:`keystone.wire.WireClient` (no ``http.client``);
+https, ``--ssh`` and any answer the wire does not read go to ``keystone.client.Client``.
 """
 
 from __future__ import annotations
