@@ -33,11 +33,10 @@ from keystone.errors import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from pathlib import Path
-    from typing import Any
+    from typing import Any, Self
 
-    from keystone.client import Client
 
 DEFAULT_ADDR = "http://127.0.0.1:8080"
 TOKEN_FILE = "api.token"
@@ -268,6 +267,15 @@ class Requests:
         """``POST path``."""
         return self.request("POST", path, **kw)
 
+    def close(self) -> None:
+        """Close the connection, if any."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
         """Wait until operation ``op_id`` is done and return it (see ``Client``)."""
         raise NotImplementedError
@@ -294,7 +302,8 @@ class WireClient(Requests):
 
     The same arguments, token discovery, timeouts, errors and exit codes as
     ``keystone.client.Client``; ``plain`` is False for an address it does not serve (https,
-    ``--ssh`` or ``KEYSTONE_SSH``), which ``Client`` then serves.
+    ``--ssh`` or ``KEYSTONE_SSH``), which ``Client`` then serves. ``long_polls`` makes the
+    client that waits on operations (``Client``, with the same arguments).
 
     Raises (``request``):
         AgentUnreachable: nothing answered, or the connection broke before the answer.
@@ -312,11 +321,12 @@ class WireClient(Requests):
         timeout: float = 600.0,
         environ: Mapping[str, str] | None = None,
         max_body: int | None = None,
+        long_polls: Callable[[], Requests] | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
-        self.args = (addr, token, ssh, runtime)
         self.addr = parse_addr(addr, self.environ)
         self.max_body = MAX_BODY if max_body is None else max_body
+        self.long_polls = long_polls
         ssh = ssh if ssh is not None else self.environ.get("KEYSTONE_SSH")
         self.plain = self.addr.scheme == "http" and not (ssh and ssh.strip())
         self.token = find_token(token, runtime=runtime, environ=self.environ)
@@ -353,23 +363,19 @@ class WireClient(Requests):
         raise unreachable(self.addr.base, describe(err or OSError("no address")))
 
     def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
-        """``Client.wait_operation`` (long polls are not the hot path's)."""
-        with self._client() as client:
+        """The ``long_polls`` client's ``wait_operation`` (long polls are not the hot path's)."""
+        with self._long_polls() as client:
             return client.wait_operation(op_id, timeout)
 
     def follow_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
-        """``Client.follow_operation`` (a superseded sync is not the hot path's)."""
-        with self._client() as client:
+        """The ``long_polls`` client's ``follow_operation`` (a superseded sync is rare)."""
+        with self._long_polls() as client:
             return client.follow_operation(op_id, timeout)
 
-    def _client(self) -> Client:
-        from pathlib import Path
-
-        from keystone.client import Client
-
-        addr, token, ssh, runtime = self.args
-        runtime = Path(runtime) if runtime is not None else None
-        return Client(addr, token, ssh, runtime=runtime, timeout=self.timeout, environ=self.environ)
+    def _long_polls(self) -> Requests:
+        if self.long_polls is None:
+            raise Unusual("no client for long polls was given")
+        return self.long_polls()
 
     def close(self) -> None:
         """Close the connection, if any."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from keystone.cli.fastviews import Human
+    from keystone.client import Client
     from keystone.wire import Requests
 
     Read = Callable[..., tuple[Any, Human]]
@@ -114,19 +115,23 @@ def _read(command: str, options: dict[str, str], flags: set[str]) -> tuple[Any, 
 
     runtime = options.get("runtime") or None
     args = (options.get("addr"), options.get("token"), options.get("ssh"))
-    wire = WireClient(*args, runtime=runtime)
+
+    def client() -> Client:
+        from pathlib import Path
+
+        from keystone.client import Client
+
+        return Client(*args, runtime=Path(runtime) if runtime else None)
+
+    wire = WireClient(*args, runtime=runtime, long_polls=client)
     if wire.plain:
         try:
             with wire:
                 return _run(wire, command, flags)
         except Unusual:
             pass
-    from pathlib import Path
-
-    from keystone.client import Client
-
-    with Client(*args, runtime=Path(runtime) if runtime else None) as client:
-        return _run(client, command, flags)
+    with client() as full:
+        return _run(full, command, flags)
 
 
 def _run(client: Requests, command: str, flags: set[str]) -> tuple[Any, Human]:
