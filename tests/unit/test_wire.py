@@ -370,3 +370,27 @@ class TestWhatHttpClientRefuses:
         with WireClient(server.addr, token, environ={}) as c, pytest.raises(Unusual):
             c.get("/healthz")
         assert server.requests == []
+
+
+class TestKeystonectl:
+    def test_reads_errors_and_fallback(
+        self, server: Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``keystonectl components`` on the wire: the Go body, the Go error line and exit 1,
+        and an answer over the wire's bound printed whole through Client."""
+        from keystone.cli import goctl
+
+        for var in CLEAN_ENV:
+            monkeypatch.delenv(var, raising=False)
+        argv = ["--addr", server.addr, "--token", "t", "components"]
+        server.handle = lambda h: send(h, 200, b'[{"name": "a<b"}]')
+        assert goctl.ctl_fast(argv) == 0
+        assert capsys.readouterr().out == '[\n  {\n    "name": "a\\u003cb"\n  }\n]\n'
+        server.handle = lambda h: send(h, 404, b'{"error": "nope"}')
+        assert goctl.ctl_fast(argv) == 1
+        assert capsys.readouterr().err == "Error: 404 Not Found: GET /v1/components: nope\n"
+        monkeypatch.setattr("keystone.wire.MAX_BODY", 10)
+        server.handle = lambda h: send(h, 200, b'[{"name": "longer than ten"}]')
+        assert goctl.ctl_fast(argv) == 0
+        assert "longer than ten" in capsys.readouterr().out
+        assert len(server.requests) == 4  # the last asked twice: the wire, then Client
