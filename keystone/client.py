@@ -1,132 +1,76 @@
-"""The CLI's client for the agent API: stdlib ``http.client`` (quick to import and start),
-token discovery, and ``--ssh`` tunnels through the operator's own ``ssh -W``, as the Go
-keystonectl does.
+"""The CLI's client for the agent API: stdlib ``http.client`` (https with mTLS, uploads with
+``Expect: 100-continue``), token discovery, and ``--ssh`` tunnels through the operator's own
+``ssh -W``, as the Go keystonectl does.
 
 Errors map to the CLI's exit codes (DESIGN section 8) through the ``KeystoneError`` tree:
 nothing answering is ``AgentUnreachable`` (exit 1); an error answer becomes an ``ApiError``
 subclass chosen by the ``kind`` the agent reports: misuse 2, refused 3, rolled back 4, else 1.
+The address, token discovery and the error answers are :mod:`keystone.wire`'s (re-exported
+here), shared with the plain-HTTP client of the CLI's fast path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, BinaryIO, NamedTuple
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
-from keystone.errors import (
-    AgentUnreachable,
-    DeploymentFailed,
-    KeystoneError,
-    Refused,
-    Retryable,
-    UsageError,
+from keystone.errors import AgentUnreachable, UsageError
+from keystone.wire import (
+    CONNECT_TIMEOUT,
+    DEFAULT_ADDR,
+    TOKEN_FILE,
+    ApiError,
+    ApiRefused,
+    ApiRolledBack,
+    ApiUnavailable,
+    ApiUsageError,
+    OperationTimeout,
+    Requests,
+    decode_answer,
+    describe,
+    error_for,
+    find_token,
+    parse_addr,
+    token_files,
+    unreachable,
 )
 
-DEFAULT_ADDR = "http://127.0.0.1:8080"
-TOKEN_FILE = "api.token"
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DEFAULT_ADDR",
+    "EXPECT_CONTINUE_BYTES",
+    "OPERATION_WAIT",
+    "SYSTEM_RUNTIME",
+    "TOKEN_FILE",
+    "ApiError",
+    "ApiRefused",
+    "ApiRolledBack",
+    "ApiUnavailable",
+    "ApiUsageError",
+    "Client",
+    "OperationTimeout",
+    "SshTarget",
+    "api_call",
+    "component_path",
+    "error_for",
+    "find_token",
+    "parse_ssh_target",
+    "ssh_command",
+    "token_files",
+]
+
 SYSTEM_RUNTIME = Path("/var/lib/keystone")
-CONNECT_TIMEOUT = 5.0
 OPERATION_WAIT = 30.0
 """Seconds one ``GET /v1/operations/{id}?wait=`` may hold the connection."""
 EXPECT_CONTINUE_BYTES = 1 << 20
 """Bodies at least this large ask first (``Expect: 100-continue``), so a wrong token or an
 oversized upload is refused before the bytes travel."""
-
-
-# --- errors ---------------------------------------------------------------------------------
-
-
-class ApiError(KeystoneError):
-    """The agent answered with an error status (exit 1 unless a subclass says otherwise)."""
-
-    def __init__(self, status: int, message: str, *, kind: str = "error") -> None:
-        self.status = status
-        self.api_kind = kind
-        super().__init__(message)
-
-
-class ApiUsageError(ApiError, UsageError):
-    """The request was wrong: bad argument, unknown component, wrong token (exit 2)."""
-
-
-class ApiRefused(ApiError, Refused):
-    """The agent refused the content: validation, signature, trust (exit 3)."""
-
-
-class ApiRolledBack(ApiError, DeploymentFailed):
-    """The deployment failed and was rolled back (exit 4)."""
-
-
-class ApiUnavailable(ApiError, Retryable):
-    """The agent cannot do it now; try again later (503, 504; exit 1)."""
-
-
-class OperationTimeout(AgentUnreachable):
-    """An operation was still queued or running when the caller's timeout passed (exit 1)."""
-
-    def __init__(self, message: str, *, operation: dict[str, Any]) -> None:
-        self.operation = operation
-        super().__init__(message)
-
-
-def error_for(status: int, message: str, kind: str | None) -> ApiError:
-    """The ``ApiError`` for an error answer, by the agent's ``kind``, else by status."""
-    if kind == "refused" or (kind is None and status == 422):
-        return ApiRefused(status, message, kind="refused")
-    if kind == "rolled-back":
-        return ApiRolledBack(status, message, kind=kind)
-    if kind == "retryable" or status in (502, 503, 504):
-        return ApiUnavailable(status, message, kind=kind or "retryable")
-    if kind == "usage" or 400 <= status < 500:
-        return ApiUsageError(status, message, kind=kind or "usage")
-    return ApiError(status, message, kind=kind or "error")
-
-
-# --- token ----------------------------------------------------------------------------------
-
-
-def token_files(runtime: Path | None, environ: Mapping[str, str]) -> list[Path]:
-    """Where the agent's generated token may be: --runtime, KEYSTONE_RUNTIME, ./runtime,
-    /var/lib/keystone (each ``<dir>/api.token``), in that order."""
-    dirs: list[Path] = []
-    if runtime is not None:
-        dirs.append(runtime)
-    if environ.get("KEYSTONE_RUNTIME"):
-        dirs.append(Path(environ["KEYSTONE_RUNTIME"]))
-    dirs += [Path("runtime"), SYSTEM_RUNTIME]
-    out: list[Path] = []
-    for d in dirs:
-        if d / TOKEN_FILE not in out:
-            out.append(d / TOKEN_FILE)
-    return out
-
-
-def find_token(
-    token: str | None = None,
-    *,
-    runtime: Path | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> str | None:
-    """--token, then ``KEYSTONE_API_TOKEN``, then the first readable ``api.token`` file."""
-    env = os.environ if environ is None else environ
-    if token and token.strip():
-        return token.strip()
-    if env.get("KEYSTONE_API_TOKEN", "").strip():
-        return env["KEYSTONE_API_TOKEN"].strip()
-    for path in token_files(runtime, env):
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            continue
-        if text:
-            return text
-    return None
 
 
 # --- ssh ------------------------------------------------------------------------------------
@@ -244,7 +188,7 @@ class _SshTunnel:
 # --- the client -----------------------------------------------------------------------------
 
 
-class Client:
+class Client(Requests):
     """A connection to one agent's API, reused across the requests of one command.
 
     Args:
@@ -271,21 +215,12 @@ class Client:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
-        base = (addr or self.environ.get("KEYSTONE_ADDR") or DEFAULT_ADDR).strip()
-        if "://" not in base:
-            base = "http://" + base
-        url = urlsplit(base)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise UsageError(f"--addr {base!r}: expected a URL such as http://127.0.0.1:8080")
-        try:
-            self.port = url.port or (443 if url.scheme == "https" else 80)
-        except ValueError:
-            raise UsageError(f"--addr {base!r}: the port is not a number") from None
-        base = base.rstrip("/")
-        self.base = base
-        self.scheme = url.scheme
-        self.host = url.hostname
-        self.prefix = url.path.rstrip("/")
+        addr_ = parse_addr(addr, self.environ)
+        self.base = addr_.base
+        self.scheme = addr_.scheme
+        self.host = addr_.host
+        self.port = addr_.port
+        self.prefix = addr_.prefix
         ssh = ssh if ssh is not None else self.environ.get("KEYSTONE_SSH")
         self.ssh = parse_ssh_target(ssh) if ssh and ssh.strip() else None
         # A local token file belongs to a local agent; through ssh, only an explicit token.
@@ -305,10 +240,7 @@ class Client:
         return f"{self.base} (through ssh {self.ssh.host})" if self.ssh else self.base
 
     def _unreachable(self, reason: str) -> AgentUnreachable:
-        return AgentUnreachable(
-            f"no agent answers at {self.where}; start one with `keystone agent` (or pass --addr)"
-            f" [{reason}]"
-        )
+        return unreachable(self.where, reason)
 
     def _ssl_context(self) -> Any:
         import ssl
@@ -350,7 +282,7 @@ class Client:
             raise
         except OSError as exc:
             conn.close()
-            raise self._unreachable(_describe(exc)) from None
+            raise self._unreachable(describe(exc)) from None
         assert conn.sock is not None
         conn.sock.settimeout(self.timeout)
         self._conn = conn
@@ -442,25 +374,25 @@ class Client:
                 f"{timeout if timeout is not None else self.timeout:.0f}s"
             ) from None
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-            reason = self._tunnel.reason() if self._tunnel is not None else _describe(exc)
+            reason = self._tunnel.reason() if self._tunnel is not None else describe(exc)
             self.close()
             if self.ssh is not None:
                 raise self._unreachable(reason) from None
             raise _StaleConnection(reason) from None
         except (OSError, http.client.HTTPException) as exc:
             self.close()
-            raise self._unreachable(_describe(exc)) from None
+            raise self._unreachable(describe(exc)) from None
         if resp.will_close:
             self.close()
-        return _answer(resp.status, resp.getheader("Content-Type", ""), raw, self, method, path)
-
-    def get(self, path: str, **kw: Any) -> Any:
-        """``GET path``."""
-        return self.request("GET", path, **kw)
-
-    def post(self, path: str, **kw: Any) -> Any:
-        """``POST path``."""
-        return self.request("POST", path, **kw)
+        return decode_answer(
+            resp.status,
+            resp.getheader("Content-Type", ""),
+            raw,
+            where=self.where,
+            ssh=self.ssh is not None,
+            method=method,
+            path=path,
+        )
 
     def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
         """Wait until operation ``op_id`` is done and return it (``GET /v1/operations/{id}``).
@@ -520,22 +452,6 @@ class _StaleConnection(Exception):
     """A reused keep-alive connection was closed by the server before it answered."""
 
 
-def _describe(exc: BaseException) -> str:
-    import ssl
-
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host: {exc.strerror}"
-    if isinstance(exc, TimeoutError):
-        return "timed out connecting"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
 def _stream_size(body: IO[bytes]) -> int:
     pos = body.tell()
     end = body.seek(0, os.SEEK_END)
@@ -572,33 +488,6 @@ def _send_body(conn: http.client.HTTPConnection, body: bytes | IO[bytes]) -> Non
         if not chunk:
             return
         conn.send(chunk)
-
-
-def _answer(status: int, ctype: str, raw: bytes, client: Client, method: str, path: str) -> Any:
-    data: Any = None
-    if raw:
-        if "json" in ctype or raw.lstrip()[:1] in (b"{", b"["):
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                data = raw.decode(errors="replace")
-        else:
-            data = raw.decode(errors="replace")
-    if status < 400:
-        return data
-    message = str(data.get("error") if isinstance(data, dict) else data or "").strip()
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if status == 401:
-        hint = (
-            "pass --token or set KEYSTONE_API_TOKEN"
-            if client.ssh
-            else "pass --token, set KEYSTONE_API_TOKEN, or point --runtime / KEYSTONE_RUNTIME at "
-            "the agent's runtime dir (its api.token)"
-        )
-        raise ApiUsageError(401, f"the agent at {client.where} refused the token: {hint}")
-    if not message:
-        message = f"HTTP {status}"
-    raise error_for(status, f"{method} {path}: {message}", kind)
 
 
 def api_call(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
-from pathlib import Path
 
-_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, MutableMapping
+
+# Pattern texts, compiled on first use (re caches them): the CLI's fast path loads this module
+# for ``load_dotenv`` and, without a .env file, needs neither.
+_REF = r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}"
+_LINE = r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$"
 
 
 class SubstitutionError(ValueError):
@@ -39,7 +43,7 @@ def substitute(text: str, environ: Mapping[str, str]) -> str:
             return default
         return value
 
-    return _REF.sub(repl, text)
+    return re.sub(_REF, repl, text)
 
 
 def parse_dotenv(text: str) -> dict[str, str]:
@@ -49,7 +53,7 @@ def parse_dotenv(text: str) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        m = _LINE.match(line)
+        m = re.match(_LINE, line)
         if not m:
             continue
         key, value = m.group(1), m.group(2)
@@ -63,14 +67,17 @@ def parse_dotenv(text: str) -> dict[str, str]:
     return out
 
 
-def load_dotenv(path: Path = Path(".env"), environ: MutableMapping[str, str] | None = None) -> int:
+def load_dotenv(
+    path: str | os.PathLike[str] = ".env", environ: MutableMapping[str, str] | None = None
+) -> int:
     """Load ``path`` into ``environ`` (default ``os.environ``) without overriding what is set.
 
     Returns how many variables were added. A missing file is not an error.
     """
     target = os.environ if environ is None else environ
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         return 0
     added = 0

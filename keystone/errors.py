@@ -29,7 +29,9 @@ calls the library: ``raise SourceUnreachable(...) from exc``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 
 class KeystoneError(Exception):

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import sys
 
-from keystone.cli import goagent, goctl
-
 GLOBAL_VALUED = ("--addr", "--token", "--ssh")
 GLOBAL_FLAGS = ("--json",)
 
@@ -66,6 +64,7 @@ def hoist_globals(argv: list[str]) -> list[str]:
 def delegate(argv: list[str]) -> int:
     """Run ``argv`` in the keystone app for keystonectl; its exit code folded into Go's."""
     sys.argv[1:] = hoist_globals(argv)
+    from keystone.cli import goctl
     from keystone.cli.app import run
 
     try:
@@ -78,6 +77,8 @@ def delegate(argv: list[str]) -> int:
 
 def ctl_main(argv: list[str]) -> int:
     """Run the keystonectl command line ``argv``; Go's exit code."""
+    from keystone.cli import goctl
+
     code = goctl.ctl_fast(argv)
     if code is not None:
         return code
@@ -94,10 +95,18 @@ def ctl_main(argv: list[str]) -> int:
 
 def main() -> None:
     """Run one command."""
-    if goctl.invoked_as_ctl(sys.argv[0]):
-        sys.exit(ctl_main(sys.argv[1:]))
-    if goagent.is_go_agent(sys.argv[1:]):
-        sys.argv[1:] = goagent.agent_argv(sys.argv[1:])
+    # goctl and goagent load only when they may be needed: the keystonectl name is in argv[0],
+    # and the Go agent's command line starts with a flag.
+    if "keystonectl" in sys.argv[0]:
+        from keystone.cli import goctl
+
+        if goctl.invoked_as_ctl(sys.argv[0]):
+            sys.exit(ctl_main(sys.argv[1:]))
+    if sys.argv[1:2] and sys.argv[1].startswith("-"):
+        from keystone.cli import goagent
+
+        if goagent.is_go_agent(sys.argv[1:]):
+            sys.argv[1:] = goagent.agent_argv(sys.argv[1:])
     if sys.argv[1:2] == ["agent"]:
         # lazy: the agent's own typer-free path (the resident process keeps what it imports)
         from keystone.cli.agentrun import fast_agent

@@ -5,25 +5,30 @@ loop. ``fast_main`` serves ``status [--revision]``, ``components``, ``health`` a
 connection options, and declines (returns None) anything else, including ``--help``, so typer
 handles it. The typer commands of ``keystone.cli.control`` run the same ``read_*`` bodies and
 print through the same views, so both paths print exactly the same thing.
+
+An ``http://`` agent is asked through :class:`keystone.wire.WireClient` (no ``http.client``);
+https, ``--ssh`` and any answer the wire does not read go to ``keystone.client.Client``.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
-from keystone.cli import views
-from keystone.cli.session import Session, exit_for
-from keystone.client import Client
-from keystone.env import load_dotenv
-from keystone.errors import KeystoneError
+from keystone.cli import fastviews as views
 
-Read = Callable[..., tuple[Any, views.Human]]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from keystone.cli.fastviews import Human
+    from keystone.client import Client
+    from keystone.wire import Requests
+
+    Read = Callable[..., tuple[Any, Human]]
 
 
-def read_status(client: Client, revision: bool) -> tuple[Any, views.Human]:
+def read_status(client: Requests, revision: bool) -> tuple[Any, Human]:
     """``status``: health + plan status (one JSON object, the Go ``/v1/plan/status`` keys plus
     ``health``), or with ``revision`` the GitOps state."""
     if revision:
@@ -35,17 +40,17 @@ def read_status(client: Client, revision: bool) -> tuple[Any, views.Human]:
     return data, views.status_text
 
 
-def read_components(client: Client) -> tuple[Any, views.Human]:
+def read_components(client: Requests) -> tuple[Any, Human]:
     """``components``: the agent's components table."""
     return client.get("/v1/components"), views.components_text
 
 
-def read_health(client: Client) -> tuple[Any, views.Human]:
+def read_health(client: Requests) -> tuple[Any, Human]:
     """``health``: whether the agent is alive (no token needed)."""
     return client.get("/healthz", timeout=10), views.health_text
 
 
-def read_sync(client: Client, flags: set[str]) -> tuple[Any, views.Human]:
+def read_sync(client: Requests, flags: set[str]) -> tuple[Any, Human]:
     """``sync [--once] [--dry-run] [--allow-rollback] [--retry]``: one sync of the running
     agent, following a newer request that superseded it (what ``keystone.cli.gitops`` runs)."""
     params = {
@@ -103,37 +108,68 @@ def parse_fast(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | No
     return command, options, flags
 
 
+def _read(command: str, options: dict[str, str], flags: set[str]) -> tuple[Any, Human]:
+    """Run ``command`` on the wire (plain HTTP), or on ``Client`` for https, ``--ssh`` and an
+    answer the wire does not read (asked again there, so the user sees ``Client``'s answer)."""
+    from keystone.wire import Unusual, WireClient
+
+    runtime = options.get("runtime") or None
+    args = (options.get("addr"), options.get("token"), options.get("ssh"))
+
+    def client() -> Client:
+        from pathlib import Path
+
+        from keystone.client import Client
+
+        return Client(*args, runtime=Path(runtime) if runtime else None)
+
+    wire = WireClient(*args, runtime=runtime, long_polls=client)
+    if wire.plain:
+        try:
+            with wire:
+                return _run(wire, command, flags)
+        except Unusual:
+            pass
+    with client() as full:
+        return _run(full, command, flags)
+
+
+def _run(client: Requests, command: str, flags: set[str]) -> tuple[Any, Human]:
+    if command == "sync":
+        return read_sync(client, flags)
+    if command == "status":
+        return read_status(client, "--revision" in flags)
+    read: Read = _FAST[command][0]
+    return read(client)
+
+
 def fast_main(argv: Sequence[str]) -> int | None:
-    """Run ``status``, ``components`` or ``health`` without typer; return the exit code, or
-    None when ``argv`` is anything else (the caller then runs the full CLI)."""
+    """Run ``status``, ``components``, ``health`` or ``sync`` without typer; return the exit
+    code, or None when ``argv`` is anything else (the caller then runs the full CLI)."""
     parsed = parse_fast(argv)
     if parsed is None:
         return None
     command, options, flags = parsed
+    from keystone.env import load_dotenv
+    from keystone.errors import KeystoneError
+
     load_dotenv()
-    session = Session(
-        as_json="--json" in flags,
-        addr=options.get("addr"),
-        token=options.get("token"),
-        ssh=options.get("ssh"),
-        runtime=Path(options["runtime"]) if options.get("runtime") else None,
-    )
-    run = _FAST[command][0]
+    as_json = "--json" in flags
     if command == "sync":
         # As the typer command: an error goes to stderr only (its JSON carries results), and
         # the exit code is the outcome's.
         try:
-            with session.client() as client:
-                data, human = read_sync(client, flags)
+            data, human = _read(command, options, flags)
         except KeystoneError as exc:
             sys.stderr.write(f"error: {exc}\n")
             return int(exc.exit_code)
-        session.emit(data, human)
+        views.emit(data, as_json, human)
+        from keystone.cli.session import exit_for
+
         return int(exit_for(data.get("result") if isinstance(data, dict) else None))
     try:
-        with session.client() as client:
-            data, human = run(client, "--revision" in flags) if command == "status" else run(client)
+        data, human = _read(command, options, flags)
     except KeystoneError as exc:
-        return session.report(exc)
-    session.emit(data, human)
+        return views.report_error(exc, as_json)
+    views.emit(data, as_json, human)
     return 0

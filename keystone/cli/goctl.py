@@ -182,17 +182,33 @@ def connect(options: dict[str, str | None]) -> Any:
 
 
 def get(options: dict[str, str | None], path: str, params: dict[str, str] | None = None) -> int:
-    """One GET, printed the Go way; the exit code."""
+    """One GET, printed the Go way; the exit code. An ``http://`` agent is asked through
+    ``keystone.wire`` (no ``http.client``); anything else, or an answer the wire does not
+    read, through ``Client``."""
+    from keystone.wire import Unusual, WireClient
+
     try:
-        client = connect(options)
+        wire = WireClient(
+            options.get("addr"),
+            options.get("token"),
+            options.get("ssh"),
+            runtime=options.get("runtime") or None,
+        )
+        client = None if wire.plain else connect(options)
     except UsageError as exc:
         print_error(exc)
         return MISUSE
+    timeout = 10 if path == "/healthz" else None
     try:
-        with client:
-            data = client.request(
-                "GET", path, params=params, timeout=10 if path == "/healthz" else None
-            )
+        if client is None:
+            try:
+                with wire:
+                    data = wire.request("GET", path, params=params, timeout=timeout)
+            except Unusual:
+                client = connect(options)
+        if client is not None:
+            with client:
+                data = client.request("GET", path, params=params, timeout=timeout)
     except KeystoneError as exc:
         print_error(exc)
         return FAILED

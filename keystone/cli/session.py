@@ -6,14 +6,18 @@ Typer-free, so the fast path (``keystone.cli.fast``) and the typer commands (thr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from enum import IntEnum
-from pathlib import Path
-from typing import Any
 
-from keystone.cli import views
-from keystone.client import Client
-from keystone.errors import KeystoneError
+from keystone.cli import fastviews as views
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+    from typing import Any
+
+    from keystone.client import Client
+    from keystone.errors import KeystoneError
 
 
 class ExitCode(IntEnum):
@@ -115,6 +119,8 @@ class Session(Output):
 
     def client(self) -> Client:
         """A client for the agent (``--addr``, ``--token``, ``--ssh``, ``--runtime``)."""
+        from keystone.client import Client
+
         return Client(self.addr, self.token, self.ssh, runtime=self.runtime)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
