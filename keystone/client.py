@@ -297,12 +297,6 @@ class Client(Requests):
             self._tunnel.close()
             self._tunnel = None
 
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # --- requests ---
 
     def request(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import _socket
 import os
 import sys
+from abc import ABC, abstractmethod
 
 from keystone.errors import (
     AgentUnreachable,
@@ -243,9 +244,11 @@ def find_token(
 # --- what every client does with its requests -----------------------------------------------
 
 
-class Requests:
-    """What the CLI's commands ask of a client (``Client``, :class:`WireClient`)."""
+class Requests(ABC):
+    """What the CLI's commands ask of a client (``Client``, :class:`WireClient`): each client
+    implements ``request`` and the operation waits; the rest is shared here."""
 
+    @abstractmethod
     def request(
         self,
         method: str,
@@ -257,7 +260,6 @@ class Requests:
         timeout: float | None = None,
     ) -> Any:
         """One request; the parsed JSON answer (text if not JSON; None for 204)."""
-        raise NotImplementedError
 
     def get(self, path: str, **kw: Any) -> Any:
         """``GET path``."""
@@ -267,6 +269,7 @@ class Requests:
         """``POST path``."""
         return self.request("POST", path, **kw)
 
+    @abstractmethod
     def close(self) -> None:
         """Close the connection, if any."""
 
@@ -276,13 +279,13 @@ class Requests:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @abstractmethod
     def wait_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
         """Wait until operation ``op_id`` is done and return it (see ``Client``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def follow_operation(self, op_id: str, timeout: float) -> dict[str, Any]:
         """The result of operation ``op_id``, following the newer ones that superseded it."""
-        raise NotImplementedError
 
 
 # --- the wire -------------------------------------------------------------------------------
@@ -382,12 +385,6 @@ class WireClient(Requests):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    def __enter__(self) -> WireClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def request(
         self,
