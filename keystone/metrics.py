@@ -211,6 +211,22 @@ def _sample(out: list[str], name: str, labels: Iterable[tuple[str, str]], value:
     out.append(f"{_name(name, _METRIC_NAME, True)}{label_text} {format_value(value)}\n")
 
 
+def _one_hot(
+    out: list[str],
+    metric: str,
+    help_text: str,
+    label: str,
+    choices: Sequence[str],
+    current: list[tuple[str, str]],
+) -> None:
+    """A gauge family with one series per (component, choice): 1 for the component's current
+    choice, 0 for the others (a value outside ``choices`` gets a series of its own)."""
+    _header(out, metric, help_text, "gauge")
+    for name, now in current:
+        for choice in choices if now in choices else (*choices, now):
+            _sample(out, metric, (("name", name), (label, choice)), 1.0 if choice == now else 0.0)
+
+
 def _header(out: list[str], name: str, help_text: str, kind: str) -> None:
     """The ``# HELP`` and ``# TYPE`` lines of a family."""
     name = _name(name, _METRIC_NAME, True)
@@ -791,17 +807,14 @@ class Metrics:
         """The per-component families, from the recorded states (names in order)."""
         comps = self.components_snapshot()
         names = sorted(comps)
-        _header(
+        _one_hot(
             out,
             "keystone_component_state",
             "Component state (1 for the current state, 0 for the others)",
-            "gauge",
+            "state",
+            STATES,
+            [(name, comps[name].state) for name in names],
         )
-        for name in names:
-            c = comps[name]
-            for st in STATES if c.state in STATES else (*STATES, c.state):
-                labels = (("name", name), ("state", st))
-                _sample(out, "keystone_component_state", labels, 1.0 if st == c.state else 0.0)
         _header(
             out,
             "keystone_component_state_health",
@@ -812,17 +825,14 @@ class Metrics:
             c = comps[name]
             pair = (("name", name), ("state", c.state), ("health", c.health))
             _sample(out, "keystone_component_state_health", pair, 1.0)
-        _header(
+        _one_hot(
             out,
             "keystone_component_phase",
             "Component lifecycle phase of the supervisor (1 for the current phase, 0 for the others)",
-            "gauge",
+            "phase",
+            PHASES,
+            [(name, comps[name].phase) for name in names],
         )
-        for name in names:
-            c = comps[name]
-            for ph in PHASES if c.phase in PHASES else (*PHASES, c.phase):
-                labels = (("name", name), ("phase", ph))
-                _sample(out, "keystone_component_phase", labels, 1.0 if ph == c.phase else 0.0)
         _header(
             out,
             "keystone_component_restarts_total",
