@@ -32,6 +32,7 @@ from keystone.wire import (
     ApiUsageError,
     OperationTimeout,
     Requests,
+    StaleConnection,
     decode_answer,
     describe,
     error_for,
@@ -318,7 +319,7 @@ class Client(Requests):
         fresh = self._conn is None
         try:
             return self._request(method, path, params, body, content_type, timeout)
-        except _StaleConnection:
+        except StaleConnection:
             if fresh or (body is not None and not isinstance(body, bytes)):
                 raise self._unreachable("the connection closed before the answer") from None
             # A kept-alive connection the server had already closed: once more, afresh.
@@ -372,7 +373,7 @@ class Client(Requests):
             self.close()
             if self.ssh is not None:
                 raise self._unreachable(reason) from None
-            raise _StaleConnection(reason) from None
+            raise StaleConnection(reason) from None
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise self._unreachable(describe(exc)) from None
@@ -440,10 +441,6 @@ class Client(Requests):
             if result.get("result") != "superseded" or not newer:
                 return result
             op_id = str(newer)
-
-
-class _StaleConnection(Exception):
-    """A reused keep-alive connection was closed by the server before it answered."""
 
 
 def _stream_size(body: IO[bytes]) -> int:
