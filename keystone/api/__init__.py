@@ -1,6 +1,6 @@
 """The agent's local HTTP API: the Go Keystone's routes plus the GitOps ones, on the stdlib.
 
-``ApiServer`` serves an ``AgentControl`` (keystone.control) from a ``ThreadingHTTPServer``: one
+``ApiServer`` serves an ``AgentControl`` (keystone.control) from a threading ``socketserver``: one
 background thread accepts, and each connection gets a short-lived thread. No web framework: the
 whole server is this package (auth, routes, handler, server), which keeps the resident agent small.
 

@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from loguru import logger
 
+from keystone.api.http1 import RequestHandler
 from keystone.api.logtail import MAX_LINES, tail_lines
 from keystone.api.routes import (
     DRAIN_LIMIT,
@@ -89,7 +89,7 @@ class _Conn:
             self.sock.shutdown(socket.SHUT_RDWR)
 
 
-class Server(ThreadingHTTPServer):
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """The API's HTTP server: at most ``max_api_connections`` connections (one thread each),
     and a watchdog thread that closes a connection whose request head is late.
 
@@ -100,13 +100,14 @@ class Server(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    allow_reuse_address = True
     request_queue_size = 128  # bursts of concurrent clients must not hit the default backlog of 5
     api: HandlerHost
 
     def __init__(
         self,
         address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
+        handler: type[RequestHandler],
         *,
         family: socket.AddressFamily,
         api: HandlerHost,
@@ -247,8 +248,8 @@ class Server(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RD)
 
     def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can wait on DNS; not needed.
-        socketserver.TCPServer.server_bind(self)
+        # Not http.server's, which resolves the host's FQDN and can wait on DNS.
+        super().server_bind()
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)
@@ -259,7 +260,7 @@ class Server(ThreadingHTTPServer):
         logger.debug("api: connection from {} ended: {!r}", client_address, exc)
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(RequestHandler):
     """One connection. Routing, auth, body limits and error mapping; the work is the control's."""
 
     server: Server

@@ -12,16 +12,23 @@ NOT_RESIDENT = (
     "gzip",
     "bsdiff4",
     "zstandard",
+    "apscheduler",  # the poll schedule is a loop timer (keystone.sync.scheduler)
+    "http.server",  # the API's requests are read by keystone.api.http1
+    "http.client",
+    "email",
+    "html",
 )
 
 
 class TestResidentImports:
     def test_the_agent_and_a_scrape_load_no_patcher_or_prometheus_client(self) -> None:
         """Importing the agent, parsing a recipe with a delta and rendering the metrics load
-        none of prometheus-client, platform, the delta patcher or its libraries."""
+        none of prometheus-client, platform, the delta patcher or its libraries, apscheduler,
+        or http.server and the email package under it."""
         code = (
             "import sys\n"
             "import keystone.agent, keystone.api\n"
+            "from keystone.sync.scheduler import SyncScheduler\n"
             "from keystone.metrics import Metrics\n"
             "from keystone.deltaspec import parse_delta_table\n"
             "spec = parse_delta_table({'server': 'https://ota.example', 'sha256': 'a' * 64})\n"
