@@ -8,7 +8,6 @@ and ``env`` is expanded from the given environment when the recipe is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from keystone.datasetspec import DatasetSpec, parse_datasets, reload_plan
 from keystone.deltaspec import DeltaSpec, parse_delta_table
 from keystone.env import SubstitutionError, substitute
 from keystone.limits import Limits, read_bounded
+from keystone.openssl import sha256
 from keystone.semver import Constraint, Version
 from keystone.tomlsrc import Path_, Reader, dotted
 from keystone.units import parse_duration, parse_size
@@ -328,7 +328,7 @@ class Recipe:
         for dep in data["dependencies"]:
             dep.pop("line", None)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return sha256(blob).hexdigest()
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}

@@ -23,17 +23,17 @@ standard library, and key generation and signing run in a short-lived worker
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
-import secrets
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from keystone.openssl import sha256, token_hex
 
 FORMAT = "keystone-report/1"
 KEY_FILE = "device.key"
@@ -57,7 +57,7 @@ def canonical(doc: Any) -> bytes:
 
 def fingerprint(raw_public: bytes) -> str:
     """``sha256:<hex>`` of the 32 raw public key bytes."""
-    return "sha256:" + hashlib.sha256(raw_public).hexdigest()
+    return "sha256:" + sha256(raw_public).hexdigest()
 
 
 def _pem_body(text: str) -> bytes:
@@ -110,7 +110,7 @@ def generate_key(state_dir: Path) -> dict[str, str]:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = state_dir / f".{KEY_FILE}.{secrets.token_hex(4)}"
+        tmp = state_dir / f".{KEY_FILE}.{token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, pem)
@@ -128,7 +128,7 @@ def generate_key(state_dir: Path) -> dict[str, str]:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     if not pub_path.exists() or pub_path.read_bytes() != pub:
-        tmp_pub = state_dir / f".{PUB_FILE}.{secrets.token_hex(4)}"
+        tmp_pub = state_dir / f".{PUB_FILE}.{token_hex(4)}"
         tmp_pub.write_bytes(pub)
         os.replace(tmp_pub, pub_path)
     info = public_info(state_dir)
@@ -216,7 +216,7 @@ def write_document(directory: Path, device: str, when: float, document: Mapping[
     """Write a signed report next to a bundle (a temp file, fsync, then a rename that never
     replaces another report). Raises OSError (a read-only or full stick)."""
     data = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-    tmp = directory / f".{NAME_PREFIX}{secrets.token_hex(6)}.tmp"
+    tmp = directory / f".{NAME_PREFIX}{token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:

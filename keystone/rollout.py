@@ -26,13 +26,13 @@ Strict: an unknown key is an error naming its line (a misspelt ``halted`` must n
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from keystone.errors import ValidationError
 from keystone.limits import Limits
+from keystone.openssl import sha256
 from keystone.recipe import check_segment
 from keystone.tomlsrc import Path_, Reader
 from keystone.units import parse_duration
@@ -134,7 +134,7 @@ class Assignment:
 
 def wave_point(device_id: str, revision: str) -> float:
     """The device's point in ``[0, 1)`` for ``revision``: stable, and new for each revision."""
-    digest = hashlib.sha256(f"{device_id}\n{revision}".encode()).digest()
+    digest = sha256(f"{device_id}\n{revision}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / float(1 << 64)
 
 

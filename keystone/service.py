@@ -10,7 +10,6 @@ import, a rollback, a component stop or restart) is a submission to the one desi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from keystone.drift import DriftMonitor
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError, UsageError, ValidationError
 from keystone.node import Node, apply_record
+from keystone.openssl import sha256
 from keystone.plan import (
     DesiredPlan,
     FileRecipes,
@@ -288,7 +288,7 @@ class ControlService:
             {
                 "name": n,
                 "version": v,
-                "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                "sha256": sha256(p.read_bytes()).hexdigest(),
                 "path": str(p),
                 "file": f"{n}-{v}.toml",
             }

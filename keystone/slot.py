@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -29,6 +28,8 @@ from enum import Enum
 from typing import Any
 
 from loguru import logger
+
+from keystone.openssl import token_hex
 
 JSON = dict[str, Any]
 
@@ -121,7 +122,7 @@ class OperationFailed(RuntimeError):
 
 def random_ids() -> Callable[[], str]:
     """Operation ids unique across agent restarts: a random prefix and a counter."""
-    prefix = secrets.token_hex(4)
+    prefix = token_hex(4)
     counter = itertools.count(1)
     return lambda: f"op-{prefix}-{next(counter)}"
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from keystone.errors import UsageError
+from keystone.openssl import sha256, token_urlsafe
 from keystone.state import atomic_write
 from keystone.statefile import RECOVERIES, StateDamage, read_state, report_missing
 
@@ -86,7 +85,7 @@ def token_from_file(path: Path) -> str:
     reported = any(r.path == str(path) for r in RECOVERIES)
     if (path.parent / "state" / "agent.json").exists() and not path.exists() and not reported:
         report_missing(path, "the agent ran here before; a new token is generated")
-    token = secrets.token_urlsafe(32)
+    token = token_urlsafe(32)
     try:
         atomic_write(path, (token + "\n").encode(), mode=0o600)
     except OSError as exc:
@@ -100,7 +99,7 @@ def token_from_file(path: Path) -> str:
 
 def digest(token: str) -> bytes:
     # Comparing fixed-size digests keeps the comparison constant-time in the token's length too.
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+    return sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 # --- listen address -------------------------------------------------------------------------

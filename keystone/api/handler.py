@@ -11,7 +11,6 @@ import io
 import json
 import socket
 import socketserver
-import ssl
 import sys
 import threading
 import time
@@ -42,6 +41,7 @@ from keystone.api.routes import (
 from keystone.control import AgentControl, Conflict, NotFound
 from keystone.errors import KeystoneError
 from keystone.limits import Limits, how_to_raise
+from keystone.openssl import is_tls_socket
 
 
 class HandlerHost(Protocol):
@@ -209,7 +209,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             "KEYSTONE_MAX_API_CONNECTIONS or [limits] max_api_connections in agent.toml)",
             self.max_connections,
         )
-        if not isinstance(request, ssl.SSLSocket):  # no handshake in the accept loop
+        if not is_tls_socket(request):  # no handshake in the accept loop
             body = json.dumps(
                 {
                     "error": f"the agent is answering {self.max_connections} connections "
@@ -277,7 +277,7 @@ class Handler(RequestHandler):
         # Each read waits at most this long (KEYSTONE_API_IDLE_TIMEOUT); the request head also
         # has the watchdog's deadline.
         self.connection.settimeout(self.server.api.idle_timeout)
-        if isinstance(self.connection, ssl.SSLSocket):
+        if is_tls_socket(self.connection):
             # The handshake runs here, in the connection's thread, not in the accept loop where
             # one slow or hostile client would stall every other.
             self.connection.do_handshake()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import socket
-import ssl
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +23,12 @@ from keystone.api.handler import Handler, Server
 from keystone.control import AgentControl
 from keystone.errors import UsageError
 from keystone.limits import Limits
+from keystone.openssl import compare_digest
 from keystone.units import parse_duration
 
 if TYPE_CHECKING:
+    import ssl
+
     # lazy: the status page loads on its first request, never in an agent nobody looks at
     from keystone.ui.session import Sessions
 
@@ -101,6 +102,8 @@ class ApiServer:
         self._sessions_lock = threading.Lock()
 
     def _ssl_context(self) -> ssl.SSLContext:
+        import ssl  # lazy: OpenSSL only for a TLS API (keystone.openssl)
+
         assert self.tls is not None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -167,11 +170,11 @@ class ApiServer:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(digest(value.strip()), self._token_digest)
+        return compare_digest(digest(value.strip()), self._token_digest)
 
     def token_valid(self, token: str) -> bool:
         """Whether ``token`` is the API token (constant-time); the status page's login."""
-        return hmac.compare_digest(digest(token.strip()), self._token_digest)
+        return compare_digest(digest(token.strip()), self._token_digest)
 
     @property
     def secure_cookies(self) -> bool:

@@ -108,6 +108,10 @@ def main() -> None:
         if goagent.is_go_agent(sys.argv[1:]):
             sys.argv[1:] = goagent.agent_argv(sys.argv[1:])
     if sys.argv[1:2] == ["agent"]:
+        # OpenSSL stays out of the agent until it speaks TLS or hashes a file (keystone.openssl)
+        from keystone.openssl import asyncio_without_ssl
+
+        asyncio_without_ssl()
         # lazy: the agent's own typer-free path (the resident process keeps what it imports)
         from keystone.cli.agentrun import fast_agent
 

@@ -18,7 +18,6 @@ the agent runs them in a worker thread, one component at a time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -47,6 +46,8 @@ def _ignored(name: str) -> bool:
 
 def sha256_of(path: Path) -> str:
     """The SHA-256 of a file, read in chunks (never the whole file in memory)."""
+    import hashlib  # lazy: OpenSSL's speed for files, loaded by the first (keystone.openssl)
+
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(CHUNK):

@@ -23,16 +23,20 @@ import ipaddress
 import os
 import signal
 import socket
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from keystone.errors import ProcessError
+from keystone.openssl import is_tls_error
 from keystone.recipe import validate_check
 from keystone.runtime.runner import CommandRunner
 from keystone.runtime.timing import Timer
+
+if TYPE_CHECKING:
+    import ssl
 
 #: Bytes of the status line plus headers read from an HTTP answer before giving up on it.
 MAX_HEAD = 64 * 1024
@@ -189,9 +193,15 @@ def _failure(exc: BaseException, parsed: Check, timeout: float) -> ProbeResult:
         return ProbeResult(False, f"timeout after {timeout:g}s ({where})")
     if isinstance(exc, ConnectionRefusedError):
         return ProbeResult(False, f"connection refused to {where}")
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return ProbeResult(False, f"TLS certificate of {where} not trusted: {exc.verify_message}")
-    if isinstance(exc, ssl.SSLError):
+    if is_tls_error(exc):
+        # only after an https probe imported ssl (keystone.openssl)
+        import ssl
+
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return ProbeResult(
+                False, f"TLS certificate of {where} not trusted: {exc.verify_message}"
+            )
+        assert isinstance(exc, ssl.SSLError)
         return ProbeResult(False, f"TLS error with {where}: {exc.reason or exc}")
     if isinstance(exc, ConnectionError):
         return ProbeResult(
@@ -228,6 +238,8 @@ def _ssl_context() -> ssl.SSLContext:
     key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     ctx = _SSL_CONTEXTS.get(key)
     if ctx is None:
+        import ssl  # lazy: OpenSSL only once an https probe runs (keystone.openssl)
+
         ctx = _SSL_CONTEXTS[key] = ssl.create_default_context()
     return ctx
 

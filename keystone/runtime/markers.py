@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 from loguru import logger
 
+from keystone.openssl import token_hex
 from keystone.state import atomic_write
 from keystone.statefile import StateDamage, integer, number, obj, read_state, string, version
 
@@ -38,7 +38,7 @@ _ENVIRON_CAP = 1 << 20
 
 def new_instance() -> str:
     """A fresh instance id (16 hex digits)."""
-    return secrets.token_hex(8)
+    return token_hex(8)
 
 
 @dataclass(frozen=True)

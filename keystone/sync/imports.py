@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import shutil
 import time
@@ -92,6 +91,8 @@ def staged_bundles(runtime: Path) -> list[Path]:
 
 
 def file_digest(path: Path) -> str:
+    import hashlib  # lazy: OpenSSL's speed for files, loaded by the first (keystone.openssl)
+
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -9,12 +9,12 @@ beyond that evicts the one idle longest.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from keystone.openssl import sha256, token_urlsafe
 
 COOKIE = "keystone_session"
 """Name of the session cookie."""
@@ -60,7 +60,7 @@ class Sessions:
 
     def open(self) -> str:
         """A new session id (URL-safe, 256 random bits)."""
-        sid = secrets.token_urlsafe(32)
+        sid = token_urlsafe(32)
         now = self._clock()
         with self._lock:
             self._purge(now)
@@ -101,7 +101,7 @@ class Sessions:
 
 
 def _key(sid: str) -> bytes:
-    return hashlib.sha256(sid.encode("utf-8", "surrogateescape")).digest()
+    return sha256(sid.encode("utf-8", "surrogateescape")).digest()
 
 
 def session_id(cookie_header: str | None) -> str | None:

@@ -17,6 +17,12 @@ NOT_RESIDENT = (
     "http.client",
     "email",
     "html",
+    "ssl",  # OpenSSL loads at the first TLS use or file hash (keystone.openssl)
+    "_ssl",
+    "hashlib",
+    "_hashlib",
+    "hmac",
+    "secrets",
 )
 
 
@@ -24,9 +30,12 @@ class TestResidentImports:
     def test_the_agent_and_a_scrape_load_no_patcher_or_prometheus_client(self) -> None:
         """Importing the agent, parsing a recipe with a delta and rendering the metrics load
         none of prometheus-client, platform, the delta patcher or its libraries, apscheduler,
-        or http.server and the email package under it."""
+        or http.server and the email package under it; nor OpenSSL, as the agent's command
+        line imports asyncio (keystone.cli.main)."""
         code = (
             "import sys\n"
+            "from keystone.openssl import asyncio_without_ssl\n"
+            "assert asyncio_without_ssl()\n"
             "import keystone.agent, keystone.api\n"
             "from keystone.sync.scheduler import SyncScheduler\n"
             "from keystone.metrics import Metrics\n"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import json
 import ssl
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 from keystone.runtime.health import ProbeResult, probe
 from keystone.runtime.process import ProcessRunner, pgid_members
 from tests.conftest import free_port
+from tests.integration.api.conftest import AgentProc, request, stop_agent
 
 from .conftest import Bench, run
 
@@ -354,3 +356,68 @@ class TestInvalid:
         result = check(bench, "ftp://127.0.0.1/")
         assert not result.ok
         assert "expected http://" in result.detail
+
+
+def _maps_openssl(pid: int) -> set[str]:
+    """The OpenSSL libraries process ``pid`` has mapped (``libcrypto``, ``libssl``)."""
+    names = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        lib = line.rsplit("/", 1)[-1]
+        if lib.startswith(("libcrypto", "libssl")):
+            names.add(lib.split(".so")[0])
+    return names
+
+
+def _probe_plan(root: Path, check: str) -> Path:
+    (root / "svc.recipe.toml").write_text(
+        '[metadata]\nname = "svc"\nversion = "1.0.0"\n'
+        '[lifecycle.run.exec]\ncommand = "sleep"\nargs = ["3600"]\n'
+        f'[lifecycle.run.health]\ncheck = "{check}"\ninterval = "1s"\n'
+    )
+    plan = root / "plan.toml"
+    plan.write_text('[[components]]\nname = "svc"\nrecipe = "svc.recipe.toml"\n')
+    return plan
+
+
+class TestOpenSslInTheAgent:
+    """The agent loads OpenSSL when it first speaks TLS (keystone.openssl), and asyncio's TLS
+    works from then on as after a plain import."""
+
+    def test_an_agent_probing_plain_http_never_maps_libcrypto(
+        self, tmp_path: Path, http: Server
+    ) -> None:
+        plan = _probe_plan(tmp_path, http.url("/ok"))
+        agent = AgentProc(tmp_path, tmp_path / "rt", free_port(), ["--apply", str(plan)])
+        agent.start()
+        try:
+            agent.wait_states({"svc": "healthy"})
+            for path in (
+                "/healthz",
+                "/v1/components",
+                "/metrics",
+                "/v1/recipes?detail=true",
+                "/v1/drift",
+            ):
+                assert request(agent, "GET", path)[0] == 200, path
+            assert agent.proc is not None
+            assert _maps_openssl(agent.proc.pid) == set(), agent.output()
+        finally:
+            stop_agent(agent)
+
+    def test_an_https_probe_loads_it_and_is_healthy(self, tmp_path: Path, https: Tls) -> None:
+        plan = _probe_plan(tmp_path, https.server.url("/ok", scheme="https"))
+        agent = AgentProc(
+            tmp_path,
+            tmp_path / "rt",
+            free_port(),
+            ["--apply", str(plan)],
+            {"SSL_CERT_FILE": str(https.cert)},
+        )
+        agent.start()
+        try:
+            comps = agent.wait_states({"svc": "healthy"})
+            assert "HTTP 200" in json.dumps(comps["svc"]), comps
+            assert agent.proc is not None
+            assert _maps_openssl(agent.proc.pid) == {"libcrypto", "libssl"}
+        finally:
+            stop_agent(agent)
