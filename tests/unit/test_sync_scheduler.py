@@ -46,6 +46,17 @@ def scheduler(clock: FakeClock, polls: Polls, interval: float = 60.0) -> SyncSch
     )
 
 
+def plain(interval: float = 10.0) -> tuple[FakeClock, Polls, SyncScheduler]:
+    """A fake clock, its polls and a scheduler of ``interval`` with no jitter (not started)."""
+    clock = FakeClock(T0)
+    polls = Polls(clock)
+    return (
+        clock,
+        polls,
+        SyncScheduler(polls, interval=interval, jitter=0, device_id="d", clock=clock),
+    )
+
+
 class TestSlots:
     def test_first_poll_after_the_offset_then_every_interval(self) -> None:
         """The first poll waits the device's offset, the next ones one interval each."""
@@ -67,9 +78,7 @@ class TestSlots:
         """interval = "0s" is one poll a second, as before (apscheduler's minimum)."""
 
         async def t() -> None:
-            clock = FakeClock(T0)
-            polls = Polls(clock)
-            sched = SyncScheduler(polls, interval=0, jitter=0, device_id="d", clock=clock)
+            clock, polls, sched = plain(0)
             sched.start()
             await clock.advance(3)
             assert polls.times == [T0, T0 + 1, T0 + 2, T0 + 3]
@@ -80,10 +89,8 @@ class TestSlots:
         """One poll at a time: the slots that fall due while it runs are skipped, not queued."""
 
         async def t() -> None:
-            clock = FakeClock(T0)
-            polls = Polls(clock)
+            clock, polls, sched = plain()
             polls.hold = asyncio.Event()
-            sched = SyncScheduler(polls, interval=10, jitter=0, device_id="d", clock=clock)
             sched.start()
             await clock.advance(35)
             assert polls.times == [T0]
@@ -98,10 +105,8 @@ class TestSlots:
         """An exception out of a poll is logged; the next slot polls again."""
 
         async def t() -> None:
-            clock = FakeClock(T0)
-            polls = Polls(clock)
+            clock, polls, sched = plain()
             polls.fail = True
-            sched = SyncScheduler(polls, interval=10, jitter=0, device_id="d", clock=clock)
             sched.start()
             await clock.advance(20)
             assert polls.times == [T0, T0 + 10, T0 + 20]
@@ -114,9 +119,7 @@ class TestBackoff:
         """Each unreachable poll moves the next one by the backoff; success restores the interval."""
 
         async def t() -> None:
-            clock = FakeClock(T0)
-            polls = Polls(clock)
-            sched = SyncScheduler(polls, interval=10, jitter=0, device_id="d", clock=clock)
+            clock, polls, sched = plain()
             sched.start()
             await clock.advance(0)
             sched.record(reachable=False)
@@ -141,9 +144,7 @@ class TestPause:
         """While paused nothing polls; resuming waits for the next slot of the schedule."""
 
         async def t() -> None:
-            clock = FakeClock(T0)
-            polls = Polls(clock)
-            sched = SyncScheduler(polls, interval=10, jitter=0, device_id="d", clock=clock)
+            clock, polls, sched = plain()
             sched.start(paused=True)
             assert sched.next_run() is None and clock.deadlines == []
             await clock.advance(25)
@@ -163,10 +164,8 @@ class TestPause:
         """After shutdown no timer is left and a poll in progress is cancelled."""
 
         async def t() -> None:
-            clock = FakeClock(T0)
-            polls = Polls(clock)
+            clock, polls, sched = plain()
             polls.hold = asyncio.Event()
-            sched = SyncScheduler(polls, interval=10, jitter=0, device_id="d", clock=clock)
             sched.start()
             await clock.advance(0)
             task = sched._task
