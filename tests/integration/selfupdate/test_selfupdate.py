@@ -153,6 +153,16 @@ class Device:
             return {}
         return doc
 
+    def sleeper_pid(self) -> int:
+        """The sleeper's pid once the agent lists it: an agent answers /healthz before it has
+        restored (adopted) its components."""
+        pid: int = wait_until(
+            lambda: self.agent.components().get("sleeper", {}).get("pid"),
+            timeout=30,
+            what="the sleeper listed with its pid",
+        )
+        return pid
+
     def serving(self, version: str) -> dict[str, Any] | None:
         h = self.agent.healthz()
         return h if h is not None and h.get("version") == version else None
@@ -304,7 +314,7 @@ def test_update_to_a_good_version_keeps_every_process(
     assert sleepers(d.marker) == [before]
     pid = d.start_from(d.runtime / "agent" / "current")
     assert d.settled(d.wheel.version) == pid
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
 
 
 def test_a_wheel_that_fails_its_signature_changes_nothing(
@@ -322,7 +332,7 @@ def test_a_wheel_that_fails_its_signature_changes_nothing(
     assert "sign with a certificate from a trusted CA" in done.stdout + done.stderr
     assert "keystone_agent" in done.stdout + done.stderr
     assert d.settled(OLD) == d.agent.proc.pid
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
     assert not (d.runtime / "agent" / d.wheel.version).exists()
     assert "new agent started" not in d.output()
 
@@ -342,7 +352,7 @@ def test_update_to_a_broken_version_rolls_back(device: Callable[..., Device], ki
         what="the self-update recorded failed",
     )
     assert d.settled(OLD) == old_pid  # the old agent, restarted in place
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
     assert sleepers(d.marker) == [before]
     last = d.state()["last"]
     assert last["to"] == d.wheel.version
@@ -375,7 +385,7 @@ def test_sigkill_old_agent_during_the_trial(device: Callable[..., Device]) -> No
     d.agent.proc.wait(10)
     pid = d.settled(OLD)
     assert pid == h["trial"]  # the trial process now runs the previous agent
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
     assert sleepers(d.marker) == [before]
     assert "interrupted" in d.state()["last"]["reason"]
 
@@ -400,7 +410,7 @@ def test_under_systemd_a_trial_without_guardian_exits_for_the_unit_restart(
     assert sleepers(d.marker) == [before]
     d.start_from(None)  # Restart=on-failure; `current` was never switched
     d.settled(OLD)
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
     assert "interrupted" in d.state()["last"]["reason"]
     notify.close()
 
@@ -415,7 +425,7 @@ def test_sigkill_new_agent_during_the_trial(device: Callable[..., Device]) -> No
     h = wait_until(lambda: _trial_serving(d), timeout=60, what="the new agent on trial")
     os.kill(h["trial"], signal.SIGKILL)
     assert d.settled(OLD) == old_pid
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
     assert sleepers(d.marker) == [before]
     # Killed once it answered /healthz: before it told its guardian it was ready, before the
     # guardian's own /healthz check, or during the soak.
@@ -441,7 +451,7 @@ def test_sigkill_old_agent_before_the_new_one_serves(device: Callable[..., Devic
     d.agent.proc.kill()
     d.agent.proc.wait(10)
     assert d.settled(OLD) == h["trial"]
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
     assert sleepers(d.marker) == [before]
 
 
@@ -486,7 +496,7 @@ def test_sigkill_at_a_random_instant(device: Callable[..., Device], seed: int) -
     version = (d.agent.healthz() or {}).get("version")
     assert version in (OLD, d.wheel.version)
     d.settled(str(version))
-    assert d.agent.components()["sleeper"]["pid"] == before
+    assert d.sleeper_pid() == before
     assert sleepers(d.marker) == [before]
     assert pgid_members(os.getpgid(before)) == [before]
     print(f"seed {seed}: killed {target} {time.monotonic() - t0:.2f}s in; serving {version}")
