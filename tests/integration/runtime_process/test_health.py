@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import ssl
 import threading
@@ -21,6 +19,7 @@ from keystone.runtime.health import ProbeResult, probe
 from keystone.runtime.process import ProcessRunner, pgid_members
 from tests.conftest import free_port
 from tests.integration.api.conftest import AgentProc, request, stop_agent
+from tests.tlscert import server_context
 
 from .conftest import Bench, run
 
@@ -113,41 +112,7 @@ class Tls:
 @pytest.fixture
 def https(tmp_path: Path) -> Iterator[Tls]:
     """An HTTPS server with a self-signed certificate for 127.0.0.1 (made with cryptography)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keystone test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = tmp_path / "cert.pem"
-    key_pem = tmp_path / "key.pem"
-    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert_pem, key_pem)
+    ctx, cert_pem = server_context(tmp_path)
     server = make_server(ctx)
     try:
         yield Tls(cert_pem, server)

@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -106,9 +107,12 @@ def _exec_path() -> str:
 class _GitHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, log: list[str] | None) -> None:
+    def __init__(
+        self, root: Path, log: list[str] | None, user_agents: list[str] | None = None
+    ) -> None:
         self.root = root
         self.log = log
+        self.user_agents = user_agents
         self.backend = os.path.join(_exec_path(), "git-http-backend")
         super().__init__(("127.0.0.1", 0), _CGIHandler)
 
@@ -143,6 +147,8 @@ class _CGIHandler(BaseHTTPRequestHandler):
     def _run_backend(self) -> None:
         if self.server.log is not None:
             self.server.log.append(f"{self.command} {self.path}")
+        if self.server.user_agents is not None:
+            self.server.user_agents.append(self.headers.get("User-Agent", ""))
         path, _, query = self.path.partition("?")
         body = self._read_body()
         env = git_env(
@@ -194,24 +200,34 @@ class _CGIHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_git(root: Path, *, log: list[str] | None = None) -> Iterator[str]:
+def serve_git(
+    root: Path,
+    *,
+    log: list[str] | None = None,
+    tls: ssl.SSLContext | None = None,
+    user_agents: list[str] | None = None,
+) -> Iterator[str]:
     """Serve every repository under ``root`` over smart HTTP on 127.0.0.1.
 
     Args:
         root: Directory holding bare repositories (``root/fleet.git`` is ``{base}/fleet.git``).
         log: If given, each request is appended as ``"GET /fleet.git/info/refs?service=..."``.
+        tls: A server context: serve HTTPS instead.
+        user_agents: If given, each request's ``User-Agent`` is appended.
 
     Yields:
-        The base URL, ``http://127.0.0.1:PORT`` (no trailing slash).
+        The base URL, ``http://127.0.0.1:PORT`` or ``https://...`` (no trailing slash).
     """
-    server = _GitHTTPServer(Path(root), log)
+    server = _GitHTTPServer(Path(root), log, user_agents)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     # serve_forever checks for shutdown() between requests every poll_interval seconds.
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="git-http", daemon=True
     )
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

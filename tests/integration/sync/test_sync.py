@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port, wait_until
+from tests.integration.sources.gitserver import serve_git
+from tests.tlscert import server_context
 
 from .conftest import SignedFleet
 
@@ -230,6 +232,46 @@ class TestRollback:
         assert bad in info["failed"] and info["last_known_good"] == good
         agent.wait_states({"tool": "healthy"})
         assert agent.components()["tool"]["version"] == "1.0.0"
+
+
+class TestHttps:
+    def test_a_fleet_over_https_syncs_and_the_agent_itself_sees_no_change(
+        self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path
+    ) -> None:
+        """An https:// fleet (a self-signed certificate in SSL_CERT_FILE): the worker fetches
+        and applies it, and a no-change poll is the agent's own one TLS request on its loop,
+        the worker not started (its dulwich would say so in the User-Agent)."""
+        f = signed_fleet
+        rev = base_fleet(f)
+        ctx, cert = server_context(tmp_path)
+        agents: list[str] = []
+        with serve_git(f.tmp / "srv", tls=ctx, user_agents=agents) as base:
+            assert base.startswith("https://")
+            cfg = f.agent_config(tmp_path / "agent.toml", url=f"{base}/fleet.git")
+            agent = make_agent("--config", str(cfg), env={"SSL_CERT_FILE": str(cert)}).start()
+            code, out = sync(agent)
+            assert code == 0 and out["result"] == "applied" and out["revision"] == rev, out
+            assert any("dulwich" in ua for ua in agents), agents
+            agents.clear()
+            code, out = sync(agent)
+            assert code == 0 and out["result"] == "up-to-date", out
+            assert agents == ["git/keystone"], agents
+
+    def test_an_untrusted_certificate_is_refused_by_the_peek_and_the_worker(
+        self, signed_fleet: SignedFleet, make_agent: Any, tmp_path: Path
+    ) -> None:
+        """Without the certificate in the trust store the sync fails, saying why, and applies
+        nothing."""
+        f = signed_fleet
+        base_fleet(f)
+        ctx, _ = server_context(tmp_path)
+        with serve_git(f.tmp / "srv", tls=ctx) as base:
+            cfg = f.agent_config(tmp_path / "agent.toml", url=f"{base}/fleet.git")
+            agent = make_agent("--config", str(cfg)).start()
+            code, out = sync(agent)
+        assert code == 1 and out["result"] == "unreachable", out
+        assert "certificate verify failed" in out["error"], out
+        assert agent.components() == {}
 
 
 class TestResilience:
