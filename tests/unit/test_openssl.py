@@ -10,10 +10,13 @@ import socket
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from keystone import openssl
+
+REPO = Path(__file__).resolve().parents[2]
 
 # What every asyncio module binds, and whether its ``ssl`` is the ssl module; printed as JSON.
 SNAPSHOT = (
@@ -27,7 +30,12 @@ SNAPSHOT = (
 
 def _run(code: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=REPO,  # tests.tlscert is importable
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -72,33 +80,16 @@ class TestAsyncioWithoutSsl:
         )
         assert _run(code) == "SourceFileLoader SourceFileLoader\n[]\n"
 
-    def test_a_tls_round_trip_on_the_loop_after_ssl_is_imported(self) -> None:
+    def test_a_tls_round_trip_on_the_loop_after_ssl_is_imported(self, tmp_path: Path) -> None:
         """A real TLS connection through asyncio streams, server and client, once ssl is in."""
         code = (
             "from keystone.openssl import asyncio_without_ssl\n"
             "assert asyncio_without_ssl()\n"
-            "import asyncio, datetime, ipaddress, ssl, sys, tempfile, os\n"
-            "from cryptography import x509\n"
-            "from cryptography.hazmat.primitives import hashes, serialization\n"
-            "from cryptography.hazmat.primitives.asymmetric import ec\n"
-            "from cryptography.x509.oid import NameOID\n"
-            "key = ec.generate_private_key(ec.SECP256R1())\n"
-            "name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 't')])\n"
-            "now = datetime.datetime.now(datetime.UTC)\n"
-            "cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)\n"
-            "  .public_key(key.public_key()).serial_number(1)\n"
-            "  .not_valid_before(now - datetime.timedelta(hours=1))\n"
-            "  .not_valid_after(now + datetime.timedelta(hours=1))\n"
-            "  .add_extension(x509.SubjectAlternativeName("
-            "[x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]), critical=False)\n"
-            "  .sign(key, hashes.SHA256()))\n"
-            "d = tempfile.mkdtemp()\n"
-            "open(d + '/c.pem', 'wb').write(cert.public_bytes(serialization.Encoding.PEM))\n"
-            "open(d + '/k.pem', 'wb').write(key.private_bytes(serialization.Encoding.PEM,\n"
-            "  serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))\n"
-            "srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
-            "srv_ctx.load_cert_chain(d + '/c.pem', d + '/k.pem')\n"
-            "cli_ctx = ssl.create_default_context(cafile=d + '/c.pem')\n"
+            "import asyncio, ssl\n"
+            "from pathlib import Path\n"
+            "from tests.tlscert import server_context\n"
+            f"srv_ctx, cert = server_context(Path({str(tmp_path)!r}))\n"
+            "cli_ctx = ssl.create_default_context(cafile=cert)\n"
             "async def echo(r, w):\n"
             "    w.write((await r.readline()).upper()); await w.drain(); w.close()\n"
             "async def main():\n"
