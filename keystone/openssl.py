@@ -81,16 +81,23 @@ def token_urlsafe(nbytes: int) -> str:
     return base64.urlsafe_b64encode(os.urandom(nbytes)).rstrip(b"=").decode("ascii")
 
 
+def _ssl_class(name: str) -> type | None:
+    # sys.modules holds ssl from the moment another thread starts importing it: until that
+    # import has defined ``name`` there is no instance of it to find (and no attribute to read).
+    cls = getattr(sys.modules.get("ssl"), name, None)
+    return cls if isinstance(cls, type) else None
+
+
 def is_tls_socket(sock: object) -> bool:
     """Whether ``sock`` is an ``ssl.SSLSocket``, without importing ssl (none exists before)."""
-    ssl = sys.modules.get("ssl")
-    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+    cls = _ssl_class("SSLSocket")
+    return cls is not None and isinstance(sock, cls)
 
 
 def is_tls_error(exc: BaseException) -> bool:
     """Whether ``exc`` is an ``ssl.SSLError``, without importing ssl."""
-    ssl = sys.modules.get("ssl")
-    return ssl is not None and isinstance(exc, ssl.SSLError)
+    cls = _ssl_class("SSLError")
+    return cls is not None and isinstance(exc, cls)
 
 
 # -- asyncio without ssl, until someone imports it -----------------------------------------------

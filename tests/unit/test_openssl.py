@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,17 @@ class TestDigests:
     @pytest.mark.parametrize(("a", "b"), [(b"x", b"x"), (b"x", b"y"), ("tok", "tok"), (b"", b"a")])
     def test_compare_digest_is_hmacs(self, a: bytes | str, b: bytes | str) -> None:
         assert openssl.compare_digest(a, b) == hmac.compare_digest(a, b)  # type: ignore[arg-type]
+
+    def test_a_half_imported_ssl_is_no_tls_and_no_error(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While another thread imports ssl, sys.modules already holds the module, empty: an
+        API connection accepted then must not fail on a missing ssl.SSLSocket (seen in CI: a
+        broker library imported ssl while the API answered, and the connection was dropped)."""
+        monkeypatch.setitem(sys.modules, "ssl", types.ModuleType("ssl"))
+        with socket.socket() as plain:
+            assert not openssl.is_tls_socket(plain)
+        assert not openssl.is_tls_error(OSError("x"))
 
     def test_tls_socket_and_error(self) -> None:
         with socket.socket() as plain:
