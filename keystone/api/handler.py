@@ -265,8 +265,6 @@ class Handler(RequestHandler):
 
     server: Server
     protocol_version = "HTTP/1.1"
-    server_version = "keystone"
-    sys_version = ""
     timeout = 60  # an idle keep-alive connection or a stalled upload is dropped after this
     # Headers and body go out in two writes; with Nagle on, the body of every answer after the
     # first on a kept-alive connection waits for the client's delayed ACK (40 ms on Linux).
@@ -314,9 +312,6 @@ class Handler(RequestHandler):
     @property
     def api(self) -> HandlerHost:
         return self.server.api
-
-    def version_string(self) -> str:
-        return "keystone"
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         self._status = code  # logged once, with the duration, at the end of _dispatch
