@@ -674,14 +674,8 @@ class ContainerRunner:
                 break
             await asyncio.sleep(delay)  # the engine has not noticed yet: bounded, backing off
             delay = min(delay * 2, 0.5)
-        else:
-            self._finish(watch, status)
-            return
         self._finish(watch, status)
-        # An exited container is of no more use (its output is in the component's logs).
-        await self._cli(
-            engine, *engine.remove_args(watch.handle.container_id), what=watch.handle.name
-        )
+        await self._discard(engine, watch)
 
     async def _wait_fallback(self, watch: _Watch) -> None:
         """No pidfd on the main process: one ``<engine> wait`` for this container."""
@@ -691,6 +685,17 @@ class ContainerRunner:
         with contextlib.suppress(ValueError, IndexError):
             status = int(result.stdout.decode(errors="replace").split()[0])
         self._finish(watch, status)
+        if result.returncode == 0:  # it did exit (a failed wait says nothing of the container)
+            await self._discard(engine, watch)
+
+    async def _discard(self, engine: Engine, watch: _Watch) -> None:
+        """Remove a container whose main process exited: it is of no more use (its output is in
+        the component's logs), and a rollback that stops nothing must not leave it behind."""
+        result = await self._cli(
+            engine, *engine.remove_args(watch.handle.container_id), what=watch.handle.name
+        )
+        if result.returncode != 0 and b"no such container" not in result.stderr.lower():
+            logger.warning("{}: {} rm: {}", watch.handle.name, engine.name, self._why(result))
 
     def _finish(self, watch: _Watch, status: int | None) -> None:
         if watch.done:

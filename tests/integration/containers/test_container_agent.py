@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,27 @@ class TestRestarts:
             lambda: images.podman.containers("keystone.component=crashy", all=True) == [],
             what="exited containers removed",
         )
+
+    def test_container_that_exits_at_once_is_rolled_back_and_removed(
+        self, container_agent: Any, images: Images, tmp_path: Path
+    ) -> None:
+        """Its port is taken, so the container exits before the agent reads its pid: the first
+        plan fails on that exit and rolls back, and no exited container is left behind."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            recipe = container_recipe(
+                images, "web", "1.0.0", port, health="cmd:test -f /www/index.html"
+            )
+            plan = write_plan(tmp_path, {"web": recipe})
+            agent = container_agent("--apply", str(plan)).start()
+            wait_until(lambda: "initial plan failed" in agent.output(), what="the plan failed")
+            assert "web: backoff: exited with status 0: httpd: bind: Address" in agent.output()
+            wait_until(
+                lambda: images.podman.containers(all=True) == [], what="the container removed"
+            )
+            assert agent.api("GET", "/v1/components")[1] == []
 
 
 class TestUpgrade:
