@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -384,6 +385,10 @@ def safe_join(
     try:
         if allow_absolute and rel.startswith("/"):
             return Path(rel).resolve()
+        if rel and not rel.startswith("/") and repo_path_problem(rel) is None:
+            walked = _walk_plain(resolved_root or root.resolve(), rel)
+            if walked is not None:
+                return walked
         if not rel or (
             rel.startswith("/")
             and not Path(rel).resolve().is_relative_to(resolved_root or root.resolve())
@@ -411,6 +416,32 @@ def safe_join(
             field=field,
         )
     return candidate
+
+
+def _walk_plain(base: Path, rel: str) -> Path | None:
+    """``(base / rel).resolve()`` for a resolved ``base`` and a plain relative ``rel`` (no
+    ``..``, no backslash), found by an ``lstat`` of ``rel``'s own components: when none of them
+    is a symlink, the resolved path is ``base / rel`` as written, and it is inside ``base``.
+
+    None when a component is a symlink or cannot be looked at (other than missing): then
+    ``Path.resolve`` decides, and the caller checks where it points. A missing component ends
+    the walk as ``resolve`` does: nothing below it exists, so nothing below it is a symlink.
+    """
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    head = str(base)
+    sep = "" if head.endswith("/") else "/"
+    for i, part in enumerate(parts):
+        head = f"{head}{sep}{part}"
+        sep = "/"
+        try:
+            mode = os.lstat(head).st_mode
+        except FileNotFoundError:
+            return Path(head, *parts[i + 1 :])
+        except (OSError, ValueError):
+            return None
+        if stat.S_ISLNK(mode):
+            return None
+    return Path(head)
 
 
 def _short(text: str, keep: int = 120) -> str:
@@ -448,6 +479,7 @@ class FileRecipes:
         # the agent's recipe signature check.
         self.verify = verify
         self._roots: dict[Path, Path] = {}
+        self._cwd: str | None = None  # os.getcwd() and "/", read once
 
     def _resolved(self, base: Path) -> Path | None:
         """``base.resolve()``, once per reader (None when it cannot be resolved: then
@@ -458,6 +490,16 @@ class FileRecipes:
             except (OSError, ValueError, RuntimeError):
                 return None
         return self._roots[base]
+
+    def _display(self, p: Path) -> str:
+        """``p`` relative to the working directory when it is below it, else as it is."""
+        if self._cwd is None:
+            cwd = os.getcwd()
+            self._cwd = cwd if cwd.endswith("/") else f"{cwd}/"
+        text = str(p)
+        if text.startswith(self._cwd):
+            return text[len(self._cwd) :] or "."
+        return "." if f"{text}/" == self._cwd else text
 
     def _read(self, p: Path, display: str) -> str:
         lim = self.limits
@@ -510,7 +552,7 @@ class FileRecipes:
                     field="recipe",
                 ) from None
             if found:
-                display = _display(p)
+                display = self._display(p)
                 text = self._read(p, display)
                 if self.verify is not None:
                     self.verify(p, text)
@@ -522,13 +564,6 @@ class FileRecipes:
             line=e.line,
             field="recipe",
         )
-
-
-def _display(p: Path) -> str:
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)
 
 
 def load_desired(
