@@ -486,14 +486,21 @@ def _decode_error(exc: Exception, text: str, file: str, idx: LineIndex) -> Valid
 
 
 def _check_values(root: dict[str, Any], file: str, lines: _Lines, lim: Limits) -> None:
-    """Depth of tables and arrays, and integers TOML can represent (64-bit), iteratively."""
-    stack: list[tuple[Path_, Any, int]] = [((), root, 0)]
+    """Depth of tables and arrays, and integers TOML can represent (64-bit), iteratively.
+
+    The walk keeps no paths (most documents pass): the first offending value's path is found
+    by :func:`_find_value` when there is one.
+    """
+    low, high = _INT64
+    deepest = lim.max_toml_depth
+    stack: list[tuple[Any, int]] = [(root, 0)]
     while stack:
-        path, node, depth = stack.pop()
+        node, depth = stack.pop()
         if isinstance(node, dict | list):
-            if depth > lim.max_toml_depth:
+            if depth > deepest:
                 idx = lines.get()
                 _check_depth(idx, file, lim)  # the scan's message, when it sees the depth too
+                path = _find_value(root, lambda v, d: d > deepest and isinstance(v, dict | list))
                 raise lim.refuse(
                     "max_toml_depth",
                     f"more than {lim.max_toml_depth} levels at {dotted(path)}",
@@ -501,20 +508,36 @@ def _check_values(root: dict[str, Any], file: str, lines: _Lines, lim: Limits) -
                     file=file,
                     line=idx.line(path),
                 )
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for k, v in items:
-                stack.append(((*path, k), v, depth + 1))
-        elif (
-            isinstance(node, int)
-            and not isinstance(node, bool)
-            and not _INT64[0] <= node <= _INT64[1]
-        ):
+            for v in node.values() if isinstance(node, dict) else node:
+                stack.append((v, depth + 1))
+        elif isinstance(node, int) and not isinstance(node, bool) and not low <= node <= high:
+            path = _find_value(
+                root,
+                lambda v, d: (
+                    isinstance(v, int) and not isinstance(v, bool) and not low <= v <= high
+                ),
+            )
             raise ValidationError(
                 "integer out of range (TOML integers are 64-bit)",
                 file=file,
                 line=lines.get().line(path),
                 field=dotted(path),
             )
+
+
+def _find_value(root: dict[str, Any], bad: Callable[[Any, int], bool]) -> Path_:
+    """The path of the first value, in :func:`_check_values`' order, that is ``bad`` (given
+    the value and its depth)."""
+    stack: list[tuple[Path_, Any, int]] = [((), root, 0)]
+    while stack:
+        path, node, depth = stack.pop()
+        if bad(node, depth):
+            return path
+        if isinstance(node, dict | list):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                stack.append(((*path, k), v, depth + 1))
+    return ()
 
 
 @dataclass
@@ -602,16 +625,17 @@ class Reader:
         )
 
     def get(self, path: Path_) -> Any:
+        """The value at ``path``, or None where the path does not lead (TOML has no null)."""
         node: Any = self.data
         for part in path:
-            if isinstance(part, int):
-                if not isinstance(node, list) or part >= len(node):
+            if isinstance(node, dict):
+                node = node.get(part)  # an int part is no key: None
+                if node is None:
                     return None
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
                 node = node[part]
             else:
-                if not isinstance(node, dict) or part not in node:
-                    return None
-                node = node[part]
+                return None
         return node
 
     def table(
@@ -625,10 +649,11 @@ class Reader:
             return None
         if not isinstance(value, dict):
             raise self.error(path, f"expected a table, got {_kind(value)}")
-        for key in value:
-            if key not in allowed:
-                sub = (*path, key)
-                self.unknown.append((self.index.line(sub), dotted(sub)))
+        if not value.keys() <= allowed:
+            for key in value:
+                if key not in allowed:
+                    sub = (*path, key)
+                    self.unknown.append((self.index.line(sub), dotted(sub)))
         return value
 
     def tables(self, path: Path_, allowed: set[str]) -> Iterator[tuple[Path_, dict[str, Any]]]:
@@ -649,6 +674,11 @@ class Reader:
     def text(
         self, path: Path_, *, required: bool = False, default: str | None = None
     ) -> str | None:
+        value = self.get(path)
+        if type(value) is str:
+            if "\0" in value:
+                self._no_nul(path, value)
+            return value
         value = self._typed(path, (str,), "a string", required, default)
         assert value is None or isinstance(value, str)
         if value is not None:
