@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keystone.diff import plan_actions
 from keystone.env import substitution_env
 from keystone.errors import KeystoneError, ValidationError
 from keystone.plan import DesiredPlan
-from keystone.runtime.deployer import plan_actions
 from keystone.sources.base import DirectoryReader
 from keystone.sources.documents import DocumentFile
 from keystone.sources.git import GitMirror

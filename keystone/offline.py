@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from keystone.diff import plan_actions
 from keystone.env import substitution_env
 from keystone.errors import ValidationError
 from keystone.ledger import Snapshot
@@ -27,7 +28,6 @@ from keystone.plan import (
     plan_from_json,
 )
 from keystone.recipe import check_segment, parse_recipe
-from keystone.runtime.deployer import plan_actions
 from keystone.statefile import StateDamage, decode_json, read_bytes
 
 LocalRecipe = tuple[str, str, str, str]

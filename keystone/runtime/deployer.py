@@ -19,7 +19,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from keystone.diff import ChangeSet, diff_plans
+from keystone.diff import Action, ChangeSet, plan_actions
 from keystone.errors import DeploymentFailed, ValidationError
 from keystone.plan import Component, DesiredPlan
 from keystone.runtime.probes import ProbeScheduler
@@ -73,26 +73,6 @@ class ArtifactPreparer(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Action:
-    """One step of a deployment, in order."""
-
-    action: str  # "stop" or "start"
-    component: str
-    version: str
-    layer: int
-    reason: str
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "action": self.action,
-            "component": self.component,
-            "version": self.version,
-            "layer": self.layer,
-            "reason": self.reason,
-        }
-
-
 @dataclass
 class DeployResult:
     """What a deployment did."""
@@ -141,42 +121,6 @@ def plan_changes(current: DesiredPlan, desired: DesiredPlan) -> PlannedChanges:
     """The change set and ordered actions that take ``current`` to ``desired`` (pure)."""
     changes, actions = plan_actions(current, desired)
     return PlannedChanges(current, desired, changes, tuple(actions))
-
-
-def plan_actions(current: DesiredPlan, desired: DesiredPlan) -> tuple[ChangeSet, list[Action]]:
-    """The ordered actions that take ``current`` to ``desired`` (a dry run; pure)."""
-    changes = diff_plans(current, desired)
-    actions: list[Action] = []
-    cur_layers = current.graph.layers
-    for layer_no in range(len(cur_layers) - 1, -1, -1):
-        for name in reversed(cur_layers[layer_no]):
-            if name in changes.removed:
-                actions.append(
-                    Action("stop", name, current.components[name].version, layer_no, "removed")
-                )
-    bounce = set(changes.changed) | set(changes.restarted)
-    for layer_no in range(len(cur_layers) - 1, -1, -1):
-        for name in reversed(cur_layers[layer_no]):
-            if name in bounce:
-                why = "changed" if name in changes.changed else "dependency changed"
-                actions.append(
-                    Action("stop", name, current.components[name].version, layer_no, why)
-                )
-    starting = set(changes.added) | bounce
-    for layer_no, layer in enumerate(desired.graph.layers):
-        for name in layer:
-            if name in starting:
-                why = (
-                    "added"
-                    if name in changes.added
-                    else "changed"
-                    if name in changes.changed
-                    else "dependency changed"
-                )
-                actions.append(
-                    Action("start", name, desired.components[name].version, layer_no, why)
-                )
-    return changes, actions
 
 
 class Deployer:
