@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
 # Go's time.Duration is int64 nanoseconds: about 292 years.
 MAX_DURATION = (2**63 - 1) / 1e9
@@ -19,6 +21,7 @@ _UNIT_SECONDS = {
 }
 
 
+@functools.lru_cache(maxsize=256)  # recipes repeat a few durations ("2s", "30s") many times
 def parse_duration(text: str) -> float:
     """Parse a Go duration string into seconds.
 
@@ -34,7 +37,7 @@ def parse_duration(text: str) -> float:
         s = s[1:]
     if s == "0":
         return 0.0
-    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", s):
+    if _SECONDS.fullmatch(s):
         return sign * _in_range(float(s), text)
     pos = 0
     total = 0.0
