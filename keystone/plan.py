@@ -186,6 +186,9 @@ def _parse_plan(r: Reader, *, file: str, lim: Limits) -> PlanFile:
         )
     entries: list[PlanEntry] = []
     seen: dict[str, int | None] = {}
+    # The lines of entries and their recipe keys without the index where that is certain
+    # (a plan of thousands of components would scan every line only to name each one's line).
+    located = r.entry_key_lines("components", "recipe")
     for path, _ in r.tables(("components",), {"name", "recipe", "enabled"}):
         name = r.text((*path, "name"), required=True)
         recipe = r.text((*path, "recipe"), required=True)
@@ -193,7 +196,9 @@ def _parse_plan(r: Reader, *, file: str, lim: Limits) -> PlanFile:
         why = check_segment(name)
         if why:
             raise r.error((*path, "name"), f"{why}, got {name!r}")
-        line = r.index.line(path)
+        at = path[-1]
+        known = located[at] if located is not None and isinstance(at, int) else None
+        line = known[0] if known is not None else r.index.line(path)
         if name in seen:
             raise r.error(
                 (*path, "name"), f"duplicate component name {name!r} (first at line {seen[name]})"
@@ -201,7 +206,9 @@ def _parse_plan(r: Reader, *, file: str, lim: Limits) -> PlanFile:
         seen[name] = line
         if not recipe.strip():
             raise r.error((*path, "recipe"), "must not be empty")
-        recipe_line = r.index.line((*path, "recipe"))
+        recipe_line = (
+            known[1] if known is not None and known[1] else r.index.line((*path, "recipe"))
+        )
         entries.append(
             PlanEntry(name, recipe, r.flag((*path, "enabled"), default=True), file, recipe_line)
         )

@@ -7,11 +7,11 @@ entries by index: ``("artifacts", 1, "uri")``) to the line where it is written; 
 measures bracket nesting and explains a duplicate key or table with both of its lines.
 
 The scan costs about what the parser does, and most documents never need a line: it runs only
-when one is asked for (an error, an unknown key), except for a document with more than
-``SCAN_FIRST`` dots and opening brackets, which is scanned before the parser runs. Below that
-count nothing can be deep or long enough to cost the parser much (a dotted key costs it the
-square of its parts), and a document deeper than the bound is refused after the parse with
-the same message and line the scan gives. ``Reader`` walks a parsed
+when one is asked for (an error, an unknown key), except for a document with a line of more
+than ``SCAN_FIRST`` dots, which is scanned before the parser runs: a dotted key costs the
+parser the square of its parts, and a key is written on one line. Nesting costs the parser
+only its depth: a document deeper than the bound is refused after the parse (or when the
+parser runs out of recursion) with the same message and line the scan gives. ``Reader`` walks a parsed
 document against a declared schema, converting values strictly (a float where a string is
 expected is an error) and collecting unknown keys.
 
@@ -40,7 +40,7 @@ _ML_BASIC_STOP = re.compile(r'\\.|"""', re.DOTALL)
 _AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
 _TRIPLE_LITERAL = "'" * 3
 SCAN_FIRST = 256
-"""A document with more dots and opening brackets than this is scanned before it is parsed."""
+"""A document with a line of more dots than this is scanned before it is parsed."""
 
 
 @dataclass(frozen=True)
@@ -428,7 +428,7 @@ class _Lines:
 
 
 def _parse(text: str, file: str, lim: Limits, lines: _Lines) -> dict[str, Any]:
-    if text.count(".") + text.count("[") + text.count("{") > SCAN_FIRST:
+    if _long_line_of_dots(text):
         _check_depth(lines.get(), file, lim)
     try:
         value = tomllib.loads(text)
@@ -441,6 +441,14 @@ def _parse(text: str, file: str, lim: Limits, lines: _Lines) -> dict[str, Any]:
         ) from None
     _check_values(value, file, lines, lim)
     return value
+
+
+def _long_line_of_dots(text: str) -> bool:
+    """True when a line holds more than ``SCAN_FIRST`` dots: the only way to a dotted key or
+    header long enough to cost the parser much (keys never span lines)."""
+    if text.count(".") <= SCAN_FIRST:
+        return False
+    return any(line.count(".") > SCAN_FIRST for line in text.split("\n"))
 
 
 def _check_depth(idx: LineIndex, file: str, lim: Limits) -> None:
@@ -579,6 +587,57 @@ class Reader:
         (nothing in a string, a comment or an inline form could be mistaken for one); else
         None, and the caller asks the index.
         """
+        found = self._header_offsets(name)
+        if found is None:
+            return None
+        text = self.lines.text
+        lines: list[int] = []
+        line, counted = 1, 0
+        for at in found:
+            line += text.count("\n", counted, at)
+            counted = at
+            lines.append(line)
+        return lines
+
+    def entry_key_lines(self, name: str, key: str) -> list[tuple[int, int | None]] | None:
+        """For each top-level ``[[name]]`` entry, its header's line and the line of its plain
+        ``key = ...`` line (None when it has none), found without the index.
+
+        Only where :meth:`header_lines` would find every entry, and no entry's text holds a
+        multi-line string or a line starting with ``[``: then a line that starts with
+        ``key =`` can only be that entry's own key (TOML has no other multi-line form that
+        could hold one). Else None, and the caller asks the index.
+        """
+        offsets = self._header_offsets(name)
+        if offsets is None:
+            return None
+        text = self.lines.text
+        key_re = _key_re(key)
+        out: list[tuple[int, int | None]] = []
+        line, counted = 1, 0
+        for i, at in enumerate(offsets):
+            line += text.count("\n", counted, at)
+            counted = at
+            end = offsets[i + 1] if i + 1 < len(offsets) else len(text)
+            body = text.find("\n", at, end) + 1 or end
+            if (
+                text.find('"""', body, end) >= 0
+                or text.find("'''", body, end) >= 0
+                or _ANY_HEADER.search(text, body, end)
+            ):
+                return None
+            found = key_re.search(text, body, end)
+            key_line: int | None = None
+            if found is not None:
+                if key_re.search(text, found.end(), end):
+                    return None
+                key_line = line + text.count("\n", at, found.start())
+            out.append((line, key_line))
+        return out
+
+    def _header_offsets(self, name: str) -> list[int] | None:
+        """Where the top-level ``[[name]]`` headers start, when every mention of ``name`` is
+        such a header, one per entry, and the index is not made yet; else None."""
         text = self.lines.text
         entries = self.data.get(name)
         if self.lines.made is not None or not isinstance(entries, list):
@@ -586,7 +645,7 @@ class Reader:
         found = [m.start() for m in _header_re(name).finditer(text)]
         if not len(found) == len(entries) == text.count(name):
             return None
-        return [text.count("\n", 0, at) + 1 for at in found]
+        return found
 
     @classmethod
     def from_parsed(
@@ -675,14 +734,12 @@ class Reader:
         self, path: Path_, *, required: bool = False, default: str | None = None
     ) -> str | None:
         value = self.get(path)
-        if type(value) is str:
-            if "\0" in value:
-                self._no_nul(path, value)
-            return value
-        value = self._typed(path, (str,), "a string", required, default)
-        assert value is None or isinstance(value, str)
-        if value is not None:
-            self._no_nul(path, value)
+        if value is None and not required:
+            return default
+        if not isinstance(value, str):
+            self._typed(path, (str,), "a string", required, default)  # raises
+        assert isinstance(value, str)
+        self._no_nul(path, value)
         return value
 
     def _no_nul(self, path: Path_, value: str) -> None:
@@ -777,6 +834,18 @@ def _header_re(name: str) -> re.Pattern[str]:
     if pattern is None:
         pattern = re.compile(rf"^[ \t]*\[\[[ \t]*{re.escape(name)}[ \t]*\]\]", re.MULTILINE)
         _HEADERS[name] = pattern
+    return pattern
+
+
+_ANY_HEADER = re.compile(r"^[ \t]*\[", re.MULTILINE)
+_KEYS: dict[str, re.Pattern[str]] = {}
+
+
+def _key_re(key: str) -> re.Pattern[str]:
+    pattern = _KEYS.get(key)
+    if pattern is None:
+        pattern = re.compile(rf"^[ \t]*{re.escape(key)}[ \t]*=", re.MULTILINE)
+        _KEYS[key] = pattern
     return pattern
 
 
