@@ -157,17 +157,30 @@ def build_graph(
 
 
 def _layers(nodes: list[str], deps: Mapping[str, list[Edge]]) -> tuple[tuple[str, ...], ...]:
-    remaining = {n: {e.dependency for e in deps.get(n, ())} for n in nodes}
+    """Kahn's algorithm by frontier: each layer is the sorted set of nodes whose dependencies
+    are all in earlier layers (linear in nodes and edges)."""
+    needs = {n: {e.dependency for e in deps.get(n, ())} for n in nodes}
+    waiting = {n: len(d) for n, d in needs.items()}
+    needed_by: dict[str, list[str]] = {}
+    for n, d in needs.items():
+        for dep in d:
+            needed_by.setdefault(dep, []).append(n)
     layers: list[tuple[str, ...]] = []
-    while remaining:
-        ready = sorted(n for n, d in remaining.items() if not d)
-        if not ready:
-            raise GraphError("dependency cycle: " + " -> ".join(_find_cycle(remaining)))
+    ready = sorted(n for n, count in waiting.items() if not count)
+    while ready:
         layers.append(tuple(ready))
+        unblocked: list[str] = []
         for n in ready:
-            del remaining[n]
-        for d in remaining.values():
-            d.difference_update(ready)
+            for m in needed_by.get(n, ()):
+                waiting[m] -= 1
+                if not waiting[m]:
+                    unblocked.append(m)
+        ready = sorted(unblocked)
+    placed = sum(len(layer) for layer in layers)
+    if placed < len(needs):
+        done = {n for layer in layers for n in layer}
+        remaining = {n: d - done for n, d in needs.items() if n not in done}
+        raise GraphError("dependency cycle: " + " -> ".join(_find_cycle(remaining)))
     return tuple(layers)
 
 

@@ -60,8 +60,9 @@ def diff_plans(current: DesiredPlan, desired: DesiredPlan) -> ChangeSet:
     removed = sorted(set(cur) - set(new))
     changed = sorted(n for n in set(cur) & set(new) if not _same(cur[n], new[n]))
     cascade = desired.graph.dependents(changed) if changed else set()
-    restarted = sorted(n for n in cascade if n in cur and n not in changed)
-    unchanged = sorted(set(cur) & set(new) - set(changed) - set(restarted))
+    changed_set = set(changed)
+    restarted = sorted(n for n in cascade if n in cur and n not in changed_set)
+    unchanged = sorted(set(cur) & set(new) - changed_set - set(restarted))
     return ChangeSet(
         tuple(added), tuple(removed), tuple(changed), tuple(restarted), tuple(unchanged)
     )
@@ -92,29 +93,30 @@ def plan_actions(current: DesiredPlan, desired: DesiredPlan) -> tuple[ChangeSet,
     changes = diff_plans(current, desired)
     actions: list[Action] = []
     cur_layers = current.graph.layers
+    removed, added, changed = set(changes.removed), set(changes.added), set(changes.changed)
     for layer_no in range(len(cur_layers) - 1, -1, -1):
         for name in reversed(cur_layers[layer_no]):
-            if name in changes.removed:
+            if name in removed:
                 actions.append(
                     Action("stop", name, current.components[name].version, layer_no, "removed")
                 )
-    bounce = set(changes.changed) | set(changes.restarted)
+    bounce = changed | set(changes.restarted)
     for layer_no in range(len(cur_layers) - 1, -1, -1):
         for name in reversed(cur_layers[layer_no]):
             if name in bounce:
-                why = "changed" if name in changes.changed else "dependency changed"
+                why = "changed" if name in changed else "dependency changed"
                 actions.append(
                     Action("stop", name, current.components[name].version, layer_no, why)
                 )
-    starting = set(changes.added) | bounce
+    starting = added | bounce
     for layer_no, layer in enumerate(desired.graph.layers):
         for name in layer:
             if name in starting:
                 why = (
                     "added"
-                    if name in changes.added
+                    if name in added
                     else "changed"
-                    if name in changes.changed
+                    if name in changed
                     else "dependency changed"
                 )
                 actions.append(
