@@ -13,8 +13,9 @@ which the agent shows in ``keystone status`` (``damaged state``) and counts in
 A file that should exist and does not (the snapshot gone while the history is there) is reported
 the same way through :func:`report_missing`.
 
-This module imports only the standard library and :mod:`keystone.errors`, so any layer (the API,
-the trust clock, the sync worker) may use it.
+This module imports only the standard library and :mod:`keystone.errors` (loguru when it has
+something to report), so any layer (the API, the trust clock, the sync worker, a CLI command
+that reads a state file) may use it at no cost.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-
-from loguru import logger
 
 from keystone.errors import KeystoneError
 
@@ -121,6 +120,13 @@ def leave_in_place() -> None:
     _OWNER = False
 
 
+def _warn(message: str, *args: object) -> None:
+    """A WARNING on loguru's logger, as if logged where ``_warn`` was called."""
+    from loguru import logger  # lazy: a command that finds nothing damaged never loads it
+
+    logger.opt(depth=1).warning(message, *args)
+
+
 def max_state_bytes(environ: Mapping[str, str] | None = None) -> int:
     """The bound on one state file (``KEYSTONE_MAX_STATE_BYTES``, bytes; 64 MiB)."""
     env = os.environ if environ is None else environ
@@ -128,7 +134,7 @@ def max_state_bytes(environ: Mapping[str, str] | None = None) -> int:
     try:
         value = int(raw) if raw else MAX_STATE_BYTES
     except ValueError:
-        logger.warning("{}={!r} is not a number of bytes; using 64 MiB", MAX_STATE_BYTES_ENV, raw)
+        _warn("{}={!r} is not a number of bytes; using 64 MiB", MAX_STATE_BYTES_ENV, raw)
         return MAX_STATE_BYTES
     return value if value > 0 else MAX_STATE_BYTES
 
@@ -149,9 +155,7 @@ def set_aside(
     now = time.time()
     orig = original or path
     if not _OWNER:
-        logger.warning(
-            "damaged state file {}: {}; not used (the agent sets it aside)", orig, problem
-        )
+        _warn("damaged state file {}: {}; not used (the agent sets it aside)", orig, problem)
         return Recovery(name or orig.name, str(orig), problem, None, now)
     target = orig.with_name(f"{orig.name}.corrupt-{utc_stamp(now)}")
     n = 1
@@ -167,7 +171,7 @@ def set_aside(
         moved = None
         problem = f"{problem} (could not move it aside: {exc.strerror or exc})"
     rec = Recovery(name or orig.name, str(orig), problem, moved, now)
-    logger.warning(
+    _warn(
         "damaged state file {}: {}; {}; carrying on without it",
         orig,
         problem,
@@ -180,7 +184,7 @@ def set_aside(
 def report_missing(path: Path, why: str, *, name: str | None = None) -> Recovery:
     """Report a state file that should exist and does not (nothing to move aside)."""
     rec = Recovery(name or path.name, str(path), f"missing ({why})", None, time.time())
-    logger.warning("state file {} is missing ({}); carrying on without it", path, why)
+    _warn("state file {} is missing ({}); carrying on without it", path, why)
     RECOVERIES.add(rec)
     return rec
 
