@@ -31,6 +31,8 @@ def substitute(text: str, environ: Mapping[str, str]) -> str:
 
     A bare ``$VAR`` is left alone so that shell snippets keep their own variables.
     """
+    if "$" not in text:
+        return text  # most values name nothing (and a recipe has many values)
 
     def repl(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
