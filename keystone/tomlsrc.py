@@ -434,13 +434,26 @@ def _parse(text: str, file: str, lim: Limits, lines: _Lines) -> dict[str, Any]:
         value = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _decode_error(exc, text, file, lines.get()) from None
-    except RecursionError:  # nesting the scan did not see (it counts brackets only)
+    except RecursionError:  # deeper than the parser recurses: the scan says where
         _check_depth(lines.get(), file, lim)
         raise lim.refuse(
             "max_toml_depth", "too deep to parse", what="the nesting", file=file
         ) from None
-    _check_values(value, file, lines, lim)
+    if _may_be_out_of_bounds(text, lim):
+        _check_values(value, file, lines, lim)
     return value
+
+
+_LONG_RUN = re.compile(r"[0-9A-Fa-f_]{16,}")
+
+
+def _may_be_out_of_bounds(text: str, lim: Limits) -> bool:
+    """False when no value of ``text`` can fail :func:`_check_values`: every level of nesting
+    is written with a bracket, a brace or a dot (a header, an array, an inline table, a dotted
+    key), and an integer past 64 bits needs 16 digits in a row (19 decimal, 16 hex, 22 octal
+    or 64 binary, underscores between them)."""
+    nesting = text.count("[") + text.count("{") + text.count(".")
+    return nesting > lim.max_toml_depth or _LONG_RUN.search(text) is not None
 
 
 def _long_line_of_dots(text: str) -> bool:

@@ -1,4 +1,5 @@
-"""The value checks after a parse (depth, 64-bit integers) against a reference walk.
+"""The value checks after a parse (depth, 64-bit integers) against a reference walk, and the
+guard that skips them where the text rules a refusal out.
 
 ``_check_values`` keeps no paths while it walks and finds the offending path afterwards; the
 reference below builds every path as it goes. Both must refuse the same documents with the
@@ -7,6 +8,7 @@ same message, line and field.
 
 from __future__ import annotations
 
+import tomllib
 from typing import Any
 
 from hypothesis import given, settings
@@ -14,7 +16,8 @@ from hypothesis import strategies as st
 
 from keystone.errors import ValidationError
 from keystone.limits import Limits
-from keystone.tomlsrc import _check_depth, _check_values, _Lines, dotted
+from keystone.tomlsrc import _check_depth, _check_values, _Lines, _may_be_out_of_bounds, dotted
+from tests.fuzz.strategies import toml_values
 
 LOW, HIGH = -(1 << 63), (1 << 63) - 1
 
@@ -84,3 +87,27 @@ def test_a_deep_value_names_its_path() -> None:
 def test_a_huge_integer_names_its_field() -> None:
     got = outcome(_check_values, {"a": [1, {"b": 1 << 64}]}, 32)
     assert got is not None and got[2] == "a[1].b" and "64-bit" in got[0]
+
+
+HEADERS = st.lists(st.sampled_from(["a", "b", '"c.d"', "e"]), min_size=1, max_size=3).map(".".join)
+LINES = st.one_of(
+    st.tuples(HEADERS, toml_values()).map(lambda kv: f"{kv[0]} = {kv[1]}"),
+    HEADERS.map(lambda h: f"[{h}]"),
+    HEADERS.map(lambda h: f"[[{h}]]"),
+    st.integers(min_value=1, max_value=6).map(lambda n: "z = " + "[" * n + "]" * n),
+    st.integers(min_value=1, max_value=4).map(lambda n: "y = " + "{ q = " * n + "1" + " }" * n),
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(LINES, max_size=6).map("\n".join), st.integers(min_value=0, max_value=8))
+def test_documents_skipped_by_the_guard_pass_the_check(text: str, depth: int) -> None:
+    """Where the text rules out a refusal (few brackets, braces and dots; no long digit run),
+    the walk would have found nothing."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return
+    lim = Limits(max_toml_depth=depth)
+    if not _may_be_out_of_bounds(text, lim):
+        assert outcome(_check_values, data, depth) is None
