@@ -17,7 +17,6 @@ from typing import Any
 from keystone.diff import plan_actions
 from keystone.env import substitution_env
 from keystone.errors import ValidationError
-from keystone.ledger import Snapshot
 from keystone.plan import (
     STORE_REF,
     DesiredPlan,
@@ -127,7 +126,11 @@ def _applied_plan(runtime: Path, environ: dict[str, str]) -> DesiredPlan:
     # Read, never moved aside: the snapshot is the agent's (it reports damage at its start).
     try:
         data = read_bytes(runtime / "state" / "agent.json")
-        snap = Snapshot.from_json(decode_json(data)) if data is not None else None
+        if data is None:
+            return DesiredPlan.empty()  # no agent has applied a plan here
+        from keystone.ledger import Snapshot  # lazy: only where an agent kept its state
+
+        snap = Snapshot.from_json(decode_json(data))
     except StateDamage:
         snap = None
     if snap is not None and snap.plan:

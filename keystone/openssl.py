@@ -19,7 +19,6 @@ through it). An agent that speaks no TLS and hashes no file needs neither, so:
 
 from __future__ import annotations
 
-import base64
 import importlib
 import os
 import sys
@@ -78,6 +77,8 @@ def token_hex(nbytes: int) -> str:
 
 def token_urlsafe(nbytes: int) -> str:
     """``secrets.token_urlsafe``: ``nbytes`` random bytes, URL-safe base64 without padding."""
+    import base64  # lazy: a plan check never makes a token
+
     return base64.urlsafe_b64encode(os.urandom(nbytes)).rstrip(b"=").decode("ascii")
 
 
