@@ -27,7 +27,7 @@ from keystone.cli.common import Command, add_commands, command, fail
 from keystone.cli.fast import read_components, read_health, read_status
 from keystone.cli.session import ExitCode, Output, Session, exit_for
 from keystone.client import ApiError, Client, OperationTimeout, component_path, error_for
-from keystone.errors import AgentUnreachable, UsageError, ValidationError
+from keystone.errors import AgentUnreachable, UsageError
 from keystone.graph import FORMATS, graph_command
 from keystone.runtime.signing import (
     sha256_file,
@@ -243,7 +243,7 @@ def _apply(session: Session, plan: Path, *, dry: bool, wait: bool, timeout: str)
             try:
                 client.get("/healthz", timeout=10)
             except AgentUnreachable:
-                _apply_offline(session, offline.dry_run(plan))
+                _apply_offline(session, plan)
                 return
         text = _read_local(plan, "plan").decode("utf-8", errors="replace")
         text, recipes, _unknown = offline.prepare_plan(text, file=str(plan))
@@ -268,17 +268,13 @@ def _apply(session: Session, plan: Path, *, dry: bool, wait: bool, timeout: str)
     fail(code)
 
 
-def _apply_offline(output: Output, data: dict[str, Any]) -> None:
-    data["offline"] = True
-    output.emit(
-        data,
-        lambda d: (
-            "no agent answered: planned offline against the last applied local plan\n"
-            + views.actions_text(d)
-        ),
-    )
-    if data.get("unknown_fields"):
-        fail(ValidationError.exit_code)
+def _apply_offline(output: Output, plan: Path) -> None:
+    # The fast path (keystone.cli.fast) runs the same body when it finds no agent itself.
+    from keystone.cli.fast import offline_dry
+
+    data, human, code = offline_dry(str(plan))
+    output.emit(data, human)
+    fail(code)
 
 
 @command(connect=True)

@@ -143,9 +143,110 @@ def _run(client: Requests, command: str, flags: set[str]) -> tuple[Any, Human]:
     return read(client)
 
 
+def offline_dry(plan: str) -> tuple[Any, Human, int]:
+    """``apply --dry`` when no agent answers: the plan and its recipes checked here, planned
+    against the plan the local agent last applied (``keystone.offline``). The data, how a
+    person reads it, and the exit code (usage when the plan has unknown fields)."""
+    from pathlib import Path
+
+    from keystone import offline
+    from keystone.cli.views import actions_text
+    from keystone.errors import ValidationError
+
+    data = offline.dry_run(Path(plan))
+    data["offline"] = True
+
+    def human(d: Any) -> str:
+        head = "no agent answered: planned offline against the last applied local plan\n"
+        return head + actions_text(d)
+
+    return data, human, int(ValidationError.exit_code) if data.get("unknown_fields") else 0
+
+
+_DRY_FLAGS = frozenset({"--dry", "--dry-run", "--json", "--wait", "--no-wait"})
+
+
+def parse_apply_dry(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | None:
+    """``(plan, options, flags)`` for ``apply PLAN --dry`` with the connection options and
+    nothing else, the plan a readable file (else typer says what is wrong); None otherwise."""
+    import os
+
+    options: dict[str, str] = {}
+    flags: set[str] = set()
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in _VALUED:
+            if not eq:
+                if i + 1 >= len(argv):
+                    return None
+                i += 1
+                value = argv[i]
+            options[name[2:]] = value
+        elif arg in _DRY_FLAGS and (rest or arg == "--json"):
+            flags.add(arg)  # before the command, typer takes only the global options
+        elif arg.startswith("-"):
+            return None  # --help, --timeout, typos: typer's job
+        else:
+            rest.append(arg)
+        i += 1
+    if len(rest) != 2 or rest[0] != "apply" or not flags & {"--dry", "--dry-run"}:
+        return None
+    plan = rest[1]
+    if not os.path.isfile(plan) or not os.access(plan, os.R_OK):
+        return None
+    return plan, options, flags
+
+
+def fast_apply_dry(argv: Sequence[str]) -> int | None:
+    """``apply PLAN --dry`` without typer when no agent answers on plain HTTP: what the typer
+    command prints and exits with. None (the typer command runs) for anything else: an agent
+    that answers (the plan goes to it), https, ``--ssh``, an answer the wire does not read."""
+    parsed = parse_apply_dry(argv)
+    if parsed is None:
+        return None
+    plan, options, flags = parsed
+    from keystone.env import load_dotenv
+    from keystone.errors import AgentUnreachable, KeystoneError
+    from keystone.wire import Unusual, WireClient
+
+    load_dotenv()
+    try:
+        wire = WireClient(
+            options.get("addr"),
+            options.get("token"),
+            options.get("ssh"),
+            runtime=options.get("runtime") or None,
+        )
+        if not wire.plain:
+            return None
+        with wire:
+            wire.get("/healthz", timeout=10)
+    except AgentUnreachable:
+        pass
+    except (Unusual, KeystoneError):
+        return None
+    else:
+        return None
+    as_json = "--json" in flags
+    try:
+        data, human, code = offline_dry(plan)
+    except KeystoneError as exc:
+        return views.report_error(exc, as_json)
+    views.emit(data, as_json, human)
+    return code
+
+
 def fast_main(argv: Sequence[str]) -> int | None:
-    """Run ``status``, ``components``, ``health`` or ``sync`` without typer; return the exit
-    code, or None when ``argv`` is anything else (the caller then runs the full CLI)."""
+    """Run ``status``, ``components``, ``health`` or ``sync`` without typer, and ``apply --dry``
+    with no agent answering; return the exit code, or None when ``argv`` is anything else (the
+    caller then runs the full CLI)."""
+    if "apply" in argv:
+        code = fast_apply_dry(argv)
+        if code is not None:
+            return code
     parsed = parse_fast(argv)
     if parsed is None:
         return None
