@@ -4,8 +4,8 @@
 keystonectl (``keystone.cli.goctl``, ``keystone.cli.ctl``: the agent's JSON, Go's exit codes);
 invoked as ``keystone`` with the Go agent's flags first (``keystone --http 127.0.0.1:8080``,
 ``keystone -http :8080 -demo``) it runs the agent (``keystone.cli.goagent``). The hot read-only commands (``status``,
-``components``, ``health``) run without importing typer (``keystone.cli.fast``), which keeps
-``keystone status`` quick; everything else goes to the typer app of ``keystone.cli.app``. This
+``components``, ``health``, ``sync``, and ``apply --dry`` with no agent answering) run without
+importing typer (``keystone.cli.fast``), which keeps ``keystone status`` quick; everything else goes to the typer app of ``keystone.cli.app``. This
 module imports nothing heavy, so that the fast path stays fast.
 
 The command groups stand side by side on one face and never import each other:

@@ -2,7 +2,8 @@
 
 Importing typer costs tens of milliseconds, an eternity for ``keystone status`` in a monitoring
 loop. ``fast_main`` serves ``status [--revision]``, ``components``, ``health`` and ``sync`` with the
-connection options, and declines (returns None) anything else, including ``--help``, so typer
+connection options, and ``apply PLAN --dry`` when no agent answers (planned offline, as the
+typer command does), and declines (returns None) anything else, including ``--help``, so typer
 handles it. The typer commands of ``keystone.cli.control`` run the same ``read_*`` bodies and
 print through the same views, so both paths print exactly the same thing.
 

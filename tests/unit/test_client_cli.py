@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 
 from keystone.api import ApiServer
 from keystone.cli import control as ctl
-from keystone.cli.fast import fast_main, parse_fast
+from keystone.cli.fast import fast_main, parse_apply_dry, parse_fast
 from tests.conftest import free_port
 from tests.unit.test_client import TOKEN, Control, make_ca, make_leaf, openssl
 
@@ -511,6 +511,107 @@ class TestLocalTools:
             r = runner.invoke(app, [*args, "--json"], env=CLEAN_ENV)
             assert r.exit_code == 3, (r.stdout, r.stderr)
             assert json.loads(r.stdout)["ok"] is False
+
+
+OFFLINE_PLAN = (
+    '[[components]]\nname = "db"\nrecipe = "recipes/db.recipe.toml"\n'
+    '[[components]]\nname = "api"\nrecipe = "recipes/api.recipe.toml"\n'
+)
+DRY_CASES = {
+    "ok": OFFLINE_PLAN,
+    "unknown field": OFFLINE_PLAN + 'colour = "blue"\n',
+    "bad recipe": OFFLINE_PLAN.replace("recipes/api.recipe.toml", "recipes/bad.recipe.toml"),
+    "missing recipe": OFFLINE_PLAN.replace("recipes/api.recipe.toml", "recipes/gone.recipe.toml"),
+    "escaping recipe": OFFLINE_PLAN.replace("recipes/api.recipe.toml", "../outside.toml"),
+    "bad plan": OFFLINE_PLAN + "[[components]\n",
+}
+
+
+class TestFastApplyDry:
+    """``apply PLAN --dry`` with no agent answering runs without typer and must print and
+    exit exactly as the typer command does; with an agent, or anything unusual, typer runs."""
+
+    def _offline(self, plan_dir: Path, text: str) -> None:
+        (plan_dir / "recipes" / "api.recipe.toml").write_text(
+            API.replace("${API_BIN_NOT_SET_HERE}", "true")
+        )
+        (plan_dir / "recipes" / "bad.recipe.toml").write_text(
+            '[metadata]\nname = "api"\nversion = "1"\n[lifecycle.run]\nmax_retries = -1\n'
+        )
+        (plan_dir.parent / "outside.toml").write_text(DB)
+        (plan_dir / "plan.toml").write_text(text)
+
+    @pytest.mark.parametrize("as_json", [[], ["--json"]])
+    @pytest.mark.parametrize("case", list(DRY_CASES))
+    def test_same_output_and_exit_code_as_typer(
+        self,
+        app: typer.Typer,
+        plan_dir: Path,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        case: str,
+        as_json: list[str],
+    ) -> None:
+        self._offline(plan_dir, DRY_CASES[case])
+        args = ["apply", "plan.toml", "--dry", "--addr", f"http://127.0.0.1:{free_port()}"]
+        env = {**CLEAN_ENV, "KEYSTONE_RUNTIME": str(plan_dir / "rt")}
+        typed = CliRunner().invoke(app, [*args, *as_json], env=env)
+        for var in CLEAN_ENV:
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("KEYSTONE_RUNTIME", str(plan_dir / "rt"))
+        code = fast_main([*args, *as_json])
+        out = capsys.readouterr()
+        assert (code, out.out, out.err) == (typed.exit_code, typed.stdout, typed.stderr)
+        assert code == (0 if case == "ok" else 3), out  # a plan with unknown fields too
+
+    def test_an_agent_that_answers_gets_the_plan_through_typer(
+        self, server: ApiServer, plan_dir: Path
+    ) -> None:
+        """The fast path only asked /healthz: the typer command uploads and asks the agent."""
+        self._offline(plan_dir, OFFLINE_PLAN)
+        argv = ["apply", "plan.toml", "--dry", "--addr", server.address, "--token", TOKEN]
+        assert fast_main(argv) is None
+        assert fast_main([*argv[:4], "https://127.0.0.1:1"]) is None
+
+    def test_a_real_process_plans_offline_without_typer(self, plan_dir: Path) -> None:
+        import sys
+
+        self._offline(plan_dir, OFFLINE_PLAN)
+        env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+        env["KEYSTONE_RUNTIME"] = str(plan_dir / "rt")
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "keystone", "apply", "plan.toml", "--dry",
+             "--addr", f"http://127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("no agent answered: planned offline")
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+        assert "keystone.offline" in imported
+        assert not imported & {"typer", "http.client", "loguru", "asyncio"}
+
+    @pytest.mark.parametrize(
+        ("argv", "want"),
+        [
+            (["apply", "plan.toml", "--dry"], ("plan.toml", {}, {"--dry"})),
+            (["--addr", "http://h:1", "--json", "apply", "plan.toml", "--dry-run", "--no-wait"],
+             ("plan.toml", {"addr": "http://h:1"}, {"--json", "--dry-run", "--no-wait"})),
+            (["apply", "--token=t", "plan.toml", "--dry"], ("plan.toml", {"token": "t"}, {"--dry"})),
+            (["--dry", "apply", "plan.toml"], None),
+            (["apply", "plan.toml"], None),
+            (["apply", "plan.toml", "--dry", "--help"], None),
+            (["apply", "plan.toml", "--dry", "--timeout", "5m"], None),
+            (["apply", "plan.toml", "--dry", "--addr"], None),
+            (["apply", "nope.toml", "--dry"], None),
+            (["apply", "recipes", "--dry"], None),
+            (["apply", "plan.toml", "plan.toml", "--dry"], None),
+            (["apply-dry", "plan.toml"], None),
+            (["status", "plan.toml", "--dry"], None),
+        ],
+    )  # fmt: skip
+    def test_parse(self, plan_dir: Path, argv: list[str], want: Any) -> None:
+        """Only a dry apply of one readable plan file with known options is taken."""
+        assert parse_apply_dry(argv) == want
 
 
 class TestFastPath:
