@@ -392,10 +392,9 @@ def safe_join(
     try:
         if allow_absolute and rel.startswith("/"):
             return Path(rel).resolve()
-        if rel and not rel.startswith("/") and repo_path_problem(rel) is None:
-            walked = _walk_plain(resolved_root or root.resolve(), rel)
-            if walked is not None:
-                return walked
+        walked = _plain_join(resolved_root or root.resolve(), rel)
+        if walked is not None:
+            return walked[0]
         if not rel or (
             rel.startswith("/")
             and not Path(rel).resolve().is_relative_to(resolved_root or root.resolve())
@@ -425,30 +424,35 @@ def safe_join(
     return candidate
 
 
-def _walk_plain(base: Path, rel: str) -> Path | None:
+def _plain_join(base: Path, rel: str) -> tuple[Path, int] | None:
     """``(base / rel).resolve()`` for a resolved ``base`` and a plain relative ``rel`` (no
     ``..``, no backslash), found by an ``lstat`` of ``rel``'s own components: when none of them
     is a symlink, the resolved path is ``base / rel`` as written, and it is inside ``base``.
+    With it, the mode of its last component (0 when something on the way is missing).
 
-    None when a component is a symlink or cannot be looked at (other than missing): then
-    ``Path.resolve`` decides, and the caller checks where it points. A missing component ends
-    the walk as ``resolve`` does: nothing below it exists, so nothing below it is a symlink.
+    None when ``rel`` is not plain, or a component is a symlink or cannot be looked at (other
+    than missing): then ``Path.resolve`` decides, and the caller checks where it points. A
+    missing component ends the walk as ``resolve`` does: nothing below it exists, so nothing
+    below it is a symlink.
     """
+    if not rel or rel.startswith("/") or repo_path_problem(rel) is not None:
+        return None
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     head = str(base)
     sep = "" if head.endswith("/") else "/"
+    mode = 0
     for i, part in enumerate(parts):
         head = f"{head}{sep}{part}"
         sep = "/"
         try:
             mode = os.lstat(head).st_mode
         except FileNotFoundError:
-            return Path(head, *parts[i + 1 :])
+            return Path(head, *parts[i + 1 :]), 0
         except (OSError, ValueError):
             return None
         if stat.S_ISLNK(mode):
             return None
-    return Path(head)
+    return Path(head), mode
 
 
 def _short(text: str, keep: int = 120) -> str:
@@ -487,6 +491,7 @@ class FileRecipes:
         self.verify = verify
         self._roots: dict[Path, Path] = {}
         self._cwd: str | None = None  # os.getcwd() and "/", read once
+        self._plan_dirs: dict[str, Path] = {}  # the directory of each plan file named
 
     def _resolved(self, base: Path) -> Path | None:
         """``base.resolve()``, once per reader (None when it cannot be resolved: then
@@ -507,6 +512,13 @@ class FileRecipes:
         if text.startswith(self._cwd):
             return text[len(self._cwd) :] or "."
         return "." if f"{text}/" == self._cwd else text
+
+    def _found(self, p: Path) -> tuple[str, str]:
+        display = self._display(p)
+        text = self._read(p, display)
+        if self.verify is not None:
+            self.verify(p, text)
+        return text, display
 
     def _read(self, p: Path, display: str) -> str:
         lim = self.limits
@@ -537,16 +549,29 @@ class FileRecipes:
                     field="recipe",
                 )
             return self._read(path, f"store:{e.recipe}"), f"store:{e.recipe}"
-        plan_dir = Path(e.file).parent if e.file else self.root
+        plan_dir = self._plan_dirs.get(e.file)
+        if plan_dir is None:
+            plan_dir = self._plan_dirs[e.file] = Path(e.file).parent if e.file else self.root
         tried: list[Path] = []
         for base in (self.root, plan_dir):
+            resolved = self._resolved(base)
+            # A plain path with no symlink on the way is found by its walk (and is a file or
+            # not by the mode seen there); anything else by safe_join and a stat.
+            walked = _plain_join(resolved, e.recipe) if resolved is not None else None
+            if walked is not None:
+                p, mode = walked
+                tried.append(p)
+                found = stat.S_ISREG(mode)
+                if found:
+                    return self._found(p)
+                continue
             p = safe_join(
                 base,
                 e.recipe,
                 file=e.file,
                 line=e.line,
                 allow_absolute=self.allow_absolute,
-                resolved_root=self._resolved(base),
+                resolved_root=resolved,
             )
             tried.append(p)
             try:
@@ -559,11 +584,7 @@ class FileRecipes:
                     field="recipe",
                 ) from None
             if found:
-                display = self._display(p)
-                text = self._read(p, display)
-                if self.verify is not None:
-                    self.verify(p, text)
-                return text, display
+                return self._found(p)
         looked = ", ".join(sorted({_short(str(t)) for t in tried}))
         raise ValidationError(
             f"recipe file not found: {_short(e.recipe)} (looked in {looked})",
