@@ -66,14 +66,85 @@ def duration(seconds: Any) -> str:
     return f"{s}s"
 
 
+def indented_json(value: Any) -> str:
+    """``json.dumps(value, indent=2, sort_keys=True, default=str)``, the same text, faster.
+
+    With an indent the standard library lays JSON out in pure Python, a generator per value
+    (20 ms for the dry run of 2,000 components); here one recursive function lays out the
+    containers, and the C encoder quotes every string. A test holds it to ``json.dumps`` on
+    generated values. A value that contains itself recurses until Python stops it.
+    """
+    from json.encoder import encode_basestring_ascii
+
+    out: list[str] = []
+    _lay(value, out, encode_basestring_ascii, "\n")
+    return "".join(out)
+
+
+def _float(f: float) -> str:
+    if f != f:
+        return "NaN"
+    if f in (float("inf"), float("-inf")):
+        return "Infinity" if f > 0 else "-Infinity"
+    return float.__repr__(f)
+
+
+def _lay(o: Any, out: list[str], quote: Callable[[str], str], nl: str) -> None:
+    """Append ``o`` to ``out``, checking types in the order ``json`` does; ``nl`` is a newline
+    and the indentation of the line ``o`` is on."""
+    if isinstance(o, str):
+        out.append(quote(o))
+    elif o is None:
+        out.append("null")
+    elif o is True:
+        out.append("true")
+    elif o is False:
+        out.append("false")
+    elif isinstance(o, int):
+        out.append(int.__repr__(o))
+    elif isinstance(o, float):
+        out.append(_float(o))
+    elif isinstance(o, list | tuple):
+        if not o:
+            out.append("[]")
+            return
+        inner = nl + "  "
+        sep = "[" + inner
+        for v in o:
+            out.append(sep)
+            sep = "," + inner
+            _lay(v, out, quote, inner)
+        out.append(nl + "]")
+    elif isinstance(o, dict):
+        if not o:
+            out.append("{}")
+            return
+        inner = nl + "  "
+        sep = "{" + inner
+        for k, v in sorted(o.items()):
+            if isinstance(k, str):
+                key = k
+            elif isinstance(k, float):
+                key = _float(k)
+            elif k is True or k is False or k is None:
+                key = "true" if k is True else "false" if k is False else "null"
+            elif isinstance(k, int):
+                key = int.__repr__(k)
+            else:
+                raise TypeError(
+                    f"keys must be str, int, float, bool or None, not {k.__class__.__name__}"
+                )
+            out.append(sep + quote(key) + ": ")
+            sep = "," + inner
+            _lay(v, out, quote, inner)
+        out.append(nl + "}")
+    else:
+        _lay(str(o), out, quote, nl)  # default=str
+
+
 def emit(data: Any, as_json: bool, human: Human | None = None) -> None:
     """Print ``data`` as JSON (``--json``: indented, keys sorted) or as ``human(data)``."""
-    if as_json or human is None:
-        import json
-
-        text = json.dumps(data, indent=2, sort_keys=True, default=str)
-    else:
-        text = human(data)
+    text = indented_json(data) if as_json or human is None else human(data)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
