@@ -569,6 +569,9 @@ class Reader:
     file: str
     lines: _Lines
     unknown: list[tuple[int | None, str]] = field(default_factory=list)
+    # The tables ``table`` has returned, by path: a field is read from its table, not walked
+    # to from the root again (a recipe reads some thirty fields). The data is never changed.
+    _tables: dict[Path_, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_text(
@@ -698,6 +701,11 @@ class Reader:
 
     def get(self, path: Path_) -> Any:
         """The value at ``path``, or None where the path does not lead (TOML has no null)."""
+        if len(path) > 1:
+            parent = self._tables.get(path[:-1])
+            if parent is not None:
+                last = path[-1]
+                return parent.get(last) if isinstance(last, str) else None
         node: Any = self.data
         for part in path:
             if isinstance(node, dict):
@@ -726,6 +734,7 @@ class Reader:
                 if key not in allowed:
                     sub = (*path, key)
                     self.unknown.append((self.index.line(sub), dotted(sub)))
+        self._tables[path] = value
         return value
 
     def tables(self, path: Path_, allowed: set[str]) -> Iterator[tuple[Path_, dict[str, Any]]]:
