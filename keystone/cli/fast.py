@@ -241,12 +241,12 @@ def fast_apply_dry(argv: Sequence[str]) -> int | None:
     gc.disable()
     try:
         data, human, code = offline_dry(plan)
+        views.emit(data, as_json, human)
     except KeystoneError as exc:
         return views.report_error(exc, as_json)
     finally:
         if collecting:
             gc.enable()
-    views.emit(data, as_json, human)
     return code
 
 
