@@ -20,6 +20,7 @@ No exception but Keystone's own (``ValidationError`` and its subclasses) leaves 
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Callable, Iterator
@@ -848,27 +849,17 @@ class Reader:
         ]
 
 
-_HEADERS: dict[str, re.Pattern[str]] = {}
-
-
+@functools.cache  # a few names: the entry tables a schema reads by header
 def _header_re(name: str) -> re.Pattern[str]:
-    pattern = _HEADERS.get(name)
-    if pattern is None:
-        pattern = re.compile(rf"^[ \t]*\[\[[ \t]*{re.escape(name)}[ \t]*\]\]", re.MULTILINE)
-        _HEADERS[name] = pattern
-    return pattern
+    return re.compile(rf"^[ \t]*\[\[[ \t]*{re.escape(name)}[ \t]*\]\]", re.MULTILINE)
+
+
+@functools.cache  # a few keys: the ones a schema locates in entries
+def _key_re(key: str) -> re.Pattern[str]:
+    return re.compile(rf"^[ \t]*{re.escape(key)}[ \t]*=", re.MULTILINE)
 
 
 _ANY_HEADER = re.compile(r"^[ \t]*\[", re.MULTILINE)
-_KEYS: dict[str, re.Pattern[str]] = {}
-
-
-def _key_re(key: str) -> re.Pattern[str]:
-    pattern = _KEYS.get(key)
-    if pattern is None:
-        pattern = re.compile(rf"^[ \t]*{re.escape(key)}[ \t]*=", re.MULTILINE)
-        _KEYS[key] = pattern
-    return pattern
 
 
 def _kind(value: Any) -> str:

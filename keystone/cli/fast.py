@@ -75,27 +75,44 @@ _FAST: dict[str, tuple[Read, frozenset[str]]] = {
 _VALUED = ("--addr", "--token", "--ssh", "--runtime")
 
 
-def parse_fast(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | None:
-    """``(command, options, flags)`` when ``argv`` is a fast-path command; None otherwise.
-
-    The connection options may also come before the command, as the Go keystonectl's global
-    flags do (``keystonectl --addr URL status``).
-    """
+def split_options(
+    argv: Sequence[str], valued: Sequence[str]
+) -> tuple[dict[str, str], list[str]] | None:
+    """The ``valued`` options (``--addr URL`` or ``--addr=URL``) wherever they are, by name
+    without the dashes, and the other arguments in order; None when one lacks its value."""
     options: dict[str, str] = {}
-    flags: set[str] = set()
-    command: str | None = None
+    rest: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, value = arg.partition("=")
-        if name in _VALUED:
+        if name in valued:
             if not eq:
                 if i + 1 >= len(argv):
                     return None
                 i += 1
                 value = argv[i]
             options[name[2:]] = value
-        elif command is None:
+        else:
+            rest.append(arg)
+        i += 1
+    return options, rest
+
+
+def parse_fast(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | None:
+    """``(command, options, flags)`` when ``argv`` is a fast-path command; None otherwise.
+
+    The connection options may also come before the command, as the Go keystonectl's global
+    flags do (``keystonectl --addr URL status``).
+    """
+    split = split_options(argv, _VALUED)
+    if split is None:
+        return None
+    options, rest = split
+    flags: set[str] = set()
+    command: str | None = None
+    for arg in rest:
+        if command is None:
             if arg not in _FAST:
                 return None
             command = arg
@@ -103,7 +120,6 @@ def parse_fast(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]] | No
             flags.add(arg)
         else:
             return None  # --help, typos, arguments: typer's job
-        i += 1
     if command is None:
         return None
     return command, options, flags
@@ -172,30 +188,22 @@ def parse_apply_dry(argv: Sequence[str]) -> tuple[str, dict[str, str], set[str]]
     nothing else, the plan a readable file (else typer says what is wrong); None otherwise."""
     import os
 
-    options: dict[str, str] = {}
+    split = split_options(argv, _VALUED)
+    if split is None:
+        return None
+    options, rest = split
     flags: set[str] = set()
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        if name in _VALUED:
-            if not eq:
-                if i + 1 >= len(argv):
-                    return None
-                i += 1
-                value = argv[i]
-            options[name[2:]] = value
-        elif arg in _DRY_FLAGS and (rest or arg == "--json"):
+    words: list[str] = []
+    for arg in rest:
+        if arg in _DRY_FLAGS and (words or arg == "--json"):
             flags.add(arg)  # before the command, typer takes only the global options
         elif arg.startswith("-"):
             return None  # --help, --timeout, typos: typer's job
         else:
-            rest.append(arg)
-        i += 1
-    if len(rest) != 2 or rest[0] != "apply" or not flags & {"--dry", "--dry-run"}:
+            words.append(arg)
+    if len(words) != 2 or words[0] != "apply" or not flags & {"--dry", "--dry-run"}:
         return None
-    plan = rest[1]
+    plan = words[1]
     if not os.path.isfile(plan) or not os.access(plan, os.R_OK):
         return None
     return plan, options, flags

@@ -221,23 +221,9 @@ def get(options: dict[str, str | None], path: str, params: dict[str, str] | None
 
 def split_connection(argv: Sequence[str]) -> tuple[dict[str, str], list[str]] | None:
     """The connection options wherever they are, and the rest; None when one lacks its value."""
-    options: dict[str, str] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        if name in CONNECTION_VALUED:
-            if not eq:
-                if i + 1 >= len(argv):
-                    return None
-                i += 1
-                value = argv[i]
-            options[name[2:]] = value
-        else:
-            rest.append(arg)
-        i += 1
-    return options, rest
+    from keystone.cli.fast import split_options
+
+    return split_options(argv, CONNECTION_VALUED)
 
 
 def first_command(argv: Sequence[str]) -> str | None:
