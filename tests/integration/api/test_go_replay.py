@@ -268,11 +268,14 @@ def test_a_reconcile_repair_is_counted_by_component(make_agent: Any, tmp_path: P
     agent: AgentProc = make_agent("--apply", str(plan)).start()
     agent.wait_states({"once": "healthy"})
     os.kill(agent.components()["once"]["pid"], signal.SIGKILL)
+    # Go's state says "stopped" as soon as the pid is gone; the supervisor has taken the exit
+    # (and so a reconcile may repair it) once its phase is failed (no restart left).
     wait_until(
-        lambda: agent.components()["once"]["state"] != "running",
+        lambda: agent.components()["once"]["phase"] == "failed",
         timeout=30,
-        what="the killed component not running",
+        what="the killed component failed",
     )
+    assert agent.components()["once"]["state"] != "running"
     status, rec, _ = request(agent, "POST", "/v1/plan/reconcile")
     assert status == 200 and rec["repaired"] == ["once"], rec
     _, text, _ = request(agent, "GET", "/metrics")
