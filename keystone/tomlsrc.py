@@ -11,9 +11,9 @@ when one is asked for (an error, an unknown key), except for a document with a l
 than ``SCAN_FIRST`` dots, which is scanned before the parser runs: a dotted key costs the
 parser the square of its parts, and a key is written on one line. Nesting costs the parser
 only its depth: a document deeper than the bound is refused after the parse (or when the
-parser runs out of recursion) with the same message and line the scan gives. ``Reader`` walks a parsed
-document against a declared schema, converting values strictly (a float where a string is
-expected is an error) and collecting unknown keys.
+parser runs out of recursion) with the same message and line the scan gives. ``Reader``
+walks a parsed document against a declared schema, converting values strictly (a float where
+a string is expected is an error) and collecting unknown keys.
 
 No exception but Keystone's own (``ValidationError`` and its subclasses) leaves this module.
 """
@@ -604,17 +604,8 @@ class Reader:
         (nothing in a string, a comment or an inline form could be mistaken for one); else
         None, and the caller asks the index.
         """
-        found = self._header_offsets(name)
-        if found is None:
-            return None
-        text = self.lines.text
-        lines: list[int] = []
-        line, counted = 1, 0
-        for at in found:
-            line += text.count("\n", counted, at)
-            counted = at
-            lines.append(line)
-        return lines
+        found = self._headers(name)
+        return None if found is None else [line for _, line in found]
 
     def entry_key_lines(self, name: str, key: str) -> list[tuple[int, int | None]] | None:
         """For each top-level ``[[name]]`` entry, its header's line and the line of its plain
@@ -625,17 +616,14 @@ class Reader:
         ``key =`` can only be that entry's own key (TOML has no other multi-line form that
         could hold one). Else None, and the caller asks the index.
         """
-        offsets = self._header_offsets(name)
-        if offsets is None:
+        headers = self._headers(name)
+        if headers is None:
             return None
         text = self.lines.text
         key_re = _key_re(key)
         out: list[tuple[int, int | None]] = []
-        line, counted = 1, 0
-        for i, at in enumerate(offsets):
-            line += text.count("\n", counted, at)
-            counted = at
-            end = offsets[i + 1] if i + 1 < len(offsets) else len(text)
+        for i, (at, line) in enumerate(headers):
+            end = headers[i + 1][0] if i + 1 < len(headers) else len(text)
             body = text.find("\n", at, end) + 1 or end
             if (
                 text.find('"""', body, end) >= 0
@@ -652,9 +640,9 @@ class Reader:
             out.append((line, key_line))
         return out
 
-    def _header_offsets(self, name: str) -> list[int] | None:
-        """Where the top-level ``[[name]]`` headers start, when every mention of ``name`` is
-        such a header, one per entry, and the index is not made yet; else None."""
+    def _headers(self, name: str) -> list[tuple[int, int]] | None:
+        """Where the top-level ``[[name]]`` headers start and their lines, when every mention
+        of ``name`` is such a header, one per entry, and the index is not made yet; else None."""
         text = self.lines.text
         entries = self.data.get(name)
         if self.lines.made is not None or not isinstance(entries, list):
@@ -662,7 +650,13 @@ class Reader:
         found = [m.start() for m in _header_re(name).finditer(text)]
         if not len(found) == len(entries) == text.count(name):
             return None
-        return found
+        out: list[tuple[int, int]] = []
+        line, counted = 1, 0
+        for at in found:
+            line += text.count("\n", counted, at)
+            counted = at
+            out.append((at, line))
+        return out
 
     @classmethod
     def from_parsed(
