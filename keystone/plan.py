@@ -560,10 +560,9 @@ class FileRecipes:
             walked = _plain_join(resolved, e.recipe) if resolved is not None else None
             if walked is not None:
                 p, mode = walked
-                tried.append(p)
-                found = stat.S_ISREG(mode)
-                if found:
+                if stat.S_ISREG(mode):
                     return self._found(p)
+                tried.append(p)
                 continue
             p = safe_join(
                 base,

@@ -337,6 +337,18 @@ class WireClient(Requests):
         self._sock: _socket.socket | None = None
         self._buf = b""
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, str | None], **kw: Any) -> WireClient:
+        """The client of the command line's ``--addr``, ``--token``, ``--ssh`` and
+        ``--runtime`` (``options`` by name without the dashes)."""
+        return cls(
+            options.get("addr"),
+            options.get("token"),
+            options.get("ssh"),
+            runtime=options.get("runtime") or None,
+            **kw,
+        )
+
     def _connect(self) -> _socket.socket:
         if self._sock is not None:
             return self._sock

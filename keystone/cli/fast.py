@@ -140,7 +140,7 @@ def _read(command: str, options: dict[str, str], flags: set[str]) -> tuple[Any, 
 
         return Client(*args, runtime=Path(runtime) if runtime else None)
 
-    wire = WireClient(*args, runtime=runtime, long_polls=client)
+    wire = WireClient.from_options(options, long_polls=client)
     if wire.plain:
         try:
             with wire:
@@ -223,12 +223,7 @@ def fast_apply_dry(argv: Sequence[str]) -> int | None:
 
     load_dotenv()
     try:
-        wire = WireClient(
-            options.get("addr"),
-            options.get("token"),
-            options.get("ssh"),
-            runtime=options.get("runtime") or None,
-        )
+        wire = WireClient.from_options(options)
         if not wire.plain:
             return None
         with wire:

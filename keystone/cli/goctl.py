@@ -188,12 +188,7 @@ def get(options: dict[str, str | None], path: str, params: dict[str, str] | None
     from keystone.wire import Unusual, WireClient
 
     try:
-        wire = WireClient(
-            options.get("addr"),
-            options.get("token"),
-            options.get("ssh"),
-            runtime=options.get("runtime") or None,
-        )
+        wire = WireClient.from_options(options)
         client = None if wire.plain else connect(options)
     except UsageError as exc:
         print_error(exc)
